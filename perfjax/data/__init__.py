@@ -1,0 +1,1 @@
+"""Data: the synthetic phantom, the TFDS dataset, readers for real data, preprocessing."""
