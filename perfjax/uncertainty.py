@@ -1,0 +1,363 @@
+"""Slice uncertainty U (paper eq. 1-2), the uncertain sector, OOD ROC, and two baselines.
+
+U_i (CONVENTIONS.md "Uncertainty and out-of-distribution"): for each of the six AHA sectors
+k, the sum of the uncertainty map UM over the region M_k (wedge k of the segmented
+myocardium dilated by ``dilation`` px) divided by A_k (segmented-myocardium pixels in
+wedge k); U is the mean over the six. A slice is flagged OOD when ``1 - U < t``.
+
+Documented choices:
+* A sector with A_k == 0, or a segmentation whose sectors cannot be placed (no LV, no
+  myocardium, no RV contact), makes the slice uncertain by definition: ``U = +inf`` and
+  ``one_minus_U = -inf`` (below any threshold), ``ok=False`` with the reason in
+  ``problem``; nothing is divided by zero. JSON writers should store these as null or a
+  string (Python's json writes ``-Infinity``).
+* The total variation of UM in a region is the anisotropic sum of |forward differences|
+  over the neighbour pairs whose both pixels lie in the region (the region's border is
+  not a jump). The uncertain sector is the one with the largest TV (the first on ties).
+* ROC: a slice is called positive (OOD) when ``score < t``; thresholds are the distinct
+  scores ascending plus +inf, so ``t`` is the smallest score still called reliable.
+  Ties between a positive and a negative give the diagonal step (half credit) in the
+  trapezoid AUC, which therefore equals the Mann-Whitney P(pos < neg) + P(tie) / 2.
+
+Baselines (the field's usual alternatives, scored by the same ``slice_uncertainty``):
+test-time augmentation (flips, circular shifts, noise; the std across augmentations of
+the myocardium probability of each stride-32 prediction) and Monte-Carlo dropout (a UNet
+with ``dropout_rate > 0`` applied with ``train=True`` and a fresh dropout key per sample).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from scipy import ndimage
+
+from perfjax import sectors
+from perfjax.errors import InputError
+from perfjax.inference import sliding_window
+
+N_SECTORS = 6
+MYO_CHANNEL = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# U per slice and the uncertain sector.
+
+
+def total_variation(um, region) -> float:
+  """Anisotropic TV of ``um`` [H, W] over neighbour pairs both inside boolean ``region``."""
+  um = np.asarray(um, np.float64)
+  region = np.asarray(region, bool)
+  rows = region[1:, :] & region[:-1, :]
+  cols = region[:, 1:] & region[:, :-1]
+  return float(np.abs(np.diff(um, axis=0))[rows].sum() + np.abs(np.diff(um, axis=1))[cols].sum())
+
+
+def dilate(binary, pixels: int) -> np.ndarray:
+  """Binary dilation by a Euclidean disc of radius ``pixels`` (0 returns a copy)."""
+  binary = np.asarray(binary, bool)
+  if pixels == 0 or not binary.any():
+    return binary.copy()
+  return ndimage.distance_transform_edt(~binary) <= pixels
+
+
+def _flagged(problem: str) -> dict:
+  return dict(U=float("inf"), one_minus_U=float("-inf"), per_sector=np.full(N_SECTORS, np.nan),
+              area=np.zeros(N_SECTORS, np.int64), tv=np.full(N_SECTORS, np.nan),
+              uncertain_sector=0, ok=False, problem=problem)
+
+
+def slice_uncertainty(um, seg, dilation: int = 0, theta_s: float | None = None,
+                      center=None) -> dict:
+  """U of one slice from its uncertainty map and predicted segmentation.
+
+  Args:
+    um: float [H, W] uncertainty map (the myocardium-probability std across windows).
+    seg: int [H, W] predicted labels b(P) (0 bg, 1 myo, 2 LV, 3 RV); its own LV centre
+      and RV insertion points place the sectors unless ``theta_s``/``center`` are given.
+    dilation: pixels by which the segmented myocardium is dilated to form M_k.
+    theta_s, center: sector geometry to use instead of the segmentation's own.
+
+  Returns:
+    dict(U, one_minus_U, per_sector [6] (sum UM over M_k / A_k), area [6] (A_k), tv [6],
+    uncertain_sector (1..6, by TV; 0 when the sectors cannot be placed), ok, problem).
+  """
+  um = np.asarray(um, np.float64)
+  seg = np.asarray(seg)
+  if um.ndim != 2 or seg.shape != um.shape:
+    raise InputError("um", f"expected [H, W] matching seg {seg.shape}, got shape {um.shape}")
+  if not np.isfinite(um).all():
+    raise InputError("um", "contains NaN or Inf")
+  if isinstance(dilation, bool) or int(dilation) != dilation or dilation < 0:
+    raise InputError("dilation", f"must be a non-negative integer, got {dilation!r}")
+  myo = seg == sectors.MYO
+  if not myo.any():
+    return _flagged("seg: no segmented myocardium")
+  try:
+    if center is None:
+      center = sectors.lv_centroid(seg, "seg")
+    if theta_s is None:
+      theta_s = sectors.septal_angle(seg, center=center, source="seg")
+    wedge = sectors.angular_index(seg.shape, center, theta_s, N_SECTORS)
+  except InputError as err:
+    return _flagged(str(err))
+  region = dilate(myo, int(dilation))
+  area = np.bincount(wedge[myo], minlength=N_SECTORS + 1)[1:].astype(np.int64)
+  sums = np.bincount(wedge[region], weights=um[region], minlength=N_SECTORS + 1)[1:]
+  tv = np.array([total_variation(um, region & (wedge == k)) for k in range(1, N_SECTORS + 1)])
+  with np.errstate(invalid="ignore", divide="ignore"):
+    per = np.where(area > 0, sums / np.maximum(area, 1), np.nan)
+  out = dict(per_sector=per, area=area, tv=tv, uncertain_sector=int(np.argmax(tv)) + 1)
+  if (area == 0).any():
+    empty = [int(k) + 1 for k in np.nonzero(area == 0)[0]]
+    out.update(U=float("inf"), one_minus_U=float("-inf"), ok=False,
+               problem=f"seg: no segmented myocardium in sector(s) {empty}")
+    return out
+  u = float(per.mean())
+  out.update(U=u, one_minus_U=1.0 - u, ok=True, problem=None)
+  return out
+
+
+def batch_uncertainty(um_nhw, seg_nhw, dilation: int = 0, theta_s=None, centers=None) -> dict:
+  """``slice_uncertainty`` of N slices; theta_s [N] and centers [N, 2] optional.
+
+  Returns dict(U [N], one_minus_U [N], per_sector [N, 6], uncertain_sector [N] int,
+  ok [N] bool, problems [N] (str or None)).
+  """
+  um_nhw, seg_nhw = np.asarray(um_nhw), np.asarray(seg_nhw)
+  if um_nhw.ndim != 3 or um_nhw.shape != seg_nhw.shape:
+    raise InputError("um", f"expected [N, H, W] matching seg {seg_nhw.shape}, got {um_nhw.shape}")
+  rs = [slice_uncertainty(um_nhw[i], seg_nhw[i], dilation,
+                          None if theta_s is None else theta_s[i],
+                          None if centers is None else centers[i]) for i in range(len(um_nhw))]
+  return dict(U=np.array([r["U"] for r in rs]),
+              one_minus_U=np.array([r["one_minus_U"] for r in rs]),
+              per_sector=np.stack([r["per_sector"] for r in rs]),
+              uncertain_sector=np.array([r["uncertain_sector"] for r in rs], np.int32),
+              ok=np.array([r["ok"] for r in rs]), problems=[r["problem"] for r in rs])
+
+
+# ----------------------------------------------------------------------------------------------
+# ROC of 1 - U against OOD labels.
+
+
+def _scores_labels(scores, labels):
+  scores = np.asarray(scores, np.float64).ravel()
+  labels = np.asarray(labels).ravel()
+  if scores.shape != labels.shape or scores.size == 0:
+    raise InputError("scores", f"need as many scores as labels (> 0), got {scores.size} and "
+                     f"{labels.size}")
+  if np.isnan(scores).any() or np.isposinf(scores).any():
+    raise InputError("scores", "contain NaN or +Inf (-Inf marks an uncertain-by-definition slice)")
+  if labels.dtype != bool:
+    if not np.isin(labels, (0, 1)).all():
+      raise InputError("labels", "must be boolean or 0/1")
+    labels = labels.astype(bool)
+  return scores, labels
+
+
+def roc_curve(scores, labels) -> dict:
+  """ROC of the rule "positive (OOD) when score < t" over every distinct threshold.
+
+  Returns dict(fpr, tpr, thresholds, auc): arrays from (0, 0) (t = smallest score, nothing
+  flagged) to (1, 1) (t = +inf, all flagged), thresholds ascending; auc by the trapezoid
+  rule (ties between classes count one half).
+  """
+  scores, labels = _scores_labels(scores, labels)
+  n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+  if n_pos == 0 or n_neg == 0:
+    raise InputError("labels", f"need both classes for a ROC, got {n_pos} positive and "
+                     f"{n_neg} negative")
+  values = np.unique(scores)
+  thresholds = np.concatenate([values, [np.inf]])
+  # flagged(t) = scores < t: counts of positives / negatives strictly below each threshold.
+  pos_sorted = np.sort(scores[labels])
+  neg_sorted = np.sort(scores[~labels])
+  tp = np.searchsorted(pos_sorted, thresholds, side="left")
+  fp = np.searchsorted(neg_sorted, thresholds, side="left")
+  tp[-1], fp[-1] = n_pos, n_neg
+  tpr, fpr = tp / n_pos, fp / n_neg
+  auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+  return dict(fpr=fpr, tpr=tpr, thresholds=thresholds, auc=auc)
+
+
+def auc(scores, labels) -> float:
+  """Area under ``roc_curve`` (positives expected to score lower)."""
+  return roc_curve(scores, labels)["auc"]
+
+
+def _mean_or_nan(x) -> float:
+  x = np.asarray(x, np.float64)
+  x = x[np.isfinite(x)]
+  return float(x.mean()) if x.size else float("nan")
+
+
+def ood_analysis(one_minus_u, ood_labels, dice=None) -> dict:
+  """OOD classifier of the paper (III-D): ROC of 1 - U, threshold t at maximum Youden J.
+
+  Args:
+    one_minus_u: [N] scores (low = uncertain; -inf for uncertain-by-definition slices).
+    ood_labels: [N] bool, True for OOD slices (the positives).
+    dice: optional [N] myocardium Dice, to report the mean of reliable (1 - U >= t) and
+      unreliable (1 - U < t) slices.
+
+  Returns:
+    dict(auc, threshold, sensitivity, specificity, youden, n, n_ood, flagged [N] bool,
+    dice_reliable, dice_unreliable, fpr, tpr, thresholds, ok, problem). With one class
+    only, the ROC figures are NaN, ``ok`` is False and nothing is flagged. Ties in J go
+    to the smallest threshold (fewest slices flagged).
+  """
+  scores, labels = _scores_labels(one_minus_u, ood_labels)
+  n, n_ood = labels.size, int(labels.sum())
+  if dice is not None:
+    dice = np.asarray(dice, np.float64).ravel()
+    if dice.shape != scores.shape:
+      raise InputError("dice", f"expected {scores.size} values, got {dice.size}")
+  out = dict(n=n, n_ood=n_ood)
+  if n_ood == 0 or n_ood == n:
+    flagged = np.zeros(n, bool)
+    nan = float("nan")
+    out.update(auc=nan, threshold=nan, sensitivity=nan, specificity=nan, youden=nan,
+               fpr=np.array([]), tpr=np.array([]), thresholds=np.array([]), ok=False,
+               problem=f"ood_labels: need both classes, got {n_ood} OOD of {n}")
+  else:
+    roc = roc_curve(scores, labels)
+    j = roc["tpr"] - roc["fpr"]
+    best = int(np.argmax(j))
+    t = float(roc["thresholds"][best])
+    flagged = scores < t
+    out.update(auc=roc["auc"], threshold=t, sensitivity=float(roc["tpr"][best]),
+               specificity=float(1.0 - roc["fpr"][best]), youden=float(j[best]),
+               fpr=roc["fpr"], tpr=roc["tpr"], thresholds=roc["thresholds"], ok=True, problem=None)
+  out["flagged"] = flagged
+  if dice is None:
+    out.update(dice_reliable=float("nan"), dice_unreliable=float("nan"))
+  else:
+    out.update(dice_reliable=_mean_or_nan(dice[~flagged]),
+               dice_unreliable=_mean_or_nan(dice[flagged]))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines: test-time augmentation and Monte-Carlo dropout.
+
+
+def _um_from_samples(probs_snhwk: np.ndarray) -> dict:
+  """Per-pixel std (ddof=1) across samples of the myocardium probability, and the mean."""
+  mean = probs_snhwk.mean(axis=0)
+  um = probs_snhwk[..., MYO_CHANNEL].std(axis=0, ddof=1) if len(probs_snhwk) > 1 else \
+      np.zeros(probs_snhwk.shape[1:-1], probs_snhwk.dtype)
+  return dict(um=um.astype(np.float32), mean=mean.astype(np.float32),
+              segmentation=np.argmax(mean, axis=-1).astype(np.int32))
+
+
+def tta_transforms(key, n_samples: int, max_shift: int = 4, noise_std: float = 0.02) -> list:
+  """n_samples augmentation parameters: sample 0 is the identity, the others random.
+
+  Each is dict(flip_rows, flip_cols (bool), shift (drow, dcol) in [-max_shift, max_shift],
+  noise_key (a jax key or None), noise_std).
+  """
+  if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 2:
+    raise InputError("n_samples", f"need at least 2 samples for a std, got {n_samples!r}")
+  out = [dict(flip_rows=False, flip_cols=False, shift=(0, 0), noise_key=None, noise_std=0.0)]
+  for s in range(1, int(n_samples)):
+    k_flip, k_shift, k_noise = jax.random.split(jax.random.fold_in(key, s), 3)
+    flips = np.asarray(jax.random.bernoulli(k_flip, 0.5, (2,)))
+    shift = np.asarray(jax.random.randint(k_shift, (2,), -max_shift, max_shift + 1))
+    out.append(dict(flip_rows=bool(flips[0]), flip_cols=bool(flips[1]),
+                    shift=(int(shift[0]), int(shift[1])), noise_key=k_noise,
+                    noise_std=float(noise_std)))
+  return out
+
+
+def _augment(images_nhwc: np.ndarray, t: dict) -> np.ndarray:
+  x = images_nhwc
+  if t["flip_rows"]:
+    x = x[:, ::-1]
+  if t["flip_cols"]:
+    x = x[:, :, ::-1]
+  x = np.roll(x, t["shift"], axis=(1, 2))
+  if t["noise_key"] is not None and t["noise_std"] > 0:
+    x = x + t["noise_std"] * np.asarray(jax.random.normal(t["noise_key"], x.shape, np.float32))
+  return np.ascontiguousarray(x, np.float32)
+
+
+def _unaugment(probs_nhwk: np.ndarray, t: dict) -> np.ndarray:
+  x = np.roll(probs_nhwk, (-t["shift"][0], -t["shift"][1]), axis=(1, 2))
+  if t["flip_cols"]:
+    x = x[:, :, ::-1]
+  if t["flip_rows"]:
+    x = x[:, ::-1]
+  return x
+
+
+def tta_uncertainty(apply_fn: Callable, images_nhwc, key, n_samples: int = 8, max_shift: int = 4,
+                    noise_std: float = 0.02, patch: int = 64, stride: int = 32,
+                    **window_kwargs) -> dict:
+  """Test-time-augmentation uncertainty map of each slice.
+
+  Every slice is predicted (``perfjax.inference.sliding_window`` at ``stride``) under
+  ``n_samples`` augmentations of the whole slice (random row/column flips, circular shifts
+  of up to ``max_shift`` px, Gaussian noise of ``noise_std``; sample 0 unaugmented); the
+  probabilities are mapped back and UM is their per-pixel std (ddof=1) of the myocardium
+  channel. All augmented copies go through one ``sliding_window`` call.
+
+  Returns:
+    dict(um [N,H,W], mean [N,H,W,K] (mean probabilities over the samples),
+    segmentation [N,H,W] (argmax of that mean)).
+  """
+  images_nhwc = np.asarray(images_nhwc, np.float32)
+  if images_nhwc.ndim != 4:
+    raise InputError("images", f"expected [N, H, W, C], got shape {images_nhwc.shape}")
+  transforms = tta_transforms(key, n_samples, max_shift, noise_std)
+  batch = np.concatenate([_augment(images_nhwc, t) for t in transforms])
+  probs = sliding_window(apply_fn, batch, patch=patch, stride=stride, **window_kwargs)["mean"]
+  n = images_nhwc.shape[0]
+  samples = np.stack([_unaugment(probs[s * n:(s + 1) * n], t) for s, t in enumerate(transforms)])
+  return _um_from_samples(samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DropoutSoftmax:
+  """Hashable pure (params=(variables, key), patches) -> softmax probs with dropout on."""
+  model: Any
+
+  def __call__(self, params, patches_bhwc):
+    variables, key = params
+    logits = self.model.apply(variables, patches_bhwc, train=True, rngs={"dropout": key})
+    return jax.nn.softmax(logits, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _DropoutApply:
+  """``sliding_window`` apply_fn with traced (variables, key): one compilation for all samples."""
+  pure: _DropoutSoftmax
+  params: Any
+
+  def __call__(self, patches_bhwc):
+    return self.pure(self.params, patches_bhwc)
+
+
+def mc_dropout_uncertainty(model, variables, images_nhwc, key, n_samples: int = 8,
+                           patch: int = 64, stride: int = 32, **window_kwargs) -> dict:
+  """Monte-Carlo-dropout uncertainty map of each slice.
+
+  ``model`` is a ``perfjax.model.UNet`` with ``dropout_rate > 0`` and ``variables`` its
+  variables (``{"params": ...}``, as ``model.init`` returns). Each sample runs the
+  sliding window at ``stride`` with dropout active (``train=True``) and its own dropout
+  key ``fold_in(key, s)``; UM is the per-pixel std (ddof=1) across samples of the
+  myocardium probability. Returns dict(um, mean, segmentation) like ``tta_uncertainty``.
+  """
+  if getattr(model, "dropout_rate", 0.0) <= 0.0:
+    raise InputError("model", "MC dropout needs a model with dropout_rate > 0")
+  if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 2:
+    raise InputError("n_samples", f"need at least 2 samples for a std, got {n_samples!r}")
+  images_nhwc = np.asarray(images_nhwc, np.float32)
+  pure = _DropoutSoftmax(model)
+  samples = []
+  for s in range(int(n_samples)):
+    apply_fn = _DropoutApply(pure, (variables, jax.random.fold_in(key, s)))
+    samples.append(sliding_window(apply_fn, images_nhwc, patch=patch, stride=stride,
+                                  **window_kwargs)["mean"])
+  return _um_from_samples(np.stack(samples))
