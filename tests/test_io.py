@@ -1,0 +1,345 @@
+"""Readers (NIfTI, DICOM, npz) and atomic writers, on files the tests write; bad files."""
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from perfjax.data import io
+from perfjax.errors import InputError
+
+H, W, T = 20, 24, 30
+
+
+def _series(n_t=T, seed=0):
+  rng = np.random.default_rng(seed)
+  image = rng.uniform(0, 100, (H, W, n_t)).astype(np.float32)
+  times = np.cumsum(rng.uniform(0.7, 1.0, n_t))
+  return image, times - times[0]
+
+
+def _mask():
+  m = np.zeros((H, W), np.int32)
+  m[5:15, 6:16] = 1
+  m[8:12, 9:13] = 2
+  m[6:14, 2:5] = 3
+  return m
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+def test_nifti_round_trip_with_sidecar_times(tmp_path):
+  image, times = _series()
+  path = io.write_nifti(tmp_path / "s.nii.gz", image, pixel_mm=(1.5, 1.25), times=times)
+  io.write_nifti(tmp_path / "s_mask.nii.gz", _mask(), pixel_mm=(1.5, 1.25))
+  assert json.loads((tmp_path / "s.json").read_text())["times"] == pytest.approx(times.tolist())
+  out = io.read_nifti(path, tmp_path / "s_mask.nii.gz")
+  np.testing.assert_array_equal(out["image"], image)
+  np.testing.assert_allclose(out["times"], times, atol=1e-9)
+  np.testing.assert_array_equal(out["mask"], _mask())
+  assert out["mask"].dtype == np.int32 and out["image"].dtype == np.float32
+  assert out["pixel_mm"] == (1.5, 1.25)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.nii.gz", "s_mask.nii.gz"]
+
+
+def test_nifti_orientation_is_rot90_of_the_voxel_array(tmp_path):
+  # Voxel (i=2, j=Y-1) is column 2 of the TOP row as a NIfTI viewer shows the slice.
+  data = np.zeros((W, H, 1, T), np.float32)
+  data[2, H - 1, 0, :] = 1.0
+  data[W - 1, 0, 0, :] = 2.0  # right column, bottom row
+  img = nib.Nifti1Image(data, np.eye(4))
+  img.header.set_zooms((1.1, 1.3, 1.0, 0.9))
+  img.header.set_xyzt_units("mm", "sec")
+  nib.save(img, tmp_path / "raw.nii")
+  out = io.read_nifti(tmp_path / "raw.nii")
+  assert out["image"].shape == (H, W, T)
+  assert out["image"][0, 2, 0] == 1.0 and out["image"][H - 1, W - 1, 0] == 2.0
+  assert out["pixel_mm"] == pytest.approx((1.3, 1.1))
+  # No sidecar: uniform times from pixdim[4].
+  np.testing.assert_allclose(out["times"], 0.9 * np.arange(T), rtol=1e-6)
+
+
+def test_nifti_times_from_millisecond_pixdim_and_3d_needs_a_sidecar(tmp_path):
+  image, times = _series()
+  img = nib.Nifti1Image(image[:, :, None, :], np.eye(4))
+  img.header.set_zooms((1.0, 1.0, 1.0, 850.0))
+  img.header.set_xyzt_units("mm", "msec")
+  nib.save(img, tmp_path / "ms.nii")
+  np.testing.assert_allclose(io.read_nifti(tmp_path / "ms.nii")["times"], 0.85 * np.arange(T),
+                             rtol=1e-6)
+  nib.save(nib.Nifti1Image(image, np.eye(4)), tmp_path / "three.nii")
+  with pytest.raises(InputError, match="needs a JSON sidecar three.json"):
+    io.read_nifti(tmp_path / "three.nii")
+  (tmp_path / "three.json").write_text(json.dumps({"times": times.tolist()}))
+  np.testing.assert_allclose(io.read_nifti(tmp_path / "three.nii")["times"], times, atol=1e-9)
+
+
+def _save_raw(path, data, dt=1.0):
+  img = nib.Nifti1Image(data, np.eye(4))
+  img.header.set_zooms((1.0,) * (data.ndim - 1) + (dt,))
+  nib.save(img, path)
+  return path
+
+
+@pytest.mark.parametrize("data, dt, match", [
+    (np.ones((H, W, 2, T), np.float32), 1.0, r"\[X, Y, 1, T\]"),
+    (np.ones((H, W), np.float32), 1.0, r"\[X, Y, 1, T\]"),
+    (np.ones((H, W, 1, 29), np.float32), 1.0, "29 time frames"),
+    (np.full((H, W, 1, T), np.nan, np.float32), 1.0, "NaN/Inf"),
+    (np.ones((H, W, 1, T), np.float32), 0.0, "no frame times"),
+])
+def test_bad_nifti_images(tmp_path, data, dt, match):
+  path = _save_raw(tmp_path / "bad.nii.gz", data, dt)
+  with pytest.raises(InputError, match=match) as e:
+    io.read_nifti(path)
+  assert e.value.source == str(path)
+
+
+def test_nifti_sidecar_problems(tmp_path):
+  image, times = _series()
+  path = io.write_nifti(tmp_path / "s.nii", image, times=times)
+  side = tmp_path / "s.json"
+  side.write_text(json.dumps({"times": times[::-1].tolist()}))
+  with pytest.raises(InputError, match="not strictly increasing"):
+    io.read_nifti(path)
+  side.write_text(json.dumps({"times": times[:-2].tolist()}))
+  with pytest.raises(InputError, match="shape"):
+    io.read_nifti(path)
+  side.write_text("{not json")
+  with pytest.raises(InputError, match="unreadable JSON") as e:
+    io.read_nifti(path)
+  assert e.value.source == str(side)
+  side.write_text(json.dumps({"TriggerTimes": times.tolist()}))
+  with pytest.raises(InputError, match='no "times"'):
+    io.read_nifti(path)
+  side.write_text(json.dumps({"times": (1000 * times).tolist()}))
+  with pytest.raises(InputError, match="looks like milliseconds"):
+    io.read_nifti(path)
+  side.write_text(json.dumps({"FrameTimesStart": (times + 5).tolist()}))
+  np.testing.assert_allclose(io.read_nifti(path)["times"], times, atol=1e-9)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_truncated_and_missing_nifti(tmp_path, suffix):
+  image, times = _series()
+  path = io.write_nifti(tmp_path / f"s{suffix}", image, times=times)
+  blob = path.read_bytes()
+  path.write_bytes(blob[:len(blob) // 2])
+  with pytest.raises(InputError, match="unreadable or truncated NIfTI") as e:
+    io.read_nifti(path)
+  assert e.value.source == str(path)
+  with pytest.raises(InputError, match="file not found"):
+    io.read_nifti(tmp_path / f"missing{suffix}")
+  (tmp_path / f"junk{suffix}").write_bytes(b"hello")
+  with pytest.raises(InputError, match="unreadable"):
+    io.read_nifti(tmp_path / f"junk{suffix}")
+
+
+@pytest.mark.parametrize("mask, match", [
+    (lambda m: np.where(m == 3, 7, m), r"outside 0..3: \[7\]"),
+    (lambda m: np.where(m == 1, 0, m), "no myocardium"),
+    (lambda m: m[:, :-1], "does not match"),
+    (lambda m: np.stack([m, m], -1), "2D mask"),
+])
+def test_bad_nifti_masks(tmp_path, mask, match):
+  image, times = _series()
+  path = io.write_nifti(tmp_path / "s.nii.gz", image, times=times)
+  m = mask(_mask())
+  mpath = tmp_path / "m.nii.gz"
+  nib.save(nib.Nifti1Image(io._to_nifti_axes(m.astype(np.int16)), np.eye(4)), mpath)
+  with pytest.raises(InputError, match=match) as e:
+    io.read_nifti(path, mpath)
+  assert e.value.source == str(mpath)
+
+
+def test_write_nifti_is_atomic(tmp_path, monkeypatch):
+  image, times = _series()
+  path = io.write_nifti(tmp_path / "out.nii.gz", image, times=times)
+  before = path.read_bytes()
+
+  def broken_save(img, filename):
+    with open(filename, "wb") as f:
+      f.write(b"half")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(nib, "save", broken_save)
+  with pytest.raises(OSError, match="disk full"):
+    io.write_nifti(path, 2 * image, times=times)
+  with pytest.raises(OSError, match="disk full"):
+    io.write_nifti(tmp_path / "new.nii", image)
+  # The old file is intact, the new one never appeared, no temporary file is left.
+  assert path.read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.nii.gz"]
+
+
+def test_write_nifti_rejects_bad_arguments(tmp_path):
+  with pytest.raises(InputError, match="must end with"):
+    io.write_nifti(tmp_path / "x.png", np.zeros((4, 4)))
+  with pytest.raises(InputError, match="shape"):
+    io.write_nifti(tmp_path / "x.nii", np.zeros((2, 4, 4, 4)))
+  with pytest.raises(InputError, match="strictly increasing"):
+    io.write_nifti(tmp_path / "x.nii", np.zeros((4, 4, 3)), times=[0, 1, 1])
+  assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+
+def _write_dicom(path, frame, instance=None, acq_time=None, trigger=None, slope=1.0,
+                 intercept=0.0, position=(0.0, 0.0, 0.0)):
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = MRImageStorage
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID = MRImageStorage
+  ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+  ds.Modality = "MR"
+  ds.Rows, ds.Columns = frame.shape
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+  ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+  ds.PhotometricInterpretation = "MONOCHROME2"
+  ds.PixelSpacing = [1.8, 1.6]
+  ds.ImagePositionPatient = list(position)
+  ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+  if instance is not None:
+    ds.InstanceNumber = instance
+  if acq_time is not None:
+    ds.AcquisitionTime = acq_time
+  if trigger is not None:
+    ds.TriggerTime = trigger
+  ds.PixelData = frame.astype(np.uint16).tobytes()
+  ds.save_as(path, enforce_file_format=True)
+
+
+def _tm(seconds):
+  h, rem = divmod(seconds % 86400.0, 3600)
+  m, s = divmod(rem, 60)
+  return f"{int(h):02d}{int(m):02d}{s:09.6f}"
+
+
+def _dicom_folder(folder, n_t=T, acq=True, trigger="beat", instance=True, start=10 * 3600 + 5):
+  folder.mkdir()
+  rng = np.random.default_rng(1)
+  frames = rng.integers(0, 1000, (n_t, H, W))
+  times = np.cumsum(rng.uniform(0.7, 1.0, n_t))
+  names = rng.permutation(n_t)  # file names do not follow the frame order
+  for k in range(n_t):
+    trig = {"beat": 250.0, "cumulative": 1000.0 * times[k], None: None}[trigger]
+    _write_dicom(folder / f"IM{names[k]:04d}", frames[k], instance=k + 1 if instance else None,
+                 acq_time=_tm(start + times[k]) if acq else None, trigger=trig,
+                 slope=0.5, intercept=-3.0)
+  return frames, times - times[0]
+
+
+def test_dicom_series_order_times_and_rescale(tmp_path):
+  frames, times = _dicom_folder(tmp_path / "series")
+  out = io.read_dicom_series(tmp_path / "series")
+  assert out["image"].shape == (H, W, T) and out["time_tag"] == "AcquisitionTime"
+  np.testing.assert_allclose(out["image"], np.moveaxis(frames, 0, -1) * 0.5 - 3.0)
+  np.testing.assert_allclose(out["times"], times, atol=2e-6)
+  assert out["pixel_mm"] == (1.8, 1.6)
+  assert io.read_slice(tmp_path / "series")["image"].shape == (H, W, T)
+
+
+def test_dicom_cumulative_trigger_time_and_midnight(tmp_path):
+  _, times = _dicom_folder(tmp_path / "trig", acq=False, trigger="cumulative", instance=False)
+  out = io.read_dicom_series(tmp_path / "trig")
+  assert out["time_tag"] == "TriggerTime"
+  np.testing.assert_allclose(out["times"], times, atol=1e-6)
+  _, times = _dicom_folder(tmp_path / "night", start=24 * 3600 - 10.0)
+  np.testing.assert_allclose(io.read_dicom_series(tmp_path / "night")["times"], times, atol=2e-6)
+
+
+def test_dicom_without_timing_tags(tmp_path):
+  _dicom_folder(tmp_path / "s", acq=False, trigger=None)
+  with pytest.raises(InputError, match="no timing tags") as e:
+    io.read_dicom_series(tmp_path / "s")
+  assert e.value.source == str(tmp_path / "s")
+
+
+def test_dicom_per_beat_trigger_time_is_not_a_clock(tmp_path):
+  _dicom_folder(tmp_path / "s", acq=False, trigger="beat")
+  with pytest.raises(InputError, match="TriggerTime does not increase"):
+    io.read_dicom_series(tmp_path / "s")
+
+
+def test_dicom_bad_files(tmp_path):
+  _dicom_folder(tmp_path / "s")
+  victim = sorted((tmp_path / "s").iterdir())[3]
+  blob = victim.read_bytes()
+  victim.write_bytes(blob[:len(blob) - 300])
+  with pytest.raises(InputError, match="unreadable or truncated DICOM") as e:
+    io.read_dicom_series(tmp_path / "s")
+  assert e.value.source == str(victim)
+  victim.write_text("not a dicom file")
+  with pytest.raises(InputError, match="unreadable"):
+    io.read_dicom_series(tmp_path / "s")
+  with pytest.raises(InputError, match="folder not found"):
+    io.read_dicom_series(tmp_path / "nope")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(InputError, match="no DICOM files"):
+    io.read_dicom_series(tmp_path / "empty")
+
+
+def test_dicom_too_few_frames_and_two_positions(tmp_path):
+  _dicom_folder(tmp_path / "short", n_t=12)
+  with pytest.raises(InputError, match="12 time frames"):
+    io.read_dicom_series(tmp_path / "short")
+  _dicom_folder(tmp_path / "two")
+  _write_dicom(tmp_path / "two" / "extra", np.zeros((H, W)), instance=99, acq_time=_tm(40000.0),
+               position=(0.0, 0.0, 8.0))
+  with pytest.raises(InputError, match="2 slice positions"):
+    io.read_dicom_series(tmp_path / "two")
+
+
+# ----------------------------------------------------------------------------- npz, dispatch
+
+
+def test_npz_and_no_pickles(tmp_path):
+  image, times = _series()
+  np.savez(tmp_path / "s.npz", image=image, times=times + 3.0, mask=_mask(), pixel_mm=1.5)
+  out = io.read_slice(tmp_path / "s.npz")
+  np.testing.assert_array_equal(out["image"], image)
+  np.testing.assert_allclose(out["times"], times)
+  assert out["pixel_mm"] == (1.5, 1.5) and out["mask"].dtype == np.int32
+  np.savez(tmp_path / "obj.npz", image=np.array([{"a": 1}], dtype=object), times=times)
+  with pytest.raises(InputError, match="unreadable .npz"):
+    io.read_npz(tmp_path / "obj.npz")
+  np.savez(tmp_path / "noimg.npz", times=times)
+  with pytest.raises(InputError, match="missing array 'image'"):
+    io.read_npz(tmp_path / "noimg.npz")
+  (tmp_path / "x.txt").write_text("x")
+  with pytest.raises(InputError, match="unknown format"):
+    io.read_slice(tmp_path / "x.txt")
+
+
+def test_atomic_json(tmp_path):
+  io.write_json(tmp_path / "a.json", {"x": [1, 2]})
+  assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
+  with pytest.raises(TypeError):
+    io.write_json(tmp_path / "a.json", {"x": object()})
+  assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
+  assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_load_preprocessed_and_back_to_the_input_grid(tmp_path):
+  from perfjax.data import phantom, preprocess  # pylint: disable=g-import-not-at-top
+  d = phantom.simulate(3, 1, "flash", 0.0)
+  raw = np.concatenate([np.repeat(d["raw"][0][..., :1], 5, -1), d["raw"][0]], -1)
+  small = raw[::2, ::2]  # 64 x 64 at twice the pixel size
+  times = np.concatenate([np.arange(5) * 0.8, d["times"][0] + 4.0])
+  io.write_nifti(tmp_path / "s.nii.gz", small, pixel_mm=(2.8, 2.8), times=times)
+  io.write_nifti(tmp_path / "m.nii.gz", d["mask"][0][::2, ::2], pixel_mm=(2.8, 2.8))
+  out = io.load_preprocessed(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
+  assert out["image"].shape == (128, 128, 30) and out["pixel_mm"] == pytest.approx((2.8, 2.8))
+  assert out["zoom"] == (2.0, 2.0) and out["frame_start"] >= 2
+  seg = preprocess.to_original(out["mask"], out, labels=True)
+  path = io.write_nifti(tmp_path / "seg.nii.gz", seg, pixel_mm=out["pixel_mm"])
+  back = io.read_nifti_mask(path, (64, 64))
+  assert np.mean(back == d["mask"][0][::2, ::2]) > 0.95
