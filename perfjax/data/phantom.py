@@ -1,0 +1,404 @@
+"""Physics-based synthetic first-pass perfusion CMR phantom (short axis, 3T, FLASH or bSSFP).
+
+:func:`simulate` draws hearts (studies of basal, mid and apical slices), their contrast
+kinetics (gamma-variate AIF with recirculation, Fermi impulse response per CONVENTIONS.md,
+per-pixel true MBF with coronary-territory defects), and turns them into the magnitude
+images a 3T scanner would give, with the true values beside them. Anatomy: see
+:mod:`perfjax.data._anatomy`; physics: see :mod:`perfjax.physics`.
+
+Image formation per slice: tissue classes are labelled at the 128 x 128 output pixel
+centres (that is the mask, of the reference peak-LV frame); where tissues meet, 3 x 3
+sub-points per pixel (a 384 x 384 grid there) give partial-volume fractions. Each class
+contributes its signal curve and the myocardium the signal of its pixel's mean MBF; a 3 x 3
+binomial blur stands for the interpolation of a coarser acquisition. Then: tissue texture,
+bSSFP off-resonance banding, dark-rim artefact, residual respiratory motion (a
+motion-correction failure), surface-coil sensitivity, receiver gain, complex Gaussian noise
+and the magnitude (Rician).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+from scipy import ndimage
+
+from perfjax import physics, sectors
+from perfjax.data import _anatomy as anat
+from perfjax.data import _imaging as img
+from perfjax.errors import InputError
+
+SIZE, FRAMES = img.SIZE, img.FRAMES
+DT_FINE = 0.05  # s, kinetics grid
+
+# (anatomy class, tissue of physics.TISSUES_3T) in class order; the kinetics are in _class_curves.
+_CLASS_TISSUE = (
+    ("air", None), ("lung", "lung"), ("pulmonary_artery", "blood_venous"),
+    ("pulmonary_vein", "blood_arterial"), ("chest_muscle", "skeletal_muscle"),
+    ("subcutaneous_fat", "fat"), ("liver", "liver"), ("aorta", "blood_arterial"),
+    ("pericardium", "pericardium"), ("epicardial_fat", "fat"), ("rv_wall", "myocardium"),
+    ("rv_blood", "blood_venous"), ("lv_blood", "blood_arterial"),
+    ("papillary_trabeculae", "myocardium"), ("myocardium", "myocardium"))
+assert tuple(c for c, _ in _CLASS_TISSUE) == anat.CLASS_NAMES
+
+
+def _check(seed, n_slices, protocol, motion_fraction, options):
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise InputError("seed", f"must be a non-negative integer, got {seed!r}")
+  if not isinstance(n_slices, (int, np.integer)) or n_slices < 1:
+    raise InputError("n_slices", f"must be a positive integer, got {n_slices!r}")
+  if protocol not in physics.PROTOCOLS:
+    raise InputError("protocol", f"must be one of {physics.PROTOCOLS}, got {protocol!r}")
+  for name, value in (("motion_fraction", motion_fraction),
+                      ("defect_fraction", options["defect_fraction"]),
+                      ("dark_rim", options["dark_rim"]), ("banding", options["banding"])):
+    if not 0.0 <= float(value) <= 1.0:
+      raise InputError(name, f"must be a probability in [0, 1], got {value!r}")
+  if options["noise"] < 0 or not np.isfinite(options["noise"]):
+    raise InputError("noise", f"must be a finite scale >= 0, got {options['noise']!r}")
+  if not 0.0 <= options["rotation_deg"] <= 180.0:
+    raise InputError("rotation_deg", f"must be in [0, 180], got {options['rotation_deg']!r}")
+  if not 0.0 <= options["translation_mm"] <= 20.0:  # keeps the heart inside the 128 x 128 crop
+    raise InputError("translation_mm", f"must be in [0, 20], got {options['translation_mm']!r}")
+  if int(options["slices_per_study"]) < 1:
+    raise InputError("slices_per_study", f"must be >= 1, got {options['slices_per_study']!r}")
+
+
+def _level(j: int, per_study: int) -> int:
+  """Slice level (0 basal, 1 mid, 2 apical) of the j-th slice of a study."""
+  return 1 if per_study == 1 else int(round(2.0 * j / (per_study - 1)))
+
+
+def _study(seed: int, index: int, protocol: str, stress: bool, defect_fraction: float) -> dict:
+  """Study-level draws: timing, bolus, sequence, gain, coil, anatomy and perfusion."""
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+  rr = rng.uniform(0.58, 0.85) if stress else rng.uniform(0.75, 1.05)
+  rr_k = np.clip(rr * (1.0 + 0.035 * rng.standard_normal(FRAMES - 1)), 0.55, 1.1)
+  times = np.concatenate([[0.0], np.cumsum(rr_k)])
+  t_rv = rr * rng.uniform(3.0, 6.0)  # RV arrival after the first frame
+  ptt = rng.uniform(2.5, 4.0) if stress else rng.uniform(3.0, 5.0)  # pulmonary transit
+  peak = rng.uniform(4.0, 9.0)
+  tmax = rng.uniform(2.0, 4.0)
+  rc_delay, rc_tmax = rng.uniform(7.0, 11.0), rng.uniform(3.0, 5.0)
+  rc_peak, plateau = peak * rng.uniform(0.08, 0.16), peak * rng.uniform(0.05, 0.1)
+  width = rng.uniform(1.5, 3.0)
+  lv = np.array([t_rv + ptt, rng.uniform(2.0, 4.0), tmax, peak, rc_delay, 3.0, rc_tmax,
+                 rc_peak, plateau, width])
+  rv = np.array([t_rv, rng.uniform(1.5, 3.0), tmax * rng.uniform(0.55, 0.8),
+                 peak * rng.uniform(1.2, 1.6), rc_delay + ptt, 3.0, rc_tmax, rc_peak, plateau,
+                 width])
+  if protocol == "flash":
+    seq = dict(ts=rng.uniform(0.05, 0.09), tr=rng.uniform(2.3e-3, 2.8e-3),
+               flip=rng.uniform(10.0, 15.0), n=float(rng.integers(18, 31)))
+  else:
+    seq = dict(ts=rng.uniform(0.06, 0.10), tr=rng.uniform(2.6e-3, 3.0e-3),
+               flip=rng.uniform(50.0, 70.0), n=float(rng.integers(35, 56)))
+  return dict(times=times, aif_lv=lv, aif_rv=rv, slice_delay=rng.uniform(0.12, 0.2),
+              seq=seq, t1_blood=rng.uniform(1.7, 2.0), gain=rng.uniform(200.0, 2000.0),
+              snr=rng.uniform(0.7, 1.5),
+              pixel_mm=rng.uniform(1.2, 1.6),
+              coil=(rng.uniform(100, 170), rng.uniform(90, 140), rng.uniform(70, 110),
+                    rng.uniform(0.3, 0.7)),
+              anatomy=anat.sample_study(rng, stress, defect_fraction))
+
+
+def _lowpass(y_fine, tau, delay=0.0):
+  """Unit-area exponential dispersion (time constant tau, s) after ``delay`` on the fine grid."""
+  n = y_fine.shape[-1]
+  t = np.arange(n) * DT_FINE
+  kern = np.where(t >= delay, np.exp(-(t - delay) / tau), 0.0)
+  kern /= kern.sum()
+  return np.convolve(y_fine, kern)[:n]
+
+
+def _class_curves(study, level, fermi, mbf_normal):
+  """Concentration (mM) of every tissue class at the frame times, plus AIF and unit response."""
+  times = study["times"]
+  shift = np.zeros(len(physics.AIF_PARAM_NAMES))
+  shift[0] = level * study["slice_delay"]  # later slices start later in the beat
+  lv_p, rv_p = study["aif_lv"] - shift, study["aif_rv"] - shift
+  tf = physics.fine_grid(times[-1], DT_FINE)
+  lv_f = physics.aif_concentration(tf, lv_p)
+  rv_f = physics.aif_concentration(tf, rv_p)
+  w, k, tau_d = fermi
+  h_f = physics.fermi_impulse(tf, physics.fermi_amplitude(1.0, w, k), w, k, tau_d, dt=DT_FINE)
+  unit_f = physics.convolve_fine(lv_f, h_f, DT_FINE)  # tissue at MBF = 1 /s
+  slow = _lowpass(lv_f, 8.0, 1.0)
+
+  def at(y):
+    return np.interp(times, tf, y)
+
+  unit = at(unit_f)
+  mbf_s = physics.ml_g_min_to_per_s(mbf_normal)
+  conc = np.zeros((anat.N_CLASSES, FRAMES))
+  conc[anat.LUNG] = 0.3 * at(0.5 * (lv_f + rv_f))
+  conc[anat.PULM_ART] = physics.aif_concentration(times - 0.3, rv_p)
+  conc[anat.PULM_VEIN] = physics.aif_concentration(times + 0.5, lv_p)
+  conc[anat.MUSCLE] = 0.12 * at(slow)
+  conc[anat.SUBFAT] = conc[anat.EPIFAT] = 0.04 * at(slow)
+  conc[anat.LIVER] = 0.25 * at(_lowpass(lv_f, 6.0, 2.0))
+  conc[anat.AORTA] = physics.aif_concentration(times - 0.15, lv_p)
+  conc[anat.PERI] = 0.1 * at(slow)
+  conc[anat.RVWALL] = 0.7 * mbf_s * unit
+  conc[anat.RVBLOOD] = physics.aif_concentration(times, rv_p)
+  conc[anat.LVBLOOD] = physics.aif_concentration(times, lv_p)
+  conc[anat.PAP] = conc[anat.MYO] = mbf_s * unit
+  return conc, unit, lv_p
+
+
+def _signal_params(study, protocol):
+  s = study["seq"]
+  return dict(protocol=protocol, ts=s["ts"], tr=s["tr"], flip_deg=s["flip"], n_pulses=s["n"])
+
+
+def _tissue(name, study):
+  t1, t2, pd = physics.TISSUES_3T[name]
+  if name.startswith("blood"):
+    t1 = study["t1_blood"]
+  return t1, t2, pd
+
+
+_TEXTURED = (anat.LUNG, anat.MUSCLE, anat.SUBFAT, anat.LIVER, anat.PERI, anat.EPIFAT)
+
+
+def _myo_signal_table(unit, sp, study, mbf_max):
+  """Myocardial signal [M, T] on an MBF grid [M] (ml/g/min), for linear interpolation."""
+  grid = np.linspace(0.0, mbf_max, 129)
+  t1, t2, pd = _tissue("myocardium", study)
+  conc = physics.ml_g_min_to_per_s(grid)[:, None] * unit[None, :]
+  return grid, physics.signal_from_concentration(conc, t1_0=t1, t2_0=t2, m0=pd, **sp)
+
+
+def _slice(seed, study, study_index, level, protocol, motion_p, opts, out, n):
+  """Simulate one slice into row ``n`` of the preallocated ``out`` arrays."""
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(study_index, level, 7)))
+  heart = anat.sample_heart(rng, study["anatomy"], level)
+  stress = study["anatomy"]["stress"]
+  w = rng.uniform(2.5, 5.0) if stress else rng.uniform(6.0, 12.0)
+  fermi = (w, rng.uniform(0.3, 1.5), rng.uniform(0.0, 1.0))
+  theta = rng.uniform(-1.0, 1.0) * opts["rotation_deg"]
+  shift = rng.uniform(-1.0, 1.0, 2) * opts["translation_mm"]
+  is_motion = rng.uniform() < motion_p
+  rim_on = rng.uniform() < opts["dark_rim"]
+  rim_depth, rim_angle = rng.uniform(0.15, 0.4), rng.uniform(0, 360)
+  band_on = rng.uniform() < opts["banding"] and protocol == "bssfp"  # same draws for both
+  band_strength = rng.uniform(0.5, 0.9)
+  motion_rng = np.random.default_rng(rng.integers(2 ** 63))
+  band_rng = np.random.default_rng(rng.integers(2 ** 63))
+  noise_rng = np.random.default_rng(rng.integers(2 ** 63))
+  tex_rng = np.random.default_rng(rng.integers(2 ** 63))
+  px = study["pixel_mm"]
+
+  conc, unit, lv_p = _class_curves(study, level, fermi, heart.mbf_normal)
+  sp = _signal_params(study, protocol)
+  curves = np.zeros((anat.N_CLASSES, FRAMES))
+  for c, (_, tissue) in enumerate(_CLASS_TISSUE):
+    if tissue is not None:
+      t1, t2, pd = _tissue(tissue, study)
+      curves[c] = physics.signal_from_concentration(conc[c], t1_0=t1, t2_0=t2, m0=pd, **sp)
+
+  # Labels at the output pixel centres give the mask; where the 3 x 3 neighbourhood holds
+  # more than one tissue, OS x OS sub-points per pixel give the partial-volume fractions.
+  xc, yc, rot = img.centres(theta, shift, px)
+  cls_c, mbf_c, rim_c = anat.evaluate(heart, xc, yc)
+  mask = anat.MASK_OF_CLASS[cls_c]
+  cls_flat, mbf_flat = cls_c.ravel(), mbf_c.ravel()
+  mixed = np.nonzero((ndimage.maximum_filter(cls_c, 3) != ndimage.minimum_filter(cls_c, 3))
+                     .ravel())[0]
+  ox, oy = img.subpoints(rot, px)
+  cls_s, mbf_s, _ = anat.evaluate(heart, xc.ravel()[mixed, None] + ox,
+                                   yc.ravel()[mixed, None] + oy)
+  local = np.repeat(np.arange(mixed.size), img.OS * img.OS)
+  frac = np.bincount(local * anat.N_CLASSES + cls_s.ravel(),
+                     minlength=mixed.size * anat.N_CLASSES).reshape(mixed.size, anat.N_CLASSES)
+  frac = frac / float(img.OS * img.OS)
+  n_myo = frac[:, anat.MYO] * (img.OS * img.OS)
+  mbf_mix = np.bincount(local, weights=mbf_s.ravel(), minlength=mixed.size) / np.maximum(n_myo, 1)
+
+  # Class fractions of every pixel (one-hot where pure), blurred by a 3 x 3 binomial kernel:
+  # the images are interpolated from a coarser acquisition (paper II-A: spatial upsampling).
+  # Blurring is linear, so it acts on the fractions and the MBF-weighted myocardium fraction.
+  n_px = SIZE * SIZE
+  frac_all = np.zeros((n_px, anat.N_CLASSES + 1), np.float32)
+  frac_all[np.arange(n_px), cls_flat] = 1.0
+  frac_all[mixed, :anat.N_CLASSES] = frac
+  frac_all[:, -1] = frac_all[:, anat.MYO] * mbf_flat
+  frac_all[mixed, -1] = frac[:, anat.MYO] * mbf_mix
+  if opts["blur"]:
+    frac_all = img.binomial3(frac_all.reshape(SIZE, SIZE, -1)).reshape(n_px, -1)
+  myo_frac = frac_all[:, anat.MYO]
+  mbf_px = frac_all[:, -1] / np.maximum(myo_frac, 1e-12)
+  grid, table = _myo_signal_table(unit, sp, study, 1.05 * max(mbf_px.max(), 0.1))
+  mixed = np.nonzero(frac_all[:, :anat.N_CLASSES].max(axis=1) < 1.0 - 1e-9)[0]
+
+  # Static per-pixel factors: tissue texture (a smooth +-12 % proton-density field in the
+  # body, +-3 % in the heart and blood) and bSSFP banding move with the anatomy; the receive
+  # coil and gain stay in the image frame (applied after any residual motion).
+  tex = ndimage.gaussian_filter(tex_rng.standard_normal((SIZE, SIZE)), 2.0).ravel()
+  tex *= 1.0 / max(tex.std(), 1e-12)
+  amp = 0.03 + 0.09 * frac_all[:, list(_TEXTURED)].sum(axis=1)
+  factor = 1.0 + np.clip(amp * tex, -0.5, 0.5)
+  if band_on:
+    factor *= img.banding(heart, band_rng, (xc, yc), study["seq"]["tr"],
+                          band_strength).ravel()
+  coil = img.coil_sensitivity(study["coil"], shift, px) * study["gain"]
+  if not is_motion:
+    factor *= coil.ravel()
+
+  curves32 = curves.astype(np.float32)
+  sig = curves32[cls_flat]  # [P, T], right for pure pixels but the myocardium
+  pure_myo = np.nonzero((cls_flat == anat.MYO) & (myo_frac >= 1.0 - 1e-9))[0]
+  sig[pure_myo] = img.interp_rows(mbf_px[pure_myo], grid, table)
+  fm = frac_all[mixed]
+  # einsum, not BLAS: OpenBLAS threads spin after a call and steal the other core.
+  sig[mixed] = np.einsum("pk,kt->pt", fm[:, :anat.MYO], curves[:anat.MYO]) + (
+      fm[:, anat.MYO, None] * img.interp_rows(mbf_px[mixed], grid, table))
+  sig *= factor.astype(np.float32)[:, None]
+  lv_curve = curves[anat.LVBLOOD]
+  if rim_on:  # dark rim at the endocardial border while the LV blood is bright
+    lv_rel = (lv_curve - lv_curve[0]) / max(lv_curve.max() - lv_curve[0], 1e-12)
+    arc = np.clip(0.2 + np.cos(np.arctan2(yc, xc) - np.deg2rad(rim_angle)), 0.0, 1.0)
+    weight = (rim_c * arc).ravel()
+    on = np.nonzero(weight > 0)[0]
+    sig[on] *= 1.0 - rim_depth * weight[on, None] * lv_rel[None, :]
+  sig = sig.reshape(SIZE, SIZE, FRAMES)
+
+  # Peak LV enhancement: the noise-free mean over the LV label (papillary muscles included)
+  # as the receive coil sees it, before any residual motion.
+  lv = mask == 2
+  lv_sig = sig[lv] * coil[lv][:, None] if is_motion else sig[lv]
+  peak = int(np.argmax(lv_sig.mean(axis=0)))
+  shifts = np.zeros((FRAMES, 2))
+  if is_motion:
+    centre_rc = img.to_pixel(np.zeros(2), theta, shift, px)
+    sig, shifts = img.motion_warp(sig, study["times"], peak, motion_rng, centre_rc,
+                               opts["include_motion_deformation"])
+    sig *= coil[..., None]
+  sigma = opts["noise"] * 0.0016 * study["gain"] / study["snr"]
+  img.magnitude(sig, sigma, noise_rng, out["raw"][n], out["image"][n])
+
+  out["mask"][n] = mask
+  out["mbf"][n] = np.where(mask == 1, mbf_c, 0.0)
+  rec = dict(
+      times=study["times"], motion=is_motion, peak_lv_frame=peak,
+      rvip=img.to_pixel(heart.rvip_xy(), theta, shift, px), aif=conc[anat.LVBLOOD],
+      aif_params=lv_p, fermi=fermi, defect=heart.defect is not None, motion_shift_px=shifts,
+      rotation_deg=theta, pixel_mm=px, seq_ts=sp["ts"], seq_tr=sp["tr"],
+      seq_flip_deg=sp["flip_deg"], seq_n_pulses=sp["n_pulses"], t1_blood_s=study["t1_blood"],
+      t2_blood_s=physics.TISSUES_3T["blood_arterial"][1],
+      t1_myo_s=physics.TISSUES_3T["myocardium"][0], t2_myo_s=physics.TISSUES_3T["myocardium"][1])
+  for k, v in rec.items():
+    out[k][n] = v
+
+
+def _sector_means(mask, mbf):
+  """Mean true MBF per 6 and 48 sectors (perfjax.sectors geometry); NaN for an empty sector.
+
+  The 6-sector map is the 48-sector map's angular wedges merged four by four (24 angular
+  sub-sectors split each AHA sector in four), so both come from one sector_map call.
+  """
+  s48 = sectors.sector_map(mask, 24, 2)
+  s6 = np.where(s48 > 0, (s48 - 1) // 8 + 1, 0)
+  return sectors.sector_means(mbf, s6, 6), sectors.sector_means(mbf, s48, 48)
+
+
+_FIELDS = dict(  # key: (shape after N, dtype)
+    image=((SIZE, SIZE, FRAMES), np.float32), raw=((SIZE, SIZE, FRAMES), np.float32),
+    mask=((SIZE, SIZE), np.int32), times=((FRAMES,), np.float32),
+    mbf=((SIZE, SIZE), np.float32), motion=((), bool), peak_lv_frame=((), np.int32),
+    rvip=((2, 2), np.float32), slice_level=((), np.int32), study_id=((), np.int32),
+    stress=((), bool), defect=((), bool), aif=((FRAMES,), np.float32),
+    aif_params=((len(physics.AIF_PARAM_NAMES),), np.float32), fermi=((3,), np.float32),
+    mbf_sector6=((6,), np.float32), mbf_sector48=((48,), np.float32),
+    seq_ts=((), np.float32), seq_tr=((), np.float32), seq_flip_deg=((), np.float32),
+    seq_n_pulses=((), np.int32), t1_blood_s=((), np.float32), t2_blood_s=((), np.float32),
+    t1_myo_s=((), np.float32), t2_myo_s=((), np.float32),
+    motion_shift_px=((FRAMES, 2), np.float32), rotation_deg=((), np.float32),
+    pixel_mm=((), np.float32))
+
+
+def simulate(seed, n_slices, protocol, motion_fraction=0.0, *, stress=True, defect_fraction=None,
+             noise=1.0, dark_rim=None, banding=0.7, study_offset=0, slices_per_study=3,
+             include_motion_deformation=True, rotation_deg=30.0, translation_mm=6.0, blur=True,
+             workers=2):
+  """Simulate ``n_slices`` perfusion slices, deterministic from ``seed``.
+
+  Slice i belongs to study ``i // slices_per_study`` (basal, mid, apical for 3 per study);
+  its draws depend only on (seed, study, level), never on ``n_slices``. The same seed with
+  the other protocol images the same hearts and kinetics with the other pulse sequence.
+
+  Args:
+    seed: non-negative int.
+    n_slices: number of slices N (>= 1).
+    protocol: "flash" (SR-FLASH, T1-weighted) or "bssfp" (SR-bSSFP, T2/T1-weighted).
+    motion_fraction: probability that a slice keeps residual respiratory motion.
+    stress: stress (normal MBF 2.5-4.5 ml/g/min) or rest (0.8-1.3).
+    defect_fraction: probability that a study has a perfusion defect (LAD, RCA or LCx
+      territory, subendocardial, partly transmural), present in all its slices (default
+      0.4 at stress, 0 at rest).
+    noise: noise scale (1 = default SNR, 0 = noise-free magnitude).
+    dark_rim: probability of a subendocardial dark-rim artefact per slice (default 0.15 for
+      FLASH, 0.35 for bSSFP, where it is more common).
+    banding: probability of a bSSFP off-resonance band near the lateral wall (bSSFP only).
+    study_offset: added to the study ids (the draws do not depend on it).
+    slices_per_study: slices per heart (levels spread from basal to apical).
+    include_motion_deformation: motion slices also scale by up to 4 % per frame.
+    rotation_deg: rotations are U(-rotation_deg, rotation_deg) (0: standard orientation).
+    translation_mm: crop-centre jitter U(-t, t) mm per axis.
+    blur: soften the image with a 3 x 3 binomial kernel (the interpolation of a coarser
+      acquisition); the mask stays sharp.
+    workers: threads that simulate slices concurrently (the result does not depend on it).
+
+  Returns:
+    dict of numpy arrays (N slices, T = 30 frames, 128 x 128 pixels):
+      image float32 [N,128,128,T] raw min-max normalised per slice to [0, 1];
+      raw float32 [N,128,128,T] magnitude signal (a.u.): gain x coil x M0 x signal + noise;
+      mask int32 [N,128,128] 0 bg, 1 myo, 2 LV (incl. papillary/trabeculae), 3 RV;
+      times float32 [N,T] s since the first frame (one frame per heartbeat);
+      mbf float32 [N,128,128] true MBF (ml/g/min) on mask == 1, else 0;
+      motion bool [N]; peak_lv_frame int32 [N] (argmax of the noise-free mean signal over
+      the LV label; the reference frame of the mask); rvip float32 [N,2,2] (row, col) of the
+      anterior then inferior RV insertion point; slice_level int32 [N] (0 basal, 1 mid,
+      2 apical);
+      study_id int32 [N]; protocol <U5 [N]; stress bool [N]; defect bool [N];
+      aif float32 [N,T] true LV blood Gd concentration (mM) at the frame times;
+      aif_params float32 [N,10] its continuous form (physics.aif_concentration);
+      fermi float32 [N,3] (w, k, tau_d) in s; tissue = aif (x) h with F from the MBF;
+      mbf_sector6 float32 [N,6], mbf_sector48 float32 [N,48] mean true MBF per sector of
+      perfjax.sectors.sector_map on the mask (NaN if a sector is empty);
+      sequence for signal -> concentration (physics.concentration_from_signal): seq_ts
+      (s, saturation to first readout pulse), seq_tr (s), seq_flip_deg, seq_n_pulses
+      (index of the k-space-centre pulse) [N]; t1_blood_s, t2_blood_s, t1_myo_s, t2_myo_s [N];
+      extras: motion_shift_px float32 [N,T,2] (row, col shift of the heart per frame),
+      rotation_deg float32 [N], pixel_mm float32 [N].
+  """
+  if defect_fraction is None:  # stress-induced ischaemia; at rest flow is autoregulated
+    defect_fraction = 0.4 if stress else 0.0
+  if dark_rim is None:
+    dark_rim = 0.35 if protocol == "bssfp" else 0.15
+  opts = dict(defect_fraction=defect_fraction, noise=noise, dark_rim=dark_rim, banding=banding,
+              blur=bool(blur), slices_per_study=slices_per_study,
+              include_motion_deformation=bool(include_motion_deformation),
+              rotation_deg=float(rotation_deg), translation_mm=float(translation_mm))
+  _check(seed, n_slices, protocol, motion_fraction, opts)
+  n_slices, per = int(n_slices), int(slices_per_study)
+  out = {k: np.empty((n_slices,) + shape, dtype) for k, (shape, dtype) in _FIELDS.items()}
+  studies = [_study(int(seed), index, protocol, bool(stress), float(defect_fraction))
+             for index in range((n_slices + per - 1) // per)]
+
+  def one(i):
+    index, j = divmod(i, per)
+    level = _level(j, per)
+    _slice(int(seed), studies[index], index, level, protocol, float(motion_fraction), opts, out, i)
+    out["mbf_sector6"][i], out["mbf_sector48"][i] = _sector_means(out["mask"][i], out["mbf"][i])
+    out["slice_level"][i], out["study_id"][i] = level, int(study_offset) + index
+
+  workers = max(1, min(int(workers), n_slices))
+  if workers == 1:
+    for i in range(n_slices):
+      one(i)
+  else:  # slices are independent and numpy releases the GIL in the heavy loops
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      list(pool.map(one, range(n_slices)))
+  out["stress"][:] = bool(stress)
+  out["protocol"] = np.array([protocol] * n_slices)
+  return out
