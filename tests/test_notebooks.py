@@ -13,6 +13,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
   home = tmp_path / "home"
+  home.mkdir()
   for var, sub in (("HOME", ""), ("IPYTHONDIR", "ipython"), ("JUPYTER_CONFIG_DIR", "jcfg"),
                    ("JUPYTER_DATA_DIR", "jdata"), ("MPLCONFIGDIR", "mpl")):
     monkeypatch.setenv(var, str(home / sub))

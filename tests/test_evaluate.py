@@ -1,0 +1,87 @@
+"""End-to-end: a tiny trained model evaluated on the synthetic test split and used to predict."""
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from configs import patch3
+from perfjax import evaluate
+from perfjax import train
+from perfjax.data import io as data_io
+from perfjax.data import phantom
+
+RESULT_KEYS = ["dice.whole", "dice.sector6", "dice.sector12", "ood.auc", "ood.threshold",
+               "ood.sensitivity", "ood.specificity", "ood.labels", "mbf.r2",
+               "mbf.bland_altman.mean", "mbf.bland_altman.loa_low", "mbf.bland_altman.loa_high"]
+SLICE_KEYS = ["id", "dice", "U", "ood_flag", "uncertain_sector", "mbf_auto", "mbf_gt_mask",
+              "mbf_true", "motion"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  root = tmp_path_factory.mktemp("evaluate")
+  os.environ["PERFJAX_DATA_DIR"] = str(root / "tfds")
+  config = patch3.get_config("tiny")
+  workdir = str(root / "run")
+  train.train(config, workdir)
+  return config, workdir
+
+
+def _get(tree, dotted):
+  for part in dotted.split("."):
+    tree = tree[part]
+  return tree
+
+
+def test_results_json_has_the_contract_keys(trained):
+  config, workdir = trained
+  results = evaluate.evaluate(config, workdir, n_panels=2)
+  with open(os.path.join(workdir, "results.json")) as f:
+    on_disk = json.load(f)  # Strict JSON: NaN/Inf are written as null.
+  for key in RESULT_KEYS:
+    _get(on_disk, key)  # Present (null allowed for an untrained model).
+  assert on_disk["ood"]["labels"] == "motion"
+  assert len(on_disk["slices"]) == results["n_slices"] == 6
+  for s in on_disk["slices"]:
+    assert set(SLICE_KEYS) <= set(s)
+    assert isinstance(s["motion"], bool)
+    assert s["mbf_true"] is not None and 0.3 < s["mbf_true"] < 6.0
+    assert s["dice"] is None or 0.0 <= s["dice"] <= 1.0
+  # The ground-truth masks always give an MBF; sectors are placed on every slice.
+  assert all(s["mbf_gt_mask"] is not None for s in on_disk["slices"])
+  assert os.path.isfile(os.path.join(workdir, "figures", "dice_vs_confidence.png"))
+  assert len(os.listdir(os.path.join(workdir, "figures", "slices"))) == 2
+
+
+def test_predict_on_nifti_folder_reports_bad_file_and_writes_the_rest(trained, tmp_path):
+  config, workdir = trained
+  sim = phantom.simulate(7, 2, "bssfp")
+  folder = tmp_path / "in"
+  for i in range(2):
+    data_io.write_nifti(folder / f"slice{i}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
+                        times=sim["times"][i])
+  data_io.write_nifti(folder / "slice0_mask.nii.gz", sim["mask"][0], pixel_mm=(1.4, 1.4))
+  (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
+  out = tmp_path / "out"
+  rows = evaluate.predict(config, workdir, str(folder), str(out))
+  by_id = {r["id"]: r for r in rows}
+  assert set(by_id) == {"slice0", "slice1", "broken"}
+  assert "broken.nii.gz" in by_id["broken"]["error"]
+  assert by_id["slice0"]["dice"] is not None and by_id["slice1"]["dice"] is None
+  for name in ("slice0", "slice1"):
+    seg = np.asarray(nib.load(out / name / "segmentation.nii.gz").dataobj)
+    assert seg.shape == (128, 128) and set(np.unique(seg)) <= {0, 1, 2, 3}
+    assert (out / name / "um.nii.gz").is_file() and (out / name / f"{name}.png").is_file()
+  with open(out / "slices.json") as f:
+    assert len(json.load(f)["slices"]) == 3
+  assert (out / "slices.csv").read_text().count("\n") == 4
+  assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+
+
+def test_predict_without_checkpoint_is_a_clear_error(tmp_path):
+  from perfjax.errors import InputError
+  with pytest.raises(InputError, match="train first"):
+    evaluate.predict(patch3.get_config("tiny"), str(tmp_path / "empty"), "split:test",
+                     str(tmp_path / "o"))
