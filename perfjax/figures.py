@@ -1,0 +1,115 @@
+"""Figures of the MBF analysis: AHA 16-segment bullseye, Bland-Altman and scatter plots.
+
+matplotlib with the Agg backend (no display needed); every function draws into a given or
+new Axes and returns the Figure, so callers save it (``fig.savefig(path)``) or compose it.
+"""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Wedge  # noqa: E402
+
+from perfjax import stats  # noqa: E402
+from perfjax.errors import InputError  # noqa: E402
+
+
+def _axes(ax, figsize):
+  if ax is None:
+    fig, ax = plt.subplots(figsize=figsize)
+    return fig, ax
+  return ax.figure, ax
+
+
+def bullseye_geometry():
+  """(segment 1..16, inner radius, outer radius, start deg, end deg) of the AHA bullseye.
+
+  Rings: basal (1-6) outer, mid (7-12), apical (13-16) inner. As in the standard display
+  (CONVENTIONS.md angles: 90 up/anterior, 180 left/septal), segment 1 (anterior) is centred
+  at 90 deg and the numbering runs counter-clockwise in 60-degree wedges (2 anteroseptal at
+  150, 3 inferoseptal 210, 4 inferior 270, 5 inferolateral 330, 6 anterolateral 30); apical
+  segments are 90-degree wedges centred at 90 (13), 180 (14), 270 (15) and 0 (16).
+  """
+  out = []
+  for ring, (r0, r1) in enumerate(((2.0, 3.0), (1.0, 2.0))):
+    for k in range(6):
+      start = 60.0 + 60.0 * k
+      out.append((ring * 6 + k + 1, r0, r1, start, start + 60.0))
+  for k in range(4):
+    start = 45.0 + 90.0 * k
+    out.append((13 + k, 0.0, 1.0, start, start + 90.0))
+  return out
+
+
+def bullseye(values16, ax=None, cmap: str = "viridis", vmin=None, vmax=None,
+             label: str = "MBF (ml/g/min)", annotate: bool = True):
+  """AHA 16-segment bullseye of ``values16`` [16] (index 0 = segment 1); NaN drawn grey."""
+  v = np.asarray(values16, np.float64)
+  if v.shape != (16,):
+    raise InputError("values16", f"expected 16 segment values, got shape {v.shape}")
+  fig, ax = _axes(ax, (4.2, 3.6))
+  finite = v[np.isfinite(v)]
+  lo = vmin if vmin is not None else (finite.min() if finite.size else 0.0)
+  hi = vmax if vmax is not None else (finite.max() if finite.size else 1.0)
+  if hi <= lo:
+    hi = lo + 1.0
+  norm = matplotlib.colors.Normalize(lo, hi)
+  cm = plt.get_cmap(cmap)
+  for seg, r0, r1, a0, a1 in bullseye_geometry():
+    val = v[seg - 1]
+    color = cm(norm(val)) if np.isfinite(val) else (0.8, 0.8, 0.8, 1.0)
+    ax.add_patch(Wedge((0, 0), r1, a0, a1, width=r1 - r0, facecolor=color, edgecolor="white",
+                       linewidth=1.5))
+    if annotate:
+      mid = np.deg2rad(0.5 * (a0 + a1))
+      rad = 0.5 * (r0 + r1) if r0 > 0 else 0.55
+      txt = f"{val:.2f}" if np.isfinite(val) else "n/a"
+      ax.text(rad * np.cos(mid), rad * np.sin(mid), f"{seg}\n{txt}", ha="center", va="center",
+              fontsize=7)
+  ax.set_xlim(-3.1, 3.1)
+  ax.set_ylim(-3.1, 3.1)
+  ax.set_aspect("equal")
+  ax.axis("off")
+  sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cm)
+  fig.colorbar(sm, ax=ax, label=label, shrink=0.8)
+  return fig
+
+
+def bland_altman_plot(a, b, ax=None, label_a: str = "a", label_b: str = "b",
+                      units: str = "ml/g/min"):
+  """Bland-Altman plot: differences a - b against means, with bias and +-1.96 SD lines."""
+  ba = stats.bland_altman(a, b)
+  x, y, _ = stats.finite_pairs(a, b, "a", "b")
+  fig, ax = _axes(ax, (4.5, 3.5))
+  ax.scatter(0.5 * (x + y), x - y, s=12, alpha=0.7)
+  for val, style, name in ((ba["mean"], "-", "mean"), (ba["loa_high"], "--", "+1.96 SD"),
+                           (ba["loa_low"], "--", "-1.96 SD")):
+    if np.isfinite(val):
+      ax.axhline(val, color="k", linestyle=style, linewidth=1)
+      ax.text(1.0, val, f" {name} {val:.3f}", transform=ax.get_yaxis_transform(), va="center",
+              fontsize=7)
+  ax.set_xlabel(f"mean of {label_a} and {label_b} ({units})")
+  ax.set_ylabel(f"{label_a} - {label_b} ({units})")
+  ax.set_title(f"Bland-Altman (n = {ba['n']})", fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def scatter_plot(x, y, ax=None, label_x: str = "x", label_y: str = "y",
+                 units: str = "ml/g/min"):
+  """Scatter of y against x with the identity line and R^2 (squared Pearson) in the title."""
+  xs, ys, dropped = stats.finite_pairs(x, y)
+  fig, ax = _axes(ax, (3.8, 3.6))
+  ax.scatter(xs, ys, s=12, alpha=0.7)
+  if xs.size:
+    lo, hi = float(min(xs.min(), ys.min())), float(max(xs.max(), ys.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="identity")
+    ax.legend(loc="upper left", fontsize=7)
+  ax.set_xlabel(f"{label_x} ({units})")
+  ax.set_ylabel(f"{label_y} ({units})")
+  ax.set_title(f"R$^2$ = {stats.r2(xs, ys):.3f} (n = {xs.size}, dropped {dropped})", fontsize=9)
+  ax.set_aspect("equal", adjustable="datalim")
+  fig.tight_layout()
+  return fig
