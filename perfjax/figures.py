@@ -1,24 +1,24 @@
 """Figures of the MBF analysis: AHA 16-segment bullseye, Bland-Altman and scatter plots.
 
-matplotlib with the Agg backend (no display needed); every function draws into a given or
-new Axes and returns the Figure, so callers save it (``fig.savefig(path)``) or compose it.
+Every function draws into a given Axes, or a new pyplot-free ``Figure`` (no global backend or
+figure state, so it works headless and inside notebooks alike), and returns the Figure for the
+caller to save (``fig.savefig(path)``), display or compose.
 """
 from __future__ import annotations
 
 import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.patches import Wedge
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Wedge  # noqa: E402
-
-from perfjax import stats  # noqa: E402
-from perfjax.errors import InputError  # noqa: E402
+from perfjax import stats
+from perfjax.errors import InputError
 
 
 def _axes(ax, figsize):
   if ax is None:
-    fig, ax = plt.subplots(figsize=figsize)
+    fig = Figure(figsize=figsize)
+    ax = fig.subplots()
     return fig, ax
   return ax.figure, ax
 
@@ -56,7 +56,7 @@ def bullseye(values16, ax=None, cmap: str = "viridis", vmin=None, vmax=None,
   if hi <= lo:
     hi = lo + 1.0
   norm = matplotlib.colors.Normalize(lo, hi)
-  cm = plt.get_cmap(cmap)
+  cm = matplotlib.colormaps[cmap]
   for seg, r0, r1, a0, a1 in bullseye_geometry():
     val = v[seg - 1]
     color = cm(norm(val)) if np.isfinite(val) else (0.8, 0.8, 0.8, 1.0)

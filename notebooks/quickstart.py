@@ -1,0 +1,68 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # perfjax quickstart: train, evaluate, look
+#
+# The whole method of the paper in a few cells: build the synthetic dataset, train a
+# patch3-UNet on stride-32 patches, segment the bSSFP test split with the stride-32 sliding
+# window, compute the stride-2 uncertainty map UM, the slice uncertainty U, OOD detection and
+# MBF. On Colab or a TPU VM run `!pip install -r requirements.txt` in a clone of the repository
+# first; JAX uses whatever accelerator it finds.
+#
+# `VARIANT = "tiny"` runs in about a minute on a CPU and learns little; set `VARIANT = ""` (the
+# default, ~15 min on a 2-core CPU) or `"paper"` (GPU/TPU) for real results.
+# Source: `notebooks/quickstart.py` (jupytext).
+
+# %%
+# %matplotlib inline
+import json
+import os
+import tempfile
+
+import matplotlib.pyplot as plt
+
+from configs import patch3
+from perfjax import evaluate, train
+
+VARIANT = "tiny"
+config = patch3.get_config(VARIANT)
+workdir = os.path.join(tempfile.mkdtemp(), "patch3") if VARIANT == "tiny" else "runs/patch3"
+print(config.model, config.augment, config.train.num_steps)
+
+# %% [markdown]
+# ## Train
+# Resumable: running this cell again with the same `workdir` continues from the last checkpoint.
+
+# %%
+summary = train.train(config, workdir)
+summary
+
+# %% [markdown]
+# ## Evaluate on the test split
+# Writes `results.json` (the keys of CONVENTIONS.md) and figures into the workdir.
+
+# %%
+results = evaluate.evaluate(config, workdir, n_panels=2)
+print(json.dumps({k: results[k] for k in ("dice", "ood")}, indent=1, default=str))
+
+# %% [markdown]
+# ## Look: the most uncertain slice (frames, contours, UM with the AHA sectors) and Dice vs 1 - U
+
+# %%
+slices_dir = os.path.join(workdir, "figures", "slices")
+for name in sorted(os.listdir(slices_dir))[:1] + ["../dice_vs_confidence.png"]:
+  plt.figure(figsize=(14, 3.5))
+  plt.imshow(plt.imread(os.path.join(slices_dir, name)))
+  plt.axis("off")
+  plt.show()
