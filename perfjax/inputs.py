@@ -1,0 +1,112 @@
+"""Training inputs: model-input selection, the stride-32 training windows, and pure batching.
+
+A training example is one 64x64 window of a 128x128 slice (paper II-B: the stride-32 windows, 9 per
+slice, each an independent sample). The batch at step `s` is a pure function of (seed, s): the
+examples are shuffled once per epoch with a permutation drawn from a key folded with the epoch, so a
+resumed run sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from perfjax.errors import InputError
+
+INPUT_KINDS = ("patch3", "patch2")
+NUM_FRAMES = 30  # CONVENTIONS.md: T = 30 after preprocessing.
+# "rbg" (threefry key derivation, XLA RngBitGenerator bits): on XLA:CPU it compiles about 10x
+# faster than the default threefry (which made compiling the UNet's init take ~25 s here), and its
+# numbers are identical for every sharding (so 1 and N devices agree). Its streams may differ
+# between backends and XLA versions, and under vmap a batch is drawn from the first key only
+# (still independent per sample). philox4x32 would be exact under vmap but does not compile for
+# sharded programs with Shardy in jax 0.10.2 ("Unable to convert MHLO to StableHLO": mulhi).
+PRNG_IMPL = "rbg"
+
+
+def prng_key(seed: int) -> jax.Array:
+  """The typed root key of a run (all training randomness derives from it)."""
+  return jax.random.key(int(seed), impl=PRNG_IMPL)
+
+
+def input_channels(kind: str, num_frames: int = NUM_FRAMES) -> int:
+  """Channels of the model input: all frames (patch3) or the peak-LV frame alone (patch2)."""
+  _check_kind(kind)
+  return num_frames if kind == "patch3" else 1
+
+
+def _check_kind(kind: str) -> None:
+  if kind not in INPUT_KINDS:
+    raise InputError("input", f"expected one of {INPUT_KINDS}, got {kind!r}")
+
+
+def model_inputs(images_nhwt, peak_lv_frame_n, kind: str) -> np.ndarray:
+  """The network input of each slice: [N, H, W, T] (patch3) or [N, H, W, 1] (patch2).
+
+  Args:
+    images_nhwt: float [N, H, W, T] normalised slices (CONVENTIONS.md).
+    peak_lv_frame_n: int [N], the peak-LV-enhancement frame of each slice (used by patch2 only;
+      may be None for patch3).
+    kind: "patch3" (all T frames as channels, the paper's proposal) or "patch2" (the baseline:
+      the single frame `peak_lv_frame` of each slice).
+  """
+  _check_kind(kind)
+  images_nhwt = np.asarray(images_nhwt, np.float32)
+  if images_nhwt.ndim != 4:
+    raise InputError("image", f"expected [N, H, W, T], got shape {images_nhwt.shape}")
+  if kind == "patch3":
+    return images_nhwt
+  if peak_lv_frame_n is None:
+    raise InputError("peak_lv_frame", "patch2 needs the peak-LV-enhancement frame of each slice")
+  peak_n = np.asarray(peak_lv_frame_n)
+  n, _, _, frames = images_nhwt.shape
+  if peak_n.shape != (n,) or not np.issubdtype(peak_n.dtype, np.integer):
+    raise InputError("peak_lv_frame", f"expected {n} integer frame indices, got "
+                     f"{peak_n.dtype} shape {peak_n.shape}")
+  if np.any(peak_n < 0) or np.any(peak_n >= frames):
+    raise InputError("peak_lv_frame", f"frame indices must be in [0, {frames}), got "
+                     f"{peak_n.min()}..{peak_n.max()}")
+  return np.take_along_axis(images_nhwt, peak_n[:, None, None, None], axis=3)
+
+
+def training_windows(split: dict, kind: str, patch: int = 64,
+                     stride: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """The training examples of a split: windows [M, P, P, C] float32 and labels [M, P, P] int32.
+
+  `split` is a dict of `load_split` (needs "image", "mask" and, for patch2, "peak_lv_frame").
+  Window geometry comes from `perfjax.inference.extract_windows` (CONVENTIONS.md).
+  """
+  from perfjax.inference import extract_windows  # pylint: disable=g-import-not-at-top
+  for name in ("image", "mask"):
+    if name not in split:
+      raise InputError("training data", f"missing {name!r}; keys: {sorted(split)}")
+  images = model_inputs(split["image"], split.get("peak_lv_frame"), kind)
+  masks = np.asarray(split["mask"])
+  if masks.shape != images.shape[:3]:
+    raise InputError("mask", f"expected {images.shape[:3]}, got {masks.shape}")
+  windows, mask_windows = extract_windows(images, masks, patch=patch, stride=stride)
+  return np.asarray(windows, np.float32), np.asarray(mask_windows, np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  key = jax.random.fold_in(jax.random.fold_in(prng_key(seed), 0), epoch)
+  perm = np.asarray(jax.random.permutation(key, num_examples))  # Same on every backend.
+  perm.setflags(write=False)
+  return perm
+
+
+def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
+  """Example indices of the (global) batch at `step`: a pure function of its arguments.
+
+  Epoch `e = step // (num_examples // batch_size)` visits a permutation of all examples drawn from
+  `fold_in(key(seed), e)`; the last incomplete batch of each epoch is dropped.
+  """
+  if batch_size < 1 or num_examples < batch_size:
+    raise InputError("train.batch_size", f"must be in [1, {num_examples}] (the number of training "
+                     f"windows), got {batch_size}")
+  steps_per_epoch = num_examples // batch_size
+  epoch, index = divmod(int(step), steps_per_epoch)
+  perm = _epoch_permutation(int(seed), epoch, int(num_examples))
+  return perm[index * batch_size:(index + 1) * batch_size]

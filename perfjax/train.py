@@ -1,0 +1,501 @@
+"""Patch-level training of the patch3-/patch2-UNet (paper II-B, II-C) with exact resume.
+
+* Examples are the stride-32 64x64 windows of each training slice (`perfjax.inputs`); the batch at
+  step s is a pure function of (seed, s).
+* `train_step` is a pure module-level function: on-device augmentation from
+  `fold_in(rng, step)`, cross-entropy, Adam. It is jitted with the state donated; the batch is
+  sharded over the "data" axis of a `Mesh` of all devices and the state replicated, so the same
+  code runs on one CPU, one GPU, N devices or N hosts (after `jax.distributed.initialize()`).
+* Every `eval_every` steps: mean myocardium Dice on the whole validation slices (stride-32 sliding
+  window, mean softmax); the best parameters are kept; early stopping after `patience`
+  evaluations without improvement.
+* Orbax checkpoints (`perfjax.checkpoints`): the latest states and the best parameters. Starting
+  again with the same workdir resumes from the last complete checkpoint ("Resuming from step N");
+  an interrupted and resumed run gives bit-identical parameters to an uninterrupted one.
+* A NaN/Inf loss or gradient raises `TrainingError`; nothing non-finite is ever saved.
+* Progress bar (tqdm), `metrics.jsonl`, TensorBoard events (`tensorboard/`) and
+  `training_curves.png` in the workdir.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from perfjax import augment, checkpoints, inputs, metrics
+from perfjax.errors import InputError, TrainingError
+from perfjax.inputs import input_channels, model_inputs  # noqa: F401 (public here too)
+from perfjax.model import UNet, make_apply_fn
+
+PATCH = 64
+NUM_CLASSES = 4
+MYOCARDIUM = 1
+SCHEDULES = ("constant", "cosine")
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises InputError naming the field when a training config value cannot work."""
+  inputs.input_channels(config.input)
+  if config.augment.mode not in augment.MODES:
+    raise InputError("config.augment.mode", f"expected one of {augment.MODES}, got "
+                     f"{config.augment.mode!r}")
+  t = config.train
+  for name in ("batch_size", "num_steps", "eval_every", "log_every", "checkpoint_every",
+               "max_to_keep", "patience"):
+    if int(t[name]) < 1:
+      raise InputError(f"config.train.{name}", f"must be >= 1, got {t[name]}")
+  if t.schedule not in SCHEDULES:
+    raise InputError("config.train.schedule", f"expected one of {SCHEDULES}, got {t.schedule!r}")
+  if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+    raise InputError("config.train.learning_rate", f"must be finite and > 0, got {t.learning_rate}")
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  if t.batch_size % num_devices:
+    raise InputError("config.train.batch_size", f"{t.batch_size} is not divisible by the "
+                     f"{num_devices} devices the batch is sharded over")
+
+
+def make_model(config: ml_collections.ConfigDict) -> UNet:
+  return UNet(features=config.model.features, depth=config.model.depth, num_classes=NUM_CLASSES,
+              dropout_rate=config.model.dropout_rate)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, then constant or cosine decay to 1% at `num_steps`."""
+  t = config.train
+  peak, warmup = float(t.learning_rate), int(t.warmup_steps)
+  if t.schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, max(int(t.num_steps) - warmup, 1), alpha=0.01)
+  else:
+    main = optax.constant_schedule(peak)
+  if warmup <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(peak / warmup, peak, warmup), main], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with `learning_rate_schedule`; equal configs give the same object (compile cache)."""
+  t = config.train
+  return _adam(float(t.learning_rate), str(t.schedule), int(t.warmup_steps), int(t.num_steps))
+
+
+@functools.lru_cache(maxsize=16)
+def _adam(learning_rate, schedule, warmup_steps, num_steps) -> optax.GradientTransformation:
+  train_fields = dict(learning_rate=learning_rate, schedule=schedule,
+                      warmup_steps=warmup_steps, num_steps=num_steps)
+  return optax.adam(learning_rate_schedule(ml_collections.ConfigDict({"train": train_fields})))
+
+
+def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
+  """`config.augment` minus `mode`: optional overrides of `perfjax.augment.AugmentConfig`."""
+  return augment.AugmentConfig.from_mapping(
+      {k: v for k, v in config.augment.items() if k != "mode"})
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh with axis "data" over all (global) devices."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), ("data",))
+
+
+def init_state(config: ml_collections.ConfigDict, model: UNet,
+               tx: optax.GradientTransformation) -> dict[str, Any]:
+  """The training state at step 0: a plain dict pytree (what the checkpoints store)."""
+  return _init_state(model, tx, int(config.seed), inputs.input_channels(config.input))
+
+
+def _init_state(model: UNet, tx: optax.GradientTransformation, seed: int, channels: int):
+  root = inputs.prng_key(seed)  # fold_in 0: data order (perfjax.inputs).
+  params = model.init(jax.random.fold_in(root, 1),
+                      jnp.zeros((1, PATCH, PATCH, channels), jnp.float32))["params"]
+  # The step key is stored as raw uint32 key data (what checkpoints can hold).
+  return dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
+              rng=jax.random.key_data(jax.random.fold_in(root, 2)),
+              best_dice=jnp.float32(-1.0), best_step=jnp.int32(0))
+
+
+def initial_state(config: ml_collections.ConfigDict, model: UNet,
+                  tx: optax.GradientTransformation, mesh: Mesh | None = None) -> dict[str, Any]:
+  """`init_state` compiled as one program (eager init runs op by op: far slower), replicated."""
+  mesh = make_mesh() if mesh is None else mesh
+  return _jit_init(model, tx, int(config.seed), inputs.input_channels(config.input), mesh)()
+
+
+# Compiled programs are cached per (model, optimiser, ...) so that repeated `train` calls in one
+# process (resume, tests, sweeps) compile once.
+@functools.lru_cache(maxsize=8)
+def _jit_init(model, tx, seed, channels, mesh):
+  return jax.jit(functools.partial(_init_state, model, tx, seed, channels),
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+# ---------------------------------------------------------------------------------------- step
+
+
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: UNet,
+               tx: optax.GradientTransformation, augment_mode: str,
+               augment_cfg: augment.AugmentConfig | None = None):
+  """One optimisation step: augment on device, cross-entropy, Adam.
+
+  Args:
+    state: `init_state` dict.
+    batch: image [B, 64, 64, C] float32, mask [B, 64, 64] int32.
+  Returns:
+    (new state, dict(loss, grad_norm)): the loss of the batch before the update.
+  """
+  step = state["step"]
+  rng = jax.random.wrap_key_data(state["rng"], impl=inputs.PRNG_IMPL)
+  aug_key, dropout_key = jax.random.split(jax.random.fold_in(rng, step))
+  images, labels = augment.augment_batch(aug_key, batch["image"], batch["mask"], augment_mode,
+                                         augment_cfg)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = dict(state, params=params, opt_state=opt_state, step=step + 1)
+  return new_state, dict(loss=loss, grad_norm=optax.tree.norm(grads))
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model: UNet,
+                   tx: optax.GradientTransformation, mesh: Mesh):
+  """`train_step` jitted for `mesh`: state donated and replicated, batch sharded on "data"."""
+  return _jit_step(model, tx, config.augment.mode, augment_config(config), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_step(model, tx, augment_mode, augment_cfg, mesh):
+  step = functools.partial(train_step, model=model, tx=tx, augment_mode=augment_mode,
+                           augment_cfg=augment_cfg)
+  return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def shard_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Global arrays sharded on "data" from this process's rows of the global batch."""
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def local_rows(indices: np.ndarray) -> np.ndarray:
+  """This process's share of the global batch indices (all of them on a single host)."""
+  return np.split(indices, jax.process_count())[jax.process_index()]
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def validation_dice(model: UNet, params, images_nhwc, masks_nhw,
+                    config: ml_collections.ConfigDict) -> np.ndarray:
+  """Myocardium Dice of each whole slice: stride-`eval.stride_seg` windows, mean softmax."""
+  out = _sliding_window()(make_apply_fn(model, {"params": params}), images_nhwc, patch=PATCH,
+                          stride=config.eval.stride_seg, chunk_size=config.eval.chunk_size)
+  return np.array([metrics.dice(seg, gt, label=MYOCARDIUM)
+                   for seg, gt in zip(out["segmentation"], np.asarray(masks_nhw))])
+
+
+def _sliding_window():
+  from perfjax.inference import sliding_window  # pylint: disable=g-import-not-at-top
+  return sliding_window
+
+
+# ------------------------------------------------------------------------------------- logging
+
+
+class MetricWriter:
+  """Scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard event files.
+
+  On resume from step N the records after N (written before the interruption) are dropped
+  from both, so the files read as one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, step: int, **scalars: float) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(dict(step=int(step), **{k: float(v) for k, v in scalars.items()})) + "\n")
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, float(value), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str) -> str | None:
+  """Writes `training_curves.png` (loss, learning rate, validation Dice) from metrics.jsonl."""
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  def series(name):
+    pts = [(r["step"], r[name]) for r in records if name in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  fig = Figure(figsize=(11, 3.2), layout="constrained")
+  ax_loss, ax_lr, ax_dice = fig.subplots(1, 3)
+  ax_loss.plot(*series("train/loss"), lw=1)
+  ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="training loss")
+  ax_lr.plot(*series("train/learning_rate"), lw=1)
+  ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+  ax_dice.plot(*series("val/dice_myo"), "o-", ms=3)
+  ax_dice.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="validation myocardium Dice")
+  for ax in (ax_loss, ax_lr, ax_dice):
+    ax.grid(alpha=0.3)
+  path = os.path.join(workdir, "training_curves.png")
+  fig.savefig(path, dpi=100)
+  return path
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def load_data(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """The train and validation splits of `config.data.dataset` (built on first use)."""
+  from perfjax.data.datasets import load_split  # pylint: disable=g-import-not-at-top
+  return {split: load_split(config.data.dataset, split, config.data.data_dir)
+          for split in ("train", "validation")}
+
+
+def _replicate(mesh: Mesh, value) -> jax.Array:
+  return jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+
+
+def _patience_exhausted(step: int, best_step: int, config) -> bool:
+  return step - best_step >= config.train.patience * config.train.eval_every
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None = None,
+          stop_after: int | None = None) -> dict:
+  """Trains (or resumes training) in `workdir`; returns the summary also in train_summary.json.
+
+  Args:
+    config: a `configs/patch3.py` / `configs/patch2.py` config.
+    workdir: checkpoints, metrics and figures go here; an existing run there is resumed.
+    data: optional {"train": split, "validation": split} dicts as `load_split` returns them
+      (image, mask, peak_lv_frame); default: `config.data.dataset`.
+    stop_after: stop once this step is done (with a checkpoint), as a preemption would; a
+      later call resumes. The result is the same as one uninterrupted call.
+  """
+  check_config(config)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO.
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  lead = jax.process_index() == 0
+  t = config.train
+
+  data = load_data(config) if data is None else data
+  x_train, y_train = inputs.training_windows(data["train"], config.input, PATCH, 32)
+  val = data["validation"]
+  x_val = inputs.model_inputs(val["image"], val.get("peak_lv_frame"), config.input)
+  y_val = np.asarray(val["mask"])
+  if x_train.shape[-1] != inputs.input_channels(config.input):
+    raise InputError("training data", f"{config.input} expects "
+                     f"{inputs.input_channels(config.input)} channels, got {x_train.shape[-1]}")
+  num_examples = len(x_train)
+
+  model, tx = make_model(config), make_optimizer(config)
+  schedule = learning_rate_schedule(config)
+  mesh = make_mesh()
+  state = initial_state(config, model, tx, mesh)
+
+  latest = checkpoints.manager(workdir, "latest", t.max_to_keep)
+  best = checkpoints.manager(workdir, "best")
+  start = 0
+  if latest.latest_step() is not None:
+    state = checkpoints.restore(latest, state)
+    start = int(state["step"])
+    if lead:
+      print(f"Resuming from step {start} ({latest.directory})", flush=True)
+  best_dice, best_step = float(state["best_dice"]), int(state["best_step"])
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+
+  writer = MetricWriter(workdir, start, enabled=lead)
+  step_fn = jit_train_step(config, model, tx, mesh)
+  first_step_s = None
+  step, stopped_early, train_s, wall0 = start, False, 0.0, time.perf_counter()
+  pending: list[tuple[int, dict]] = []
+  postfix: dict[str, str] = {}
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=t.num_steps, initial=start, disable=not lead, dynamic_ncols=True,
+             desc=f"{config.input}/{config.augment.mode}", mininterval=2.0, file=sys.stderr)
+
+  def flush() -> None:
+    """Fetches pending metrics, stops on non-finite values, logs the mean since last flush."""
+    nonlocal pending
+    if not pending:
+      return
+    fetched = jax.tree.map(np.asarray, [m for _, m in pending])
+    for (s, _), m in zip(pending, fetched):
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+        last = latest.latest_step()
+        kept = (f"The last good checkpoint (step {last}) in {latest.directory} is kept"
+                if last is not None else "No checkpoint had been saved yet")
+        raise TrainingError(
+            f"non-finite training loss {float(m['loss'])} / gradient norm "
+            f"{float(m['grad_norm'])} at step {s}; training stopped. {kept}. Check the data "
+            f"for NaN/Inf or lower config.train.learning_rate.")
+    loss = float(np.mean([m["loss"] for m in fetched]))
+    postfix["loss"] = f"{loss:.4f}"
+    writer.write(pending[-1][0], **{
+        "train/loss": loss,
+        "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+        "train/learning_rate": float(schedule(pending[-1][0] - 1)),
+        "train/steps_per_second": timed_steps / max(interval_s, 1e-9)})
+    bar.set_postfix(postfix, refresh=False)
+    pending = []
+
+  try:
+    done = start >= t.num_steps or _patience_exhausted(start, best_step, config)
+    if done and lead:
+      print(f"Training already finished at step {start}", flush=True)
+    interval_s, tick, timed_steps = 0.0, time.perf_counter(), 0
+    while not done and step < t.num_steps:
+      if stop_after is not None and step >= stop_after:
+        break
+      rows = local_rows(inputs.batch_indices(config.seed, step, num_examples, t.batch_size))
+      batch = shard_batch(mesh, {"image": x_train[rows], "mask": y_train[rows]})
+      if first_step_s is None:  # Compilation (unless cached in this process) + one step.
+        t0 = time.perf_counter()
+        state, step_metrics = step_fn(state, batch)
+        jax.block_until_ready(step_metrics)
+        first_step_s = time.perf_counter() - t0
+        tick = time.perf_counter()
+      else:
+        state, step_metrics = step_fn(state, batch)
+        timed_steps += 1
+      step += 1
+      pending.append((step, step_metrics))
+      bar.update(1)
+      is_eval = step % t.eval_every == 0 or step == t.num_steps
+      is_ckpt = (step % t.checkpoint_every == 0 or step == t.num_steps or step == stop_after)
+      if step % t.log_every == 0 or is_eval or is_ckpt:
+        jax.block_until_ready(step_metrics)
+        interval_s = time.perf_counter() - tick
+        train_s += interval_s
+        flush()
+      if is_eval:
+        dice = float(np.float32(np.mean(  # float32: the value the checkpoints store.
+            validation_dice(model, jax.tree.map(np.asarray, state["params"]), x_val, y_val,
+                            config))))
+        if dice > best_dice:
+          best_dice, best_step = dice, step
+          checkpoints.save(best, step, dict(params=state["params"], step=np.int32(step),
+                                            val_dice=np.float32(dice)))
+        state = dict(state, best_dice=_replicate(mesh, jnp.float32(best_dice)),
+                     best_step=_replicate(mesh, jnp.int32(best_step)))
+        writer.write(step, **{"val/dice_myo": dice, "val/best_dice_myo": best_dice})
+        postfix.update(dice=f"{dice:.3f}", best=f"{best_dice:.3f}")
+        bar.set_postfix(postfix, refresh=False)
+        stopped_early = _patience_exhausted(step, best_step, config) and step < t.num_steps
+      if is_ckpt or stopped_early:
+        checkpoints.save(latest, step, state)
+      if is_eval or is_ckpt or step % t.log_every == 0:
+        tick, timed_steps = time.perf_counter(), 0
+      if stopped_early:
+        if lead:
+          print(f"Early stopping at step {step}: no better validation Dice in {t.patience} "
+                f"evaluations (best {best_dice:.4f} at step {best_step})", flush=True)
+        break
+  finally:
+    bar.close()
+    writer.close()
+    if lead:
+      plot_curves(workdir)
+
+  trained = step - start
+  summary = dict(
+      step=step, start_step=start, best_step=best_step, best_val_dice=best_dice,
+      stopped_early=stopped_early, finished=step >= t.num_steps or stopped_early
+      or _patience_exhausted(step, best_step, config),
+      num_train_windows=num_examples, num_val_slices=len(x_val), num_devices=jax.device_count(),
+      first_step_seconds=first_step_s, train_seconds=train_s,
+      wall_seconds=time.perf_counter() - wall0,
+      # Throughput after the first (compiling) step, evaluations and checkpoints excluded.
+      steps_per_second=(trained - 1) / train_s if trained > 1 and train_s else None,
+      patches_per_second=(trained - 1) * t.batch_size / train_s if trained > 1 and train_s
+      else None)
+  if lead:
+    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _abstract(tree, sharding) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str,
+                which: str = "best") -> tuple[UNet, dict]:
+  """The model and its variables {"params": ...} from `workdir` ("best" or "latest" checkpoint).
+
+  The variables go straight into `perfjax.model.make_apply_fn(model, variables)`.
+  """
+  if which not in ("best", "latest"):
+    raise InputError("which", f"expected 'best' or 'latest', got {which!r}")
+  subdir = os.path.join(os.path.abspath(workdir),
+                        checkpoints.BEST_DIR if which == "best" else checkpoints.LATEST_DIR)
+  if not os.path.isdir(subdir):
+    raise InputError(workdir, f"no {which!r} checkpoint ({subdir} is missing); train first")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  model, tx = make_model(config), make_optimizer(config)
+  mngr = checkpoints.manager(workdir, which, read_only=True)
+  if mngr.latest_step() is None:
+    raise InputError(workdir, f"no complete {which!r} checkpoint in {subdir}; train first")
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = jax.eval_shape(functools.partial(init_state, config, model, tx))
+  if which == "best":
+    shapes = dict(params=shapes["params"], step=shapes["step"], val_dice=shapes["best_dice"])
+  try:
+    restored = checkpoints.restore(mngr, _abstract(shapes, sharding))
+  except (ValueError, KeyError, TypeError) as e:
+    raise InputError(subdir, f"checkpoint does not match config (input {config.input}, "
+                     f"features {config.model.features}, depth {config.model.depth}): {e}") from e
+  return model, {"params": restored["params"]}

@@ -1,0 +1,75 @@
+"""launch.py: XLA flags set before jax, the tiny config end to end, resume, usage errors."""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _launch_module():
+  spec = importlib.util.spec_from_file_location("_perfjax_launch", ROOT / "launch.py")
+  module = importlib.util.module_from_spec(spec)
+  saved = os.environ.get("XLA_FLAGS")
+  try:
+    spec.loader.exec_module(module)  # sets XLA_FLAGS at import, as it must before jax
+  finally:
+    if saved is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = saved
+  return module
+
+
+def test_xla_flags_appended_once_and_user_choice_kept():
+  xla_flags = _launch_module().xla_flags
+  ynn = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+  assert xla_flags("") == ynn
+  assert xla_flags("--xla_force_host_platform_device_count=4") == (
+      "--xla_force_host_platform_device_count=4 " + ynn)
+  assert xla_flags(ynn) == ynn
+  assert xla_flags("--xla_cpu_experimental_ynn_fusion_type=dot") == (
+      "--xla_cpu_experimental_ynn_fusion_type=dot")
+
+
+def _run(args, env, timeout=600):
+  return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_tiny_config_trains_end_to_end_and_resumes(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PERFJAX_DATA_DIR=str(tmp_path / "tfds"),
+             MPLBACKEND="Agg")
+  workdir = tmp_path / "run"
+  args = ["--config=configs/patch2.py:tiny", "--config.augment.mode=none",
+          f"--workdir={workdir}", "--mode=train"]
+  proc = _run(args, env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((workdir / "train_summary.json").read_text())
+  assert summary["step"] == 4 and summary["num_train_windows"] == 2 * 3 * 9
+  assert 0.0 <= summary["best_val_dice"] <= 1.0
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["input"] == "patch2" and saved["augment"]["mode"] == "none"
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+  assert len(list((workdir / "best").iterdir())) == 1
+  assert (workdir / "training_curves.png").stat().st_size > 0
+
+  again = _run(args, env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resuming from step 4" in again.stdout
+  assert "Training already finished at step 4" in again.stdout
+
+
+def test_predict_needs_input_and_output(tmp_path):
+  proc = _run(["--config=configs/patch3.py:tiny", f"--workdir={tmp_path}", "--mode=predict"],
+              dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  assert proc.returncode != 0
+  assert "--mode=predict needs --input and --output" in proc.stderr
+
+
+def test_missing_workdir_is_a_usage_error():
+  proc = _run(["--config=configs/patch3.py:tiny"], dict(os.environ, JAX_PLATFORMS="cpu"),
+              timeout=120)
+  assert proc.returncode != 0 and "workdir" in proc.stderr

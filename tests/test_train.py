@@ -1,0 +1,240 @@
+"""Training: inputs, the jitted step, exact resume, NaN handling, multi-device equality."""
+import functools
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perfjax import checkpoints, inputs, train
+from perfjax.errors import InputError, TrainingError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(mode="none", **train_fields):
+  spec = importlib.util.spec_from_file_location("_cfg_patch3", ROOT / "configs" / "patch3.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("tiny")
+  config.augment.mode = mode
+  config.train.update(train_fields)
+  return config
+
+
+def toy_split(n, seed, frames=30):
+  """Rings: myocardium (1) around an LV pool (2), an RV (3) on the left; enhancing in turn."""
+  rng = np.random.default_rng(seed)
+  rows, cols = np.mgrid[:128, :128]
+  images = np.zeros((n, 128, 128, frames), np.float32)
+  masks = np.zeros((n, 128, 128), np.int32)
+  t = np.arange(frames)
+  for i in range(n):
+    cy, cx = 64 + rng.integers(-6, 7), 64 + rng.integers(-6, 7)
+    radius = np.hypot(rows - cy, cols - cx)
+    r_in = rng.uniform(10, 16)
+    m = np.zeros((128, 128), np.int32)
+    m[np.hypot(rows - cy, cols - cx + 2 * r_in) < r_in + 4] = 3
+    m[(radius >= r_in) & (radius < r_in + 7)] = 1
+    m[radius < r_in] = 2
+    img = 0.1 + rng.normal(0, 0.03, (128, 128, frames))
+    for label, peak, amp in ((3, 8, 0.8), (2, 12, 0.8), (1, 16, 0.3)):
+      img[m == label] += amp * np.exp(-0.5 * ((t - peak) / 3.0) ** 2)
+    images[i] = (img - img.min()) / (img.max() - img.min())
+    masks[i] = m
+  return dict(image=images, mask=masks, peak_lv_frame=np.full(n, 12, np.int32))
+
+
+@functools.lru_cache(maxsize=1)
+def _toy_data():
+  return {"train": toy_split(2, 0), "validation": toy_split(1, 1)}
+
+
+def _step_losses(num_steps=3, mode="conventional"):
+  """Losses of `num_steps` jitted steps on all visible devices (used in a 4-device subprocess)."""
+  config = _config(mode)
+  x, y = inputs.training_windows(_toy_data()["train"], "patch3")
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  mesh = train.make_mesh()
+  state = train.initial_state(config, model, tx, mesh)
+  step_fn = train.jit_train_step(config, model, tx, mesh)
+  losses = []
+  for step in range(num_steps):
+    rows = inputs.batch_indices(config.seed, step, len(x), config.train.batch_size)
+    batch = train.shard_batch(mesh, {"image": x[rows], "mask": y[rows]})
+    assert len(batch["image"].sharding.device_set) == jax.device_count()
+    state, m = step_fn(state, batch)
+    losses.append(float(m["loss"]))
+  return losses
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def test_model_inputs_patch2_is_the_peak_frame():
+  images = np.broadcast_to(np.arange(30, dtype=np.float32), (2, 8, 8, 30))
+  out = train.model_inputs(images, np.array([3, 7]), "patch2")
+  assert out.shape == (2, 8, 8, 1)
+  np.testing.assert_array_equal(out[0], 3.0)
+  np.testing.assert_array_equal(out[1], 7.0)
+  assert train.model_inputs(images, None, "patch3").shape == (2, 8, 8, 30)
+  assert inputs.input_channels("patch2") == 1 and inputs.input_channels("patch3") == 30
+
+
+@pytest.mark.parametrize("peak, kind", [(np.array([0, 30]), "patch2"), (None, "patch2"),
+                                        (np.array([0.0, 1.0]), "patch2"),
+                                        (np.array([0, 1]), "patch4")])
+def test_model_inputs_bad_input(peak, kind):
+  with pytest.raises(InputError):
+    train.model_inputs(np.zeros((2, 8, 8, 30), np.float32), peak, kind)
+
+
+def test_training_windows_are_the_nine_stride32_windows():
+  split = toy_split(1, 3)
+  x, y = inputs.training_windows(split, "patch2")
+  assert x.shape == (9, 64, 64, 1) and y.shape == (9, 64, 64)
+  # Window 4 is the centre one (rows and cols 32..95), window 8 the bottom-right one.
+  np.testing.assert_array_equal(x[4, ..., 0], split["image"][0, 32:96, 32:96, 12])
+  np.testing.assert_array_equal(y[8], split["mask"][0, 64:, 64:])
+
+
+def test_batch_indices_pure_and_a_permutation_per_epoch():
+  epoch = np.concatenate([inputs.batch_indices(0, s, 18, 4) for s in range(4)])
+  assert sorted(epoch) == sorted(set(epoch)) and len(epoch) == 16  # 2 dropped per epoch
+  np.testing.assert_array_equal(inputs.batch_indices(0, 5, 18, 4), inputs.batch_indices(0, 5, 18, 4))
+  assert not np.array_equal(np.concatenate([inputs.batch_indices(0, s, 18, 4) for s in range(4)]),
+                            np.concatenate([inputs.batch_indices(0, s, 18, 4) for s in range(4, 8)]))
+  assert not np.array_equal(inputs.batch_indices(0, 0, 18, 4), inputs.batch_indices(1, 0, 18, 4))
+  with pytest.raises(InputError):
+    inputs.batch_indices(0, 0, 3, 4)
+
+
+def test_check_config_rejects_bad_values():
+  with pytest.raises(InputError, match="batch_size"):
+    train.check_config(_config(), num_devices=3)
+  with pytest.raises(InputError, match="augment.mode"):
+    train.check_config(_config("fancy"))
+  with pytest.raises(InputError, match="learning_rate"):
+    train.check_config(_config(learning_rate=float("nan")))
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+  sched = train.learning_rate_schedule(_config(learning_rate=1e-3, warmup_steps=10,
+                                               num_steps=110, schedule="cosine"))
+  np.testing.assert_allclose(float(sched(0)), 1e-4, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(60)), 1e-3 * (0.01 + 0.99 * 0.5), rtol=1e-5)
+  np.testing.assert_allclose(float(sched(110)), 1e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- step
+
+
+def test_train_step_decreases_loss_and_is_deterministic():
+  config = _config("none", learning_rate=3e-3, warmup_steps=0, schedule="constant")
+  x, y = inputs.training_windows(_toy_data()["train"], "patch3")
+  batch = {"image": jnp.asarray(x[:4]), "mask": jnp.asarray(y[:4])}
+  model, tx = train.make_model(config), train.make_optimizer(config)
+  step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, augment_mode="none"))
+  losses = []
+  state = train.initial_state(config, model, tx)
+  for _ in range(8):
+    state, m = step_fn(state, batch)
+    losses.append(float(m["loss"]))
+  assert all(np.isfinite(losses))
+  assert losses[-1] < 0.9 * losses[0], losses
+  assert int(state["step"]) == 8
+  # Same seed, same first loss, bit for bit; about ln(4) for a fresh 4-class network.
+  _, again = step_fn(train.initial_state(config, model, tx), batch)
+  assert float(again["loss"]) == losses[0]
+  assert 1.0 < losses[0] < 2.0
+
+
+def test_four_devices_match_one_device():
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=4").strip(),
+             PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+  code = ("import json, jax, test_train; assert jax.device_count() == 4; "
+          "print('LOSSES', json.dumps(test_train._step_losses()))")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  four = json.loads(proc.stdout.split("LOSSES", 1)[1])
+  one = _step_losses()
+  assert jax.device_count() == 1
+  np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
+  assert one[0] != one[1]  # different batches and augmentations per step
+
+
+# ---------------------------------------------------------------- checkpoints, resume, NaN
+
+
+def _params(workdir, config, which="latest"):
+  _, variables = train.load_params(config, workdir, which)
+  return jax.tree.map(np.asarray, variables["params"])
+
+
+def test_resume_is_bit_identical_and_skips_an_incomplete_save(tmp_path, capsys):
+  config = _config("conventional", num_steps=4, eval_every=2, checkpoint_every=2)
+  straight = train.train(config, tmp_path / "straight", data=_toy_data())
+  assert straight["step"] == 4 and straight["start_step"] == 0
+
+  resumed_dir = tmp_path / "resumed"
+  first = train.train(config, resumed_dir, data=_toy_data(), stop_after=2)
+  assert first["step"] == 2 and not first["finished"]
+  # A save killed half-way leaves only orbax's temporary directory behind.
+  partial = resumed_dir / checkpoints.LATEST_DIR / "3.orbax-checkpoint-tmp-1234567"
+  (partial / "default").mkdir(parents=True)
+  (partial / "default" / "junk").write_bytes(b"\x00" * 10)
+  capsys.readouterr()
+  second = train.train(config, resumed_dir, data=_toy_data())
+  assert "Resuming from step 2" in capsys.readouterr().out
+  assert second["step"] == 4 and second["start_step"] == 2
+
+  a, b = _params(tmp_path / "straight", config), _params(resumed_dir, config)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert straight["best_val_dice"] == second["best_val_dice"]
+  assert straight["best_step"] == second["best_step"]
+  # Best params are saved separately; the step and metrics files read as one run.
+  best = _params(resumed_dir, config, "best")
+  assert jax.tree.structure(best) == jax.tree.structure(a)
+  steps = [r["step"] for r in train.read_metrics(resumed_dir) if "train/loss" in r]
+  assert steps == [1, 2, 3, 4]
+  assert [r for r in train.read_metrics(resumed_dir) if "val/dice_myo" in r][-1]["step"] == 4
+  for name in ("training_curves.png", "config.json", "train_summary.json"):
+    assert (resumed_dir / name).stat().st_size > 0
+  assert any(p.name.startswith("events.out.tfevents") for p in (resumed_dir / "tensorboard").iterdir())
+
+  # Running a finished run again trains nothing.
+  again = train.train(config, resumed_dir, data=_toy_data())
+  assert again["step"] == 4 and again["start_step"] == 4
+
+
+def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = _config("none", num_steps=4, eval_every=2, checkpoint_every=2)
+  train.train(config, tmp_path, data=_toy_data(), stop_after=2)
+  good = _params(tmp_path, config)
+  bad = dict(_toy_data())
+  bad["train"] = dict(bad["train"], image=bad["train"]["image"].copy())
+  bad["train"]["image"][:, 40:80, 40:80, :] = np.nan  # in every training window
+  with pytest.raises(TrainingError, match="non-finite training loss .* step 3.*step 2"):
+    train.train(config, tmp_path, data=bad)
+  mngr = checkpoints.manager(tmp_path, "latest", read_only=True)
+  assert mngr.all_steps() == [2]
+  after = _params(tmp_path, config)
+  jax.tree.map(np.testing.assert_array_equal, good, after)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(after))
+
+
+def test_load_params_without_checkpoint_is_an_input_error(tmp_path):
+  with pytest.raises(InputError, match="train first"):
+    train.load_params(_config(), tmp_path)
+  with pytest.raises(InputError):
+    train.load_params(_config(), tmp_path, which="newest")
