@@ -71,6 +71,9 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   config.eval.ood_labels = "motion"  # "motion" | "mbf_patch2".
   config.eval.patch2_workdir = ml_collections.config_dict.placeholder(str)  # For mbf_patch2.
   config.eval.sectors_from = "gt"  # Sector geometry of the sector Dice: "gt" | "pred".
+  config.eval.mbf_input = "auto"  # "concentration" | "signal" | "auto" (concentration if known).
+  config.eval.baselines = ("tta",)  # Other uncertainties scored by the same ROC: tta, mc_dropout.
+  config.eval.baseline_samples = 8  # Samples per baseline uncertainty map.
 
   if variant == "paper":
     config.data.dataset = "synthetic"

@@ -55,8 +55,8 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
   inputs = model_inputs(images_nhwt, peak_lv_frame, config.input)
   apply_fn = make_apply_fn(model, variables, fast=True)
   parts: dict[str, list] = {"probs": [], "segmentation": [], "um": []}
-  for lo in tqdm(range(0, len(inputs), SLICES_PER_STEP), desc=desc, unit="slices",
-                 total=-(-len(inputs) // SLICES_PER_STEP)):
+  progress = tqdm(total=len(inputs), desc=desc, unit="slice")
+  for lo in range(0, len(inputs), SLICES_PER_STEP):
     batch = inputs[lo:lo + SLICES_PER_STEP]
     seg = inference.sliding_window(apply_fn, batch, stride=config.eval.stride_seg,
                                    chunk_size=config.eval.chunk_size)
@@ -66,6 +66,8 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
       dense = inference.sliding_window(apply_fn, batch, stride=config.eval.stride_um,
                                        chunk_size=config.eval.chunk_size)
       parts["um"].append(dense["std"][..., sectors.MYO])
+    progress.update(len(batch))
+  progress.close()
   return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
@@ -73,7 +75,7 @@ def mbf_input_kind(config, split: dict) -> str:
   """eval.mbf_input: "concentration" (the paper's remedy for blood-signal saturation; needs the
   sequence timing, which the phantom records) or "signal" (raw signal, as the paper did).
   "auto" picks concentration when every slice carries its sequence parameters."""
-  kind = config.eval.get("mbf_input", "auto")
+  kind = config.eval.mbf_input
   if kind not in ("auto", "concentration", "signal"):
     raise InputError("eval.mbf_input", f"expected auto/concentration/signal, got {kind!r}")
   if kind != "auto":
@@ -233,15 +235,15 @@ def baseline_ood(model, variables, split: dict, config, labels: np.ndarray,
   inputs = model_inputs(split["image"], split["peak_lv_frame"], config.input)
   key = jax.random.key(config.seed)
   out = {}
-  for name in config.eval.get("baselines", ()):
+  for name in config.eval.baselines:
     if name == "tta":
       res = uncertainty.tta_uncertainty(make_apply_fn(model, variables), inputs, key,
-                                        n_samples=config.eval.get("baseline_samples", 8))
+                                        n_samples=config.eval.baseline_samples)
     elif name == "mc_dropout":
       if not config.model.dropout_rate:
         continue  # A model trained without dropout has no dropout to sample.
       res = uncertainty.mc_dropout_uncertainty(model, variables, inputs, key,
-                                               n_samples=config.eval.get("baseline_samples", 8))
+                                               n_samples=config.eval.baseline_samples)
     else:
       raise InputError("eval.baselines", f"unknown baseline {name!r}; use 'tta', 'mc_dropout'")
     unc = uncertainty.batch_uncertainty(res["um"], res["segmentation"],

@@ -37,7 +37,8 @@ from perfjax.errors import InputError
 ML_G_MIN_PER_S = 60.0 / 1.05  # 1/s -> ml/g/min (myocardial density 1.05 g/ml)
 
 # Reason codes of fit_fermi (``reason`` output); REASONS maps each code to its meaning.
-OK, NONFINITE, FLAT_AIF, NO_ENHANCEMENT, SHORT_WINDOW, NOT_CONVERGED, POOR_FIT = range(7)
+(OK, NONFINITE, FLAT_AIF, NO_ENHANCEMENT, SHORT_WINDOW, NOT_CONVERGED, POOR_FIT,
+ IMPLAUSIBLE) = range(8)
 REASONS = {
     OK: "ok",
     NONFINITE: "NaN/Inf in the AIF, curve or times",
@@ -46,6 +47,7 @@ REASONS = {
     SHORT_WINDOW: "fewer than 6 frames in the fitting window",
     NOT_CONVERGED: "solver did not converge (cost still falling at the last iterations)",
     POOR_FIT: "fit explains too little of the curve (r2 < min_r2)",
+    IMPLAUSIBLE: "MBF above max_mbf: not physiological (e.g. a curve corrupted by motion)",
 }
 MIN_WINDOW = 6
 
@@ -328,7 +330,8 @@ def _pack(inv, values, fill):
 
 def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.1,
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1, solver: str = "lm",
-              min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1) -> dict:
+              min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
+              max_mbf: float = 10.0) -> dict:
   """Fermi-constrained deconvolution of many tissue curves in one jitted, vmapped solve.
 
   Args:
@@ -348,6 +351,8 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
     min_r2: fits with a lower coefficient of determination fail with POOR_FIT.
     snr_min: a curve whose peak in the window is below snr_min x the std of its baseline
       frames (or <= 0) fails with NO_ENHANCEMENT; same for the AIF (FLAT_AIF).
+    max_mbf: fits above this MBF (ml/g/min; hyperaemic MBF rarely exceeds 6) fail with
+      IMPLAUSIBLE rather than dominate a slice mean.
 
   Returns:
     dict of numpy arrays, one value per curve: ``mbf`` (ml/g/min, NaN unless ok), ``ok``,
@@ -418,6 +423,7 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   converged = np.isfinite(cost) & ((cost_hist - cost) <= 1e-3 * cost + 1e-9 * win.sum(1))
   reason = np.where((reason == 0) & ~(converged & np.isfinite(mbf)), NOT_CONVERGED, reason)
   reason = np.where((reason == 0) & ~(r2 >= min_r2), POOR_FIT, reason)
+  reason = np.where((reason == 0) & ~(mbf <= max_mbf), IMPLAUSIBLE, reason)
   ok = reason == 0
   pick = lambda x: np.where(ok, x, np.nan)  # noqa: E731
   return dict(mbf=pick(mbf), ok=ok, reason=reason.astype(np.int32), F=pick(big_f), w=pick(w),

@@ -105,7 +105,15 @@ def test_failed_fits_are_nan_with_reasons(batch):
   assert not out["ok"][bad].any()
   for key in ("mbf", "F", "w", "k", "tau_d", "mbf_se", "r2"):
     assert np.all(np.isnan(out[key][bad])), key
-  assert set(out["reasons"]) == set(range(7))
+  assert set(out["reasons"]) == set(range(8))
+
+
+def test_implausible_mbf_is_a_failed_fit_not_a_value(batch):
+  _, good = batch
+  capped = perfusion.fit_fermi(AIF, good, TIMES, max_mbf=3.0)
+  np.testing.assert_array_equal(capped["ok"], TRUE[:, 0] <= 3.0)
+  assert np.all(capped["reason"][TRUE[:, 0] > 3.0] == perfusion.IMPLAUSIBLE)
+  assert np.all(np.isnan(capped["mbf"][TRUE[:, 0] > 3.0]))
 
 
 def test_noisy_curve_fits_with_larger_standard_error(batch):
