@@ -20,7 +20,7 @@ An apply_fn from `perfjax.model.make_apply_fn(..., fast=True)` also shares work
 between the windows of a slice (`prepare` / `windows`: the first convolution is
 computed on the whole image); results equal the plain path to float32 rounding.
 On CPU set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce
-before importing jax (see benchmarks/results/inference.md).
+before importing jax (see benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

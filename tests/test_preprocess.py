@@ -243,7 +243,7 @@ def test_lv_and_peak_detection_on_phantom_flash(flash):
     errors.append(out["peak_frame"] - int(flash["peak_lv_frame"][i]))
   assert np.max(dist) < 8.0 and np.mean(np.asarray(dist) < 3.0) >= 11 / 12, dist
   errors = np.abs(errors)
-  # On 90 phantom FLASH slices (benchmarks/results/data.md): about 3/4 exact, ~all within 1.
+  # On 90 phantom FLASH slices (benchmarks/RESULTS.md): about 3/4 exact, ~all within 1.
   assert np.mean(errors <= 1) >= 0.9 and np.mean(errors == 0) >= 0.5, errors
 
 

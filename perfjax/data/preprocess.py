@@ -35,7 +35,7 @@ nearness to the image centre and nearness to the RV (they share the septum). The
 frame is the argmax of the mean enhancement curve of the LV core (its pixels above 70 % of
 its 90th-percentile enhancement, away from partial volume with the myocardium; the
 average of many pixels keeps noise from deciding the frame on the flat, saturated peak).
-Accuracy on the phantom: benchmarks/results/data.md.
+Accuracy on the phantom: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
