@@ -46,8 +46,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, metrics and results.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", MODES, "What to run.")
-_INPUT = flags.DEFINE_string("input", None, "predict: the study (file or folder) to segment.")
-_OUTPUT = flags.DEFINE_string("output", None, "predict: where to write the outputs.")
+_INPUT = flags.DEFINE_string(
+    "input", None, "predict: a NIfTI file, a folder of NIfTI files / DICOM series, or "
+    "split:NAME for a split of the config's dataset (default split:test).")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: output folder (default WORKDIR/predictions).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -110,8 +112,6 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   mode = _MODE.value
-  if mode == "predict" and not (_INPUT.value and _OUTPUT.value):
-    raise app.UsageError("--mode=predict needs --input and --output")
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()

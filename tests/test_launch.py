@@ -62,11 +62,12 @@ def test_tiny_config_trains_end_to_end_and_resumes(tmp_path):
   assert "Training already finished at step 4" in again.stdout
 
 
-def test_predict_needs_input_and_output(tmp_path):
-  proc = _run(["--config=configs/patch3.py:tiny", f"--workdir={tmp_path}", "--mode=predict"],
-              dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
-  assert proc.returncode != 0
-  assert "--mode=predict needs --input and --output" in proc.stderr
+def test_predict_without_a_trained_model_is_one_clear_error(tmp_path):
+  proc = _run(["--config=configs/patch3.py:tiny", f"--workdir={tmp_path}", "--mode=predict",
+               f"--input={tmp_path}"], dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path}")
+  assert "train first" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_missing_workdir_is_a_usage_error():
