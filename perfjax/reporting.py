@@ -85,13 +85,13 @@ def slice_panel(path: str, image_hwt: np.ndarray, seg: np.ndarray, um: np.ndarra
   axes = fig.subplots(1, 5)
   for ax, (name, t) in zip(axes[:3], frames.items()):
     ax.imshow(image_hwt[..., t], cmap="gray", vmin=0, vmax=1)
-    ax.set_title(f"{name} enhancement (frame {t})", fontsize=9)
+    ax.set_title(f"{name} enhancement (frame {t})", fontsize=8)
   axes[3].imshow(image_hwt[..., frames["myocardium"]], cmap="gray", vmin=0, vmax=1)
   _contours(axes[3], seg, "-")
   if gt_mask is not None:
     _contours(axes[3], gt_mask, "--")
-  axes[3].set_title("segmentation (solid)" + (", truth (dashed)" if gt_mask is not None else ""),
-                    fontsize=9)
+  axes[3].set_title("predicted" + (" (solid), truth (dashed)" if gt_mask is not None else ""),
+                    fontsize=8)
   shown = axes[4].imshow(um, cmap="inferno", vmin=0)
   fig.colorbar(shown, ax=axes[4], fraction=0.046)
   if sectors6 is not None and sectors6.any():
@@ -103,8 +103,8 @@ def slice_panel(path: str, image_hwt: np.ndarray, seg: np.ndarray, um: np.ndarra
         colour = "cyan" if k == uncertain_sector else "w"
         axes[4].text(cols.mean(), rows.mean(), str(k), color=colour, fontsize=8,
                      ha="center", va="center", fontweight=weight)
-  axes[4].set_title("uncertainty map UM" + (f" (uncertain sector {uncertain_sector})"
-                                             if uncertain_sector else ""), fontsize=9)
+  axes[4].set_title("UM" + (f", uncertain sector {uncertain_sector}" if uncertain_sector else ""),
+                    fontsize=8)
   for ax in axes:
     ax.set_axis_off()
   fig.suptitle(title, fontsize=10)
