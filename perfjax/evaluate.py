@@ -17,10 +17,12 @@ import os
 import pathlib
 from typing import Any
 
+from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
+from perfjax import figures
 from perfjax import inference
 from perfjax import metrics
 from perfjax import perfusion
@@ -168,7 +170,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   unc = uncertainty.batch_uncertainty(um, seg, dilation=config.eval.um_dilation)
   mbf_kind = mbf_input_kind(config, split)
   auto, gt_mbf = mbf_of_masks(split, [seg, gt], mbf_kind)
-  mbf = dict(mbf_auto=auto["slice"], mbf_gt=gt_mbf["slice"], error_auto=auto["error"])
+  mbf = dict(mbf_auto=auto["slice"], mbf_gt=gt_mbf["slice"], error_auto=auto["error"],
+             sector48=dict(auto=auto["sector48"], gt_mask=gt_mbf["sector48"]))
+  if "mbf_sector48" in split:
+    mbf["sector48"]["true"] = np.asarray(split["mbf_sector48"], np.float64)
   mbf_true = _true_slice_mbf(split)
   labels, label_name = ood_labels(config, split, mbf, workdir)
   if labels is None:
@@ -200,6 +205,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
         problems=[p for p in (dice["problems"][i], unc["problems"][i],
                               mbf["error_auto"][i] or None) if p] or None))
 
+  studies = study_bullseyes(split, mbf["sector48"])
   agreement = _agreement(mbf["mbf_auto"], mbf["mbf_gt"])
   results = dict(
       config=dict(input=config.input, augment=config.augment.mode, dataset=config.data.dataset,
@@ -211,6 +217,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
                specificity=ood["specificity"], labels=label_name, n_ood=ood["n_ood"],
                dice_reliable=ood["dice_reliable"], dice_unreliable=ood["dice_unreliable"]),
       ood_baselines=baselines,
+      studies=studies,
       mbf=dict(r2=agreement["r2"], bland_altman=agreement["bland_altman"],
                comparison="auto vs ground-truth mask (ml/g/min)", input=mbf_kind),
       slices=slices)
@@ -218,7 +225,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
     results["mbf"]["vs_true"] = dict(auto=_agreement(mbf["mbf_auto"], mbf_true),
                                      gt_mask=_agreement(mbf["mbf_gt"], mbf_true))
   reporting.write_json(os.path.join(workdir, "results.json"), results)
-  _figures(workdir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, n_panels)
+  _figures(workdir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, studies,
+           n_panels)
   print(summary_text(results))
   return results
 
@@ -254,6 +262,37 @@ def baseline_ood(model, variables, split: dict, config, labels: np.ndarray,
   return out
 
 
+def study_bullseyes(split: dict, sector48: dict[str, np.ndarray]) -> list[dict]:
+  """Per study, MBF on the AHA 16-segment model from its basal/mid/apical slices' 48 sectors.
+
+  Returns a list of dict(study_id, aha16={source: [16]}) with one entry per source (auto,
+  gt_mask, true); a segment without a value is NaN (null in results.json).
+  """
+  if "study_id" not in split or "slice_level" not in split:
+    return []
+  study, level = np.asarray(split["study_id"]), np.asarray(split["slice_level"])
+  out = []
+  for sid in np.unique(study):
+    rows = np.nonzero(study == sid)[0]
+    out.append(dict(study_id=int(sid), aha16={
+        name: perfusion.aha16_mbf({int(level[i]): values[i] for i in rows})
+        for name, values in sector48.items()}))
+  return out
+
+
+def _bullseye_figure(path: str, study: dict) -> None:
+  names = list(study["aha16"])
+  values = np.stack([study["aha16"][n] for n in names])
+  finite = values[np.isfinite(values)]
+  if not finite.size:
+    return
+  fig = Figure(figsize=(4.2 * len(names), 3.6))
+  for ax, name, v in zip(fig.subplots(1, len(names), squeeze=False)[0], names, values):
+    figures.bullseye(v, ax=ax, vmin=float(finite.min()), vmax=float(finite.max()))
+    ax.set_title(f"study {study['study_id']}: MBF from {name.replace('_', ' ')}", fontsize=9)
+  reporting.save_figure(fig, path)
+
+
 def summary_text(results: dict) -> str:
   d, o, m = results["dice"], results["ood"], results["mbf"]
   ba = m["bland_altman"]
@@ -264,8 +303,8 @@ def summary_text(results: dict) -> str:
           f"Bland-Altman {ba['mean']:+.3f} [{ba['loa_low']:+.3f}, {ba['loa_high']:+.3f}] ml/g/min")
 
 
-def _figures(workdir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, n_panels):
-  from perfjax import figures  # pylint: disable=g-import-not-at-top
+def _figures(workdir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, studies,
+             n_panels):
   fig_dir = os.path.join(workdir, "figures")
   reporting.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"), dice["whole"],
                                unc["one_minus_U"], labels, ood["threshold"], label_name)
@@ -286,6 +325,8 @@ def _figures(workdir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_
                           os.path.join(fig_dir, f"mbf_scatter_{tag}.png"))
     reporting.save_figure(figures.bland_altman_plot(a, b, label_a=name_a, label_b=name_b),
                           os.path.join(fig_dir, f"mbf_bland_altman_{tag}.png"))
+  for study in studies[:n_panels]:
+    _bullseye_figure(os.path.join(fig_dir, "bullseye", f"study_{study['study_id']}.png"), study)
   order = np.argsort(unc["one_minus_U"])  # The most uncertain slices first.
   for i in order[:n_panels]:
     _panel(os.path.join(fig_dir, "slices", f"slice_{i:03d}.png"), split["image"][i],

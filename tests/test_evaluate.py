@@ -51,6 +51,11 @@ def test_results_json_has_the_contract_keys(trained):
     assert s["dice"] is None or 0.0 <= s["dice"] <= 1.0
   # The ground-truth masks always give an MBF; sectors are placed on every slice.
   assert all(s["mbf_gt_mask"] is not None for s in on_disk["slices"])
+  # Study-level AHA 16-segment MBF (a bullseye per study): 2 test studies of 3 slices.
+  assert [len(st["aha16"]["true"]) for st in on_disk["studies"]] == [16, 16]
+  assert all(v is not None and 0.3 < v < 6.0 for st in on_disk["studies"]
+             for v in st["aha16"]["true"])
+  assert len(os.listdir(os.path.join(workdir, "figures", "bullseye"))) == 2
   assert os.path.isfile(os.path.join(workdir, "figures", "dice_vs_confidence.png"))
   assert len(os.listdir(os.path.join(workdir, "figures", "slices"))) == 2
 
