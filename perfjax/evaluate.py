@@ -17,6 +17,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
@@ -29,7 +30,10 @@ from perfjax import perfusion
 from perfjax import reporting
 from perfjax import sectors
 from perfjax import stats
+from perfjax import train
 from perfjax import uncertainty
+from perfjax.data import io as data_io
+from perfjax.data import preprocess
 from perfjax.errors import InputError
 from perfjax.inputs import model_inputs
 from perfjax.model import make_apply_fn
@@ -135,7 +139,6 @@ def ood_labels(config, split: dict, mbf: dict, workdir: str) -> tuple[np.ndarray
   if kind not in ("motion", "mbf_patch2"):
     raise InputError("eval.ood_labels", f"expected 'motion' or 'mbf_patch2', got {kind!r}")
   if kind == "mbf_patch2" and config.eval.get("patch2_workdir"):
-    from perfjax import train  # pylint: disable=g-import-not-at-top
     p2_dir = config.eval.patch2_workdir
     p2_config = load_workdir_config(p2_dir)
     p2_model, p2_vars = train.load_params(p2_config, p2_dir, "best")
@@ -153,8 +156,7 @@ def ood_labels(config, split: dict, mbf: dict, workdir: str) -> tuple[np.ndarray
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = "test",
              split: dict | None = None, n_panels: int = 12) -> dict:
   """The paper's test-set analysis of the best checkpoint in `workdir`; writes results.json."""
-  from perfjax import train  # pylint: disable=g-import-not-at-top
-  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top
+  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
   workdir = os.path.abspath(workdir)
   model, variables = train.load_params(config, workdir, "best")
   if split is None:
@@ -239,7 +241,6 @@ def baseline_ood(model, variables, split: dict, config, labels: np.ndarray,
   shifts, noise) of stride-32 inference. ``mc_dropout``: over dropout samples (only for a model
   trained with dropout). Named in eval.baselines.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   inputs = model_inputs(split["image"], split["peak_lv_frame"], config.input)
   key = jax.random.key(config.seed)
   out = {}
@@ -378,8 +379,6 @@ def read_inputs(input_path: str) -> tuple[list[dict], list[dict]]:
   and sub-folders (one DICOM series each) are read in name order. Returns (slices, failures):
   each slice a dict(id, image, raw, times, mask, peak_lv_frame), each failure dict(id, error).
   """
-  from perfjax.data import io as data_io  # pylint: disable=g-import-not-at-top
-  from perfjax.data import preprocess  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(input_path)
   if not root.exists():
     raise InputError(root, "no such file or folder")
@@ -406,7 +405,7 @@ def read_inputs(input_path: str) -> tuple[list[dict], list[dict]]:
 
 
 def _split_slices(config, split_name: str) -> list[dict]:
-  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top
+  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
   split = datasets.load_split(config.data.dataset, split_name, config.data.data_dir)
   has_mask = split.get("has_mask", np.ones(len(split["image"]), bool))
   return [dict(id=f"{split_name}_{i:03d}", image=split["image"][i], raw=split["raw"][i],
@@ -426,8 +425,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   mask is given, or the error of a slice that failed). All arrays are in the preprocessed
   (LV-centred 128 x 128) frame.
   """
-  from perfjax import train  # pylint: disable=g-import-not-at-top
-  from perfjax.data import io as data_io  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   output = os.path.abspath(output or os.path.join(workdir, "predictions"))
   model, variables = train.load_params(config, workdir, "best")
@@ -473,10 +470,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
   fields = ["id", "U", "one_minus_U", "ood_flag", "uncertain_sector", "dice", "error"]
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
+  with data_io.atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     for r in rows:
       writer.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
-  os.replace(tmp, path)

@@ -8,19 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Any, Sequence
 
 from matplotlib.figure import Figure  # Not pyplot: no global backend or figure state.
 import numpy as np
 
+from perfjax.data import io as data_io
+
 CLASS_COLOURS = {1: "#f5d300", 2: "#e8413c", 3: "#2f7fe0"}  # myocardium, LV, RV
-
-
-def _atomic_target(path: str) -> tuple[int, str]:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  return tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
 
 
 def _jsonable(value: Any) -> Any:
@@ -42,17 +37,15 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str, payload: dict) -> None:
-  fd, tmp = _atomic_target(path)
-  with os.fdopen(fd, "w") as f:
+  """Strict JSON (NaN and Inf as null), written atomically."""
+  with data_io.atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
     json.dump(_jsonable(payload), f, indent=1)
-  os.replace(tmp, path)
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> None:
-  fd, tmp = _atomic_target(path)
-  os.close(fd)
-  fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=os.path.splitext(path)[1][1:])
-  os.replace(tmp, path)
+  ext = os.path.splitext(path)[1]
+  with data_io.atomic_path(path, ext) as tmp:
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext[1:])
 
 
 def enhancement_frames(image_hwt: np.ndarray, mask: np.ndarray | None) -> dict[str, int]:
