@@ -128,7 +128,7 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
   return dict(r2=stats.r2(a[ok], b[ok]), bland_altman=stats.bland_altman(a[ok], b[ok]))
 
 
-def ood_labels(config, split: dict, mbf: dict, workdir: str) -> tuple[np.ndarray | None, str]:
+def ood_labels(config, split: dict, mbf: dict) -> tuple[np.ndarray | None, str]:
   """The OOD labels named by eval.ood_labels (CONVENTIONS.md), and the name actually used.
 
   ``mbf_patch2`` needs a trained patch2-UNet (eval.patch2_workdir): its slice MBF differing
@@ -177,7 +177,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   if "mbf_sector48" in split:
     mbf["sector48"]["true"] = np.asarray(split["mbf_sector48"], np.float64)
   mbf_true = _true_slice_mbf(split)
-  labels, label_name = ood_labels(config, split, mbf, workdir)
+  labels, label_name = ood_labels(config, split, mbf)
   if labels is None:
     ood = dict(auc=float("nan"), threshold=float("nan"), sensitivity=float("nan"),
                specificity=float("nan"), flagged=np.zeros(len(seg), bool), ok=False,

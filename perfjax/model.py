@@ -14,7 +14,7 @@ same function with a faster formulation (see `perfjax.inference`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -36,7 +36,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from perfjax import augment, checkpoints, inputs, metrics
 from perfjax.errors import InputError, TrainingError
-from perfjax.inputs import input_channels, model_inputs  # noqa: F401 (public here too)
 from perfjax.model import UNet, make_apply_fn
 
 PATCH = 64

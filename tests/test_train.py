@@ -79,11 +79,11 @@ def _step_losses(num_steps=3, mode="conventional"):
 
 def test_model_inputs_patch2_is_the_peak_frame():
   images = np.broadcast_to(np.arange(30, dtype=np.float32), (2, 8, 8, 30))
-  out = train.model_inputs(images, np.array([3, 7]), "patch2")
+  out = inputs.model_inputs(images, np.array([3, 7]), "patch2")
   assert out.shape == (2, 8, 8, 1)
   np.testing.assert_array_equal(out[0], 3.0)
   np.testing.assert_array_equal(out[1], 7.0)
-  assert train.model_inputs(images, None, "patch3").shape == (2, 8, 8, 30)
+  assert inputs.model_inputs(images, None, "patch3").shape == (2, 8, 8, 30)
   assert inputs.input_channels("patch2") == 1 and inputs.input_channels("patch3") == 30
 
 
@@ -92,7 +92,7 @@ def test_model_inputs_patch2_is_the_peak_frame():
                                         (np.array([0, 1]), "patch4")])
 def test_model_inputs_bad_input(peak, kind):
   with pytest.raises(InputError):
-    train.model_inputs(np.zeros((2, 8, 8, 30), np.float32), peak, kind)
+    inputs.model_inputs(np.zeros((2, 8, 8, 30), np.float32), peak, kind)
 
 
 def test_training_windows_are_the_nine_stride32_windows():
