@@ -8,6 +8,7 @@ r"""Trains and evaluates a patch UNet; the one entry point of perfjax.
     --input=study_dir --output=out_dir
   python launch.py --config=configs/patch3.py --config.augment.mode=conventional \
     --config.train.num_steps=2000 --workdir=runs/patch3_conv
+  python launch.py --config=configs/paper_experiments.py --workdir=runs/paper --mode=reproduce
 
 Starting again with the same --workdir resumes training from its last complete checkpoint.
 Config fields are overridden with --config.<field>=<value>; unknown fields are an error.
@@ -18,9 +19,24 @@ SLURM, Open MPI; or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCE
 import os
 import sys
 
+
+
+def cpu_device_count(cores: int | None = None) -> int:
+  """XLA host devices on a CPU: the largest power of two <= the usable cores, at most 4.
+
+  Each device runs its share of the sliding windows (or of the training batch) on its own
+  thread, which keeps the cores busy through the serial parts of the computation
+  (benchmarks/RESULTS.md). Powers of two up to 4 divide every config's batch size.
+  """
+  cores = len(os.sched_getaffinity(0)) if cores is None else cores
+  return max(1, min(4, 1 << (max(cores, 1).bit_length() - 1)))
+
+
 # XLA reads its flags once, when jax initialises its backends: set them before importing jax.
 # The YNN fusion makes the UNet about 1.3-1.5x faster on x86 CPUs (same outputs to ~1e-6).
-XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
+# They concern the CPU platform only; on a GPU/TPU host the accelerator is used as before.
+XLA_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+                 f"--xla_force_host_platform_device_count={cpu_device_count()}")
 
 
 def xla_flags(current: str) -> str:
@@ -39,7 +55,7 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-MODES = ("train_and_evaluate", "train", "evaluate", "predict")
+MODES = ("train_and_evaluate", "train", "evaluate", "predict", "reproduce")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/patch3.py or configs/patch3.py:tiny.",
@@ -117,7 +133,14 @@ def main(argv) -> None:
     jax.distributed.initialize()
   from perfjax.errors import PerfjaxError  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
+  if ("base" in config) != (mode == "reproduce"):
+    raise app.UsageError("--mode=reproduce takes an experiment config "
+                         "(configs/paper_experiments.py) and the other modes a training config "
+                         "(configs/patch3.py, configs/patch2.py)")
   try:
+    if mode == "reproduce":
+      from perfjax import reproduce  # pylint: disable=g-import-not-at-top
+      reproduce.run_all(config, workdir)
     if mode in ("train", "train_and_evaluate"):
       from perfjax import train  # pylint: disable=g-import-not-at-top
       train.train(config, workdir)

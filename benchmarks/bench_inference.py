@@ -4,7 +4,8 @@ One 128x128x30 slice, UNet f=16 (0.322 GFLOP per 64x64 patch). Measures in ONE r
 interleaved rounds so that load from other processes hits every contender alike:
   * the float32 matmul ceiling (jitted jnp.dot 2048^3 and numpy),
   * perfjax.inference.sliding_window at stride 2 (1089 windows, mean+std) and stride 32
-    (9 windows), with make_apply_fn(fast=False) and (fast=True),
+    (9 windows), with make_apply_fn(fast=False) and (fast=True), the windows split over all
+    XLA host devices (launch.py's default) and, for comparison, on one device,
   * the peer /work/shared/peers/unet_torch_monai.py as subprocesses in their own venv:
     MONAI sliding_window_inference with defaults (NCHW, glibc malloc), MONAI with a
     channels-last model under tcmalloc (LD_PRELOAD), and hand-batched channels-last PyTorch
@@ -13,13 +14,16 @@ interleaved rounds so that load from other processes hits every contender alike:
 Prints JSON lines and a summary; medians over rounds. Wall time is what counts; process CPU
 time / 2 is printed too because the machine is shared (2 cores).
 
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce JAX_PLATFORMS=cpu \
-    .venv/bin/python benchmarks/bench_inference.py --rounds 3
+  JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_inference.py --rounds 3
+
+XLA flags are launch.py's (YNN fusion, one host device per core up to 4) unless XLA_FLAGS
+already sets them.
 
 Peer venv: python3 -m venv /work/peer-torch && /work/peer-torch/bin/pip install torch==2.13.0 monai;
 tcmalloc: apt-get install -y libgoogle-perftools4.
 """
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -31,6 +35,10 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+_spec = importlib.util.spec_from_file_location("_launch", ROOT / "launch.py")
+_launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_launch)  # Sets XLA_FLAGS before jax is imported.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -80,16 +88,19 @@ def make_model(features):
   return model, init_params(model, jax.random.key(0))
 
 
-def bench_jax(model, params, image, fast, stride, chunk, reps, features):
+def bench_jax(model, params, image, fast, stride, chunk, reps, features, one_device=False):
   fn = make_apply_fn(model, params, fast=fast)
+  devices = jax.local_devices()[:1] if one_device else None
+  run = lambda: inference.sliding_window(fn, image, stride=stride, chunk_size=chunk,  # noqa: E731
+                                         devices=devices)
   t0 = time.perf_counter()
-  inference.sliding_window(fn, image, stride=stride, chunk_size=chunk)
+  run()
   first = time.perf_counter() - t0
-  wall, cpu, best = timed(lambda: inference.sliding_window(fn, image, stride=stride, chunk_size=chunk),
-                          reps)
+  wall, cpu, best = timed(run, reps)
   n = len(inference.window_grid(128, 128, 64, stride))
   gf = flops_per_patch(features) * n / 1e9
-  return emit(tag="perfjax", fast=fast, stride=stride, chunk=chunk, ms=round(wall * 1e3, 1),
+  return emit(tag="perfjax", fast=fast, stride=stride, chunk=chunk,
+              devices=1 if one_device else jax.local_device_count(), ms=round(wall * 1e3, 1),
               ms_best=round(best * 1e3, 1), cpu_half_ms=round(cpu * 1e3, 1),
               gflops=round(gf / wall, 1), gflops_best=round(gf / best, 1),
               first_call_s=round(first, 1), xla_flags=os.environ.get("XLA_FLAGS", ""))
@@ -129,7 +140,9 @@ def main():
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--peer-reps", type=int, default=3)
-  ap.add_argument("--chunk", type=int, default=32, help="chunk for the fast path")
+  ap.add_argument("--chunk", type=int, default=8, help="chunk for the fast path")
+  ap.add_argument("--one-device-chunk", type=int, default=32,
+                  help="chunk for the fast path on one device (its best)")
   ap.add_argument("--plain-chunk", type=int, default=16)
   ap.add_argument("--memory-chunks", default="8,32,128,512")
   ap.add_argument("--skip-peer", action="store_true")
@@ -159,6 +172,9 @@ def main():
     for stride in (2, 32):
       rows.append(bench_jax(model, params, image, True, stride, args.chunk if stride == 2 else 9,
                             args.reps if stride == 2 else 5 * args.reps, args.features))
+    if jax.local_device_count() > 1:
+      rows.append(bench_jax(model, params, image, True, 2, args.one_device_chunk, args.reps,
+                            args.features, one_device=True))
     rows.append(bench_jax(model, params, image, False, 2, args.plain_chunk, args.reps, args.features))
     if not args.skip_peer:
       rows += run_peer("monai", args, tcmalloc=False, extra=("--sw", "64"))
@@ -172,7 +188,14 @@ def main():
   summary = {
       "jnp_dot_gflops": med(lambda r: r["tag"] == "matmul2048", "jax_gflops"),
       "numpy_gflops": med(lambda r: r["tag"] == "matmul2048", "numpy_gflops"),
-      "fast_s2_ms": med(lambda r: r["tag"] == "perfjax" and r["fast"] and r["stride"] == 2, "ms"),
+      "devices": jax.local_device_count(),
+      "fast_s2_ms": med(lambda r: r["tag"] == "perfjax" and r["fast"] and r["stride"] == 2
+                        and r["devices"] == jax.local_device_count(), "ms"),
+      "fast_one_device_s2_ms": med(lambda r: r["tag"] == "perfjax" and r["fast"]
+                                   and r["stride"] == 2 and r["devices"] == 1
+                                   and jax.local_device_count() > 1, "ms"),
+      "fast_s2_cpu_half_ms": med(lambda r: r["tag"] == "perfjax" and r["fast"] and r["stride"] == 2
+                                 and r["devices"] == jax.local_device_count(), "cpu_half_ms"),
       "fast_s32_ms": med(lambda r: r["tag"] == "perfjax" and r["fast"] and r["stride"] == 32, "ms"),
       "plain_s2_ms": med(lambda r: r["tag"] == "perfjax" and not r["fast"], "ms"),
   }
@@ -189,7 +212,8 @@ def main():
   if summary["fast_s2_ms"]:
     summary["fast_s2_gflops"] = round(gf / summary["fast_s2_ms"] * 1e3, 1)
     summary["fast_s2_fraction_of_jnp_dot"] = round(summary["fast_s2_gflops"] / summary["jnp_dot_gflops"], 3)
-    for k in ("monai_glibc_s2_ms", "monai_tcmalloc_s2_ms", "torch_cl_tcmalloc_s2_ms", "plain_s2_ms"):
+    for k in ("monai_glibc_s2_ms", "monai_tcmalloc_s2_ms", "torch_cl_tcmalloc_s2_ms", "plain_s2_ms",
+              "fast_one_device_s2_ms"):
       if summary.get(k):
         summary["speedup_vs_" + k[:-3]] = round(summary[k] / summary["fast_s2_ms"], 2)
   emit(tag="summary", **summary)

@@ -51,6 +51,32 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+TRAINED_FIELDS = ("seed", "input", "model", "augment", "train")  # What produced a checkpoint.
+
+
+def _plain(value):
+  return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def trained_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`config` with the fields that produced the checkpoint taken from the workdir's config.json.
+
+  So a released run (its config.json and best/ checkpoint) is evaluated or used for prediction
+  with any config of the same family: the data and eval settings stay the caller's, the model
+  is the one that was trained. Differences are printed.
+  """
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    return config
+  saved = load_workdir_config(workdir)
+  merged = ml_collections.ConfigDict(config.to_dict())
+  for name in TRAINED_FIELDS:
+    if name in saved and _plain(saved[name]) != _plain(config[name]):
+      print(f"{workdir}: using the trained model's {name} from {CONFIG_FILE}: {saved[name]} "
+            f"(the config says {config[name]})")
+      merged[name] = saved[name]
+  return merged
+
+
 def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, config,
                    with_um: bool = True, desc: str = "predict") -> dict[str, np.ndarray]:
   """Segmentation (stride eval.stride_seg) and UM (stride eval.stride_um) of N slices.
@@ -128,17 +154,17 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
   return dict(r2=stats.r2(a[ok], b[ok]), bland_altman=stats.bland_altman(a[ok], b[ok]))
 
 
-def ood_labels(config, split: dict, mbf: dict) -> tuple[np.ndarray | None, str]:
-  """The OOD labels named by eval.ood_labels (CONVENTIONS.md), and the name actually used.
+def ood_label_sets(config, split: dict, mbf: dict) -> dict[str, np.ndarray]:
+  """Every OOD label set of CONVENTIONS.md this split supports: name -> [N] bool.
 
-  ``mbf_patch2`` needs a trained patch2-UNet (eval.patch2_workdir): its slice MBF differing
-  from the ground-truth-mask MBF by more than 5 % marks a slice OOD. Without one, perfjax falls
-  back to the phantom's ``motion`` record and says so in ``ood.labels``.
+  ``motion``: the phantom's record that motion correction failed. ``mbf_patch2`` (the paper's)
+  needs a trained patch2-UNet (eval.patch2_workdir): its slice MBF differing from the
+  ground-truth-mask MBF by more than 5 % marks a slice OOD.
   """
-  kind = config.eval.ood_labels
-  if kind not in ("motion", "mbf_patch2"):
-    raise InputError("eval.ood_labels", f"expected 'motion' or 'mbf_patch2', got {kind!r}")
-  if kind == "mbf_patch2" and config.eval.get("patch2_workdir"):
+  sets = {}
+  if "motion" in split and np.asarray(split.get("has_truth", True)).all():
+    sets["motion"] = np.asarray(split["motion"], bool)
+  if config.eval.get("patch2_workdir"):
     p2_dir = config.eval.patch2_workdir
     p2_config = load_workdir_config(p2_dir)
     p2_model, p2_vars = train.load_params(p2_config, p2_dir, "best")
@@ -147,10 +173,37 @@ def ood_labels(config, split: dict, mbf: dict) -> tuple[np.ndarray | None, str]:
     p2_mbf = mbf_of_masks(split, [p2["segmentation"]], mbf_input_kind(config, split))[0]["slice"]
     with np.errstate(invalid="ignore", divide="ignore"):
       rel = np.abs(p2_mbf - mbf["mbf_gt"]) / np.abs(mbf["mbf_gt"])
-    return np.where(np.isfinite(rel), rel > MBF_OOD_TOLERANCE, True), "mbf_patch2"
-  if "motion" in split and np.asarray(split.get("has_truth", True)).all():
-    return np.asarray(split["motion"], bool), "motion"
+    sets["mbf_patch2"] = np.where(np.isfinite(rel), rel > MBF_OOD_TOLERANCE, True)
+  return sets
+
+
+def primary_labels(config, label_sets: dict) -> tuple[np.ndarray | None, str]:
+  """The label set named by eval.ood_labels and the name actually used.
+
+  Without a patch2 workdir, ``mbf_patch2`` falls back to ``motion`` and says so in ood.labels.
+  """
+  kind = config.eval.ood_labels
+  if kind not in ("motion", "mbf_patch2"):
+    raise InputError("eval.ood_labels", f"expected 'motion' or 'mbf_patch2', got {kind!r}")
+  for name in (kind, "motion"):
+    if name in label_sets:
+      return label_sets[name], name
   return None, "none"
+
+
+ROC_KEYS = ("auc", "threshold", "sensitivity", "specificity", "n_ood", "dice_reliable",
+            "dice_unreliable")
+
+
+def ood_summary(one_minus_u: np.ndarray, labels: np.ndarray, dice_whole: np.ndarray,
+                baselines: dict[str, np.ndarray]) -> dict:
+  """ROC figures of 1 - U, and of each baseline's 1 - U, against one label set."""
+  out = {k: v for k, v in uncertainty.ood_analysis(one_minus_u, labels, dice_whole).items()
+         if k in ROC_KEYS}
+  out["baselines"] = {
+      name: {k: v for k, v in uncertainty.ood_analysis(score, labels, dice_whole).items()
+             if k in ROC_KEYS} for name, score in baselines.items()}
+  return out
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = "test",
@@ -158,6 +211,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   """The paper's test-set analysis of the best checkpoint in `workdir`; writes results.json."""
   from perfjax.data import datasets  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
   workdir = os.path.abspath(workdir)
+  config = trained_config(config, workdir)
   model, variables = train.load_params(config, workdir, "best")
   if split is None:
     split = datasets.load_split(config.data.dataset, split_name, config.data.data_dir)
@@ -169,6 +223,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   seg, um = pred["segmentation"], pred["um"]
   gt = np.asarray(split["mask"])
   dice = metrics.dice_table(seg, gt, geometry=config.eval.sectors_from)
+  # Both sector geometries: ground-truth RVIPs (every network scored on the same sectors) and
+  # the network's own RVIPs (the paper's Table 1).
+  dice_by_geometry = {g: {k: v for k, v in (
+      dice if g == config.eval.sectors_from else metrics.dice_table(seg, gt, geometry=g)
+  )["mean"].items() if k != "whole"} for g in ("gt", "pred")}
   unc = uncertainty.batch_uncertainty(um, seg, dilation=config.eval.um_dilation)
   mbf_kind = mbf_input_kind(config, split)
   auto, gt_mbf = mbf_of_masks(split, [seg, gt], mbf_kind)
@@ -177,7 +236,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   if "mbf_sector48" in split:
     mbf["sector48"]["true"] = np.asarray(split["mbf_sector48"], np.float64)
   mbf_true = _true_slice_mbf(split)
-  labels, label_name = ood_labels(config, split, mbf)
+  label_sets = ood_label_sets(config, split, mbf)
+  labels, label_name = primary_labels(config, label_sets)
+  baselines = baseline_scores(model, variables, split, config) if label_sets else {}
+  ood_all = {name: ood_summary(unc["one_minus_U"], lab, dice["whole"], baselines)
+             for name, lab in label_sets.items()}
   if labels is None:
     ood = dict(auc=float("nan"), threshold=float("nan"), sensitivity=float("nan"),
                specificity=float("nan"), flagged=np.zeros(len(seg), bool), ok=False,
@@ -185,10 +248,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
                dice_unreliable=float("nan"), n_ood=0)
   else:
     ood = uncertainty.ood_analysis(unc["one_minus_U"], labels, dice["whole"])
-
-  baselines = {}
-  if labels is not None:
-    baselines = baseline_ood(model, variables, split, config, labels, dice["whole"])
 
   n = len(seg)
   motion = split.get("motion")
@@ -200,6 +259,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
         dice=dice["whole"][i], dice_sector6=dice["sector6"][i], dice_sector12=dice["sector12"][i],
         U=unc["U"][i], one_minus_U=unc["one_minus_U"][i], ood_flag=bool(ood["flagged"][i]),
         ood_label=None if labels is None else bool(labels[i]),
+        ood_labels={name: bool(lab[i]) for name, lab in label_sets.items()},
         uncertain_sector=int(unc["uncertain_sector"][i]) or None,
         mbf_auto=mbf["mbf_auto"][i], mbf_gt_mask=mbf["mbf_gt"][i],
         mbf_true=None if mbf_true is None else mbf_true[i],
@@ -214,11 +274,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
                   split=split_name, features=config.model.features),
       n_slices=n,
       dice=dict(whole=dice["mean"]["whole"], sector6=dice["mean"]["sector6"],
-                sector12=dice["mean"]["sector12"], geometry=config.eval.sectors_from),
+                sector12=dice["mean"]["sector12"], geometry=config.eval.sectors_from,
+                by_geometry=dice_by_geometry),
       ood=dict(auc=ood["auc"], threshold=ood["threshold"], sensitivity=ood["sensitivity"],
                specificity=ood["specificity"], labels=label_name, n_ood=ood["n_ood"],
                dice_reliable=ood["dice_reliable"], dice_unreliable=ood["dice_unreliable"]),
-      ood_baselines=baselines,
+      ood_baselines=ood_all.get(label_name, {}).get("baselines", {}),
+      ood_all=ood_all,
       studies=studies,
       mbf=dict(r2=agreement["r2"], bland_altman=agreement["bland_altman"],
                comparison="auto vs ground-truth mask (ml/g/min)", input=mbf_kind),
@@ -226,20 +288,22 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   if mbf_true is not None:
     results["mbf"]["vs_true"] = dict(auto=_agreement(mbf["mbf_auto"], mbf_true),
                                      gt_mask=_agreement(mbf["mbf_gt"], mbf_true))
-  reporting.write_json(os.path.join(workdir, "results.json"), results)
   _figures(workdir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, studies,
-           n_panels)
+           n_panels, config)
+  reporting.write_markdown(os.path.join(workdir, "report.md"),
+                           reporting.report_markdown(results, workdir))
+  # Last: results.json marks a finished evaluation (perfjax.reproduce skips such runs).
+  reporting.write_json(os.path.join(workdir, "results.json"), results)
   print(summary_text(results))
   return results
 
 
-def baseline_ood(model, variables, split: dict, config, labels: np.ndarray,
-                 dice_whole: np.ndarray) -> dict[str, dict]:
-  """The field's usual uncertainty next to the paper's: the same U, ROC and labels, another UM.
+def baseline_scores(model, variables, split: dict, config) -> dict[str, np.ndarray]:
+  """1 - U of the field's usual uncertainties, to be scored by the same ROC as the paper's.
 
   ``tta``: per-pixel std of the myocardium probability over test-time augmentations (flips,
   shifts, noise) of stride-32 inference. ``mc_dropout``: over dropout samples (only for a model
-  trained with dropout). Named in eval.baselines.
+  trained with dropout). Named in eval.baselines; U is computed from each map as for UM.
   """
   inputs = model_inputs(split["image"], split["peak_lv_frame"], config.input)
   key = jax.random.key(config.seed)
@@ -257,9 +321,7 @@ def baseline_ood(model, variables, split: dict, config, labels: np.ndarray,
       raise InputError("eval.baselines", f"unknown baseline {name!r}; use 'tta', 'mc_dropout'")
     unc = uncertainty.batch_uncertainty(res["um"], res["segmentation"],
                                         dilation=config.eval.um_dilation)
-    roc = uncertainty.ood_analysis(unc["one_minus_U"], labels, dice_whole)
-    out[name] = {k: roc[k] for k in ("auc", "threshold", "sensitivity", "specificity",
-                                     "dice_reliable", "dice_unreliable")}
+    out[name] = unc["one_minus_U"]
   return out
 
 
@@ -305,8 +367,12 @@ def summary_text(results: dict) -> str:
 
 
 def _figures(workdir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, studies,
-             n_panels):
+             n_panels, config):
   fig_dir = os.path.join(workdir, "figures")
+  h, w = pred["segmentation"].shape[1:]
+  reporting.coverage_figure(os.path.join(fig_dir, "coverage.png"),
+                            inference.coverage_count(h, w, 64, config.eval.stride_um),
+                            config.eval.stride_um)
   reporting.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"), dice["whole"],
                                unc["one_minus_U"], labels, ood["threshold"], label_name)
   if ood.get("ok"):
@@ -421,12 +487,14 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   ``split:NAME`` for a split of the config's dataset (default ``split:test``). Outputs go to
   `output` (default WORKDIR/predictions): per slice ``ID/segmentation.nii.gz``,
   ``ID/probabilities.nii.gz`` ([H, W, 4]), ``ID/um.nii.gz`` and ``ID/ID.png``, and for all
-  slices ``slices.csv`` and ``slices.json`` (U, 1-U, OOD flag, uncertain sector, Dice when a
-  mask is given, or the error of a slice that failed). All arrays are in the preprocessed
+  slices ``slices.csv`` and ``slices.json`` (U, 1-U, OOD flag, uncertain sector, slice MBF
+  from the signal (48 sectors in the JSON), Dice when a mask is given, or the error of a
+  slice that failed). All arrays are in the preprocessed
   (LV-centred 128 x 128) frame.
   """
   workdir = os.path.abspath(workdir)
   output = os.path.abspath(output or os.path.join(workdir, "predictions"))
+  config = trained_config(config, workdir)
   model, variables = train.load_params(config, workdir, "best")
   input = input or "split:test"
   if input.startswith("split:"):
@@ -435,12 +503,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     slices, failures = read_inputs(input)
   threshold = _ood_threshold(workdir)
   rows = [dict(id=f["id"], U=None, one_minus_U=None, ood_flag=None, uncertain_sector=None,
-               dice=None, error=f["error"]) for f in failures]
+               dice=None, mbf=None, mbf_sector48=None, error=f["error"]) for f in failures]
   if slices:
     pred = predict_arrays(model, variables, np.stack([s["image"] for s in slices]),
                           np.array([s["peak_lv_frame"] for s in slices], np.int32), config)
     unc = uncertainty.batch_uncertainty(pred["um"], pred["segmentation"],
                                         dilation=config.eval.um_dilation)
+    # The sequence of new data is unknown: MBF from the signal, as the paper did.
+    mbf = perfusion.mbf_from_slices(np.stack([s["raw"] for s in slices]), pred["segmentation"],
+                                    np.stack([s["times"] for s in slices]))
     for i, s in enumerate(tqdm(slices, desc="writing", unit="slices")):
       folder = os.path.join(output, s["id"])
       seg, um = pred["segmentation"][i], pred["um"][i]
@@ -455,7 +526,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
              sector)
       rows.append(dict(id=s["id"], U=float(unc["U"][i]), one_minus_U=one_minus_u,
                        ood_flag=None if threshold is None else bool(one_minus_u < threshold),
-                       uncertain_sector=sector, dice=dice, error=unc["problems"][i]))
+                       uncertain_sector=sector, dice=dice, mbf=mbf["slice_mbf"][i],
+                       mbf_sector48=mbf["mbf48"][i],
+                       error=unc["problems"][i] or mbf["error"][i] or None))
   rows.sort(key=lambda r: r["id"])
   reporting.write_json(os.path.join(output, "slices.json"),
                        dict(ood_threshold=threshold, slices=rows))
@@ -469,9 +542,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-  fields = ["id", "U", "one_minus_U", "ood_flag", "uncertain_sector", "dice", "error"]
+  fields = ["id", "U", "one_minus_U", "ood_flag", "uncertain_sector", "dice", "mbf", "error"]
   with data_io.atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields)
     writer.writeheader()
     for r in rows:
-      writer.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
+      writer.writerow({k: ("" if r[k] is None or (isinstance(r[k], float) and not np.isfinite(r[k]))
+                           else r[k]) for k in fields})

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from perfjax.errors import InputError
 
@@ -153,27 +154,73 @@ def _mirror_probs(pure, params, patches_bppc):
   return probs / 4.0
 
 
-def _chunked(origins_m3: np.ndarray, chunk: int):
-  """Pads [M, 3] origins to whole chunks: (origins [n_chunks, chunk, 3], valid [n_chunks, chunk])."""
-  m = len(origins_m3)
-  n_chunks = -(-m // chunk)
-  pad = np.repeat(origins_m3[-1:], n_chunks * chunk - m, 0)
-  org = np.concatenate([origins_m3, pad]).reshape(n_chunks, chunk, 3)
-  valid = (np.arange(n_chunks * chunk) < m).astype(np.float32).reshape(n_chunks, chunk)
-  return jnp.asarray(org, jnp.int32), jnp.asarray(valid)
-
-
 def _with_slices(grid_m2: np.ndarray, n: int) -> np.ndarray:
   """(row, col) origins -> (slice, row, col) for every slice, slice-major."""
   m = len(grid_m2)
   return np.concatenate([np.repeat(np.arange(n), m)[:, None], np.tile(grid_m2, (n, 1))], 1)
 
 
+WINDOW_AXIS = "windows"
+MIN_WINDOWS_PER_DEVICE = 128
+
+
+@functools.lru_cache(maxsize=None)
+def window_mesh(devices: tuple) -> Mesh:
+  """The 1-D mesh the windows of a sliding window are split over.
+
+  On a CPU, several XLA host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, as
+  launch.py sets) each run their share of the windows on their own thread: while one runs a
+  gather or the accumulation loop, another's convolutions keep the cores busy.
+  """
+  return Mesh(np.array(devices), (WINDOW_AXIS,))
+
+
+def window_plan(n: int, h: int, w: int, patch: int, stride: int, chunk_size: int,
+                n_parts: int) -> dict:
+  """Which windows each of `n_parts` devices evaluates, in chunks (numpy; static).
+
+  Every part first evaluates the tiling windows (stride = patch, 4 per 128x128 slice, <0.5 %
+  of a stride-2 map) to build the same reference prediction; the other windows are split
+  evenly. Only part 0 adds the tiles' own terms, so the parts' sums add up to the sums over
+  all windows exactly once. Returns org [D, C, B, 3], valid [D, C, B], tile_weight [D, C, B],
+  is_tile [C, B] (D parts, C chunks of B windows) and n_tile_chunks.
+  """
+  grid = window_grid(h, w, patch, stride)
+  tiles = window_grid(h, w, patch, patch)
+  grid_set = {tuple(g) for g in grid}
+  tile_set = {tuple(t) for t in tiles}
+  # A tile that is not a window of this stride serves as reference only (weight 0).
+  tile_in_grid = np.array([tuple(t) in grid_set for t in tiles], np.float32)
+  rest = np.array([g for g in grid if tuple(g) not in tile_set], np.int32).reshape(-1, 2)
+  tile_origins = _with_slices(tiles, n)
+  rest_parts = np.array_split(_with_slices(rest, n), n_parts)
+  n_tiles = len(tile_origins)
+  chunk = min(chunk_size, n_tiles + max(len(r) for r in rest_parts))
+  n_chunks = max(-(-(n_tiles + len(r)) // chunk) for r in rest_parts)
+  org = np.zeros((n_parts, n_chunks * chunk, 3), np.int32)
+  valid = np.zeros((n_parts, n_chunks * chunk), np.float32)
+  for i, part in enumerate(rest_parts):
+    order = np.concatenate([tile_origins, part])
+    org[i, :len(order)] = order
+    org[i, len(order):] = order[-1]  # Padding windows: evaluated, weighted 0.
+    valid[i, :len(order)] = 1.0
+  tile_weight = np.zeros_like(valid)
+  tile_weight[0, :n_tiles] = np.tile(tile_in_grid, n)
+  is_tile = (np.arange(n_chunks * chunk) < n_tiles).astype(np.float32)
+  shape = (n_parts, n_chunks, chunk)
+  return dict(org=org.reshape(shape + (3,)), valid=valid.reshape(shape),
+              tile_weight=tile_weight.reshape(shape), is_tile=is_tile.reshape(shape[1:]),
+              n_tile_chunks=-(-n_tiles // chunk))
+
+
 @functools.partial(jax.jit, static_argnames=("pure", "patch", "stride", "chunk_size", "combine",
-                                             "gaussian", "mirror"))
+                                             "gaussian", "mirror", "mesh"))
 def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_size, combine,
-                        gaussian, mirror):
+                        gaussian, mirror, mesh):
   """One compiled computation: all windows of all slices -> per-pixel statistics.
+
+  The windows are split over the devices of `mesh` (`window_plan`); each device sums its
+  windows' terms and the partial sums are added (psum) before the statistics are formed.
 
   Accuracy of the spread in float32: sums of (p - ref) and (p - ref)^2 are
   accumulated, where ref is the prediction of the plain tiling windows (stride =
@@ -182,29 +229,16 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
   digits even where it is tiny next to the mean (sum / sum-of-squares would not).
   """
   n, h, w, c = images_nhwc.shape
-  grid = window_grid(h, w, patch, stride)
-  tiles = window_grid(h, w, patch, patch)
-  grid_set = {tuple(g) for g in grid}
-  tile_set = {tuple(t) for t in tiles}
-  # Tiles: the stride-P windows (for 128/64: starts 0 and 64, among the windows at any
-  # stride); a tile that is not a window of this stride serves as reference only.
-  tile_in_grid = np.array([tuple(t) in grid_set for t in tiles], np.float32)
-  rest = np.array([g for g in grid if tuple(g) not in tile_set], np.int32).reshape(-1, 2)
+  plan = window_plan(n, h, w, patch, stride, chunk_size, mesh.size)
   count = coverage_count(h, w, patch, stride).astype(np.float32)[None, :, :, None]
+  chunk, n_tile_chunks = plan["org"].shape[2], plan["n_tile_chunks"]
 
   probe = jax.ShapeDtypeStruct((1, patch, patch, c), images_nhwc.dtype)
   k = jax.eval_shape(lambda x: pure(params, x), probe).shape[-1]
   weight_pp1 = jnp.asarray(gaussian_weights(patch))[:, :, None]
   shared = hasattr(pure, "windows") and not mirror  # e.g. the fast UNet's whole-image first layer
-  prepared = pure.prepare(params, images_nhwc, len(grid), patch) if shared else None
-
-  def probs_of(org_b3):
-    if shared:
-      probs = pure.windows(params, prepared, images_nhwc, org_b3, patch)
-    else:
-      patches = gather_windows(images_nhwc, org_b3, patch)
-      probs = _mirror_probs(pure, params, patches) if mirror else pure(params, patches)
-    return probs.astype(jnp.float32)
+  n_windows = len(window_grid(h, w, patch, stride))
+  n_channels = 2 * k + (k if gaussian else 0) + (k if combine == "vote" else 0)
 
   def window_terms(probs, ref_windows, weight_b):
     """Per-window summands [B, P, P, channels]: p - ref, (p - ref)^2, [w p], [one-hot vote]."""
@@ -224,52 +258,62 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
       return lax.dynamic_update_slice(a, region + terms[i][None], start)
     return lax.fori_loop(0, terms.shape[0], one, acc)
 
-  # One scan over chunks of [tiling windows..., all other windows...], so the model appears
-  # once in the program and no chunk is padded more than once. The chunks holding tiles set
-  # the reference (later tiles overwrite earlier ones where they overlap) and keep their
-  # probabilities, then add the terms of their non-tile windows; the tiles' own terms are
-  # added at the end, once the reference is complete.
-  n_tiles = n * len(tiles)
-  order = np.concatenate([_with_slices(tiles, n), _with_slices(rest, n)])
-  chunk = min(chunk_size, len(order))
-  org_all, valid_all = _chunked(order, chunk)
-  is_tile = (np.arange(valid_all.size) < n_tiles).reshape(valid_all.shape)
-  tile_weight = np.zeros(valid_all.shape, np.float32)
-  tile_weight.reshape(-1)[:n_tiles] = np.tile(tile_in_grid, n)
-  n_tile_chunks = -(-n_tiles // chunk)
-  is_tile, tile_weight = jnp.asarray(is_tile), jnp.asarray(tile_weight)
-  n_channels = 2 * k + (k if gaussian else 0) + (k if combine == "vote" else 0)
+  def part_sums(params, images, org_all, valid_all, tile_weight, is_tile):
+    """This device's windows -> (ref, summed terms over all devices' windows)."""
+    org_all, valid_all, tile_weight = org_all[0], valid_all[0], tile_weight[0]
+    prepared = pure.prepare(params, images, n_windows, patch) if shared else None
 
-  def body(carry, xs):
-    ref, acc, tile_buf = carry
-    index, org, val, tile = xs
-    probs = probs_of(org)
+    def probs_of(org_b3):
+      if prepared is not None:
+        probs = pure.windows(params, prepared, images, org_b3, patch)
+      else:
+        patches = gather_windows(images, org_b3, patch)
+        probs = _mirror_probs(pure, params, patches) if mirror else pure(params, patches)
+      return probs.astype(jnp.float32)
 
-    def with_tiles(ref, acc, tile_buf):
-      def one(i, r):
-        start = (org[i, 0], org[i, 1], org[i, 2], 0)
-        old = lax.dynamic_slice(r, start, (1, patch, patch, k))[0]
-        return lax.dynamic_update_slice(r, jnp.where(tile[i], probs[i], old)[None], start)
-      ref = lax.fori_loop(0, chunk, one, ref)
-      tile_buf = lax.dynamic_update_index_in_dim(tile_buf, probs, index, 0)
-      terms = window_terms(probs, gather_windows(ref, org, patch), val * (1.0 - tile))
-      return ref, add_windows(acc, terms, org), tile_buf
+    # One scan over chunks of [tiling windows..., this part's other windows...], so the model
+    # appears once in the program. The chunks holding tiles set the reference (later tiles
+    # overwrite earlier ones where they overlap) and keep their probabilities, then add the
+    # terms of their non-tile windows; the tiles' own terms are added at the end, once the
+    # reference is complete.
+    def body(carry, xs):
+      ref, acc, tile_buf = carry
+      index, org, val, tile = xs
+      probs = probs_of(org)
 
-    def without_tiles(ref, acc, tile_buf):
-      terms = window_terms(probs, gather_windows(ref, org, patch), val)
-      return ref, add_windows(acc, terms, org), tile_buf
+      def with_tiles(ref, acc, tile_buf):
+        def one(i, r):
+          start = (org[i, 0], org[i, 1], org[i, 2], 0)
+          old = lax.dynamic_slice(r, start, (1, patch, patch, k))[0]
+          return lax.dynamic_update_slice(r, jnp.where(tile[i], probs[i], old)[None], start)
+        ref = lax.fori_loop(0, chunk, one, ref)
+        tile_buf = lax.dynamic_update_index_in_dim(tile_buf, probs, index, 0)
+        terms = window_terms(probs, gather_windows(ref, org, patch), val * (1.0 - tile))
+        return ref, add_windows(acc, terms, org), tile_buf
 
-    return lax.cond(index < n_tile_chunks, with_tiles, without_tiles, ref, acc, tile_buf), None
+      def without_tiles(ref, acc, tile_buf):
+        terms = window_terms(probs, gather_windows(ref, org, patch), val)
+        return ref, add_windows(acc, terms, org), tile_buf
 
-  init = (jnp.zeros((n, h, w, k), jnp.float32), jnp.zeros((n, h, w, n_channels), jnp.float32),
-          jnp.zeros((n_tile_chunks, chunk, patch, patch, k), jnp.float32))
-  xs = (jnp.arange(org_all.shape[0]), org_all, valid_all, is_tile.astype(jnp.float32))
-  (ref, acc, tile_buf), _ = lax.scan(body, init, xs)
-  flat_org = org_all[:n_tile_chunks].reshape(-1, 3)
-  flat_probs = tile_buf.reshape((-1, patch, patch, k))
-  terms = window_terms(flat_probs, gather_windows(ref, flat_org, patch),
-                       tile_weight[:n_tile_chunks].reshape(-1))
-  acc = add_windows(acc, terms, flat_org)
+      return lax.cond(index < n_tile_chunks, with_tiles, without_tiles, ref, acc, tile_buf), None
+
+    init = (jnp.zeros((n, h, w, k), jnp.float32), jnp.zeros((n, h, w, n_channels), jnp.float32),
+            jnp.zeros((n_tile_chunks, chunk, patch, patch, k), jnp.float32))
+    xs = (jnp.arange(org_all.shape[0]), org_all, valid_all, is_tile)
+    (ref, acc, tile_buf), _ = lax.scan(body, init, xs)
+    flat_org = org_all[:n_tile_chunks].reshape(-1, 3)
+    flat_probs = tile_buf.reshape((-1, patch, patch, k))
+    terms = window_terms(flat_probs, gather_windows(ref, flat_org, patch),
+                         tile_weight[:n_tile_chunks].reshape(-1))
+    acc = add_windows(acc, terms, flat_org)
+    return ref, lax.psum(acc, WINDOW_AXIS)
+
+  sharded, replicated = PartitionSpec(WINDOW_AXIS), PartitionSpec()
+  ref, acc = jax.shard_map(
+      part_sums, mesh=mesh, in_specs=(replicated, replicated, sharded, sharded, sharded,
+                                      replicated),
+      out_specs=(replicated, replicated), check_vma=False)(
+          params, images_nhwc, plan["org"], plan["valid"], plan["tile_weight"], plan["is_tile"])
 
   s1, s2 = acc[..., :k], acc[..., k:2 * k]
   mean = ref + s1 / count
@@ -291,7 +335,8 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
 
 def sliding_window(apply_fn, images, patch: int = 64, stride: int = 2, chunk_size: int = 32,
                    combine: str = "mean", key=None, gaussian_weighting: bool = False,
-                   mirror_tta: bool = False, slices_per_call: int = 8) -> dict:
+                   mirror_tta: bool = False, slices_per_call: int = 8,
+                   devices=None) -> dict:
   """Dense sliding-window prediction of every slice, per CONVENTIONS.md.
 
   Args:
@@ -311,6 +356,9 @@ def sliding_window(apply_fn, images, patch: int = 64, stride: int = 2, chunk_siz
     mirror_tta: each window's probabilities are the mean over its four
       mirrorings (4x the model cost).
     slices_per_call: slices per compiled call (the memory of the accumulators).
+    devices: the devices the windows are split over (default: the local devices, as many
+      as get at least MIN_WINDOWS_PER_DEVICE windows each, see `window_mesh`); results agree
+      to float32 rounding whatever the split.
 
   Returns:
     dict of numpy arrays: mean [N,H,W,K], std [N,H,W,K] (ddof=1 across the
@@ -335,13 +383,23 @@ def sliding_window(apply_fn, images, patch: int = 64, stride: int = 2, chunk_siz
   if key is None and combine == "vote":
     key = jax.random.key(0)
   pure, params = _split_apply(apply_fn)
+  if devices is None:
+    devices = jax.local_devices()
+    windows = min(n, slices_per_call) * len(window_grid(h, w, patch, stride))
+    # Splitting pays only with many windows per device (measured: stride 2, 1089 windows per
+    # slice, 1.3x faster on 2 devices; stride 32, 9 windows, slower).
+    devices = devices[:max(1, min(len(devices), windows // MIN_WINDOWS_PER_DEVICE))]
+  mesh = window_mesh(tuple(devices))
+  on_mesh = NamedSharding(mesh, PartitionSpec())
+  params = jax.device_put(params, on_mesh)
   parts = []
   for i, lo in enumerate(range(0, n, slices_per_call)):
     sub = jax.random.fold_in(key, i) if combine == "vote" else None
-    parts.append(_sliding_window_jit(pure, params, images[lo:lo + slices_per_call], sub,
-                                     patch=patch, stride=stride, chunk_size=chunk_size,
+    parts.append(_sliding_window_jit(pure, params,
+                                     jax.device_put(images[lo:lo + slices_per_call], on_mesh),
+                                     sub, patch=patch, stride=stride, chunk_size=chunk_size,
                                      combine=combine, gaussian=gaussian_weighting,
-                                     mirror=mirror_tta))
+                                     mirror=mirror_tta, mesh=mesh))
   out = {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in parts[0]}
   out["count"] = count
   return out

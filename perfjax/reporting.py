@@ -1,4 +1,5 @@
-"""Figures and files a reader looks at: per-slice panels (paper Fig. 4/5), Dice vs 1-U (Fig. 6), ROC.
+"""Files a reader looks at: report.md/.html, per-slice panels (paper Fig. 4/5), Dice vs 1-U
+(Fig. 6), ROC, the window coverage map (Fig. 3b).
 
 Every writer here is atomic: it writes to a temporary file in the target folder and renames it,
 so an interrupted run never leaves a half-written PNG or JSON behind.
@@ -10,6 +11,7 @@ import math
 import os
 from typing import Any, Sequence
 
+import markdown
 from matplotlib.figure import Figure  # Not pyplot: no global backend or figure state.
 import numpy as np
 
@@ -40,6 +42,37 @@ def write_json(path: str, payload: dict) -> None:
   """Strict JSON (NaN and Inf as null), written atomically."""
   with data_io.atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
     json.dump(_jsonable(payload), f, indent=1)
+
+
+HTML_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em;
+       line-height: 1.45; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; }}
+code {{ background: #f3f3f3; padding: 0 0.2em; }}
+</style></head><body>
+{body}
+</body></html>
+"""
+
+
+def write_markdown(path: str, text: str) -> None:
+  """`text` as Markdown at `path` and as a stand-alone HTML page beside it (same name, .html).
+
+  Images are referenced by relative paths, so the page opens in a browser from the folder.
+  """
+  with data_io.atomic_path(path, ".md") as tmp, open(tmp, "w") as f:
+    f.write(text)
+  title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")),
+               "perfjax report")
+  body = markdown.markdown(text, extensions=["tables"])
+  html_path = os.path.splitext(path)[0] + ".html"
+  with data_io.atomic_path(html_path, ".html") as tmp, open(tmp, "w") as f:
+    f.write(HTML_PAGE.format(title=title, body=body))
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> None:
@@ -133,3 +166,92 @@ def roc_figure(path: str, fpr: np.ndarray, tpr: np.ndarray, auc: float,
   ax.set_ylabel("sensitivity")
   ax.legend(fontsize=8, loc="lower right")
   save_figure(fig, path)
+
+
+def coverage_figure(path: str, count_hw: np.ndarray, stride: int) -> None:
+  """Paper Fig. 3b: how many sliding windows cover each pixel."""
+  fig = Figure(figsize=(4.4, 3.6))
+  ax = fig.subplots()
+  im = ax.imshow(count_hw, cmap="magma")
+  fig.colorbar(im, ax=ax, label="windows covering the pixel")
+  ax.set_title(f"stride {stride}: {int(count_hw.max())} windows at the centre, "
+               f"{int(count_hw[0, 0])} at the corner", fontsize=8)
+  ax.set_axis_off()
+  save_figure(fig, path)
+
+
+def _num(value, fmt: str = ".3f") -> str:
+  return "n/a" if value is None or not math.isfinite(float(value)) else format(float(value), fmt)
+
+
+def _images(workdir: str, folder: str) -> list[str]:
+  root = os.path.join(workdir, folder)
+  if not os.path.isdir(root):
+    return []
+  return [f"{folder}/{name}" for name in sorted(os.listdir(root)) if name.endswith(".png")]
+
+
+def report_markdown(results: dict, workdir: str) -> str:
+  """report.md of an evaluation: the headline tables and every figure in the workdir."""
+  cfg, d, m = results["config"], results["dice"], results["mbf"]
+
+  def exists(rel):
+    return os.path.isfile(os.path.join(workdir, rel))
+
+  lines = [f"# perfjax: {cfg['input']}-UNet ({cfg['augment']} augmentation) on "
+           f"{cfg['dataset']}/{cfg['split']}", "",
+           f"{results['n_slices']} slices; width {cfg['features']}. Numbers are in "
+           "`results.json`; the keys follow CONVENTIONS.md.", "",
+           "## Segmentation: myocardium Dice", "",
+           "| sectors from | whole slice | 6 sectors | 12 sectors |", "|---|---|---|---|"]
+  for geometry, name in (("gt", "ground-truth RV insertion points"),
+                         ("pred", "the network's own RV insertion points (paper)")):
+    g = d.get("by_geometry", {}).get(geometry)
+    if g:
+      lines.append(f"| {name} | {_num(d['whole'])} | {_num(g['sector6'])} | "
+                   f"{_num(g['sector12'])} |")
+  lines += ["", "## Uncertainty and out-of-distribution detection", "",
+            "A slice is flagged OOD when 1 - U < t, t at the ROC's maximum Youden J.", "",
+            "| labels | OOD slices | AUC | t | sensitivity | specificity | Dice reliable | "
+            "Dice unreliable | baseline AUCs |", "|---|---|---|---|---|---|---|---|---|"]
+  for labels, o in results.get("ood_all", {}).items():
+    base = ", ".join(f"{k} {_num(v['auc'])}" for k, v in o.get("baselines", {}).items()) or "-"
+    lines.append(f"| {labels} | {o['n_ood']} | {_num(o['auc'])} | {_num(o['threshold'])} | "
+                 f"{_num(o['sensitivity'])} | {_num(o['specificity'])} | "
+                 f"{_num(o['dice_reliable'])} | {_num(o['dice_unreliable'])} | {base} |")
+  lines.append("")
+  for rel, alt in (("figures/dice_vs_confidence.png", "Dice vs 1 - U"),
+                   ("figures/roc.png", "ROC"), ("figures/coverage.png", "window coverage")):
+    if exists(rel):
+      lines.append(f"![{alt}]({rel})")
+  ba = m["bland_altman"]
+  lines += ["", "## Myocardial blood flow", "",
+            f"Slice MBF (mean of the 48 sectors; Fermi deconvolution of {m.get('input', '?')}).",
+            "",
+            "| comparison | R2 | bias (ml/g/min) | limits of agreement |", "|---|---|---|---|",
+            f"| automatic vs ground-truth mask | {_num(m['r2'])} | {_num(ba['mean'], '+.3f')} | "
+            f"[{_num(ba['loa_low'], '+.3f')}, {_num(ba['loa_high'], '+.3f')}] |"]
+  for name, agreement in m.get("vs_true", {}).items():
+    b = agreement["bland_altman"]
+    lines.append(f"| {name.replace('_', ' ')} vs true MBF | {_num(agreement['r2'])} | "
+                 f"{_num(b['mean'], '+.3f')} | [{_num(b['loa_low'], '+.3f')}, "
+                 f"{_num(b['loa_high'], '+.3f')}] |")
+  lines.append("")
+  lines += [f"![{rel}]({rel})" for rel in _images(workdir, "figures")
+            if os.path.basename(rel).startswith("mbf_")]
+  lines += [f"![{rel}]({rel})" for rel in _images(workdir, "figures/bullseye")[:2]]
+  lines += ["", "## Example slices, most uncertain first", "",
+            "Frames at RV, LV and myocardial enhancement; automatic contours solid, ground truth "
+            "dashed; UM with the six AHA sectors, the uncertain sector marked.", ""]
+  lines += [f"![{rel}]({rel})" for rel in _images(workdir, "figures/slices")]
+  if exists("training_curves.png"):
+    lines += ["", "## Training", "", "![training curves](training_curves.png)"]
+  lines += ["", "## Slices", "",
+            "| id | Dice | 1 - U | OOD flag | OOD label | uncertain sector | MBF auto "
+            "| MBF GT mask | MBF true |", "|---|---|---|---|---|---|---|---|---|"]
+  for s in results["slices"]:
+    lines.append(f"| {s['id']} | {_num(s['dice'])} | {_num(s['one_minus_U'])} | "
+                 f"{'yes' if s['ood_flag'] else ''} | {'yes' if s.get('ood_label') else ''} | "
+                 f"{s['uncertain_sector'] or ''} | {_num(s['mbf_auto'], '.2f')} | "
+                 f"{_num(s['mbf_gt_mask'], '.2f')} | {_num(s['mbf_true'], '.2f')} |")
+  return "\n".join(lines) + "\n"

@@ -1,11 +1,14 @@
 """End-to-end: a tiny trained model evaluated on the synthetic test split and used to predict."""
 import json
 import os
+import re
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from configs import patch2
 from configs import patch3
 from perfjax import evaluate
 from perfjax import train
@@ -35,9 +38,15 @@ def _get(tree, dotted):
   return tree
 
 
-def test_results_json_has_the_contract_keys(trained):
+@pytest.fixture(scope="module")
+def evaluated(trained):
   config, workdir = trained
-  results = evaluate.evaluate(config, workdir, n_panels=2)
+  return evaluate.evaluate(config, workdir, n_panels=2)
+
+
+def test_results_json_has_the_contract_keys(trained, evaluated):
+  config, workdir = trained
+  results = evaluated
   with open(os.path.join(workdir, "results.json")) as f:
     on_disk = json.load(f)  # Strict JSON: NaN/Inf are written as null.
   for key in RESULT_KEYS:
@@ -58,6 +67,34 @@ def test_results_json_has_the_contract_keys(trained):
   assert len(os.listdir(os.path.join(workdir, "figures", "bullseye"))) == 2
   assert os.path.isfile(os.path.join(workdir, "figures", "dice_vs_confidence.png"))
   assert len(os.listdir(os.path.join(workdir, "figures", "slices"))) == 2
+
+
+def test_report_links_only_figures_that_exist(trained, evaluated):
+  _, workdir = trained
+  report = open(os.path.join(workdir, "report.md")).read()
+  links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+  assert {"figures/coverage.png", "figures/dice_vs_confidence.png", "training_curves.png"} <= set(
+      links)
+  assert all(os.path.isfile(os.path.join(workdir, rel)) for rel in links)
+  assert report.count("\n| 3-") == 3  # One row per test slice of study 3 in the slice table.
+  html = open(os.path.join(workdir, "report.html")).read()
+  assert "<table>" in html and 'src="figures/coverage.png"' in html
+
+
+def test_released_checkpoint_gives_the_same_results_with_any_config(trained, evaluated, tmp_path):
+  """config.json + best/ alone (a released run) evaluate to the same numbers, even when the
+  caller passes another family member's config: the trained model's fields win."""
+  _, workdir = trained
+  released = tmp_path / "released"
+  shutil.copytree(os.path.join(workdir, "best"), released / "best")
+  shutil.copy(os.path.join(workdir, "config.json"), released / "config.json")
+  other = patch2.get_config("tiny")  # Another input kind: patch2 would not load these params.
+  again = evaluate.evaluate(other, str(released), n_panels=0)
+  assert again["config"]["input"] == "patch3"
+  for path in ("dice.whole", "dice.sector6", "dice.sector12", "ood.auc", "ood.threshold",
+               "mbf.r2", "mbf.bland_altman.mean"):
+    np.testing.assert_equal(_get(again, path), _get(evaluated, path))
+  assert [s["U"] for s in again["slices"]] == [s["U"] for s in evaluated["slices"]]
 
 
 def test_predict_on_nifti_folder_reports_bad_file_and_writes_the_rest(trained, tmp_path):
@@ -82,6 +119,7 @@ def test_predict_on_nifti_folder_reports_bad_file_and_writes_the_rest(trained, t
   with open(out / "slices.json") as f:
     assert len(json.load(f)["slices"]) == 3
   assert (out / "slices.csv").read_text().count("\n") == 4
+  assert (out / "slices.csv").read_text().splitlines()[0].split(",")[-2:] == ["mbf", "error"]
   assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
 
 

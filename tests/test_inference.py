@@ -206,3 +206,35 @@ def test_fast_path_equals_plain_path():
   np.testing.assert_allclose(fast["mean"], plain["mean"], atol=1e-5)
   np.testing.assert_allclose(fast["std"], plain["std"], atol=1e-5)
   assert np.mean(fast["segmentation"] == plain["segmentation"]) > 0.999
+
+
+_SPLIT_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np
+from perfjax import inference as inf
+from perfjax.model import UNet, make_apply_fn, numpy_params
+assert len(jax.devices()) == 3
+def closed(p):
+  r0, c0 = p[:, :1, :1, 0:1], p[:, :1, :1, 1:2]
+  z = jnp.sin(7.0 * r0 + 3.0 * c0) + p[..., 0:1]
+  return jax.nn.softmax(jnp.concatenate([jnp.zeros_like(z), z], -1), -1)
+rng = np.random.default_rng(0)
+img = rng.random((2, 24, 20, 3), dtype=np.float32)
+unet = make_apply_fn(UNet(features=4, depth=2), numpy_params(UNet(features=4, depth=2), 3), fast=True)
+for fn, kw in ((closed, dict(stride=2, chunk_size=7)), (closed, dict(stride=3, combine="vote")),
+               (closed, dict(stride=2, gaussian_weighting=True)), (unet, dict(stride=2, chunk_size=16))):
+  one = inf.sliding_window(fn, img, patch=8, devices=jax.devices()[:1], **kw)
+  three = inf.sliding_window(fn, img, patch=8, devices=jax.devices(), **kw)
+  for name in one:
+    np.testing.assert_allclose(three[name], one[name], atol=2e-6, err_msg=name)
+print("ok")
+"""
+
+
+def test_windows_split_over_devices_equal_one_device():
+  """3 host devices, each summing a third of the windows, give the 1-device statistics."""
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=3")
+  done = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

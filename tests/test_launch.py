@@ -1,4 +1,5 @@
 """launch.py: XLA flags set before jax, the tiny config end to end, resume, usage errors."""
+import functools
 import importlib.util
 import json
 import os
@@ -6,9 +7,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@functools.lru_cache(maxsize=None)  # absl flags can be defined once per process.
 def _launch_module():
   spec = importlib.util.spec_from_file_location("_perfjax_launch", ROOT / "launch.py")
   module = importlib.util.module_from_spec(spec)
@@ -24,14 +28,21 @@ def _launch_module():
 
 
 def test_xla_flags_appended_once_and_user_choice_kept():
-  xla_flags = _launch_module().xla_flags
-  ynn = "--xla_cpu_experimental_ynn_fusion_type=reduce"
-  assert xla_flags("") == ynn
-  assert xla_flags("--xla_force_host_platform_device_count=4") == (
-      "--xla_force_host_platform_device_count=4 " + ynn)
-  assert xla_flags(ynn) == ynn
-  assert xla_flags("--xla_cpu_experimental_ynn_fusion_type=dot") == (
-      "--xla_cpu_experimental_ynn_fusion_type=dot")
+  launch = _launch_module()
+  xla_flags, n = launch.xla_flags, launch.cpu_device_count()
+  ynn = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
+  devices = f"--xla_force_host_platform_device_count={n}"
+  assert xla_flags("") == f"{ynn} {devices}"
+  assert xla_flags("--xla_force_host_platform_device_count=3") == (
+      "--xla_force_host_platform_device_count=3 " + ynn)
+  assert xla_flags(f"{ynn} {devices}") == f"{ynn} {devices}"
+  assert xla_flags("--xla_cpu_experimental_ynn_fusion_type=reduce") == (
+      f"--xla_cpu_experimental_ynn_fusion_type=reduce {devices}")
+
+
+@pytest.mark.parametrize("cores, devices", [(1, 1), (2, 2), (3, 2), (4, 4), (16, 4)])
+def test_cpu_device_count(cores, devices):
+  assert _launch_module().cpu_device_count(cores) == devices
 
 
 def _run(args, env, timeout=600):
@@ -74,3 +85,13 @@ def test_missing_workdir_is_a_usage_error():
   proc = _run(["--config=configs/patch3.py:tiny"], dict(os.environ, JAX_PLATFORMS="cpu"),
               timeout=120)
   assert proc.returncode != 0 and "workdir" in proc.stderr
+
+
+@pytest.mark.parametrize("config, mode", [("configs/patch3.py:tiny", "reproduce"),
+                                          ("configs/paper_experiments.py:tiny", "train")])
+def test_reproduce_mode_and_experiment_config_go_together(tmp_path, config, mode):
+  proc = _run([f"--config={config}", f"--workdir={tmp_path}", f"--mode={mode}"],
+              dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  assert proc.returncode != 0
+  assert "--mode=reproduce takes an experiment config" in proc.stderr
+  assert not list(tmp_path.iterdir())  # Nothing written.

@@ -28,3 +28,14 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
             if o.get("output_type") == "error"]
   assert not errors, errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_committed_clean_and_matches_its_source(path):
+  """No outputs in git; the .ipynb holds the cells of its jupytext .py source."""
+  import jupytext  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(path, as_version=4)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert not any(c.get("outputs") or c.get("execution_count") for c in code)
+  source = jupytext.read(path.with_suffix(".py"))
+  assert [c.source for c in nb.cells] == [c.source for c in source.cells]

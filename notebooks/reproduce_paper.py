@@ -1,0 +1,66 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Reproducing the paper: four networks, several seeds
+#
+# patch2-UNet and patch3-UNet, each with conventional and advanced augmentation, trained on
+# FLASH and tested on bSSFP with motion-correction failures, repeated over seeds
+# (`perfjax/reproduce.py`, `configs/paper_experiments.py`). This notebook loads a finished
+# reproduction from `RUN_DIR`, or runs one: the `tiny` variant takes about a minute and learns
+# nothing (it shows the mechanics); the default variant is what the README's table comes from:
+#
+#     python launch.py --config=configs/paper_experiments.py --workdir=runs/paper --mode=reproduce
+#
+# On Colab or a TPU VM run `!pip install -r requirements.txt` in a clone of the repository first.
+
+# %%
+# %matplotlib inline
+import json
+import os
+import tempfile
+
+from IPython.display import Markdown, display
+import matplotlib.pyplot as plt
+
+from configs import paper_experiments
+from perfjax import reproduce
+
+RUN_DIR = "runs/paper"  # A finished `--mode=reproduce` workdir, if you have one.
+VARIANT = "tiny"  # Used only when RUN_DIR holds no reproduce.json.
+
+if os.path.isfile(os.path.join(RUN_DIR, "reproduce.json")):
+  workdir = RUN_DIR
+  with open(os.path.join(workdir, "reproduce.json")) as f:
+    summary = json.load(f)
+else:
+  workdir = os.path.join(tempfile.mkdtemp(), "paper")
+  summary = reproduce.run_all(paper_experiments.get_config(VARIANT), workdir)
+print(f"{len(summary['networks'])} networks, seeds {summary['seeds']}, from {workdir}")
+
+# %% [markdown]
+# ## Table 1, MBF agreement, OOD detection and the verdicts on the paper's claims
+# Mean ± sd over seeds, the paper's figures beside ours.
+
+# %%
+display(Markdown(reproduce.report_markdown(summary).replace("](figures/", f"]({workdir}/figures/")))
+
+# %% [markdown]
+# ## Figures: Table 1 as bars, Fig. 6 (Dice vs 1 - U) and the MBF Bland-Altman plots
+
+# %%
+for name in ("table1.png", "dice_vs_confidence.png", "mbf_bland_altman.png"):
+  plt.figure(figsize=(10, 4))
+  plt.imshow(plt.imread(os.path.join(workdir, "figures", name)))
+  plt.axis("off")
+  plt.show()

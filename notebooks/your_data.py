@@ -1,0 +1,95 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Your data: a NIfTI folder in; segmentation, uncertainty, OOD flags and MBF out
+#
+# Point `INPUT_DIR` at a folder of perfusion slices: one NIfTI per slice (`[X, Y, T]` or
+# `[X, Y, 1, T]`) with its frame times in seconds in a JSON sidecar (`slice.json` holding
+# `{"times": [...]}`) or in `pixdim[4]`, and optionally a mask `slice_mask.nii.gz` (0 background,
+# 1 myocardium, 2 LV blood pool, 3 RV blood pool) to get a Dice. DICOM series work too (one
+# folder per slice). `WORKDIR` is a trained run (`launch.py ... --workdir=runs/patch3`); its
+# `results.json` supplies the OOD threshold t.
+#
+# Without either, this notebook writes three phantom slices as NIfTI files and trains the tiny
+# model for a minute, so every cell runs (the tiny model learns nothing: its masks are empty,
+# so its MBF is NaN with the reason given). The same as one command:
+#
+#     python launch.py --config=configs/patch3.py --workdir=runs/patch3 --mode=predict \
+#         --input=my_slices/ --output=my_predictions/
+
+# %%
+# %matplotlib inline
+import json
+import os
+import tempfile
+
+import matplotlib.pyplot as plt
+
+from configs import patch3
+from perfjax import evaluate, train
+from perfjax.data import io as data_io
+from perfjax.data import phantom
+
+INPUT_DIR = "my_slices"
+WORKDIR = "runs/patch3"
+scratch = tempfile.mkdtemp()
+
+if not os.path.isdir(INPUT_DIR):  # A stand-in for your data: raw phantom signal as NIfTI.
+  INPUT_DIR = os.path.join(scratch, "my_slices")
+  sim = phantom.simulate(seed=11, n_slices=3, protocol="bssfp", motion_fraction=0.34)
+  for i in range(3):
+    data_io.write_nifti(os.path.join(INPUT_DIR, f"slice{i}.nii.gz"), sim["raw"][i],
+                        pixel_mm=(1.4, 1.4), times=sim["times"][i])
+  data_io.write_nifti(os.path.join(INPUT_DIR, "slice0_mask.nii.gz"), sim["mask"][0],
+                      pixel_mm=(1.4, 1.4))
+print(sorted(os.listdir(INPUT_DIR)))
+
+config = patch3.get_config("" if os.path.isdir(WORKDIR) else "tiny")
+if not os.path.isdir(WORKDIR):
+  WORKDIR = os.path.join(scratch, "patch3_tiny")
+  train.train(config, WORKDIR)
+  evaluate.evaluate(config, WORKDIR, n_panels=0)  # Chooses the OOD threshold t.
+
+# %% [markdown]
+# ## Predict
+# Per slice: `segmentation.nii.gz`, `probabilities.nii.gz`, `um.nii.gz` and a PNG; for all
+# slices `slices.csv` / `slices.json` (U, 1 - U, OOD flag, uncertain AHA sector, slice MBF from
+# the signal, Dice where a mask was given). A slice that fails is listed with its error.
+
+# %%
+output = os.path.join(scratch, "predictions")
+rows = evaluate.predict(config, WORKDIR, input=INPUT_DIR, output=output)
+with open(os.path.join(output, "slices.csv")) as f:
+  print(f.read())
+
+# %% [markdown]
+# ## Look: frames, contours, the uncertainty map UM with the AHA sectors
+
+# %%
+for row in rows:
+  if row["U"] is None:
+    continue
+  plt.figure(figsize=(14, 3.5))
+  plt.imshow(plt.imread(os.path.join(output, row["id"], f"{row['id']}.png")))
+  plt.axis("off")
+  plt.show()
+
+# %% [markdown]
+# ## The 48-sector MBF of the first slice (ml/g/min), from `slices.json`
+
+# %%
+with open(os.path.join(output, "slices.json")) as f:
+  first = json.load(f)["slices"][0]
+print(first["id"], "slice MBF", first["mbf"], "error:", first["error"])
+print(first["mbf_sector48"])
