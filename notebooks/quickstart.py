@@ -17,12 +17,23 @@
 # The whole method of the paper in a few cells: build the synthetic dataset, train a
 # patch3-UNet on stride-32 patches, segment the bSSFP test split with the stride-32 sliding
 # window, compute the stride-2 uncertainty map UM, the slice uncertainty U, OOD detection and
-# MBF. On Colab or a TPU VM run `!pip install -r requirements.txt` in a clone of the repository
-# first; JAX uses whatever accelerator it finds.
+# MBF. On Colab or a TPU VM, clone the repository and open this notebook from it; the first cell
+# installs the requirements. JAX uses whatever accelerator it finds.
 #
 # `VARIANT = "tiny"` runs in about a minute on a CPU and learns little; set `VARIANT = ""` (the
 # default, ~15 min on a 2-core CPU) or `"paper"` (GPU/TPU) for real results.
 # Source: `notebooks/quickstart.py` (jupytext).
+
+# %%
+# Install cell (Colab, a fresh TPU VM): run in a clone of the repository; it installs the pinned
+# requirements, and is skipped where they are already installed.
+import importlib.util
+import subprocess
+import sys
+
+if importlib.util.find_spec("flax") is None or importlib.util.find_spec("nibabel") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
+                 check=True)
 
 # %%
 # %matplotlib inline
@@ -50,11 +61,14 @@ summary
 
 # %% [markdown]
 # ## Evaluate on the test split
-# Writes `results.json` (the keys of CONVENTIONS.md) and figures into the workdir.
+# Writes `results.json` (the keys of CONVENTIONS.md), `report.md`/`report.html` and figures into
+# the workdir: Dice, U and OOD detection, and MBF (Fermi deconvolution on the AHA 48 sectors)
+# from the automatic and the ground-truth masks, against each other and against the phantom's
+# true MBF. (The tiny model's masks are empty, so its automatic MBF is NaN.)
 
 # %%
 results = evaluate.evaluate(config, workdir, n_panels=2)
-print(json.dumps({k: results[k] for k in ("dice", "ood")}, indent=1, default=str))
+print(json.dumps({k: results[k] for k in ("dice", "ood", "mbf")}, indent=1, default=str))
 
 # %% [markdown]
 # ## Look: the most uncertain slice (frames, contours, UM with the AHA sectors) and Dice vs 1 - U

@@ -22,7 +22,19 @@
 #
 #     python launch.py --config=configs/paper_experiments.py --workdir=runs/paper --mode=reproduce
 #
-# On Colab or a TPU VM run `!pip install -r requirements.txt` in a clone of the repository first.
+# On Colab or a TPU VM, clone the repository and open this notebook from it; the first cell
+# installs the requirements.
+
+# %%
+# Install cell (Colab, a fresh TPU VM): run in a clone of the repository; it installs the pinned
+# requirements, and is skipped where they are already installed.
+import importlib.util
+import subprocess
+import sys
+
+if importlib.util.find_spec("flax") is None or importlib.util.find_spec("nibabel") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
+                 check=True)
 
 # %%
 # %matplotlib inline

@@ -29,6 +29,17 @@
 #         --input=my_slices/ --output=my_predictions/
 
 # %%
+# Install cell (Colab, a fresh TPU VM): run in a clone of the repository; it installs the pinned
+# requirements, and is skipped where they are already installed.
+import importlib.util
+import subprocess
+import sys
+
+if importlib.util.find_spec("flax") is None or importlib.util.find_spec("nibabel") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
+                 check=True)
+
+# %%
 # %matplotlib inline
 import json
 import os
