@@ -28,6 +28,12 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.optimize  # noqa: F401  (the BFGS alternative; not imported by `import jax`)
 
+# XLA's YNNPACK "eltwise" fusion, which launch.py turns on for the UNet's speed, rejects a
+# layout of this solver on CPU ("Instruction with unsupported layout in YNN fusion"), so the
+# solvers are compiled with the dot and reduce fusions only (ignored by other backends).
+SOLVER_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
 K_MIN = 0.05  # s, smallest Fermi k (k = K_MIN + softplus(raw)); below it h is a step on the grid.
 N_PARAMS = 4  # raw parameters: F, w, k, tau_d
 
@@ -257,7 +263,8 @@ def fit_one(conv, t, c, wts, *, dv: float, ratio: int, tau_max: float, n_iter: i
 
 
 @functools.partial(jax.jit, static_argnames=("n_coarse", "dv", "ratio", "tau_max", "n_iter",
-                                             "n_starts", "solver"))
+                                             "n_starts", "solver"),
+                   compiler_options=SOLVER_COMPILER_OPTIONS)
 def fit_groups(aif_v, t_g, curves, wts, *, n_coarse: int, dv: float, ratio: int, tau_max: float,
                n_iter: int, n_starts: int, solver: str):
   """All curves in one jitted, vmapped solve, in groups that share an AIF.

@@ -16,11 +16,16 @@ keeps its digits where it is tiny next to the mean, the sums are of deviations
 from a reference prediction (the plain tiling windows, evaluated first), not of
 raw p and p^2.
 
+The windows are split over the local devices (`jax.shard_map` on a 1-D mesh, the
+partial sums added with `psum`); on a CPU, launch.py makes one XLA host device per
+core so that both cores stay busy through the serial parts (`window_plan`).
+
 An apply_fn from `perfjax.model.make_apply_fn(..., fast=True)` also shares work
 between the windows of a slice (`prepare` / `windows`: the first convolution is
 computed on the whole image); results equal the plain path to float32 rounding.
 On CPU set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce
-before importing jax (see benchmarks/RESULTS.md).
+--xla_force_host_platform_device_count=2 (launch.py's) before importing jax (see
+benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

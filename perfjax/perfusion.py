@@ -132,7 +132,8 @@ def _gamma_from_raw(raw, t_peak):
   return jnp.stack([t0, tp, alpha, amp])
 
 
-@functools.partial(jax.jit, static_argnames=("n_iter",))
+@functools.partial(jax.jit, static_argnames=("n_iter",),
+                   compiler_options=core.SOLVER_COMPILER_OPTIONS)
 def _fit_gamma_batch(aif_n, t, wts, t_peak, t_foot, n_iter: int = 40):
   """Gamma variates for a batch of normalised AIFs [U, T] (peak 1) in one vmapped LM solve."""
   def one(a, tt, wt, tpk, tft):

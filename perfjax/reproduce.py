@@ -27,8 +27,10 @@ from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
+from perfjax import evaluate
 from perfjax import figures
 from perfjax import reporting
+from perfjax import train
 
 INPUTS = ("patch2", "patch3")
 AUGMENTATIONS = ("conventional", "advanced")
@@ -63,15 +65,11 @@ def run_config(config: ml_collections.ConfigDict, input_kind: str, augment: str,
   return run
 
 
-def run_all(config: ml_collections.ConfigDict, workdir: str,
-            train_fn: Callable | None = None, evaluate_fn: Callable | None = None) -> dict:
+def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates every (input, augmentation, seed) run missing in `workdir`.
 
-  Returns {(input, augment, seed): results} and writes the report (see module docstring).
+  Writes the report (see the module docstring) and returns its summary (`summarize`).
   """
-  if train_fn is None or evaluate_fn is None:
-    from perfjax import evaluate, train  # pylint: disable=g-import-not-at-top
-    train_fn, evaluate_fn = train.train, evaluate.evaluate
   workdir = os.path.abspath(workdir)
   runs = {}
   for seed in config.seeds:
@@ -84,8 +82,8 @@ def run_all(config: ml_collections.ConfigDict, workdir: str,
         if not os.path.isfile(results_path):
           print(f"== {run_name(input_kind, augment, seed)}")
           run_cfg = run_config(config, input_kind, augment, seed, p2_dir)
-          train_fn(run_cfg, run_dir)
-          evaluate_fn(run_cfg, run_dir, n_panels=config.n_panels)
+          train.train(run_cfg, run_dir)
+          evaluate.evaluate(run_cfg, run_dir, n_panels=config.n_panels)
         with open(results_path) as f:
           runs[(input_kind, augment, int(seed))] = json.load(f)
   summary = summarize(runs)

@@ -72,6 +72,12 @@ def test_tiny_config_trains_end_to_end_and_resumes(tmp_path):
   assert "Resuming from step 4" in again.stdout
   assert "Training already finished at step 4" in again.stdout
 
+  # Evaluation under launch.py's XLA flags too (they once broke the Fermi solve).
+  evaluated = _run(args[:-1] + ["--mode=evaluate"], env)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["config"]["input"] == "patch2" and len(results["slices"]) == 6
+
 
 def test_predict_without_a_trained_model_is_one_clear_error(tmp_path):
   proc = _run(["--config=configs/patch3.py:tiny", f"--workdir={tmp_path}", "--mode=predict",

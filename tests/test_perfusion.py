@@ -244,3 +244,30 @@ def test_rician_floor_correction_restores_the_baseline():
   assert lifted > 0.3
   # baseline-subtracted peak enhancement (true 90) is closer after the correction
   assert abs(fixed["aif"].max() - 90.0) < abs(plain["aif"].max() - 90.0)
+
+
+_LAUNCH_FLAGS_SCRIPT = r"""
+import importlib.util, pathlib, sys
+root = pathlib.Path(sys.argv[1])
+spec = importlib.util.spec_from_file_location("_launch", root / "launch.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))  # Sets XLA_FLAGS before jax.
+import numpy as np
+from perfjax import perfusion
+from perfjax.data import phantom
+sim = phantom.simulate(3, 6, "bssfp")
+res = perfusion.mbf_from_slices(sim["raw"], sim["mask"], sim["times"],
+                                study_ids=np.array([0, 0, 0, 1, 1, 1]))
+assert np.isfinite(res["slice_mbf"]).all(), res["slice_mbf"]
+print("ok")
+"""
+
+
+def test_mbf_solve_compiles_under_launch_xla_flags():
+  """launch.py's YNN fusion flags once broke this solve on CPU (an XLA layout error)."""
+  import os, pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run([sys.executable, "-c", _LAUNCH_FLAGS_SCRIPT, str(root)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
