@@ -2,7 +2,7 @@
 
 Usage (CPU):
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_fermi.py [--n-slices 120] [--seed 0]
-      [--scipy-n 5760] [--bfgs-n 576]
+      [--scipy-n 5760]
 
 Sections (one JSON line each, plus a summary):
   curves_noise_free  5760 = n_slices x 48 concentration curves built from the phantom's own
@@ -16,8 +16,8 @@ Sections (one JSON line each, plus a summary):
                      LM solve (compile reported separately) vs scipy.optimize.least_squares
                      (trf, analytic Jacobian, bounds) fitting the SAME model (same AIF on the
                      grid, Simpson convolution, Catmull-Rom, window, grid start) curve by curve;
-                     MBF agreement where both converge; and jax.scipy BFGS vs LM on a subset
-                     (--bfgs-n curves) for the solver choice.
+                     MBF agreement where both converge. (The jax.scipy BFGS alternative was
+                     removed from fit_fermi; its last comparison is in RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from scipy.optimize import least_squares  # noqa: E402
 
-from perfjax import _fermi_core as core  # noqa: E402
+from perfjax import fermi as core  # noqa: E402
 from perfjax import perfusion, physics, stats  # noqa: E402
 from perfjax.data import phantom  # noqa: E402
 
@@ -85,7 +85,7 @@ class ScipyFermi:
     nv = (n_coarse - 3) * ratio + 1
     self.v = np.arange(nv) * dv
     self.a_scale = float(np.max(aif))
-    av = perfusion.aif_on_grid(aif, times, self.v, aif_model) / self.a_scale
+    av = core.aif_on_grid(aif, times, self.v, aif_model) / self.a_scale
     self.conv = np.asarray(core.simpson_conv_matrix(jnp.asarray(av), n_coarse, ratio, dv),
                            np.float64)
     self.wts = window.astype(np.float64)
@@ -175,7 +175,7 @@ def section_images(seed, n_slices, noise):
   return out, res, rec
 
 
-def section_speed(rec, res, scipy_n, bfgs_n):
+def section_speed(rec, res, scipy_n):
   """Side by side on the 5760 noisy concentration curves of the images section."""
   n = len(rec["times"])
   r = res["concentration"]
@@ -230,21 +230,6 @@ def section_speed(rec, res, scipy_n, bfgs_n):
   out["scipy_err"] = _err(sp_mbf, truth[sel])
   out["jax_err_same_curves"] = _err(jx["mbf"][sel], truth[sel])
 
-  if bfgs_n > 0:
-    sub = slice(0, bfgs_n)
-    args = (aifs[sub], curves[sub], times[sub])
-    perfusion.fit_fermi(*args, solver="bfgs", n_iter=100)
-    bf = perfusion.fit_fermi(*args, solver="bfgs", n_iter=100)
-    perfusion.fit_fermi(*args)
-    lm = perfusion.fit_fermi(*args)
-    both = bf["ok"] & lm["ok"]
-    out["bfgs_vs_lm"] = dict(
-        n=int(bfgs_n), bfgs_solve_s=round(bf["timing"]["solve_s"], 3),
-        lm_solve_s=round(lm["timing"]["solve_s"], 3), bfgs_ok=round(float(bf["ok"].mean()), 4),
-        lm_ok=round(float(lm["ok"].mean()), 4), bfgs_err=_err(bf["mbf"], truth[sub]),
-        lm_err=_err(lm["mbf"], truth[sub]),
-        agree_within_1pct=round(float(np.mean(
-            np.abs(bf["mbf"][both] / lm["mbf"][both] - 1) <= 0.01)), 4))
   print(json.dumps(out), flush=True)
   return out
 
@@ -254,7 +239,6 @@ def main():
   ap.add_argument("--n-slices", type=int, default=120)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--scipy-n", type=int, default=5760)
-  ap.add_argument("--bfgs-n", type=int, default=576, help="curves for the BFGS vs LM run")
   a = ap.parse_args()
   print(json.dumps(dict(jax=jax.__version__, devices=str(jax.devices()))), flush=True)
   t0 = time.perf_counter()
@@ -262,7 +246,7 @@ def main():
   section_curves(rec0)
   section_images(a.seed, a.n_slices, 0.0)
   _, res, rec = section_images(a.seed, a.n_slices, 1.0)
-  section_speed(rec, res, a.scipy_n, a.bfgs_n)
+  section_speed(rec, res, a.scipy_n)
   print(json.dumps(dict(total_benchmark_s=round(time.perf_counter() - t0, 1))), flush=True)
 
 

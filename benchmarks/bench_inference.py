@@ -4,7 +4,7 @@ One 128x128x30 slice, UNet f=16 (0.322 GFLOP per 64x64 patch). Measures in ONE r
 interleaved rounds so that load from other processes hits every contender alike:
   * the float32 matmul ceiling (jitted jnp.dot 2048^3 and numpy),
   * perfjax.inference.sliding_window at stride 2 (1089 windows, mean+std) and stride 32
-    (9 windows), with make_apply_fn(fast=False) and (fast=True), the windows split over all
+    (9 windows), with UNetPredictor(fast=False) and (fast=True), the windows split over all
     XLA host devices (launch.py's default) and, for comparison, on one device,
   * the peer /work/shared/peers/unet_torch_monai.py as subprocesses in their own venv:
     MONAI sliding_window_inference with defaults (NCHW, glibc malloc), MONAI with a
@@ -16,14 +16,13 @@ time / 2 is printed too because the machine is shared (2 cores).
 
   JAX_PLATFORMS=cpu .venv/bin/python benchmarks/bench_inference.py --rounds 3
 
-XLA flags are launch.py's (YNN fusion, one host device per core up to 4) unless XLA_FLAGS
-already sets them.
+Host devices as launch.py sets them (`perfjax.platform.configure_host_devices()`: one per core,
+up to 4, unless XLA_FLAGS sets the count); the sliding window carries its own YNN fusion options.
 
 Peer venv: python3 -m venv /work/peer-torch && /work/peer-torch/bin/pip install torch==2.13.0 monai;
 tcmalloc: apt-get install -y libgoogle-perftools4.
 """
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -36,16 +35,18 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-_spec = importlib.util.spec_from_file_location("_launch", ROOT / "launch.py")
-_launch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_launch)  # Sets XLA_FLAGS before jax is imported.
+from perfjax import platform  # noqa: E402
+
+platform.configure_host_devices()  # As launch.py does, before any JAX work.
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from perfjax import inference  # noqa: E402
-from perfjax.model import UNet, flops_per_patch, init_params, make_apply_fn  # noqa: E402
+from perfjax import windows  # noqa: E402
+from perfjax.fast_unet import UNetPredictor  # noqa: E402
+from perfjax.model import UNet, flops_per_patch, init_params  # noqa: E402
 
 PEER = "/work/shared/peers/unet_torch_monai.py"
 PEER_PY = "/work/peer-torch/bin/python"
@@ -89,15 +90,15 @@ def make_model(features):
 
 
 def bench_jax(model, params, image, fast, stride, chunk, reps, features, one_device=False):
-  fn = make_apply_fn(model, params, fast=fast)
+  fn = UNetPredictor(model, fast=fast)
   devices = jax.local_devices()[:1] if one_device else None
-  run = lambda: inference.sliding_window(fn, image, stride=stride, chunk_size=chunk,  # noqa: E731
-                                         devices=devices)
+  run = lambda: inference.sliding_window(fn, params, image, stride=stride,  # noqa: E731
+                                         chunk_size=chunk, devices=devices)
   t0 = time.perf_counter()
   run()
   first = time.perf_counter() - t0
   wall, cpu, best = timed(run, reps)
-  n = len(inference.window_grid(128, 128, 64, stride))
+  n = len(windows.grid(128, 128, 64, stride))
   gf = flops_per_patch(features) * n / 1e9
   return emit(tag="perfjax", fast=fast, stride=stride, chunk=chunk,
               devices=1 if one_device else jax.local_device_count(), ms=round(wall * 1e3, 1),
@@ -128,8 +129,8 @@ def child_memory(args):
   """Runs one stride-2 map at --chunk and prints the peak RSS (MiB) of this process."""
   model, params = make_model(args.features)
   image = np.random.default_rng(0).random((1, 128, 128, 30), dtype=np.float32)
-  fn = make_apply_fn(model, params, fast=args.fast)
-  inference.sliding_window(fn, image, stride=2, chunk_size=args.chunk)
+  inference.sliding_window(UNetPredictor(model, fast=args.fast), params, image, stride=2,
+                           chunk_size=args.chunk)
   emit(tag="memory", chunk=args.chunk, fast=args.fast,
        maxrss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
@@ -159,8 +160,8 @@ def main():
        loadavg=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""))
   model, params = make_model(args.features)
   image = np.random.default_rng(0).random((1, 128, 128, 30), dtype=np.float32)
-  ref = inference.sliding_window(make_apply_fn(model, params), image, stride=2, chunk_size=64)
-  fast = inference.sliding_window(make_apply_fn(model, params, fast=True), image, stride=2,
+  ref = inference.sliding_window(UNetPredictor(model), params, image, stride=2, chunk_size=64)
+  fast = inference.sliding_window(UNetPredictor(model, fast=True), params, image, stride=2,
                                   chunk_size=args.chunk)
   emit(tag="fast_vs_plain", max_abs_mean=float(np.abs(fast["mean"] - ref["mean"]).max()),
        max_abs_std=float(np.abs(fast["std"] - ref["std"]).max()))

@@ -63,15 +63,16 @@ def main():
 def baselines(n_slices):
   import jax  # noqa: PLC0415 (only for this optional part)
   import jax.numpy as jnp  # noqa: PLC0415
-  from perfjax.model import UNet, make_apply_fn  # noqa: PLC0415
+  from perfjax.fast_unet import UNetPredictor  # noqa: PLC0415
+  from perfjax.model import UNet  # noqa: PLC0415
 
   images = np.random.default_rng(0).uniform(size=(n_slices, 128, 128, 30)).astype(np.float32)
   model = UNet(features=16, dropout_rate=0.1)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 30)))
-  apply_fn = make_apply_fn(UNet(features=16), variables)
+  predictor = UNetPredictor(UNet(features=16))
   key = jax.random.key(1)
   runs = {
-      "TTA, 8 samples x 9 windows": lambda: uncertainty.tta_uncertainty(apply_fn, images, key),
+      "TTA, 8 samples x 9 windows": lambda: uncertainty.tta_uncertainty(predictor, variables, images, key),
       "MC dropout, 8 samples x 9 windows": lambda: uncertainty.mc_dropout_uncertainty(
           model, variables, images, key),
   }

@@ -12,7 +12,8 @@ warm-up (compile times are the first call's lower+compile):
   fwd+bwd    cross-entropy value and gradients,
   optimizer  Adam update + apply_updates given gradients,
   step       the real `perfjax.train` step (augment + fwd+bwd + Adam, state donated).
-XLA flags are the ones launch.py sets (before jax is imported).
+Host devices as launch.py sets them (`perfjax.platform.configure_host_devices()`); the train
+step carries its own CPU fusion options.
 """
 import argparse
 import functools
@@ -27,9 +28,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("_launch", ROOT / "launch.py")
-_launch = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_launch)  # Sets XLA_FLAGS before jax is imported.
+from perfjax import platform as perfjax_platform  # noqa: E402  pylint: disable=g-import-not-at-top
+
+perfjax_platform.configure_host_devices()  # As launch.py does, before any JAX work.
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -26,7 +26,25 @@
 # the label contours (myocardium yellow, LV cyan, RV magenta); then the modulation maps and the
 # Perlin noise alone. Source: `notebooks/augmentation.py` (jupytext); rebuild with
 # `jupytext --to ipynb notebooks/augmentation.py && jupyter execute --inplace
-# notebooks/augmentation.ipynb` (with `PYTHONPATH=.`).
+# notebooks/augmentation.ipynb` (with perfjax installed: `pip install -e .`).
+
+# %%
+# Install cell: opened from notebooks/ in a clone (Colab, a TPU VM, a fresh venv), it installs the
+# pinned requirements and perfjax itself, `pip install -r ../requirements.txt -e ..` (the README's
+# install step), and is skipped where perfjax is already installed. Anywhere else, install first:
+# `pip install -e /path/to/perfjax`.
+import importlib
+import importlib.util
+import site
+import subprocess
+import sys
+
+if importlib.util.find_spec("perfjax") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "../requirements.txt",
+                  "-e", ".."], check=True)
+  for _path in site.getsitepackages():  # Reads the new install's .pth: no kernel restart needed.
+    site.addsitedir(_path)
+  importlib.invalidate_caches()
 
 # %%
 # %matplotlib inline

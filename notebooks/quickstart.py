@@ -21,19 +21,26 @@
 # installs the requirements. JAX uses whatever accelerator it finds.
 #
 # `VARIANT = "tiny"` runs in about a minute on a CPU and learns little; set `VARIANT = ""` (the
-# default, ~15 min on a 2-core CPU) or `"paper"` (GPU/TPU) for real results.
+# default, about 7 minutes on a 2-core CPU) or `"paper"` (GPU/TPU) for real results.
 # Source: `notebooks/quickstart.py` (jupytext).
 
 # %%
-# Install cell (Colab, a fresh TPU VM): run in a clone of the repository; it installs the pinned
-# requirements, and is skipped where they are already installed.
+# Install cell: opened from notebooks/ in a clone (Colab, a TPU VM, a fresh venv), it installs the
+# pinned requirements and perfjax itself, `pip install -r ../requirements.txt -e ..` (the README's
+# install step), and is skipped where perfjax is already installed. Anywhere else, install first:
+# `pip install -e /path/to/perfjax`.
+import importlib
 import importlib.util
+import site
 import subprocess
 import sys
 
-if importlib.util.find_spec("flax") is None or importlib.util.find_spec("nibabel") is None:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
-                 check=True)
+if importlib.util.find_spec("perfjax") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "../requirements.txt",
+                  "-e", ".."], check=True)
+  for _path in site.getsitepackages():  # Reads the new install's .pth: no kernel restart needed.
+    site.addsitedir(_path)
+  importlib.invalidate_caches()
 
 # %%
 # %matplotlib inline
@@ -43,12 +50,14 @@ import tempfile
 
 import matplotlib.pyplot as plt
 
-from configs import patch3
-from perfjax import evaluate, train
+from perfjax.configs import patch3
+from perfjax import evaluate, platform, train
+
+platform.configure_host_devices()  # As launch.py: one XLA host device per core, before any JAX work.
 
 VARIANT = "tiny"
 config = patch3.get_config(VARIANT)
-workdir = os.path.join(tempfile.mkdtemp(), "patch3") if VARIANT == "tiny" else "runs/patch3"
+workdir = os.path.join(tempfile.mkdtemp(), "patch3") if VARIANT == "tiny" else "../runs/patch3"
 print(config.model, config.augment, config.train.num_steps)
 
 # %% [markdown]

@@ -26,15 +26,22 @@
 # installs the requirements.
 
 # %%
-# Install cell (Colab, a fresh TPU VM): run in a clone of the repository; it installs the pinned
-# requirements, and is skipped where they are already installed.
+# Install cell: opened from notebooks/ in a clone (Colab, a TPU VM, a fresh venv), it installs the
+# pinned requirements and perfjax itself, `pip install -r ../requirements.txt -e ..` (the README's
+# install step), and is skipped where perfjax is already installed. Anywhere else, install first:
+# `pip install -e /path/to/perfjax`.
+import importlib
 import importlib.util
+import site
 import subprocess
 import sys
 
-if importlib.util.find_spec("flax") is None or importlib.util.find_spec("nibabel") is None:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
-                 check=True)
+if importlib.util.find_spec("perfjax") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "../requirements.txt",
+                  "-e", ".."], check=True)
+  for _path in site.getsitepackages():  # Reads the new install's .pth: no kernel restart needed.
+    site.addsitedir(_path)
+  importlib.invalidate_caches()
 
 # %%
 # %matplotlib inline
@@ -45,10 +52,12 @@ import tempfile
 from IPython.display import Markdown, display
 import matplotlib.pyplot as plt
 
-from configs import paper_experiments
-from perfjax import reproduce
+from perfjax.configs import paper_experiments
+from perfjax import platform, reproduce
 
-RUN_DIR = "runs/paper"  # A finished `--mode=reproduce` workdir, if you have one.
+platform.configure_host_devices()  # As launch.py: one XLA host device per core, before any JAX work.
+
+RUN_DIR = "../runs/paper"  # A finished `--mode=reproduce` workdir, if you have one.
 VARIANT = "tiny"  # Used only when RUN_DIR holds no reproduce.json.
 
 if os.path.isfile(os.path.join(RUN_DIR, "reproduce.json")):

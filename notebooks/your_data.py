@@ -29,15 +29,22 @@
 #         --input=my_slices/ --output=my_predictions/
 
 # %%
-# Install cell (Colab, a fresh TPU VM): run in a clone of the repository; it installs the pinned
-# requirements, and is skipped where they are already installed.
+# Install cell: opened from notebooks/ in a clone (Colab, a TPU VM, a fresh venv), it installs the
+# pinned requirements and perfjax itself, `pip install -r ../requirements.txt -e ..` (the README's
+# install step), and is skipped where perfjax is already installed. Anywhere else, install first:
+# `pip install -e /path/to/perfjax`.
+import importlib
 import importlib.util
+import site
 import subprocess
 import sys
 
-if importlib.util.find_spec("flax") is None or importlib.util.find_spec("nibabel") is None:
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"],
-                 check=True)
+if importlib.util.find_spec("perfjax") is None:
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "../requirements.txt",
+                  "-e", ".."], check=True)
+  for _path in site.getsitepackages():  # Reads the new install's .pth: no kernel restart needed.
+    site.addsitedir(_path)
+  importlib.invalidate_caches()
 
 # %%
 # %matplotlib inline
@@ -47,13 +54,15 @@ import tempfile
 
 import matplotlib.pyplot as plt
 
-from configs import patch3
-from perfjax import evaluate, train
+from perfjax.configs import patch3
+from perfjax import evaluate, platform, predict, train
 from perfjax.data import io as data_io
 from perfjax.data import phantom
 
+platform.configure_host_devices()  # As launch.py: one XLA host device per core, before any JAX work.
+
 INPUT_DIR = "my_slices"
-WORKDIR = "runs/patch3"
+WORKDIR = "../runs/patch3"
 scratch = tempfile.mkdtemp()
 
 if not os.path.isdir(INPUT_DIR):  # A stand-in for your data: raw phantom signal as NIfTI.
@@ -80,7 +89,7 @@ if not os.path.isdir(WORKDIR):
 
 # %%
 output = os.path.join(scratch, "predictions")
-rows = evaluate.predict(config, WORKDIR, input=INPUT_DIR, output=output)
+rows = predict.predict(config, WORKDIR, input=INPUT_DIR, output=output)
 with open(os.path.join(output, "slices.csv")) as f:
   print(f.read())
 

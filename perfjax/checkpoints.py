@@ -13,14 +13,23 @@ before the next step runs.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+from perfjax import inputs
+from perfjax.errors import InputError
+from perfjax.model import UNet, make_model, variable_shapes
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+WHICH = ("best", "latest")
+CONFIG_FILE = "config.json"  # Written by perfjax.train.train beside the checkpoints.
+TRAINED_FIELDS = ("seed", "input", "model", "augment", "train")  # What produced a checkpoint.
 
 def manager(workdir: str, which: str = "latest", max_to_keep: int = 2,
             read_only: bool = False) -> ocp.CheckpointManager:
@@ -52,3 +61,71 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -
   step = mngr.latest_step() if step is None else step
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str,
+                which: str = "best") -> tuple[UNet, dict]:
+  """The model of `config` and its variables {"params": ...} from `workdir`'s checkpoint.
+
+  `which`: "best" (the best validation Dice) or "latest" (the newest training state). Only the
+  parameters are read, into the tree of `jax.eval_shape(model.init)` on the first local device:
+  no optimiser is built. The variables go straight into
+  `perfjax.inference.sliding_window(perfjax.fast_unet.UNetPredictor(model), variables, ...)`.
+  """
+  if which not in WHICH:
+    raise InputError("which", f"expected 'best' or 'latest', got {which!r}")
+  subdir = os.path.join(os.path.abspath(workdir), BEST_DIR if which == "best" else LATEST_DIR)
+  if not os.path.isdir(subdir):
+    raise InputError(workdir, f"no {which!r} checkpoint ({subdir} is missing); train first")
+  mngr = manager(workdir, which, read_only=True)
+  step = mngr.latest_step()
+  if step is None:
+    raise InputError(workdir, f"no complete {which!r} checkpoint in {subdir}; train first")
+  model = make_model(config)
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = variable_shapes(model, inputs.input_channels(config.input))["params"]
+  # Only the parameters are restored (a partial restore of the saved tree: the step, Dice and
+  # optimiser state stay on disk).
+  target = {"params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), params)}
+  try:
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  except (ValueError, KeyError, TypeError) as e:
+    raise InputError(subdir, f"checkpoint does not match config (input {config.input}, "
+                     f"features {config.model.features}, depth {config.model.depth}): {e}") from e
+  return model, {"params": restored["params"]}
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved in `workdir` (config.json)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise InputError(workdir, f"no {CONFIG_FILE}: not a perfjax training workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _plain(value):
+  """A config value as config.json holds it (tuples become lists), for comparisons."""
+  return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+
+
+def trained_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`config` with the fields that produced the checkpoint taken from the workdir's config.json.
+
+  So a released run (its config.json and best/ checkpoint) is evaluated or used for prediction
+  with any config of the same family: the data and eval settings stay the caller's, the model
+  is the one that was trained. Differences are printed.
+  """
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    return config
+  saved = load_workdir_config(workdir)
+  merged = ml_collections.ConfigDict(config.to_dict())
+  for name in TRAINED_FIELDS:
+    if name in saved and _plain(saved[name]) != _plain(config[name]):
+      print(f"{workdir}: using the trained model's {name} from {CONFIG_FILE}: {saved[name]} "
+            f"(the config says {config[name]})")
+      merged[name] = saved[name]
+  return merged

@@ -43,9 +43,19 @@ def bullseye_geometry():
   return out
 
 
+def _text_colour(rgba) -> str:
+  """Black or white, whichever reads better on `rgba` (relative luminance)."""
+  r, g, b = rgba[:3]
+  return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
 def bullseye(values16, ax=None, cmap: str = "viridis", vmin=None, vmax=None,
-             label: str = "MBF (ml/g/min)", annotate: bool = True):
-  """AHA 16-segment bullseye of ``values16`` [16] (index 0 = segment 1); NaN drawn grey."""
+             label: str = "MBF (ml/g/min)", annotate: bool = True, colorbar: bool = True):
+  """AHA 16-segment bullseye of ``values16`` [16] (index 0 = segment 1); NaN drawn grey.
+
+  Pass the same vmin/vmax to every bullseye that is to be compared; the segment text is black
+  or white, whichever reads on its colour.
+  """
   v = np.asarray(values16, np.float64)
   if v.shape != (16,):
     raise InputError("values16", f"expected 16 segment values, got shape {v.shape}")
@@ -67,13 +77,45 @@ def bullseye(values16, ax=None, cmap: str = "viridis", vmin=None, vmax=None,
       rad = 0.5 * (r0 + r1) if r0 > 0 else 0.55
       txt = f"{val:.2f}" if np.isfinite(val) else "n/a"
       ax.text(rad * np.cos(mid), rad * np.sin(mid), f"{seg}\n{txt}", ha="center", va="center",
-              fontsize=7)
+              fontsize=7, color=_text_colour(color))
   ax.set_xlim(-3.1, 3.1)
   ax.set_ylim(-3.1, 3.1)
   ax.set_aspect("equal")
   ax.axis("off")
-  sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cm)
-  fig.colorbar(sm, ax=ax, label=label, shrink=0.8)
+  if colorbar:
+    sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cm)
+    fig.colorbar(sm, ax=ax, label=label, shrink=0.8)
+  return fig
+
+
+def bullseye_grid(studies: list[tuple[str, dict[str, np.ndarray]]], vmin=None, vmax=None,
+                  label: str = "MBF (ml/g/min)", cmap: str = "viridis"):
+  """Every study's bullseyes in one figure: a row per study, a column per source.
+
+  `studies`: (title, {source: values16}) per study. One colour scale (vmin/vmax, default the
+  range of all finite values) and one colour bar for the whole grid.
+  """
+  sources = list(dict.fromkeys(name for _, per in studies for name in per))
+  values = [np.asarray(v, np.float64) for _, per in studies for v in per.values()]
+  finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+  lo = float(finite.min()) if vmin is None and finite.size else (vmin if vmin is not None else 0.0)
+  hi = float(finite.max()) if vmax is None and finite.size else (vmax if vmax is not None else 1.0)
+  if hi <= lo:
+    hi = lo + 1.0
+  rows, cols = max(len(studies), 1), max(len(sources), 1)
+  fig = Figure(figsize=(3.0 * cols + 1.0, 2.8 * rows), layout="constrained")
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for r, (title, per) in enumerate(studies):
+    for c, source in enumerate(sources):
+      ax = axes[r, c]
+      if source in per:
+        bullseye(per[source], ax=ax, vmin=lo, vmax=hi, cmap=cmap, colorbar=False)
+        ax.set_title(f"{title}: {source.replace('_', ' ')}", fontsize=8)
+      else:
+        ax.axis("off")
+  sm = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(lo, hi),
+                                    cmap=matplotlib.colormaps[cmap])
+  fig.colorbar(sm, ax=axes, label=label, shrink=0.5 if rows > 2 else 0.9)
   return fig
 
 
@@ -98,11 +140,24 @@ def bland_altman_plot(a, b, ax=None, label_a: str = "a", label_b: str = "b",
 
 
 def scatter_plot(x, y, ax=None, label_x: str = "x", label_y: str = "y",
-                 units: str = "ml/g/min"):
-  """Scatter of y against x with the identity line and R^2 (squared Pearson) in the title."""
+                 units: str = "ml/g/min", marked=None, marked_label: str = "motion"):
+  """Scatter of y against x with the identity line and R^2 (squared Pearson) in the title.
+
+  `marked` (bool per point, e.g. the slices with a motion-correction failure) draws those
+  points as red open circles, named `marked_label` in the legend.
+  """
   xs, ys, dropped = stats.finite_pairs(x, y)
   fig, ax = _axes(ax, (3.8, 3.6))
-  ax.scatter(xs, ys, s=12, alpha=0.7)
+  if marked is not None:
+    x_all, y_all = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    ok = np.isfinite(x_all) & np.isfinite(y_all)
+    flag = np.asarray(marked, bool) & ok
+    ax.scatter(x_all[ok & ~flag], y_all[ok & ~flag], s=12, alpha=0.7,
+               label=f"no {marked_label}")
+    ax.scatter(x_all[flag], y_all[flag], s=30, facecolors="none", edgecolors="r",
+               label=f"{marked_label} ({int(flag.sum())})")
+  else:
+    ax.scatter(xs, ys, s=12, alpha=0.7)
   if xs.size:
     lo, hi = float(min(xs.min(), ys.min())), float(max(xs.max(), ys.max()))
     ax.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="identity")

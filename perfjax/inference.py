@@ -1,36 +1,31 @@
-"""Sliding-window inference: window geometry, patch extraction and combination.
+"""Sliding-window inference: one jitted computation from slices to per-pixel statistics.
 
-The geometry is CONVENTIONS.md's: per axis the starts 0, s, 2s, ... up to
-size - P, plus size - P when the stride does not land on it; windows are the
-row-major Cartesian product of row and column starts. `window_starts` is the
-single source of that geometry (training's stride-32 windows come from
-`extract_windows`).
+The window geometry is `perfjax.windows` (CONVENTIONS.md). `sliding_window` runs extraction,
+the model and the combination as ONE jitted computation: the (slice, row, col) origins of all
+windows of several slices are cut into chunks of `chunk_size` windows (the memory bound);
+`lax.scan` walks the chunks, gathers each chunk's patches with `vmap(lax.dynamic_slice)`, calls
+the model once per chunk and adds each window's terms into per-pixel sums in place
+(`lax.dynamic_update_slice` in a loop). For a float32 standard deviation that keeps its digits
+where it is tiny next to the mean, the sums are of deviations from a reference prediction (the
+plain tiling windows, evaluated first), not of raw p and p^2.
 
-`sliding_window` runs extraction, the model and the combination as ONE jitted
-computation: the (slice, row, col) origins of all windows of several slices are
-cut into chunks of `chunk_size` windows (the memory bound); `lax.scan` walks the
-chunks, gathers each chunk's patches with `vmap(lax.dynamic_slice)`, calls the
-model once per chunk and adds each window's terms into per-pixel sums in place
-(`lax.dynamic_update_slice` in a loop). For a float32 standard deviation that
-keeps its digits where it is tiny next to the mean, the sums are of deviations
-from a reference prediction (the plain tiling windows, evaluated first), not of
-raw p and p^2.
+The windows are split over the local devices (`jax.shard_map` on a 1-D mesh, the partial sums
+added with `psum`); on a CPU, `perfjax.platform.configure_host_devices()` (launch.py calls it)
+makes one XLA host device per core so that both cores stay busy through the serial parts
+(`window_plan`). On a CPU the program is compiled with the YNN fusion options of
+`perfjax.platform.UNET_CPU_OPTIONS`.
 
-The windows are split over the local devices (`jax.shard_map` on a 1-D mesh, the
-partial sums added with `psum`); on a CPU, launch.py makes one XLA host device per
-core so that both cores stay busy through the serial parts (`window_plan`).
-
-An apply_fn from `perfjax.model.make_apply_fn(..., fast=True)` also shares work
-between the windows of a slice (`prepare` / `windows`: the first convolution is
-computed on the whole image); results equal the plain path to float32 rounding.
-On CPU set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce
---xla_force_host_platform_device_count=2 (launch.py's) before importing jax (see
-benchmarks/RESULTS.md).
+The model comes in as a `WindowPredictor`: `predict_fn(params, patches) -> probabilities`, with
+`params` a traced argument (one compilation per predictor and shapes, whatever the parameter
+values). A predictor may share work between the windows of a slice by overriding `prepare` and
+`windows` (`perfjax.fast_unet.UNetPredictor(fast=True)` computes the first convolution on the
+whole image); results equal the per-window path to float32 rounding.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,49 +33,53 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from perfjax import platform
+from perfjax import windows
+from perfjax.conventions import PATCH, UM_STRIDE
 from perfjax.errors import InputError
 
-COMBINE_MODES = ("mean", "vote")
 
+class WindowPredictor:
+  """The model protocol of `sliding_window`: `predictor(params, patches) -> probabilities`.
 
-def _check_int(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise InputError(name, f"must be an integer >= {minimum}, got {value!r}")
-  return int(value)
-
-
-def window_starts(size: int, patch: int, stride: int) -> np.ndarray:
-  """Window start offsets along one axis: 0, s, 2s, ... <= size - patch, plus size - patch.
-
-  >>> window_starts(128, 64, 32)
-  array([ 0, 32, 64], dtype=int32)
+  Subclasses are hashable, immutable descriptions of a model (frozen dataclasses): equal
+  predictors share one compiled program; `params` is traced. `__call__` maps patches
+  [B, P, P, C] to probabilities [B, P, P, K]. `prepare` / `windows` may share work between the
+  windows of a slice (dense maps); the defaults evaluate each window on its own.
   """
-  size = _check_int("size", size, 1)
-  patch = _check_int("patch", patch, 1)
-  stride = _check_int("stride", stride, 1)
-  if patch > size:
-    raise InputError("patch", f"window size {patch} is larger than the image size {size}")
-  starts = list(range(0, size - patch + 1, stride))
-  if starts[-1] != size - patch:
-    starts.append(size - patch)
-  return np.asarray(starts, np.int32)
+
+  def __call__(self, params, patches_bppc):
+    raise NotImplementedError
+
+  def prepare(self, params, images_nhwc, windows_per_slice: int, patch: int) -> Any:
+    """Work shared by all windows of `images` (once per compiled call); None: nothing shared."""
+    del params, images_nhwc, windows_per_slice, patch
+    return None
+
+  def windows(self, params, prepared, images_nhwc, origins_b3, patch: int):
+    """Probabilities [B, P, P, K] of the windows at (slice, row, col) `origins_b3`."""
+    del prepared
+    return self(params, windows.gather(images_nhwc, origins_b3, patch))
 
 
-def window_grid(height: int, width: int, patch: int, stride: int) -> np.ndarray:
-  """All window origins [n_windows, 2] (row, col), row-major over the starts."""
-  rows = window_starts(height, patch, stride)
-  cols = window_starts(width, patch, stride)
-  return np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
+@dataclasses.dataclass(frozen=True)
+class FunctionPredictor(WindowPredictor):
+  """A plain `fn(params, patches) -> probabilities` as a `WindowPredictor` (hashed by `fn`:
+  reuse the function object to reuse the compilation)."""
+  fn: Callable
+
+  def __call__(self, params, patches_bppc):
+    return self.fn(params, patches_bppc)
 
 
-def coverage_count(height: int, width: int, patch: int, stride: int,
-                   weight_pp: np.ndarray | None = None) -> np.ndarray:
-  """Number of windows covering each pixel [H, W] (or the sum of `weight_pp` over them)."""
-  w = np.ones((patch, patch)) if weight_pp is None else np.asarray(weight_pp, np.float64)
-  out = np.zeros((height, width))
-  for r, c in window_grid(height, width, patch, stride):
-    out[r:r + patch, c:c + patch] += w
-  return out.astype(np.int32) if weight_pp is None else out
+def as_predictor(predict_fn) -> WindowPredictor:
+  """`predict_fn` itself when it is a `WindowPredictor`, else wrapped in `FunctionPredictor`."""
+  if isinstance(predict_fn, WindowPredictor):
+    return predict_fn
+  if not callable(predict_fn):
+    raise InputError("predict_fn", f"expected fn(params, patches) -> probabilities, got "
+                     f"{type(predict_fn).__name__}")
+  return FunctionPredictor(predict_fn)
 
 
 def gaussian_weights(patch: int, sigma_scale: float = 1.0 / 8) -> np.ndarray:
@@ -92,70 +91,11 @@ def gaussian_weights(patch: int, sigma_scale: float = 1.0 / 8) -> np.ndarray:
   return (g / g.max()).astype(np.float32)
 
 
-def extract_windows(images, masks=None, patch: int = 64, stride: int = 32):
-  """Cuts every window of every slice: images [N,H,W,C] -> [N * n_windows, P, P, C].
-
-  Slice-major, then row-major over windows (the `window_grid` order). With
-  `masks` [N,H,W] also returns their windows [N * n_windows, P, P]. Works on
-  numpy arrays (host data pipelines) and jax arrays (inside jit).
-  """
-  if np.ndim(images) != 4:
-    raise InputError("images", f"expected [N, H, W, C], got shape {np.shape(images)}")
-  n, h, w, _ = np.shape(images)
-  xp = np if isinstance(images, np.ndarray) else jnp
-  grid = window_grid(h, w, patch, stride)
-
-  def cut(x):
-    stacked = xp.stack([x[:, r:r + patch, c:c + patch] for r, c in grid], axis=1)
-    return stacked.reshape((n * len(grid),) + stacked.shape[2:])
-
-  if masks is None:
-    return cut(images)
-  if np.shape(masks) != (n, h, w):
-    raise InputError("masks", f"expected shape {(n, h, w)} to match images, got {np.shape(masks)}")
-  return cut(images), cut(masks)
-
-
-def _split_apply(apply_fn):
-  """(pure(params, patches), params): traced params for ModelApply, a closure otherwise."""
-  pure = getattr(apply_fn, "pure", None)
-  if pure is not None and hasattr(apply_fn, "params"):
-    return pure, apply_fn.params
-  return _Closure(apply_fn), None
-
-
-class _Closure:
-  """Wraps a plain apply_fn(patches) as pure(params, patches); hashed by the function."""
-
-  def __init__(self, fn: Callable):
-    self.fn = fn
-
-  def __call__(self, params, patches):
-    del params
-    return self.fn(patches)
-
-  def __hash__(self):
-    return hash(self.fn)
-
-  def __eq__(self, other):
-    return isinstance(other, _Closure) and other.fn is self.fn
-
-
-def gather_windows(images_nhwc, origins_b3, patch: int):
-  """Patches [B, P, P, C] at (slice, row, col) origins [B, 3], by vmap of dynamic_slice."""
-  c = images_nhwc.shape[-1]
-
-  def one(o):
-    return lax.dynamic_slice(images_nhwc, (o[0], o[1], o[2], 0), (1, patch, patch, c))[0]
-
-  return jax.vmap(one)(origins_b3)
-
-
-def _mirror_probs(pure, params, patches_bppc):
+def _mirror_probs(predictor, params, patches_bppc):
   """Mean of the probabilities over the 4 mirrorings (none, rows, cols, both), mapped back."""
-  probs = pure(params, patches_bppc)
+  probs = predictor(params, patches_bppc)
   for axes in ((1,), (2,), (1, 2)):
-    probs = probs + jnp.flip(pure(params, jnp.flip(patches_bppc, axes)), axes)
+    probs = probs + jnp.flip(predictor(params, jnp.flip(patches_bppc, axes)), axes)
   return probs / 4.0
 
 
@@ -173,8 +113,8 @@ MIN_WINDOWS_PER_DEVICE = 128
 def window_mesh(devices: tuple) -> Mesh:
   """The 1-D mesh the windows of a sliding window are split over.
 
-  On a CPU, several XLA host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N, as
-  launch.py sets) each run their share of the windows on their own thread: while one runs a
+  On a CPU, several XLA host devices (`perfjax.platform.configure_host_devices()`, which
+  launch.py calls) each run their share of the windows on their own thread: while one runs a
   gather or the accumulation loop, another's convolutions keep the cores busy.
   """
   return Mesh(np.array(devices), (WINDOW_AXIS,))
@@ -190,8 +130,8 @@ def window_plan(n: int, h: int, w: int, patch: int, stride: int, chunk_size: int
   all windows exactly once. Returns org [D, C, B, 3], valid [D, C, B], tile_weight [D, C, B],
   is_tile [C, B] (D parts, C chunks of B windows) and n_tile_chunks.
   """
-  grid = window_grid(h, w, patch, stride)
-  tiles = window_grid(h, w, patch, patch)
+  grid = windows.grid(h, w, patch, stride)
+  tiles = windows.grid(h, w, patch, patch)
   grid_set = {tuple(g) for g in grid}
   tile_set = {tuple(t) for t in tiles}
   # A tile that is not a window of this stride serves as reference only (weight 0).
@@ -218,10 +158,8 @@ def window_plan(n: int, h: int, w: int, patch: int, stride: int, chunk_size: int
               n_tile_chunks=-(-n_tiles // chunk))
 
 
-@functools.partial(jax.jit, static_argnames=("pure", "patch", "stride", "chunk_size", "combine",
-                                             "gaussian", "mirror", "mesh"))
-def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_size, combine,
-                        gaussian, mirror, mesh):
+def _sliding_window_impl(predictor, params, images_nhwc, *, patch, stride, chunk_size, gaussian,
+                         mirror, mesh):
   """One compiled computation: all windows of all slices -> per-pixel statistics.
 
   The windows are split over the devices of `mesh` (`window_plan`); each device sums its
@@ -235,24 +173,21 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
   """
   n, h, w, c = images_nhwc.shape
   plan = window_plan(n, h, w, patch, stride, chunk_size, mesh.size)
-  count = coverage_count(h, w, patch, stride).astype(np.float32)[None, :, :, None]
+  count = windows.coverage(h, w, patch, stride).astype(np.float32)[None, :, :, None]
   chunk, n_tile_chunks = plan["org"].shape[2], plan["n_tile_chunks"]
 
   probe = jax.ShapeDtypeStruct((1, patch, patch, c), images_nhwc.dtype)
-  k = jax.eval_shape(lambda x: pure(params, x), probe).shape[-1]
+  k = jax.eval_shape(lambda x: predictor(params, x), probe).shape[-1]
   weight_pp1 = jnp.asarray(gaussian_weights(patch))[:, :, None]
-  shared = hasattr(pure, "windows") and not mirror  # e.g. the fast UNet's whole-image first layer
-  n_windows = len(window_grid(h, w, patch, stride))
-  n_channels = 2 * k + (k if gaussian else 0) + (k if combine == "vote" else 0)
+  n_windows = len(windows.grid(h, w, patch, stride))
+  n_channels = 2 * k + (k if gaussian else 0)
 
   def window_terms(probs, ref_windows, weight_b):
-    """Per-window summands [B, P, P, channels]: p - ref, (p - ref)^2, [w p], [one-hot vote]."""
+    """Per-window summands [B, P, P, channels]: p - ref, (p - ref)^2, [w p]."""
     d = probs - ref_windows
     terms = [d, d * d]
     if gaussian:
       terms.append(weight_pp1 * probs)
-    if combine == "vote":
-      terms.append(jax.nn.one_hot(jnp.argmax(probs, -1), k, dtype=probs.dtype))
     return jnp.concatenate(terms, -1) * weight_b[:, None, None, None]
 
   def add_windows(acc, terms, org):
@@ -266,14 +201,15 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
   def part_sums(params, images, org_all, valid_all, tile_weight, is_tile):
     """This device's windows -> (ref, summed terms over all devices' windows)."""
     org_all, valid_all, tile_weight = org_all[0], valid_all[0], tile_weight[0]
-    prepared = pure.prepare(params, images, n_windows, patch) if shared else None
+    # Shared work (e.g. the fast UNet's whole-image first layer) does not apply to mirrored
+    # windows.
+    prepared = None if mirror else predictor.prepare(params, images, n_windows, patch)
 
     def probs_of(org_b3):
-      if prepared is not None:
-        probs = pure.windows(params, prepared, images, org_b3, patch)
+      if mirror:
+        probs = _mirror_probs(predictor, params, windows.gather(images, org_b3, patch))
       else:
-        patches = gather_windows(images, org_b3, patch)
-        probs = _mirror_probs(pure, params, patches) if mirror else pure(params, patches)
+        probs = predictor.windows(params, prepared, images, org_b3, patch)
       return probs.astype(jnp.float32)
 
     # One scan over chunks of [tiling windows..., this part's other windows...], so the model
@@ -293,11 +229,11 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
           return lax.dynamic_update_slice(r, jnp.where(tile[i], probs[i], old)[None], start)
         ref = lax.fori_loop(0, chunk, one, ref)
         tile_buf = lax.dynamic_update_index_in_dim(tile_buf, probs, index, 0)
-        terms = window_terms(probs, gather_windows(ref, org, patch), val * (1.0 - tile))
+        terms = window_terms(probs, windows.gather(ref, org, patch), val * (1.0 - tile))
         return ref, add_windows(acc, terms, org), tile_buf
 
       def without_tiles(ref, acc, tile_buf):
-        terms = window_terms(probs, gather_windows(ref, org, patch), val)
+        terms = window_terms(probs, windows.gather(ref, org, patch), val)
         return ref, add_windows(acc, terms, org), tile_buf
 
       return lax.cond(index < n_tile_chunks, with_tiles, without_tiles, ref, acc, tile_buf), None
@@ -308,7 +244,7 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
     (ref, acc, tile_buf), _ = lax.scan(body, init, xs)
     flat_org = org_all[:n_tile_chunks].reshape(-1, 3)
     flat_probs = tile_buf.reshape((-1, patch, patch, k))
-    terms = window_terms(flat_probs, gather_windows(ref, flat_org, patch),
+    terms = window_terms(flat_probs, windows.gather(ref, flat_org, patch),
                          tile_weight[:n_tile_chunks].reshape(-1))
     acc = add_windows(acc, terms, flat_org)
     return ref, lax.psum(acc, WINDOW_AXIS)
@@ -326,36 +262,38 @@ def _sliding_window_jit(pure, params, images_nhwc, key, *, patch, stride, chunk_
   std = jnp.where(count > 1, jnp.sqrt(var), 0.0)
   out = {"mean": mean, "std": std}
   if gaussian:
-    wcount = coverage_count(h, w, patch, stride, gaussian_weights(patch))
+    wcount = windows.coverage(h, w, patch, stride, gaussian_weights(patch))
     out["mean"] = acc[..., 2 * k:3 * k] / jnp.asarray(wcount, jnp.float32)[None, :, :, None]
-  if combine == "vote":
-    votes = acc[..., -k:]
-    noise = jax.random.uniform(key, votes.shape, jnp.float32, 0.0, 0.5)
-    out["votes"] = votes
-    out["segmentation"] = jnp.argmax(votes + noise, -1).astype(jnp.int32)
-  else:
-    out["segmentation"] = jnp.argmax(out["mean"], -1).astype(jnp.int32)
+  out["segmentation"] = jnp.argmax(out["mean"], -1).astype(jnp.int32)
   return out
 
 
-def sliding_window(apply_fn, images, patch: int = 64, stride: int = 2, chunk_size: int = 32,
-                   combine: str = "mean", key=None, gaussian_weighting: bool = False,
-                   mirror_tta: bool = False, slices_per_call: int = 8,
-                   devices=None) -> dict:
+@functools.lru_cache(maxsize=None)
+def _compiled(platform_name: str):
+  """`_sliding_window_impl` jitted, with the CPU fusion options on a CPU."""
+  return jax.jit(_sliding_window_impl,
+                 static_argnames=("predictor", "patch", "stride", "chunk_size", "gaussian",
+                                  "mirror", "mesh"),
+                 compiler_options=platform.compiler_options_for(platform_name,
+                                                                platform.UNET_CPU_OPTIONS))
+
+
+
+
+def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int = UM_STRIDE,
+                   chunk_size: int = 32, gaussian_weighting: bool = False,
+                   mirror_tta: bool = False, slices_per_call: int = 8, devices=None) -> dict:
   """Dense sliding-window prediction of every slice, per CONVENTIONS.md.
 
   Args:
-    apply_fn: patches [B,P,P,C] -> probabilities [B,P,P,K]. A
-      `perfjax.model.make_apply_fn` result is traced with its params as an
-      argument (compiled once per model and shape; with `fast=True` the first
-      layer is shared by the windows of dense maps); any other callable is traced
-      as a closure (compiled once per function object: reuse it).
+    predict_fn: a `WindowPredictor` (e.g. `perfjax.fast_unet.UNetPredictor(model)`) or any
+      hashable `fn(params, patches [B,P,P,C]) -> probabilities [B,P,P,K]`; compiled once per
+      predictor and shapes (reuse the function object).
+    params: the pytree passed to `predict_fn` as its traced first argument (model variables;
+      None for a function without parameters).
     images: [N,H,W,C] float array.
     patch, stride: window size and step (pixels).
     chunk_size: windows per model call: bounds the memory of the activations.
-    combine: "mean" (segmentation = argmax of the mean probabilities) or "vote"
-      (majority of the per-window argmax, ties broken by a coin flip from `key`).
-    key: jax PRNG key for vote ties; default `jax.random.key(0)`.
     gaussian_weighting: nnU-Net importance weighting of the mean (sigma = P/8);
       `std` stays the unweighted spread across windows (the UM).
     mirror_tta: each window's probabilities are the mean over its four
@@ -366,45 +304,39 @@ def sliding_window(apply_fn, images, patch: int = 64, stride: int = 2, chunk_siz
       to float32 rounding whatever the split.
 
   Returns:
-    dict of numpy arrays: mean [N,H,W,K], std [N,H,W,K] (ddof=1 across the
-    windows covering a pixel, 0 where one window covers it), count [H,W] int32,
-    segmentation [N,H,W] int32, and votes [N,H,W,K] in vote mode.
+    dict of numpy arrays: mean [N,H,W,K] (segmentation = its argmax), std [N,H,W,K] (ddof=1
+    across the windows covering a pixel, 0 where one window covers it), count [H,W] int32,
+    segmentation [N,H,W] int32.
   """
-  if combine not in COMBINE_MODES:
-    raise InputError("combine", f"must be one of {COMBINE_MODES}, got {combine!r}")
+  predictor = as_predictor(predict_fn)
   if np.ndim(images) != 4:
     raise InputError("images", f"expected [N, H, W, C], got shape {np.shape(images)}")
   n, h, w, _ = np.shape(images)
   if n == 0:
     raise InputError("images", "no slices")
-  patch = _check_int("patch", patch, 1)
-  stride = _check_int("stride", stride, 1)
-  chunk_size = _check_int("chunk_size", chunk_size, 1)
-  slices_per_call = _check_int("slices_per_call", slices_per_call, 1)
-  count = coverage_count(h, w, patch, stride)  # also validates patch <= H, W
+  patch = windows.check_int("patch", patch, 1)
+  stride = windows.check_int("stride", stride, 1)
+  chunk_size = windows.check_int("chunk_size", chunk_size, 1)
+  slices_per_call = windows.check_int("slices_per_call", slices_per_call, 1)
+  count = windows.coverage(h, w, patch, stride)  # also validates patch <= H, W
   images = np.asarray(images, np.float32) if not isinstance(images, jax.Array) else images
   if not bool(jnp.isfinite(images).all()):
     raise InputError("images", "contain NaN or Inf")
-  if key is None and combine == "vote":
-    key = jax.random.key(0)
-  pure, params = _split_apply(apply_fn)
   if devices is None:
     devices = jax.local_devices()
-    windows = min(n, slices_per_call) * len(window_grid(h, w, patch, stride))
+    n_windows = min(n, slices_per_call) * len(windows.grid(h, w, patch, stride))
     # Splitting pays only with many windows per device (measured: stride 2, 1089 windows per
     # slice, 1.3x faster on 2 devices; stride 32, 9 windows, slower).
-    devices = devices[:max(1, min(len(devices), windows // MIN_WINDOWS_PER_DEVICE))]
+    devices = devices[:max(1, min(len(devices), n_windows // MIN_WINDOWS_PER_DEVICE))]
   mesh = window_mesh(tuple(devices))
   on_mesh = NamedSharding(mesh, PartitionSpec())
   params = jax.device_put(params, on_mesh)
+  run = _compiled(mesh.devices.flat[0].platform)
   parts = []
-  for i, lo in enumerate(range(0, n, slices_per_call)):
-    sub = jax.random.fold_in(key, i) if combine == "vote" else None
-    parts.append(_sliding_window_jit(pure, params,
-                                     jax.device_put(images[lo:lo + slices_per_call], on_mesh),
-                                     sub, patch=patch, stride=stride, chunk_size=chunk_size,
-                                     combine=combine, gaussian=gaussian_weighting,
-                                     mirror=mirror_tta, mesh=mesh))
+  for lo in range(0, n, slices_per_call):
+    parts.append(run(predictor, params, jax.device_put(images[lo:lo + slices_per_call], on_mesh),
+                     patch=patch, stride=stride, chunk_size=chunk_size,
+                     gaussian=bool(gaussian_weighting), mirror=bool(mirror_tta), mesh=mesh))
   out = {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in parts[0]}
   out["count"] = count
   return out

@@ -12,10 +12,12 @@ import functools
 import jax
 import numpy as np
 
+from perfjax import windows
+from perfjax.conventions import (BACKGROUND, BACKGROUND_OR_RV, NUM_FRAMES, PATCH, RV_BLOOD_POOL,
+                                 TRAIN_STRIDE)
 from perfjax.errors import InputError
 
 INPUT_KINDS = ("patch3", "patch2")
-NUM_FRAMES = 30  # CONVENTIONS.md: T = 30 after preprocessing.
 # "rbg" (threefry key derivation, XLA RngBitGenerator bits): on XLA:CPU it compiles about 10x
 # faster than the default threefry (which made compiling the UNet's init take ~25 s here), and its
 # numbers are identical for every sharding (so 1 and N devices agree). Its streams may differ
@@ -70,14 +72,34 @@ def model_inputs(images_nhwt, peak_lv_frame_n, kind: str) -> np.ndarray:
   return np.take_along_axis(images_nhwt, peak_n[:, None, None, None], axis=3)
 
 
-def training_windows(split: dict, kind: str, patch: int = 64,
-                     stride: int = 32) -> tuple[np.ndarray, np.ndarray]:
+RV_UNLABELLED_RULES = ("auto", "never")
+
+
+def partial_masks(masks_nhw: np.ndarray, rv_unlabelled: str = "auto") -> np.ndarray:
+  """Masks whose RV was not drawn get `BACKGROUND_OR_RV` on their background.
+
+  "auto": a mask with no RV pixel at all is taken as one whose RV was not labelled (as in
+  data sets that annotate only the myocardium and LV), so its background pixels may be RV and
+  the loss does not call them either; "never": every mask is complete.
+  """
+  if rv_unlabelled not in RV_UNLABELLED_RULES:
+    raise InputError("config.train.rv_unlabelled",
+                     f"expected one of {RV_UNLABELLED_RULES}, got {rv_unlabelled!r}")
+  masks = np.array(masks_nhw, np.int32, copy=True)
+  if rv_unlabelled == "auto":
+    partial = ~np.any(masks == RV_BLOOD_POOL, axis=(1, 2))
+    masks[partial] = np.where(masks[partial] == BACKGROUND, BACKGROUND_OR_RV, masks[partial])
+  return masks
+
+
+def training_windows(split: dict, kind: str, patch: int = PATCH, stride: int = TRAIN_STRIDE,
+                     rv_unlabelled: str = "auto") -> tuple[np.ndarray, np.ndarray]:
   """The training examples of a split: windows [M, P, P, C] float32 and labels [M, P, P] int32.
 
   `split` is a dict of `load_split` (needs "image", "mask" and, for patch2, "peak_lv_frame").
-  Window geometry comes from `perfjax.inference.extract_windows` (CONVENTIONS.md).
+  Window geometry comes from `perfjax.windows.extract` (CONVENTIONS.md). Masks without an RV
+  are partial labels (`partial_masks`).
   """
-  from perfjax.inference import extract_windows  # pylint: disable=g-import-not-at-top
   for name in ("image", "mask"):
     if name not in split:
       raise InputError("training data", f"missing {name!r}; keys: {sorted(split)}")
@@ -85,8 +107,9 @@ def training_windows(split: dict, kind: str, patch: int = 64,
   masks = np.asarray(split["mask"])
   if masks.shape != images.shape[:3]:
     raise InputError("mask", f"expected {images.shape[:3]}, got {masks.shape}")
-  windows, mask_windows = extract_windows(images, masks, patch=patch, stride=stride)
-  return np.asarray(windows, np.float32), np.asarray(mask_windows, np.int32)
+  masks = partial_masks(masks, rv_unlabelled)
+  image_windows, mask_windows = windows.extract(images, masks, patch=patch, stride=stride)
+  return np.asarray(image_windows, np.float32), np.asarray(mask_windows, np.int32)
 
 
 @functools.lru_cache(maxsize=4)

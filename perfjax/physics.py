@@ -31,11 +31,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit
 
+from perfjax import conventions
 from perfjax.errors import InputError
 
 R1_RELAXIVITY = 4.5  # 1/(mM s), gadobutrol in blood at 3T
 R2_RELAXIVITY = 6.0  # 1/(mM s)
-TISSUE_DENSITY = 1.05  # g/ml, myocardium
+TISSUE_DENSITY = conventions.MYOCARDIAL_DENSITY_G_PER_ML  # g/ml, myocardium
 PROTOCOLS = ("flash", "bssfp")
 
 # Native relaxation times at 3T (s) and relative proton density, literature-typical values.
@@ -109,11 +110,6 @@ def aif_concentration(t, params):
 def fermi_amplitude(mbf_per_s, w, k):
   """Fermi F (1/s) that gives ``h(tau_d) = mbf_per_s``: ``F = MBF * (1 + exp(-w / k))``."""
   return np.asarray(mbf_per_s) * (1.0 + np.exp(-np.asarray(w) / np.asarray(k)))
-
-
-def mbf_from_fermi(f_amp, w, k):
-  """MBF (1/s) = h at onset = ``F / (1 + exp(-w / k))`` (CONVENTIONS.md)."""
-  return np.asarray(f_amp) / (1.0 + np.exp(-np.asarray(w) / np.asarray(k)))
 
 
 def fermi_impulse(t, f_amp, w, k, tau_d, dt=None):

@@ -1,23 +1,34 @@
 """Files a reader looks at: report.md/.html, per-slice panels (paper Fig. 4/5), Dice vs 1-U
-(Fig. 6), ROC, the window coverage map (Fig. 3b).
+(Fig. 6), ROC, the window coverage map (Fig. 3b); training's metrics.jsonl, TensorBoard events
+and training curves.
 
 Every writer here is atomic: it writes to a temporary file in the target folder and renames it,
-so an interrupted run never leaves a half-written PNG or JSON behind.
+so an interrupted run never leaves a half-written PNG or JSON behind; the file gets the usual
+permissions (0666 less the umask), not the temporary file's 0600.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import hashlib
 import json
 import math
 import os
-from typing import Any, Sequence
+import subprocess
+import sys
+from typing import Any, Iterator, Sequence
 
 import markdown
 from matplotlib.figure import Figure  # Not pyplot: no global backend or figure state.
 import numpy as np
 
+from perfjax import sectors
+from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, RV_BLOOD_POOL
 from perfjax.data import io as data_io
+from perfjax.errors import InputError
 
-CLASS_COLOURS = {1: "#f5d300", 2: "#e8413c", 3: "#2f7fe0"}  # myocardium, LV, RV
+CLASS_COLOURS = {MYOCARDIUM: "#f5d300", LV_BLOOD_POOL: "#e8413c", RV_BLOOD_POOL: "#2f7fe0"}
+FOREGROUND = (MYOCARDIUM, LV_BLOOD_POOL, RV_BLOOD_POOL)
 
 
 def _jsonable(value: Any) -> Any:
@@ -38,10 +49,133 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = "") -> Iterator[Any]:
+  """`perfjax.data.io.atomic_path`, and the file gets mode 0666 less the umask.
+
+  (The temporary file is made by mkstemp, mode 0600: results, reports and figures are meant to
+  be read by others as any file the user writes.)
+  """
+  with data_io.atomic_path(path, suffix) as tmp:
+    yield tmp
+    if os.path.exists(tmp):
+      os.chmod(tmp, 0o666 & ~_umask())
+
+
+def write_text(path: str, text: str) -> None:
+  """`text` at `path`, written atomically."""
+  suffix = os.path.splitext(path)[1] or ".tmp"
+  with atomic_path(path, suffix) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+
+
 def write_json(path: str, payload: dict) -> None:
   """Strict JSON (NaN and Inf as null), written atomically."""
-  with data_io.atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
-    json.dump(_jsonable(payload), f, indent=1)
+  with atomic_path(path, ".json") as tmp:
+    with open(tmp, "w") as f:
+      json.dump(_jsonable(payload), f, indent=1)
+
+
+def fresh_dir(workdir: str, name: str) -> str:
+  """An empty folder `.{name}.new-<pid>` in `workdir` for an output folder to be built in.
+
+  Leftovers of interrupted runs (`.{name}.new-*`, `.{name}.old-*`) are removed first.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  for leftover in glob.glob(os.path.join(workdir, f".{name}.new-*")) + glob.glob(
+      os.path.join(workdir, f".{name}.old-*")):
+    shutil.rmtree(leftover, ignore_errors=True)
+  path = os.path.join(workdir, f".{name}.new-{os.getpid()}")
+  os.makedirs(path)
+  return path
+
+
+def replace_dir(staged: str, final: str) -> None:
+  """Puts the folder `staged` in the place of `final` (whose old contents are deleted)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  old = None
+  if os.path.lexists(final):
+    old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.old-{os.getpid()}")
+    os.rename(final, old)
+  os.rename(staged, final)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- provenance
+
+
+def config_fingerprint(config) -> str:
+  """A short hash of a config's values (equal configs, equal fingerprints)."""
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  text = json.dumps(_jsonable(values), sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _git(*args: str) -> str | None:
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.exists(os.path.join(root, ".git")):
+    return None
+  try:
+    out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def code_version() -> str:
+  """The git commit of the perfjax source (`+ local changes` when the tree differs), or the
+  installed package version when it is not a git checkout."""
+  commit = _git("rev-parse", "--short=12", "HEAD")
+  if commit is None:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    try:
+      return f"perfjax {metadata.version('perfjax')} (not a git checkout)"
+    except metadata.PackageNotFoundError:
+      return "unknown"
+  dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "perfjax")
+  return commit + (" + local changes" if dirty else "")
+
+
+VERSIONED = ("perfjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy",
+             "tensorflow-datasets", "ml_collections")
+
+
+def package_versions() -> dict[str, str]:
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  out = {"python": sys.version.split()[0]}
+  for name in VERSIONED:
+    try:
+      out[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      continue
+  return out
+
+
+def provenance(config, data: dict | None = None) -> dict:
+  """When, by which code and packages, from which config and data a result was made."""
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    devices = jax.devices()
+    device = f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})"
+  except Exception:  # pylint: disable=broad-except
+    device = "unknown"
+  argv = sys.argv
+  command = (" ".join(argv) if argv and os.path.basename(argv[0]) in
+             ("launch.py", "perfjax", "__main__.py", "cli.py") else None)
+  return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              code=code_version(), versions=package_versions(), device=device, command=command,
+              config_fingerprint=config_fingerprint(config),
+              config=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+              data=data or {})
 
 
 HTML_PAGE = """<!doctype html>
@@ -65,76 +199,156 @@ def write_markdown(path: str, text: str) -> None:
 
   Images are referenced by relative paths, so the page opens in a browser from the folder.
   """
-  with data_io.atomic_path(path, ".md") as tmp, open(tmp, "w") as f:
-    f.write(text)
+  with atomic_path(path, ".md") as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
   title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")),
                "perfjax report")
   body = markdown.markdown(text, extensions=["tables"])
   html_path = os.path.splitext(path)[0] + ".html"
-  with data_io.atomic_path(html_path, ".html") as tmp, open(tmp, "w") as f:
-    f.write(HTML_PAGE.format(title=title, body=body))
+  with atomic_path(html_path, ".html") as tmp:
+    with open(tmp, "w") as f:
+      f.write(HTML_PAGE.format(title=title, body=body))
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> None:
   ext = os.path.splitext(path)[1]
-  with data_io.atomic_path(path, ext) as tmp:
+  with atomic_path(path, ext) as tmp:
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext[1:])
 
 
 def enhancement_frames(image_hwt: np.ndarray, mask: np.ndarray | None) -> dict[str, int]:
   """Frames of RV, LV and myocardial enhancement (peaks of the class mean curves)."""
-  if mask is None or not all((mask == c).any() for c in (1, 2, 3)):
+  if mask is None or not all((mask == c).any() for c in FOREGROUND):
     centre = image_hwt[32:96, 32:96].reshape(-1, image_hwt.shape[-1]).mean(0)
     peak = int(np.argmax(centre))
     return {"RV": max(peak - 3, 0), "LV": peak, "myocardium": min(peak + 5, image_hwt.shape[-1] - 1)}
-  curve = {c: image_hwt[mask == c].mean(0) for c in (1, 2, 3)}
-  return {"RV": int(np.argmax(curve[3])), "LV": int(np.argmax(curve[2])),
-          "myocardium": int(np.argmax(curve[1]))}
+  curve = {c: image_hwt[mask == c].mean(0) for c in FOREGROUND}
+  return {"RV": int(np.argmax(curve[RV_BLOOD_POOL])), "LV": int(np.argmax(curve[LV_BLOOD_POOL])),
+          "myocardium": int(np.argmax(curve[MYOCARDIUM]))}
 
 
-def _contours(ax, mask: np.ndarray, style: str = "-", classes: Sequence[int] = (1, 2, 3)):
+def _contours(ax, mask: np.ndarray, style: str = "-", classes: Sequence[int] = FOREGROUND,
+              linewidth: float = 1.6):
   for c in classes:
     if (mask == c).any():
-      ax.contour(mask == c, levels=[0.5], colors=CLASS_COLOURS[c], linewidths=0.9,
+      ax.contour(mask == c, levels=[0.5], colors=CLASS_COLOURS[c], linewidths=linewidth,
                  linestyles=style)
+
+
+def heart_box(masks: Sequence[np.ndarray | None], shape: tuple[int, int],
+              margin: float = 0.35, min_size: int = 48) -> tuple[slice, slice]:
+  """Rows and columns of a square crop around the foreground of `masks` (with a margin).
+
+  The whole image when no mask has foreground.
+  """
+  h, w = shape
+  fg = np.zeros(shape, bool)
+  for m in masks:
+    if m is not None:
+      fg |= np.asarray(m) > 0
+  if not fg.any():
+    return slice(0, h), slice(0, w)
+  rows, cols = np.nonzero(fg)
+  centre = (0.5 * (rows.min() + rows.max()), 0.5 * (cols.min() + cols.max()))
+  size = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+  size = int(min(max(size * (1 + 2 * margin), min_size), min(h, w)))
+  r0 = int(np.clip(round(centre[0] - size / 2), 0, h - size))
+  c0 = int(np.clip(round(centre[1] - size / 2), 0, w - size))
+  return slice(r0, r0 + size), slice(c0, c0 + size)
+
+
+UM_LABEL = "UM: std of the window probabilities"
+
+
+def _sector_labels(ax, sectors6: np.ndarray, uncertain_sector: int | None) -> None:
+  """Sector numbers just outside the myocardium (not on the contours)."""
+  inside = sectors6 > 0
+  rows, cols = np.nonzero(inside)
+  cy, cx = rows.mean(), cols.mean()
+  radius = np.sqrt((rows - cy) ** 2 + (cols - cx) ** 2).max()
+  for k in range(1, 7):
+    r, c = np.nonzero(sectors6 == k)
+    if not r.size:
+      continue
+    angle = np.arctan2(r.mean() - cy, c.mean() - cx)
+    y, x = cy + 1.3 * radius * np.sin(angle), cx + 1.3 * radius * np.cos(angle)
+    marked = k == uncertain_sector
+    ax.text(x, y, str(k), color="cyan" if marked else "w", fontsize=9 if marked else 8,
+            ha="center", va="center", fontweight="bold" if marked else "normal",
+            bbox=dict(boxstyle="circle,pad=0.15", fc="none", ec="cyan") if marked else None)
 
 
 def slice_panel(path: str, image_hwt: np.ndarray, seg: np.ndarray, um: np.ndarray,
                 gt_mask: np.ndarray | None = None, sectors6: np.ndarray | None = None,
-                title: str = "", uncertain_sector: int | None = None) -> None:
+                title: str = "", uncertain_sector: int | None = None,
+                um_vmax: float | None = None, zoom: bool = True) -> None:
   """One row per slice: three enhancement frames, the contours, and UM with the AHA sectors.
 
-  Predicted contours are solid; ground-truth contours (when known) are dashed.
+  Every panel is zoomed on the heart (the foreground of the segmentation and the ground truth).
+  Predicted contours are solid; ground-truth contours (when known) are dashed; a legend names
+  the classes and line styles. UM is drawn on the scale [0, um_vmax] (pass the same um_vmax for
+  every slice of a report so that colours compare; default 0.5, the largest possible std of a
+  probability) with a labelled colour bar; sector numbers sit outside the myocardium, the
+  uncertain sector circled.
   """
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   frames = enhancement_frames(image_hwt, gt_mask if gt_mask is not None else seg)
-  fig = Figure(figsize=(15, 3.3))
+  # Zoomed on the ground truth's heart when it is known (a poor segmentation can cover the
+  # whole image), else on the segmentation's.
+  around = [gt_mask] if gt_mask is not None and np.any(gt_mask) else [seg]
+  rs, cs = heart_box(around, seg.shape) if zoom else (slice(None), slice(None))
+  fig = Figure(figsize=(16, 3.6))
   axes = fig.subplots(1, 5)
   for ax, (name, t) in zip(axes[:3], frames.items()):
-    ax.imshow(image_hwt[..., t], cmap="gray", vmin=0, vmax=1)
+    ax.imshow(image_hwt[rs, cs, t], cmap="gray", vmin=0, vmax=1)
     ax.set_title(f"{name} enhancement (frame {t})", fontsize=8)
-  axes[3].imshow(image_hwt[..., frames["myocardium"]], cmap="gray", vmin=0, vmax=1)
-  _contours(axes[3], seg, "-")
+  axes[3].imshow(image_hwt[rs, cs, frames["myocardium"]], cmap="gray", vmin=0, vmax=1)
+  _contours(axes[3], seg[rs, cs], "-")
   if gt_mask is not None:
-    _contours(axes[3], gt_mask, "--")
-  axes[3].set_title("predicted" + (" (solid), truth (dashed)" if gt_mask is not None else ""),
+    _contours(axes[3], gt_mask[rs, cs], "dashed", linewidth=1.2)
+  axes[3].set_title("automatic (solid)" + (", truth (dashed)" if gt_mask is not None else ""),
                     fontsize=8)
-  shown = axes[4].imshow(um, cmap="inferno", vmin=0)
-  fig.colorbar(shown, ax=axes[4], fraction=0.046)
+  names = {MYOCARDIUM: "myocardium", LV_BLOOD_POOL: "LV blood pool", RV_BLOOD_POOL: "RV blood pool"}
+  handles = [Line2D([], [], color=CLASS_COLOURS[c], lw=2, label=names[c]) for c in FOREGROUND]
+  handles.append(Line2D([], [], color="0.3", lw=1.6, label="automatic"))
+  if gt_mask is not None:
+    handles.append(Line2D([], [], color="0.3", lw=1.2, ls="--", label="ground truth"))
+  axes[3].legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.02),
+                 ncol=2, frameon=False)
+  vmax = 0.5 if um_vmax is None or not np.isfinite(um_vmax) or um_vmax <= 0 else float(um_vmax)
+  shown = axes[4].imshow(um[rs, cs], cmap="inferno", vmin=0, vmax=vmax)
+  fig.colorbar(shown, ax=axes[4], fraction=0.046, label=UM_LABEL)
   if sectors6 is not None and sectors6.any():
-    axes[4].contour(sectors6, levels=np.arange(0.5, 7), colors="w", linewidths=0.4)
-    for k in range(1, 7):
-      rows, cols = np.nonzero(sectors6 == k)
-      if rows.size:
-        weight = "bold" if k == uncertain_sector else "normal"
-        colour = "cyan" if k == uncertain_sector else "w"
-        axes[4].text(cols.mean(), rows.mean(), str(k), color=colour, fontsize=8,
-                     ha="center", va="center", fontweight=weight)
-  axes[4].set_title("UM" + (f", uncertain sector {uncertain_sector}" if uncertain_sector else ""),
-                    fontsize=8)
+    axes[4].contour(sectors6[rs, cs], levels=np.arange(0.5, 7), colors="w", linewidths=0.4)
+    _sector_labels(axes[4], sectors6[rs, cs], uncertain_sector)
+  axes[4].set_title("UM and AHA sectors" + (f"; uncertain sector {uncertain_sector} (circled)"
+                                             if uncertain_sector else ""), fontsize=8)
   for ax in axes:
     ax.set_axis_off()
   fig.suptitle(title, fontsize=10)
   save_figure(fig, path)
+
+
+def panel(path, image, seg, um, gt_mask, title, uncertain_sector, um_vmax=None):
+  """`slice_panel` with the 6 AHA sectors of the segmentation (none when they cannot be placed)."""
+  try:
+    smap = sectors.sector_map(seg, 6, 1)
+  except InputError:
+    smap = None
+  slice_panel(path, image, seg, um, gt_mask, smap, title, uncertain_sector or None,
+              um_vmax=um_vmax)
+
+
+def panel_title(slice_id: str, dice: float, one_minus_u: float, flagged: bool | None,
+                motion: bool | None) -> str:
+  """The title of a slice panel: the results table's id, Dice, 1 - U, OOD flag, motion."""
+  parts = [f"slice {slice_id}", f"Dice {_num(dice)}", f"1 - U {_num(one_minus_u)}"]
+  if flagged is not None:
+    parts.append("flagged OOD" if flagged else "not flagged")
+  if motion is not None:
+    parts.append("motion-correction failure" if motion else "no motion")
+  return " | ".join(parts)
 
 
 def dice_vs_confidence(path: str, dice: np.ndarray, one_minus_u: np.ndarray,
@@ -155,16 +369,29 @@ def dice_vs_confidence(path: str, dice: np.ndarray, one_minus_u: np.ndarray,
 
 
 def roc_figure(path: str, fpr: np.ndarray, tpr: np.ndarray, auc: float,
-               operating_point: tuple[float, float] | None = None) -> None:
-  fig = Figure(figsize=(4, 4))
+               operating_point: tuple[float, float] | None = None,
+               others: dict[str, tuple[np.ndarray, np.ndarray, float]] | None = None,
+               labels: str | None = None, n_ood: int | None = None,
+               n_total: int | None = None) -> None:
+  """ROC of 1 - U (and of every other score in `others`: name -> (fpr, tpr, auc)) against the
+  OOD label set `labels`, with the operating point t (max Youden J) of 1 - U."""
+  fig = Figure(figsize=(4.4, 4.2))
   ax = fig.subplots()
-  ax.plot(fpr, tpr, "k-", label=f"1 - U (AUC {auc:.3f})")
-  ax.plot([0, 1], [0, 1], color="0.7", ls="--")
+  ax.plot(fpr, tpr, "k-", lw=1.8, label=f"1 - U (AUC {_num(auc)})")
+  styles = ["-", "--", "-.", ":"]
+  for k, (name, (f, t, a)) in enumerate((others or {}).items()):
+    if len(f):
+      ax.plot(f, t, ls=styles[k % len(styles)], lw=1.3,
+              label=f"{name.replace('_', ' ')} baseline (AUC {_num(a)})")
+  ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
   if operating_point is not None:
-    ax.plot(*operating_point, "ro", label="max Youden J")
+    ax.plot(*operating_point, "ro", label="t of 1 - U (max Youden J)")
   ax.set_xlabel("1 - specificity")
   ax.set_ylabel("sensitivity")
-  ax.legend(fontsize=8, loc="lower right")
+  if labels:
+    count = f": {n_ood} of {n_total} slices OOD" if n_ood is not None and n_total else ""
+    ax.set_title(f"OOD labels '{labels}'{count}", fontsize=9)
+  ax.legend(fontsize=7, loc="lower right")
   save_figure(fig, path)
 
 
@@ -191,18 +418,60 @@ def _images(workdir: str, folder: str) -> list[str]:
   return [f"{folder}/{name}" for name in sorted(os.listdir(root)) if name.endswith(".png")]
 
 
-def report_markdown(results: dict, workdir: str) -> str:
-  """report.md of an evaluation: the headline tables and every figure in the workdir."""
+def _header(results: dict) -> list[str]:
+  """Date, code, packages, device, command, config and data of the run (results' provenance)."""
+  prov = results.get("provenance")
+  if not prov:
+    return []
+  versions = ", ".join(f"{k} {v}" for k, v in prov.get("versions", {}).items())
+  data = prov.get("data") or {}
+  data_text = ", ".join(f"{k} {v}" for k, v in data.items() if v is not None)
+  lines = ["| | |", "|---|---|",
+           f"| evaluated | {prov.get('date', '?')} |",
+           f"| code | `{prov.get('code', '?')}` |",
+           f"| packages | {versions} |",
+           f"| device | {prov.get('device', '?')} |"]
+  if prov.get("command"):
+    lines.append(f"| command | `{prov['command']}` |")
+  lines.append(f"| config | fingerprint `{prov.get('config_fingerprint', '?')}` (full config at "
+               "the end) |")
+  if data_text:
+    lines.append(f"| data | {data_text} |")
+  return lines + [""]
+
+
+def _config_section(results: dict) -> list[str]:
+  prov = results.get("provenance") or {}
+  if not prov.get("config"):
+    return []
+  text = json.dumps(_jsonable(prov["config"]), indent=1, sort_keys=True)
+  return ["", "## Config", "", "```json", text, "```"]
+
+
+def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] | None = None
+                    ) -> str:
+  """report.md of an evaluation: a header (date, code, packages, config, data), the headline
+  tables and the figures.
+
+  `figures` (group -> paths relative to the workdir, in the order to show) lists the figures of
+  this evaluation: `mbf`, `bullseye`, `slices` (most uncertain first), `ood`. Without it the
+  figures folder is listed (older callers).
+  """
   cfg, d, m = results["config"], results["dice"], results["mbf"]
 
   def exists(rel):
     return os.path.isfile(os.path.join(workdir, rel))
 
+  if figures is None:
+    figures = dict(
+        mbf=[r for r in _images(workdir, "figures") if os.path.basename(r).startswith("mbf_")],
+        bullseye=_images(workdir, "figures/bullseye"), slices=_images(workdir, "figures/slices"))
   lines = [f"# perfjax: {cfg['input']}-UNet ({cfg['augment']} augmentation) on "
-           f"{cfg['dataset']}/{cfg['split']}", "",
-           f"{results['n_slices']} slices; width {cfg['features']}. Numbers are in "
-           "`results.json`; the keys follow CONVENTIONS.md.", "",
-           "## Segmentation: myocardium Dice", "",
+           f"{cfg['dataset']}/{cfg['split']}", ""]
+  lines += _header(results)
+  lines += [f"{results['n_slices']} slices; width {cfg['features']}. Numbers are in "
+            "`results.json`; the keys follow CONVENTIONS.md.", "",
+            "## Segmentation: myocardium Dice", "",
            "| sectors from | whole slice | 6 sectors | 12 sectors |", "|---|---|---|---|"]
   for geometry, name in (("gt", "ground-truth RV insertion points"),
                          ("pred", "the network's own RV insertion points (paper)")):
@@ -237,13 +506,18 @@ def report_markdown(results: dict, workdir: str) -> str:
                  f"{_num(b['mean'], '+.3f')} | [{_num(b['loa_low'], '+.3f')}, "
                  f"{_num(b['loa_high'], '+.3f')}] |")
   lines.append("")
-  lines += [f"![{rel}]({rel})" for rel in _images(workdir, "figures")
-            if os.path.basename(rel).startswith("mbf_")]
-  lines += [f"![{rel}]({rel})" for rel in _images(workdir, "figures/bullseye")[:2]]
+  lines += [f"![{rel}]({rel})" for rel in figures.get("mbf", [])]
+  if figures.get("bullseye"):
+    lines += ["", "AHA 16-segment MBF per study (one colour scale for every study and source; "
+              "grey: no value).", ""]
+    lines += [f"![{rel}]({rel})" for rel in figures["bullseye"]]
   lines += ["", "## Example slices, most uncertain first", "",
-            "Frames at RV, LV and myocardial enhancement; automatic contours solid, ground truth "
-            "dashed; UM with the six AHA sectors, the uncertain sector marked.", ""]
-  lines += [f"![{rel}]({rel})" for rel in _images(workdir, "figures/slices")]
+            "Ordered by 1 - U, lowest (most uncertain) first; titled with the ids of the slice "
+            "table below, the OOD flag and the motion status. Frames at RV, LV and myocardial "
+            "enhancement, zoomed on the heart; automatic contours solid, ground truth dashed; UM "
+            "on one colour scale for every panel, with the six AHA sectors and the uncertain "
+            "sector circled.", ""]
+  lines += [f"![{rel}]({rel})" for rel in figures.get("slices", [])]
   if exists("training_curves.png"):
     lines += ["", "## Training", "", "![training curves](training_curves.png)"]
   lines += ["", "## Slices", "",
@@ -254,4 +528,84 @@ def report_markdown(results: dict, workdir: str) -> str:
                  f"{'yes' if s['ood_flag'] else ''} | {'yes' if s.get('ood_label') else ''} | "
                  f"{s['uncertain_sector'] or ''} | {_num(s['mbf_auto'], '.2f')} | "
                  f"{_num(s['mbf_gt_mask'], '.2f')} | {_num(s['mbf_true'], '.2f')} |")
+  lines += _config_section(results)
   return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- training logs
+
+
+class MetricWriter:
+  """Scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard event files.
+
+  On resume from step N the records after N (written before the interruption) are dropped
+  from both, so the files read as one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):
+      kept = [json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= resume_step]
+      with atomic_path(self.path, ".jsonl") as tmp:
+        with open(tmp, "w") as f:
+          f.writelines(kept)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step else None)
+
+  def write(self, step: int, **scalars: float) -> None:
+    if not self.enabled:
+      return
+    # One whole line per append; a line cut short by a crash is skipped by `read_metrics`.
+    with open(self.path, "a") as f:
+      f.write(json.dumps(dict(step=int(step), **{k: float(v) for k, v in scalars.items()})) + "\n")
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, float(value), int(step))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `workdir`'s metrics.jsonl (a last line cut short by a crash is skipped)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records
+
+
+def plot_curves(workdir: str) -> str | None:
+  """Writes `training_curves.png` (loss, learning rate, validation Dice) from metrics.jsonl."""
+  records = read_metrics(workdir)
+  if not records:
+    return None
+  def series(name):
+    pts = [(r["step"], r[name]) for r in records if name in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+  fig = Figure(figsize=(11, 3.2), layout="constrained")
+  ax_loss, ax_lr, ax_dice = fig.subplots(1, 3)
+  ax_loss.plot(*series("train/loss"), lw=1)
+  ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="training loss")
+  ax_lr.plot(*series("train/learning_rate"), lw=1)
+  ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+  ax_dice.plot(*series("val/dice_myo"), "o-", ms=3)
+  ax_dice.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="validation myocardium Dice")
+  for ax in (ax_loss, ax_lr, ax_dice):
+    ax.grid(alpha=0.3)
+  path = os.path.join(workdir, "training_curves.png")
+  with atomic_path(path, ".png") as tmp:
+    fig.savefig(tmp, dpi=100, format="png")
+  return path

@@ -24,9 +24,10 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from perfjax import conventions
 from perfjax.errors import InputError
 
-MYO, LV, RV = 1, 2, 3
+MYO, LV, RV = conventions.MYOCARDIUM, conventions.LV_BLOOD_POOL, conventions.RV_BLOOD_POOL
 SLICE_LEVELS = {"basal": 0, "mid": 1, "apical": 2}
 # Apical slices have 4 AHA segments (13 anterior, 14 septal, 15 inferior, 16 lateral); the six
 # sectors map onto them as anterior <- 1, septal <- 2+3, inferior <- 4, lateral <- 5+6, so each of

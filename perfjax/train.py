@@ -14,13 +14,13 @@
   an interrupted and resumed run gives bit-identical parameters to an uninterrupted one.
 * A NaN/Inf loss or gradient raises `TrainingError`; nothing non-finite is ever saved.
 * Progress bar (tqdm), `metrics.jsonl`, TensorBoard events (`tensorboard/`) and
-  `training_curves.png` in the workdir.
+  `training_curves.png` in the workdir (`perfjax.reporting.MetricWriter`, `plot_curves`).
+* Loading trained parameters is `perfjax.checkpoints.load_params`.
 """
 from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import os
 import sys
@@ -34,13 +34,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from perfjax import augment, checkpoints, inputs, metrics
+from perfjax import augment, checkpoints, inputs, metrics, platform, reporting
+from perfjax.conventions import (BACKGROUND, BACKGROUND_OR_RV, MYOCARDIUM, PATCH, RV_BLOOD_POOL,
+                                 TRAIN_STRIDE)
 from perfjax.errors import InputError, TrainingError
-from perfjax.model import UNet, make_apply_fn
+from perfjax.fast_unet import UNetPredictor
+from perfjax.inference import sliding_window
+from perfjax.model import UNet, make_model
 
-PATCH = 64
-NUM_CLASSES = 4
-MYOCARDIUM = 1
 SCHEDULES = ("constant", "cosine")
 
 
@@ -66,11 +67,6 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   if t.batch_size % num_devices:
     raise InputError("config.train.batch_size", f"{t.batch_size} is not divisible by the "
                      f"{num_devices} devices the batch is sharded over")
-
-
-def make_model(config: ml_collections.ConfigDict) -> UNet:
-  return UNet(features=config.model.features, depth=config.model.depth, num_classes=NUM_CLASSES,
-              dropout_rate=config.model.dropout_rate)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -114,13 +110,25 @@ def make_mesh(devices=None) -> Mesh:
 def init_state(config: ml_collections.ConfigDict, model: UNet,
                tx: optax.GradientTransformation) -> dict[str, Any]:
   """The training state at step 0: a plain dict pytree (what the checkpoints store)."""
-  return _init_state(model, tx, int(config.seed), inputs.input_channels(config.input))
+  return _init_state(model, tx, int(config.seed), inputs.input_channels(config.input),
+                     patch_size(config))
 
 
-def _init_state(model: UNet, tx: optax.GradientTransformation, seed: int, channels: int):
+def patch_size(config: ml_collections.ConfigDict) -> int:
+  """config.model.patch: the training window size (64, the paper's; older configs lack it)."""
+  return int(config.model.get("patch", PATCH))
+
+
+def train_stride(config: ml_collections.ConfigDict) -> int:
+  """config.train.stride: the step of the training windows (32, the paper's)."""
+  return int(config.train.get("stride", TRAIN_STRIDE))
+
+
+def _init_state(model: UNet, tx: optax.GradientTransformation, seed: int, channels: int,
+                patch: int = PATCH):
   root = inputs.prng_key(seed)  # fold_in 0: data order (perfjax.inputs).
   params = model.init(jax.random.fold_in(root, 1),
-                      jnp.zeros((1, PATCH, PATCH, channels), jnp.float32))["params"]
+                      jnp.zeros((1, patch, patch, channels), jnp.float32))["params"]
   # The step key is stored as raw uint32 key data (what checkpoints can hold).
   return dict(params=params, opt_state=tx.init(params), step=jnp.int32(0),
               rng=jax.random.key_data(jax.random.fold_in(root, 2)),
@@ -131,14 +139,15 @@ def initial_state(config: ml_collections.ConfigDict, model: UNet,
                   tx: optax.GradientTransformation, mesh: Mesh | None = None) -> dict[str, Any]:
   """`init_state` compiled as one program (eager init runs op by op: far slower), replicated."""
   mesh = make_mesh() if mesh is None else mesh
-  return _jit_init(model, tx, int(config.seed), inputs.input_channels(config.input), mesh)()
+  return _jit_init(model, tx, int(config.seed), inputs.input_channels(config.input), mesh,
+                   patch_size(config))()
 
 
 # Compiled programs are cached per (model, optimiser, ...) so that repeated `train` calls in one
 # process (resume, tests, sweeps) compile once.
 @functools.lru_cache(maxsize=8)
-def _jit_init(model, tx, seed, channels, mesh):
-  return jax.jit(functools.partial(_init_state, model, tx, seed, channels),
+def _jit_init(model, tx, seed, channels, mesh, patch=PATCH):
+  return jax.jit(functools.partial(_init_state, model, tx, seed, channels, patch),
                  out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
@@ -164,13 +173,26 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], *, model: UNe
 
   def loss_fn(params):
     logits = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_key})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return partial_label_cross_entropy(logits, labels).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new_state = dict(state, params=params, opt_state=opt_state, step=step + 1)
   return new_state, dict(loss=loss, grad_norm=optax.tree.norm(grads))
+
+
+def partial_label_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-pixel cross-entropy; `BACKGROUND_OR_RV` pixels score -log(p_background + p_RV).
+
+  Labels 0..3 give exactly optax's softmax cross-entropy. A pixel of a partial mask that may
+  be background or an undrawn RV is neither pushed towards background nor towards RV.
+  """
+  full = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.where(labels == BACKGROUND_OR_RV, BACKGROUND, labels))
+  log_p = jax.nn.log_softmax(logits)
+  merged = -jax.nn.logsumexp(log_p[..., jnp.array([BACKGROUND, RV_BLOOD_POOL])], axis=-1)
+  return jnp.where(labels == BACKGROUND_OR_RV, merged, full)
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: UNet,
@@ -183,7 +205,9 @@ def jit_train_step(config: ml_collections.ConfigDict, model: UNet,
 def _jit_step(model, tx, augment_mode, augment_cfg, mesh):
   step = functools.partial(train_step, model=model, tx=tx, augment_mode=augment_mode,
                            augment_cfg=augment_cfg)
-  return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, PartitionSpec()))
+  return jax.jit(step, donate_argnums=0, out_shardings=NamedSharding(mesh, PartitionSpec()),
+                 compiler_options=platform.compiler_options_for(mesh.devices.flat[0].platform,
+                                                                platform.UNET_CPU_OPTIONS))
 
 
 def shard_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -203,89 +227,11 @@ def local_rows(indices: np.ndarray) -> np.ndarray:
 def validation_dice(model: UNet, params, images_nhwc, masks_nhw,
                     config: ml_collections.ConfigDict) -> np.ndarray:
   """Myocardium Dice of each whole slice: stride-`eval.stride_seg` windows, mean softmax."""
-  out = _sliding_window()(make_apply_fn(model, {"params": params}), images_nhwc, patch=PATCH,
-                          stride=config.eval.stride_seg, chunk_size=config.eval.chunk_size)
+  out = sliding_window(UNetPredictor(model), {"params": params}, images_nhwc,
+                       patch=patch_size(config), stride=config.eval.stride_seg,
+                       chunk_size=config.eval.chunk_size)
   return np.array([metrics.dice(seg, gt, label=MYOCARDIUM)
                    for seg, gt in zip(out["segmentation"], np.asarray(masks_nhw))])
-
-
-def _sliding_window():
-  from perfjax.inference import sliding_window  # pylint: disable=g-import-not-at-top
-  return sliding_window
-
-
-# ------------------------------------------------------------------------------------- logging
-
-
-class MetricWriter:
-  """Scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard event files.
-
-  On resume from step N the records after N (written before the interruption) are dropped
-  from both, so the files read as one uninterrupted run.
-  """
-
-  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if not enabled:
-      return
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                             purge_step=resume_step + 1 if resume_step else None)
-
-  def write(self, step: int, **scalars: float) -> None:
-    if not self.enabled:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(dict(step=int(step), **{k: float(v) for k, v in scalars.items()})) + "\n")
-    for name, value in scalars.items():
-      self._tb.add_scalar(name, float(value), int(step))
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_curves(workdir: str) -> str | None:
-  """Writes `training_curves.png` (loss, learning rate, validation Dice) from metrics.jsonl."""
-  records = read_metrics(workdir)
-  if not records:
-    return None
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  def series(name):
-    pts = [(r["step"], r[name]) for r in records if name in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-  fig = Figure(figsize=(11, 3.2), layout="constrained")
-  ax_loss, ax_lr, ax_dice = fig.subplots(1, 3)
-  ax_loss.plot(*series("train/loss"), lw=1)
-  ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="training loss")
-  ax_lr.plot(*series("train/learning_rate"), lw=1)
-  ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
-  ax_dice.plot(*series("val/dice_myo"), "o-", ms=3)
-  ax_dice.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="validation myocardium Dice")
-  for ax in (ax_loss, ax_lr, ax_dice):
-    ax.grid(alpha=0.3)
-  path = os.path.join(workdir, "training_curves.png")
-  fig.savefig(path, dpi=100)
-  return path
 
 
 # ------------------------------------------------------------------------------------ training
@@ -294,8 +240,39 @@ def plot_curves(workdir: str) -> str | None:
 def load_data(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """The train and validation splits of `config.data.dataset` (built on first use)."""
   from perfjax.data.datasets import load_split  # pylint: disable=g-import-not-at-top
-  return {split: load_split(config.data.dataset, split, config.data.data_dir)
+  return {split: load_split(config.data.dataset, split, config.data.data_dir,
+                            manual_dir=config.data.get("manual_dir"))
           for split in ("train", "validation")}
+
+
+RELEASED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "released")
+
+
+def init_source(config: ml_collections.ConfigDict) -> str:
+  """The workdir that `config.train.init_from` names: a training workdir, or "released" for
+  the released model of `config.input` (`released/patch3`, `released/patch2`)."""
+  source = str(config.train.init_from)
+  if source == "released":
+    source = os.path.join(RELEASED_DIR, config.input)
+  if not os.path.isdir(source):
+    raise InputError("config.train.init_from", f"{source}: no such workdir")
+  return source
+
+
+def init_params(config: ml_collections.ConfigDict, source: str):
+  """The best parameters of `source` for fine-tuning; its model must be `config`'s."""
+  saved = checkpoints.load_workdir_config(source)
+  for field in ("input", "model"):
+    mine = config[field].to_dict() if hasattr(config[field], "to_dict") else config[field]
+    theirs = saved[field].to_dict() if hasattr(saved[field], "to_dict") else saved[field]
+    if field == "model":  # fields older configs lack take today's defaults
+      theirs = {**mine, **theirs}
+    if mine != theirs:
+      raise InputError("config.train.init_from", f"{source} was trained with {field} "
+                       f"{theirs}, this config has {mine}: set the same {field} to fine-tune")
+  _, variables = checkpoints.load_params(config, source, "best")
+  return jax.tree.map(np.asarray, variables["params"])
 
 
 def _replicate(mesh: Mesh, value) -> jax.Array:
@@ -319,14 +296,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
       later call resumes. The result is the same as one uninterrupted call.
   """
   check_config(config)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO.
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
   t = config.train
 
   data = load_data(config) if data is None else data
-  x_train, y_train = inputs.training_windows(data["train"], config.input, PATCH, 32)
+  x_train, y_train = inputs.training_windows(data["train"], config.input, patch_size(config),
+                                             train_stride(config),
+                                             config.train.get("rv_unlabelled", "auto"))
   val = data["validation"]
   x_val = inputs.model_inputs(val["image"], val.get("peak_lv_frame"), config.input)
   y_val = np.asarray(val["mask"])
@@ -348,12 +326,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
     start = int(state["step"])
     if lead:
       print(f"Resuming from step {start} ({latest.directory})", flush=True)
+  elif config.train.get("init_from"):
+    source = init_source(config)
+    state = dict(state, params=_replicate(mesh, init_params(config, source)))
+    if lead:
+      print(f"Starting from the parameters of {source}", flush=True)
   best_dice, best_step = float(state["best_dice"]), int(state["best_step"])
   if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+    reporting.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
 
-  writer = MetricWriter(workdir, start, enabled=lead)
+  writer = reporting.MetricWriter(workdir, start, enabled=lead)
   step_fn = jit_train_step(config, model, tx, mesh)
   first_step_s = None
   step, stopped_early, train_s, wall0 = start, False, 0.0, time.perf_counter()
@@ -444,7 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
     bar.close()
     writer.close()
     if lead:
-      plot_curves(workdir)
+      reporting.plot_curves(workdir)
 
   trained = step - start
   summary = dict(
@@ -459,42 +441,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
       patches_per_second=(trained - 1) * t.batch_size / train_s if trained > 1 and train_s
       else None)
   if lead:
-    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    reporting.write_text(os.path.join(workdir, "train_summary.json"),
+                         json.dumps(summary, indent=2))
   return summary
-
-
-# ------------------------------------------------------------------------------------- loading
-
-
-def _abstract(tree, sharding) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def load_params(config: ml_collections.ConfigDict, workdir: str,
-                which: str = "best") -> tuple[UNet, dict]:
-  """The model and its variables {"params": ...} from `workdir` ("best" or "latest" checkpoint).
-
-  The variables go straight into `perfjax.model.make_apply_fn(model, variables)`.
-  """
-  if which not in ("best", "latest"):
-    raise InputError("which", f"expected 'best' or 'latest', got {which!r}")
-  subdir = os.path.join(os.path.abspath(workdir),
-                        checkpoints.BEST_DIR if which == "best" else checkpoints.LATEST_DIR)
-  if not os.path.isdir(subdir):
-    raise InputError(workdir, f"no {which!r} checkpoint ({subdir} is missing); train first")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  model, tx = make_model(config), make_optimizer(config)
-  mngr = checkpoints.manager(workdir, which, read_only=True)
-  if mngr.latest_step() is None:
-    raise InputError(workdir, f"no complete {which!r} checkpoint in {subdir}; train first")
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes = jax.eval_shape(functools.partial(init_state, config, model, tx))
-  if which == "best":
-    shapes = dict(params=shapes["params"], step=shapes["step"], val_dice=shapes["best_dice"])
-  try:
-    restored = checkpoints.restore(mngr, _abstract(shapes, sharding))
-  except (ValueError, KeyError, TypeError) as e:
-    raise InputError(subdir, f"checkpoint does not match config (input {config.input}, "
-                     f"features {config.model.features}, depth {config.model.depth}): {e}") from e
-  return model, {"params": restored["params"]}

@@ -35,10 +35,10 @@ from scipy import ndimage
 
 from perfjax import sectors
 from perfjax.errors import InputError
-from perfjax.inference import sliding_window
+from perfjax.conventions import MYOCARDIUM, PATCH, SEG_STRIDE
+from perfjax.inference import WindowPredictor, sliding_window
 
 N_SECTORS = 6
-MYO_CHANNEL = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ def slice_uncertainty(um, seg, dilation: int = 0, theta_s: float | None = None,
     raise InputError("um", "contains NaN or Inf")
   if isinstance(dilation, bool) or int(dilation) != dilation or dilation < 0:
     raise InputError("dilation", f"must be a non-negative integer, got {dilation!r}")
-  myo = seg == sectors.MYO
+  myo = seg == MYOCARDIUM
   if not myo.any():
     return _flagged("seg: no segmented myocardium")
   try:
@@ -246,7 +246,7 @@ def ood_analysis(one_minus_u, ood_labels, dice=None) -> dict:
 def _um_from_samples(probs_snhwk: np.ndarray) -> dict:
   """Per-pixel std (ddof=1) across samples of the myocardium probability, and the mean."""
   mean = probs_snhwk.mean(axis=0)
-  um = probs_snhwk[..., MYO_CHANNEL].std(axis=0, ddof=1) if len(probs_snhwk) > 1 else \
+  um = probs_snhwk[..., MYOCARDIUM].std(axis=0, ddof=1) if len(probs_snhwk) > 1 else \
       np.zeros(probs_snhwk.shape[1:-1], probs_snhwk.dtype)
   return dict(um=um.astype(np.float32), mean=mean.astype(np.float32),
               segmentation=np.argmax(mean, axis=-1).astype(np.int32))
@@ -292,12 +292,13 @@ def _unaugment(probs_nhwk: np.ndarray, t: dict) -> np.ndarray:
   return x
 
 
-def tta_uncertainty(apply_fn: Callable, images_nhwc, key, n_samples: int = 8, max_shift: int = 4,
-                    noise_std: float = 0.02, patch: int = 64, stride: int = 32,
-                    **window_kwargs) -> dict:
+def tta_uncertainty(predict_fn: Callable, params, images_nhwc, key, n_samples: int = 8,
+                    max_shift: int = 4, noise_std: float = 0.02, patch: int = PATCH,
+                    stride: int = SEG_STRIDE, **window_kwargs) -> dict:
   """Test-time-augmentation uncertainty map of each slice.
 
-  Every slice is predicted (``perfjax.inference.sliding_window`` at ``stride``) under
+  Every slice is predicted (``perfjax.inference.sliding_window(predict_fn, params, ...)`` at
+  ``stride``, e.g. with ``perfjax.fast_unet.UNetPredictor(model)`` and its variables) under
   ``n_samples`` augmentations of the whole slice (random row/column flips, circular shifts
   of up to ``max_shift`` px, Gaussian noise of ``noise_std``; sample 0 unaugmented); the
   probabilities are mapped back and UM is their per-pixel std (ddof=1) of the myocardium
@@ -312,15 +313,17 @@ def tta_uncertainty(apply_fn: Callable, images_nhwc, key, n_samples: int = 8, ma
     raise InputError("images", f"expected [N, H, W, C], got shape {images_nhwc.shape}")
   transforms = tta_transforms(key, n_samples, max_shift, noise_std)
   batch = np.concatenate([_augment(images_nhwc, t) for t in transforms])
-  probs = sliding_window(apply_fn, batch, patch=patch, stride=stride, **window_kwargs)["mean"]
+  probs = sliding_window(predict_fn, params, batch, patch=patch, stride=stride,
+                         **window_kwargs)["mean"]
   n = images_nhwc.shape[0]
   samples = np.stack([_unaugment(probs[s * n:(s + 1) * n], t) for s, t in enumerate(transforms)])
   return _um_from_samples(samples)
 
 
 @dataclasses.dataclass(frozen=True)
-class _DropoutSoftmax:
-  """Hashable pure (params=(variables, key), patches) -> softmax probs with dropout on."""
+class DropoutPredictor(WindowPredictor):
+  """A UNet's softmax with dropout on, as a `WindowPredictor` of params = (variables, key):
+  one compilation for all samples (the key is traced)."""
   model: Any
 
   def __call__(self, params, patches_bhwc):
@@ -329,18 +332,9 @@ class _DropoutSoftmax:
     return jax.nn.softmax(logits, axis=-1)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _DropoutApply:
-  """``sliding_window`` apply_fn with traced (variables, key): one compilation for all samples."""
-  pure: _DropoutSoftmax
-  params: Any
-
-  def __call__(self, patches_bhwc):
-    return self.pure(self.params, patches_bhwc)
-
-
 def mc_dropout_uncertainty(model, variables, images_nhwc, key, n_samples: int = 8,
-                           patch: int = 64, stride: int = 32, **window_kwargs) -> dict:
+                           patch: int = PATCH, stride: int = SEG_STRIDE,
+                           **window_kwargs) -> dict:
   """Monte-Carlo-dropout uncertainty map of each slice.
 
   ``model`` is a ``perfjax.model.UNet`` with ``dropout_rate > 0`` and ``variables`` its
@@ -354,10 +348,9 @@ def mc_dropout_uncertainty(model, variables, images_nhwc, key, n_samples: int = 
   if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 2:
     raise InputError("n_samples", f"need at least 2 samples for a std, got {n_samples!r}")
   images_nhwc = np.asarray(images_nhwc, np.float32)
-  pure = _DropoutSoftmax(model)
+  predictor = DropoutPredictor(model)
   samples = []
   for s in range(int(n_samples)):
-    apply_fn = _DropoutApply(pure, (variables, jax.random.fold_in(key, s)))
-    samples.append(sliding_window(apply_fn, images_nhwc, patch=patch, stride=stride,
-                                  **window_kwargs)["mean"])
+    samples.append(sliding_window(predictor, (variables, jax.random.fold_in(key, s)), images_nhwc,
+                                  patch=patch, stride=stride, **window_kwargs)["mean"])
   return _um_from_samples(np.stack(samples))

@@ -317,6 +317,7 @@ def test_bad_inputs_raise_input_error():
     augment.AugmentConfig(modulation_weights=(0.0, 0.0, 0.0))
 
 
+@pytest.mark.slow
 def test_same_result_with_the_batch_sharded_over_4_devices():
   # A fresh process, since the device count is fixed when JAX starts.
   script = """

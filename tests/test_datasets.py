@@ -9,13 +9,12 @@ from perfjax.data import datasets, io, phantom
 from perfjax.errors import InputError
 
 CONFIG = "synthetic_small"
+pytestmark = pytest.mark.slow  # Dataset builds.
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("tfds")
-  datasets.prepare(CONFIG, path)
-  return path
+def data_dir(small_data_dir):
+  return small_data_dir  # conftest: synthetic_small, built once per session
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 from configs import patch2
 from configs import patch3
 from perfjax import evaluate
+from perfjax import predict
 from perfjax import train
 from perfjax.data import io as data_io
 from perfjax.data import phantom
@@ -22,10 +23,13 @@ SLICE_KEYS = ["id", "dice", "U", "ood_flag", "uncertain_sector", "mbf_auto", "mb
               "mbf_true", "motion"]
 
 
+pytestmark = pytest.mark.slow  # A tiny training run, evaluated.
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, small_data_env):
+  del small_data_env  # PERFJAX_DATA_DIR for this module (conftest).
   root = tmp_path_factory.mktemp("evaluate")
-  os.environ["PERFJAX_DATA_DIR"] = str(root / "tfds")
   config = patch3.get_config("tiny")
   workdir = str(root / "run")
   train.train(config, workdir)
@@ -107,7 +111,7 @@ def test_predict_on_nifti_folder_reports_bad_file_and_writes_the_rest(trained, t
   data_io.write_nifti(folder / "slice0_mask.nii.gz", sim["mask"][0], pixel_mm=(1.4, 1.4))
   (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
   out = tmp_path / "out"
-  rows = evaluate.predict(config, workdir, str(folder), str(out))
+  rows = predict.predict(config, workdir, str(folder), str(out))
   by_id = {r["id"]: r for r in rows}
   assert set(by_id) == {"slice0", "slice1", "broken"}
   assert "broken.nii.gz" in by_id["broken"]["error"]
@@ -126,5 +130,5 @@ def test_predict_on_nifti_folder_reports_bad_file_and_writes_the_rest(trained, t
 def test_predict_without_checkpoint_is_a_clear_error(tmp_path):
   from perfjax.errors import InputError
   with pytest.raises(InputError, match="train first"):
-    evaluate.predict(patch3.get_config("tiny"), str(tmp_path / "empty"), "split:test",
-                     str(tmp_path / "o"))
+    predict.predict(patch3.get_config("tiny"), str(tmp_path / "empty"), "split:test",
+                    str(tmp_path / "o"))

@@ -1,33 +1,34 @@
-"""Sliding-window geometry, combination (mean, std, vote), options and bad input."""
+"""Sliding-window geometry (perfjax.windows), combination (mean, std), options and bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from perfjax import inference as inf
+from perfjax import windows
 from perfjax.errors import InputError
 
 
 def test_window_starts():
-  np.testing.assert_array_equal(inf.window_starts(128, 64, 32), [0, 32, 64])
-  s2 = inf.window_starts(128, 64, 2)
+  np.testing.assert_array_equal(windows.starts(128, 64, 32), [0, 32, 64])
+  s2 = windows.starts(128, 64, 2)
   assert len(s2) == 33 and s2[0] == 0 and s2[-1] == 64 and np.all(np.diff(s2) == 2)
-  np.testing.assert_array_equal(inf.window_starts(100, 64, 30), [0, 30, 36])  # 36 added
-  np.testing.assert_array_equal(inf.window_starts(64, 64, 5), [0])
-  np.testing.assert_array_equal(inf.window_starts(128, 64, 64), [0, 64])
+  np.testing.assert_array_equal(windows.starts(100, 64, 30), [0, 30, 36])  # 36 added
+  np.testing.assert_array_equal(windows.starts(64, 64, 5), [0])
+  np.testing.assert_array_equal(windows.starts(128, 64, 64), [0, 64])
   for bad in [(60, 64, 2), (128, 64, 0), (128, 64, 2.0), (128, 0, 2)]:
     with pytest.raises(InputError):
-      inf.window_starts(*bad)
+      windows.starts(*bad)
 
 
 def test_coverage_counts_paper_fig3b():
-  assert len(inf.window_grid(128, 128, 64, 32)) == 9
-  assert len(inf.window_grid(128, 128, 64, 2)) == 1089
-  c2 = inf.coverage_count(128, 128, 64, 2)
+  assert len(windows.grid(128, 128, 64, 32)) == 9
+  assert len(windows.grid(128, 128, 64, 2)) == 1089
+  c2 = windows.coverage(128, 128, 64, 2)
   assert c2[64, 64] == 1024 and c2[0, 0] == 1 and c2[127, 127] == 1 and c2.sum() == 1089 * 64 * 64
   # Row 1 is covered by windows starting at 0 only; row 2 by starts 0 and 2.
   assert c2[1, 0] == 1 and c2[2, 0] == 2 and c2[2, 2] == 4
-  c32 = inf.coverage_count(128, 128, 64, 32)
+  c32 = windows.coverage(128, 128, 64, 32)
   assert c32[64, 64] == 4 and c32[0, 0] == 1 and c32[40, 10] == 2 and c32[40, 40] == 4
 
 
@@ -40,12 +41,13 @@ def _position_image(n, h, w):
   return img
 
 
-def _closed_form_apply(patches):
+def _closed_form_apply(params, patches):
   """Probabilities that depend on the window origin and on the pixel: closed form.
 
   The window origin is read from the patch's top-left pixel; class 1's logit is
   sin(7 * origin_row + 3 * origin_col) + pixel_row + slice; class 0's logit is 0.
   """
+  del params
   r0, c0 = patches[:, :1, :1, 0:1], patches[:, :1, :1, 1:2]
   z = jnp.sin(7.0 * r0 + 3.0 * c0) + patches[..., 0:1] + patches[..., 2:3]
   return jax.nn.softmax(jnp.concatenate([jnp.zeros_like(z), z], -1), -1)
@@ -54,10 +56,10 @@ def _closed_form_apply(patches):
 def _reference(img, patch, stride, fn):
   """Brute force in float64: list every window's probabilities per pixel."""
   n, h, w, _ = img.shape
-  grid = inf.window_grid(h, w, patch, stride)
+  grid = windows.grid(h, w, patch, stride)
   stack = np.full((len(grid), n, h, w, 2), np.nan)
   for i, (r, c) in enumerate(grid):
-    stack[i, :, r:r + patch, c:c + patch] = np.asarray(fn(img[:, r:r + patch, c:c + patch]))
+    stack[i, :, r:r + patch, c:c + patch] = np.asarray(fn(None, img[:, r:r + patch, c:c + patch]))
   mean = np.nanmean(stack, 0)
   cnt = np.sum(~np.isnan(stack[..., 0]), 0)[0]
   ss = np.nansum((stack - mean) ** 2, 0)
@@ -68,7 +70,7 @@ def _reference(img, patch, stride, fn):
 @pytest.mark.parametrize("h,w,patch,stride", [(24, 20, 8, 2), (24, 20, 8, 5), (16, 16, 8, 8)])
 def test_mean_std_closed_form(h, w, patch, stride):
   img = _position_image(2, h, w)
-  out = inf.sliding_window(_closed_form_apply, img, patch=patch, stride=stride, chunk_size=16)
+  out = inf.sliding_window(_closed_form_apply, None, img, patch=patch, stride=stride, chunk_size=16)
   mean, std, cnt = _reference(img, patch, stride, _closed_form_apply)
   np.testing.assert_array_equal(out["count"], cnt)
   np.testing.assert_allclose(out["mean"], mean, atol=2e-6)
@@ -79,7 +81,7 @@ def test_mean_std_closed_form(h, w, patch, stride):
 
 def test_chunked_equals_unchunked():
   img = _position_image(3, 20, 20)
-  outs = [inf.sliding_window(_closed_form_apply, img, patch=8, stride=3, chunk_size=c,
+  outs = [inf.sliding_window(_closed_form_apply, None, img, patch=8, stride=3, chunk_size=c,
                              slices_per_call=s) for c, s in ((1, 3), (7, 2), (10_000, 3))]
   for o in outs[1:]:
     np.testing.assert_allclose(o["mean"], outs[0]["mean"], atol=1e-6)
@@ -88,9 +90,9 @@ def test_chunked_equals_unchunked():
 
 def test_stride_equal_patch_is_plain_tiling():
   img = np.random.default_rng(0).random((2, 16, 24, 3)).astype(np.float32)
-  fn = lambda x: jax.nn.softmax(x * 5.0, -1)  # noqa: E731 (pixelwise: tiling reproduces it)
-  out = inf.sliding_window(fn, img, patch=8, stride=8)
-  np.testing.assert_allclose(out["mean"], np.asarray(fn(img)), atol=1e-6)
+  fn = lambda p, x: jax.nn.softmax(x * 5.0, -1)  # noqa: E731 (pixelwise: tiling reproduces it)
+  out = inf.sliding_window(fn, None, img, patch=8, stride=8)
+  np.testing.assert_allclose(out["mean"], np.asarray(fn(None, img)), atol=1e-6)
   assert np.all(out["std"] == 0) and np.all(out["count"] == 1)
 
 
@@ -99,13 +101,14 @@ def test_std_accurate_when_tiny_next_to_mean():
   # float32 would lose every digit of the variance; Welford keeps them.
   img = _position_image(1, 24, 24)
 
-  def fn(x):
+  def fn(params, x):
+    del params
     eps = 1e-4 + 1e-5 * jnp.sin(11.0 * x[:, :1, :1, 0:1] + 5.0 * x[:, :1, :1, 1:2])
     eps = jnp.broadcast_to(eps, x[..., :1].shape)
     return jnp.concatenate([1.0 - eps, eps], -1)
 
-  out = inf.sliding_window(fn, img, patch=8, stride=1, chunk_size=64)
-  grid = inf.window_grid(24, 24, 8, 1)
+  out = inf.sliding_window(fn, None, img, patch=8, stride=1, chunk_size=64)
+  grid = windows.grid(24, 24, 8, 1)
   vals = 1e-4 + 1e-5 * np.sin(11.0 * grid[:, 0] / 24 + 5.0 * grid[:, 1] / 24)
   inside = (grid[:, 0] <= 12) & (grid[:, 0] > 4) & (grid[:, 1] <= 12) & (grid[:, 1] > 4)
   expected = np.std(vals[inside], ddof=1)  # pixel (12, 12) is covered by starts 5..12
@@ -114,38 +117,17 @@ def test_std_accurate_when_tiny_next_to_mean():
   np.testing.assert_allclose(out["std"][0, 12, 12, 0], expected, rtol=2e-2)
 
 
-def test_vote_with_seeded_ties():
-  # Two windows per pixel column group: window at col 0 votes class 0, window at col 4 class 1.
-  img = _position_image(1, 8, 12)
-
-  def fn(x):
-    first = (x[:, :1, :1, 1:2] == 0).astype(jnp.float32)
-    p0 = jnp.broadcast_to(0.6 * first + 0.3 * (1 - first), x[..., :1].shape)
-    return jnp.concatenate([p0, 1.0 - p0], -1)
-
-  out = inf.sliding_window(fn, img, patch=8, stride=4, combine="vote", key=jax.random.key(3))
-  np.testing.assert_array_equal(out["votes"][0, 0, :, 0], [1] * 4 + [1] * 4 + [0] * 4)
-  seg = out["segmentation"][0]
-  assert np.all(seg[:, :4] == 0) and np.all(seg[:, 8:] == 1)
-  ties = seg[:, 4:8]  # one vote each: a coin flip per pixel, reproducible from the key
-  assert 0 < ties.mean() < 1
-  again = inf.sliding_window(fn, img, patch=8, stride=4, combine="vote", key=jax.random.key(3))
-  np.testing.assert_array_equal(again["segmentation"], out["segmentation"])
-  other = inf.sliding_window(fn, img, patch=8, stride=4, combine="vote", key=jax.random.key(4))
-  assert not np.array_equal(other["segmentation"][0, :, 4:8], ties)
-
-
 def test_gaussian_weighting():
   w = inf.gaussian_weights(8)
   assert w.shape == (8, 8) and w.max() == 1.0 and np.allclose(w, w.T) and np.allclose(w, w[::-1])
   img = _position_image(1, 16, 16)
-  pixelwise = lambda x: jax.nn.softmax(jnp.concatenate([x[..., :1], -x[..., 1:2]], -1), -1)  # noqa
-  out = inf.sliding_window(pixelwise, img, patch=8, stride=2, gaussian_weighting=True)
-  np.testing.assert_allclose(out["mean"][0], np.asarray(pixelwise(img))[0], atol=1e-6)
+  pixelwise = lambda p, x: jax.nn.softmax(jnp.concatenate([x[..., :1], -x[..., 1:2]], -1), -1)  # noqa
+  out = inf.sliding_window(pixelwise, None, img, patch=8, stride=2, gaussian_weighting=True)
+  np.testing.assert_allclose(out["mean"][0], np.asarray(pixelwise(None, img))[0], atol=1e-6)
   # Window-dependent outputs: the weighted mean stays within the per-pixel range of windows
   # and differs from the plain mean.
-  wo = inf.sliding_window(_closed_form_apply, img, patch=8, stride=2, gaussian_weighting=True)
-  plain = inf.sliding_window(_closed_form_apply, img, patch=8, stride=2)
+  wo = inf.sliding_window(_closed_form_apply, None, img, patch=8, stride=2, gaussian_weighting=True)
+  plain = inf.sliding_window(_closed_form_apply, None, img, patch=8, stride=2)
   assert np.abs(wo["mean"] - plain["mean"]).max() > 1e-3
   np.testing.assert_allclose(wo["std"], plain["std"], atol=1e-6)
   np.testing.assert_allclose(wo["mean"].sum(-1), 1.0, atol=1e-5)
@@ -153,13 +135,13 @@ def test_gaussian_weighting():
 
 def test_mirror_tta():
   img = _position_image(1, 16, 16)
-  pixelwise = lambda x: jax.nn.softmax(x[..., :2] * 3.0, -1)  # noqa: E731 (flip-equivariant)
-  a = inf.sliding_window(pixelwise, img, patch=8, stride=4, mirror_tta=True)
-  np.testing.assert_allclose(a["mean"], np.asarray(pixelwise(img)), atol=1e-6)
+  pixelwise = lambda p, x: jax.nn.softmax(x[..., :2] * 3.0, -1)  # noqa: E731 (flip-equivariant)
+  a = inf.sliding_window(pixelwise, None, img, patch=8, stride=4, mirror_tta=True)
+  np.testing.assert_allclose(a["mean"], np.asarray(pixelwise(None, img)), atol=1e-6)
   # A window-position-dependent fn: each window's output becomes the mean of its 4 mirrorings.
-  b = inf.sliding_window(_closed_form_apply, img, patch=8, stride=8, mirror_tta=True)
+  b = inf.sliding_window(_closed_form_apply, None, img, patch=8, stride=8, mirror_tta=True)
   tile = img[:, :8, :8]
-  manual = sum(np.flip(np.asarray(_closed_form_apply(np.flip(tile, ax))), ax)
+  manual = sum(np.flip(np.asarray(_closed_form_apply(None, np.flip(tile, ax))), ax)
                for ax in ((), (1,), (2,), (1, 2))) / 4
   np.testing.assert_allclose(b["mean"][:, :8, :8], manual, atol=1e-6)
 
@@ -167,41 +149,42 @@ def test_mirror_tta():
 def test_extract_windows_order_and_masks():
   img = _position_image(2, 128, 128)
   masks = np.arange(2 * 128 * 128).reshape(2, 128, 128).astype(np.int32)
-  patches, mpatches = inf.extract_windows(img, masks, patch=64, stride=32)
+  patches, mpatches = windows.extract(img, masks, patch=64, stride=32)
   assert patches.shape == (18, 64, 64, 3) and mpatches.shape == (18, 64, 64)
   # Window 5 of slice 1: origin (32, 64).
   np.testing.assert_array_equal(patches[9 + 5], img[1, 32:96, 64:128])
   np.testing.assert_array_equal(mpatches[9 + 5], masks[1, 32:96, 64:128])
-  jx = jax.jit(lambda x: inf.extract_windows(x, patch=64, stride=32))(jnp.asarray(img))
+  jx = jax.jit(lambda x: windows.extract(x, patch=64, stride=32))(jnp.asarray(img))
   np.testing.assert_array_equal(np.asarray(jx), patches)
   with pytest.raises(InputError):
-    inf.extract_windows(img, masks[:1])
+    windows.extract(img, masks[:1])
 
 
 def test_bad_inputs():
-  fn = lambda x: jax.nn.softmax(x[..., :2], -1)  # noqa: E731
+  fn = lambda p, x: jax.nn.softmax(x[..., :2], -1)  # noqa: E731
   img = np.zeros((1, 16, 16, 2), np.float32)
   with pytest.raises(InputError):
-    inf.sliding_window(fn, img[0], patch=8)
+    inf.sliding_window(fn, None, img[0], patch=8)
   with pytest.raises(InputError):
-    inf.sliding_window(fn, img, patch=32)
+    inf.sliding_window(fn, None, img, patch=32)
   with pytest.raises(InputError):
-    inf.sliding_window(fn, img, patch=8, combine="median")
+    inf.sliding_window("not a function", None, img, patch=8)
   with pytest.raises(InputError):
-    inf.sliding_window(fn, img, patch=8, chunk_size=0)
+    inf.sliding_window(fn, None, img, patch=8, chunk_size=0)
   bad = img.copy()
   bad[0, 3, 3, 0] = np.nan
   with pytest.raises(InputError, match="NaN"):
-    inf.sliding_window(fn, bad, patch=8)
+    inf.sliding_window(fn, None, bad, patch=8)
 
 
 def test_fast_path_equals_plain_path():
-  from perfjax.model import UNet, make_apply_fn, numpy_params
+  from perfjax.fast_unet import UNetPredictor
+  from perfjax.model import UNet, numpy_params
   model = UNet(features=4, depth=2)
   params = numpy_params(model, 3, seed=0, patch=16)
   img = np.random.default_rng(1).random((2, 28, 24, 3)).astype(np.float32)
-  plain = inf.sliding_window(make_apply_fn(model, params), img, patch=16, stride=1, chunk_size=16)
-  fast = inf.sliding_window(make_apply_fn(model, params, fast=True), img, patch=16, stride=1,
+  plain = inf.sliding_window(UNetPredictor(model), params, img, patch=16, stride=1, chunk_size=16)
+  fast = inf.sliding_window(UNetPredictor(model, fast=True), params, img, patch=16, stride=1,
                             chunk_size=5)
   np.testing.assert_allclose(fast["mean"], plain["mean"], atol=1e-5)
   np.testing.assert_allclose(fast["std"], plain["std"], atol=1e-5)
@@ -211,25 +194,30 @@ def test_fast_path_equals_plain_path():
 _SPLIT_SCRIPT = r"""
 import jax, jax.numpy as jnp, numpy as np
 from perfjax import inference as inf
-from perfjax.model import UNet, make_apply_fn, numpy_params
+from perfjax.fast_unet import UNetPredictor
+from perfjax.model import UNet, numpy_params
 assert len(jax.devices()) == 3
-def closed(p):
+def closed(params, p):
   r0, c0 = p[:, :1, :1, 0:1], p[:, :1, :1, 1:2]
   z = jnp.sin(7.0 * r0 + 3.0 * c0) + p[..., 0:1]
   return jax.nn.softmax(jnp.concatenate([jnp.zeros_like(z), z], -1), -1)
 rng = np.random.default_rng(0)
 img = rng.random((2, 24, 20, 3), dtype=np.float32)
-unet = make_apply_fn(UNet(features=4, depth=2), numpy_params(UNet(features=4, depth=2), 3), fast=True)
-for fn, kw in ((closed, dict(stride=2, chunk_size=7)), (closed, dict(stride=3, combine="vote")),
-               (closed, dict(stride=2, gaussian_weighting=True)), (unet, dict(stride=2, chunk_size=16))):
-  one = inf.sliding_window(fn, img, patch=8, devices=jax.devices()[:1], **kw)
-  three = inf.sliding_window(fn, img, patch=8, devices=jax.devices(), **kw)
+unet = UNetPredictor(UNet(features=4, depth=2), fast=True)
+unet_params = numpy_params(UNet(features=4, depth=2), 3)
+for fn, params, kw in ((closed, None, dict(stride=2, chunk_size=7)),
+                       (closed, None, dict(stride=3, mirror_tta=True)),
+                       (closed, None, dict(stride=2, gaussian_weighting=True)),
+                       (unet, unet_params, dict(stride=2, chunk_size=16))):
+  one = inf.sliding_window(fn, params, img, patch=8, devices=jax.devices()[:1], **kw)
+  three = inf.sliding_window(fn, params, img, patch=8, devices=jax.devices(), **kw)
   for name in one:
     np.testing.assert_allclose(three[name], one[name], atol=2e-6, err_msg=name)
 print("ok")
 """
 
 
+@pytest.mark.slow
 def test_windows_split_over_devices_equal_one_device():
   """3 host devices, each summing a third of the windows, give the 1-device statistics."""
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports

@@ -47,20 +47,65 @@ def test_nifti_round_trip_with_sidecar_times(tmp_path):
 
 
 def test_nifti_orientation_is_rot90_of_the_voxel_array(tmp_path):
-  # Voxel (i=2, j=Y-1) is column 2 of the TOP row as a NIfTI viewer shows the slice.
+  # With the radiological affine (i toward the patient's left, j anterior) or no orientation at
+  # all, voxel (i=2, j=Y-1) is column 2 of the TOP row as a NIfTI viewer shows the slice.
   data = np.zeros((W, H, 1, T), np.float32)
   data[2, H - 1, 0, :] = 1.0
   data[W - 1, 0, 0, :] = 2.0  # right column, bottom row
-  img = nib.Nifti1Image(data, np.eye(4))
+  for name, affine in [("radiological", np.diag([-1.1, 1.3, 1.0, 1.0])), ("unknown", None)]:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_zooms((1.1, 1.3, 1.0, 0.9))
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, tmp_path / f"{name}.nii")
+    out = io.read_nifti(tmp_path / f"{name}.nii")
+    assert out["image"].shape == (H, W, T)
+    assert out["image"][0, 2, 0] == 1.0 and out["image"][H - 1, W - 1, 0] == 2.0
+    assert out["pixel_mm"] == pytest.approx((1.3, 1.1))
+    # No sidecar: uniform times from pixdim[4].
+    np.testing.assert_allclose(out["times"], 0.9 * np.arange(T), rtol=1e-6)
+  # The identity affine puts +i toward the patient's RIGHT: shown on the image's left.
+  img = nib.Nifti1Image(data, np.diag([1.1, 1.3, 1.0, 1.0]))
   img.header.set_zooms((1.1, 1.3, 1.0, 0.9))
-  img.header.set_xyzt_units("mm", "sec")
-  nib.save(img, tmp_path / "raw.nii")
-  out = io.read_nifti(tmp_path / "raw.nii")
-  assert out["image"].shape == (H, W, T)
-  assert out["image"][0, 2, 0] == 1.0 and out["image"][H - 1, W - 1, 0] == 2.0
-  assert out["pixel_mm"] == pytest.approx((1.3, 1.1))
-  # No sidecar: uniform times from pixdim[4].
-  np.testing.assert_allclose(out["times"], 0.9 * np.arange(T), rtol=1e-6)
+  nib.save(img, tmp_path / "eye.nii")
+  out = io.read_nifti(tmp_path / "eye.nii")
+  assert out["image"][0, W - 3, 0] == 1.0 and out["image"][H - 1, 0, 0] == 2.0
+
+
+@pytest.mark.parametrize("transpose, flip_i, flip_j", [
+    (False, False, False), (True, False, False), (False, True, False), (False, False, True),
+    (True, True, True), (True, False, True)])
+def test_nifti_affine_decides_the_display_whatever_the_storage(tmp_path, transpose, flip_i,
+                                                               flip_j):
+  """The same patient-space image stored with its voxel axes swapped or reversed (and the
+  affine saying so) reads to the same array, and `write_on_grid` writes it back on those
+  voxels with that affine."""
+  image, times = _series()
+  base = np.diag([-1.5, 1.25, 8.0, 1.0])
+  base[:3, 3] = (10.0, -20.0, 30.0)
+  ref = io.write_nifti(tmp_path / "ref.nii.gz", image, pixel_mm=(1.25, 1.5), times=times,
+                       affine=base)
+  data = np.asarray(nib.load(ref).dataobj)[:, :, 0]  # [X, Y, T]
+  affine = base.copy()
+  if flip_i:
+    data = data[::-1]
+    affine = affine @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0],
+                                [0, 0, 0, 1]], float)
+  if flip_j:
+    data = data[:, ::-1]
+    affine = affine @ np.array([[1, 0, 0, 0], [0, -1, 0, data.shape[1] - 1], [0, 0, 1, 0],
+                                [0, 0, 0, 1]], float)
+  if transpose:
+    data = np.swapaxes(data, 0, 1)
+    affine = affine @ np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+  nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), tmp_path / "s.nii.gz")
+  (tmp_path / "s.json").write_text(json.dumps({"times": times.tolist()}))
+  out = io.read_nifti(tmp_path / "s.nii.gz")
+  np.testing.assert_array_equal(out["image"], image)
+  assert out["pixel_mm"] == pytest.approx((1.25, 1.5))
+  seg = (image[..., 0] > 50).astype(np.int32)
+  back = nib.load(io.write_on_grid(tmp_path / "seg.nii.gz", seg, out["grid"]))
+  np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(back.dataobj), data[..., 0] > 50)
 
 
 def test_nifti_times_from_millisecond_pixdim_and_3d_needs_a_sidecar(tmp_path):

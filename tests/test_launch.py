@@ -1,6 +1,5 @@
-"""launch.py: XLA flags set before jax, the tiny config end to end, resume, usage errors."""
-import functools
-import importlib.util
+"""launch.py and perfjax.platform: no state at import, host devices, the tiny config end to
+end, resume, usage errors."""
 import json
 import os
 import pathlib
@@ -12,37 +11,61 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@functools.lru_cache(maxsize=None)  # absl flags can be defined once per process.
-def _launch_module():
-  spec = importlib.util.spec_from_file_location("_perfjax_launch", ROOT / "launch.py")
-  module = importlib.util.module_from_spec(spec)
-  saved = os.environ.get("XLA_FLAGS")
-  try:
-    spec.loader.exec_module(module)  # sets XLA_FLAGS at import, as it must before jax
-  finally:
-    if saved is None:
-      os.environ.pop("XLA_FLAGS", None)
-    else:
-      os.environ["XLA_FLAGS"] = saved
-  return module
+_NO_IMPORT_STATE = r"""
+import os, sys
+sys.path.insert(0, os.getcwd())
+before = os.environ.get("XLA_FLAGS")
+import launch  # noqa: F401
+import jax
+assert os.environ.get("XLA_FLAGS") == before, os.environ.get("XLA_FLAGS")
+assert jax.config.values["jax_num_cpu_devices"] == -1
+print("ok")
+"""
 
 
-def test_xla_flags_appended_once_and_user_choice_kept():
-  launch = _launch_module()
-  xla_flags, n = launch.xla_flags, launch.cpu_device_count()
-  ynn = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
-  devices = f"--xla_force_host_platform_device_count={n}"
-  assert xla_flags("") == f"{ynn} {devices}"
-  assert xla_flags("--xla_force_host_platform_device_count=3") == (
-      "--xla_force_host_platform_device_count=3 " + ynn)
-  assert xla_flags(f"{ynn} {devices}") == f"{ynn} {devices}"
-  assert xla_flags("--xla_cpu_experimental_ynn_fusion_type=reduce") == (
-      f"--xla_cpu_experimental_ynn_fusion_type=reduce {devices}")
+def test_importing_launch_sets_no_global_state():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-c", _NO_IMPORT_STATE], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+_HOST_DEVICES = r"""
+import sys
+from perfjax import platform
+n = platform.configure_host_devices(int(sys.argv[1]))
+import jax
+print(n, jax.device_count())
+print(platform.configure_host_devices(2) is None)  # too late now: a warning, nothing changed
+"""
+
+
+@pytest.mark.parametrize("xla_flags, expected", [("", "3 3"),
+                                                 ("--xla_force_host_platform_device_count=2",
+                                                  "None 2")])
+def test_configure_host_devices_sets_the_count_unless_the_user_did(xla_flags, expected):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _HOST_DEVICES, "3"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split("\n")[:2] == [expected, "True"]
 
 
 @pytest.mark.parametrize("cores, devices", [(1, 1), (2, 2), (3, 2), (4, 4), (16, 4)])
 def test_cpu_device_count(cores, devices):
-  assert _launch_module().cpu_device_count(cores) == devices
+  from perfjax import platform  # pylint: disable=g-import-not-at-top
+  assert platform.cpu_device_count(cores) == devices
+
+
+def test_cpu_fusion_options():
+  from perfjax import platform  # pylint: disable=g-import-not-at-top
+  assert platform.cpu_fusion_options("dot", "reduce") == {
+      "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+  assert platform.compiler_options_for("gpu", platform.UNET_CPU_OPTIONS) is None
+  with pytest.raises(ValueError):
+    platform.cpu_fusion_options("conv")
 
 
 def _run(args, env, timeout=600):
@@ -50,6 +73,7 @@ def _run(args, env, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tiny_config_trains_end_to_end_and_resumes(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PERFJAX_DATA_DIR=str(tmp_path / "tfds"),
              MPLBACKEND="Agg")
@@ -72,7 +96,7 @@ def test_tiny_config_trains_end_to_end_and_resumes(tmp_path):
   assert "Resuming from step 4" in again.stdout
   assert "Training already finished at step 4" in again.stdout
 
-  # Evaluation under launch.py's XLA flags too (they once broke the Fermi solve).
+  # Evaluation through launch.py (host devices and compiler options as in the main job).
   evaluated = _run(args[:-1] + ["--mode=evaluate"], env)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
@@ -101,3 +125,98 @@ def test_reproduce_mode_and_experiment_config_go_together(tmp_path, config, mode
   assert proc.returncode != 0
   assert "--mode=reproduce takes an experiment config" in proc.stderr
   assert not list(tmp_path.iterdir())  # Nothing written.
+
+
+# ------------------------------------------------------------------ the perfjax command (cli.py)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config=configs/nope.py:tiny"], "config file 'configs/nope.py' not found"),
+    (["--config=configs/patch3.py:huge"], "config variant 'huge': unknown"),
+    (["--config=configs/patch3.py:tiny", "--workdir=FILE"], "is a file"),
+    (["--config=configs/patch3.py:tiny", "--workdir=FILE/sub"], "which is a file"),
+    (["bogus", "--config=configs/patch3.py:tiny"], "unknown command 'bogus'"),
+])
+def test_user_mistakes_are_one_line_errors(tmp_path, args, needle):
+  (tmp_path / "file").write_text("")
+  args = [a.replace("FILE", str(tmp_path / "file")) for a in args]
+  if not any(a.startswith("--workdir") for a in args):
+    args.append(f"--workdir={tmp_path / 'w'}")
+  proc = _run(args, dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+  assert not (tmp_path / "w").exists()
+
+
+def test_help_needs_no_config():
+  proc = subprocess.run([sys.executable, "-m", "perfjax", "--help"], cwd=ROOT,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "perfjax run --config=" in proc.stdout and "--workdir" in proc.stdout
+
+
+def test_config_paths_resolve_to_the_package_from_anywhere(tmp_path, monkeypatch):
+  from perfjax import cli, configs  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  for spec in ("configs/patch3.py", "patch3.py", "patch3"):
+    assert cli.resolve_config_path(spec) == configs.path("patch3")
+  argv, user = cli.rewrite_argv(["perfjax", "train", "--config", "configs/patch2.py:tiny"])
+  assert argv == ["perfjax", "--mode=train", "--config", configs.path("patch2") + ":tiny"]
+  assert user == "configs/patch2.py:tiny"
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "patch3.py").write_text("")  # A local file of that name wins.
+  assert cli.resolve_config_path("configs/patch3.py") == "configs/patch3.py"
+  with pytest.raises(cli.UsageProblem, match="disagree"):
+    cli.rewrite_argv(["perfjax", "train", "--mode=evaluate", "--config=patch3"])
+
+
+def test_packaged_and_compatibility_configs_agree():
+  from configs import patch2 as old2, paper_experiments as old_exp  # pylint: disable=g-import-not-at-top
+  from perfjax.configs import patch2, paper_experiments  # pylint: disable=g-import-not-at-top
+  assert old2.get_config("tiny").to_dict() == patch2.get_config("tiny").to_dict()
+  assert (old_exp.get_config("tiny").base.to_dict()
+          == paper_experiments.get_config("tiny").base.to_dict())
+
+
+def test_ctrl_c_prints_a_resume_hint_not_a_traceback(tmp_path, monkeypatch, capsys):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from perfjax import cli, train  # pylint: disable=g-import-not-at-top
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train, "train", interrupted)
+  monkeypatch.setattr(cli, "_quiet_tfds", lambda: None)
+  monkeypatch.setattr(sys, "argv", ["perfjax", "train", "--config=patch3:tiny"])
+  argv, _ = cli.rewrite_argv(["perfjax", "--mode=train", "--config=patch3:tiny",
+                              f"--workdir={tmp_path}"])
+  try:
+    flags.FLAGS(argv)
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main_after_flags(["perfjax"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert exit_info.value.code == 130
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["interrupted during train; the same command resumes from the last complete "
+                 "checkpoint: perfjax train --config=patch3:tiny"]
+
+
+def test_results_are_current_only_for_the_same_config_and_checkpoint(tmp_path):
+  from perfjax import cli, reporting  # pylint: disable=g-import-not-at-top
+  from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
+  config = patch3.get_config("tiny")
+  (tmp_path / "best" / "2").mkdir(parents=True)
+  (tmp_path / "best" / "2" / "params").write_text("x")
+  assert cli.results_are_current(config, str(tmp_path)) is None  # No results.json.
+  reporting.write_json(str(tmp_path / "results.json"),
+                       {"provenance": reporting.provenance(config)})
+  assert cli.results_are_current(config, str(tmp_path))
+  other = patch3.get_config("tiny")
+  other.eval.stride_um = 8
+  assert cli.results_are_current(other, str(tmp_path)) is None
+  later = os.path.getmtime(tmp_path / "results.json") + 10
+  os.utime(tmp_path / "best" / "2" / "params", (later, later))  # A newer best checkpoint.
+  assert cli.results_are_current(config, str(tmp_path)) is None

@@ -1,12 +1,12 @@
-"""UNet shapes, exact parameter counts, FLOP count, dropout and the apply helpers."""
+"""UNet shapes, exact parameter counts, FLOP count, dropout and the fast formulation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from perfjax.errors import InputError
-from perfjax.model import (UNet, count_params, flops_per_patch, init_params, make_apply_fn,
-                           numpy_params, unet_param_count)
+from perfjax.fast_unet import UNetPredictor
+from perfjax.model import UNet, count_params, flops_per_patch, init_params, numpy_params
 
 
 def _hand_count(f, depth, cin, k):
@@ -33,7 +33,6 @@ def test_param_count_exact(features, depth, cin):
   params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), 16, cin))
   expected = _hand_count(features, depth, cin, 4)
   assert count_params(params) == expected
-  assert unet_param_count(features, depth, cin, 4) == expected
   if (features, depth, cin) == (16, 4, 30):
     assert expected == 485972
 
@@ -45,7 +44,7 @@ def test_output_shape(cin, depth):
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, cin))
   logits = jax.jit(model.apply)(params, x)
   assert logits.shape == (2, 16, 16, 4) and logits.dtype == jnp.float32
-  probs = jax.jit(make_apply_fn(model, params).pure)(params, x)
+  probs = jax.jit(UNetPredictor(model))(params, x)
   np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-6)
 
 
@@ -88,20 +87,20 @@ def test_bad_input_shapes():
 
 
 def test_fast_formulation_equals_flax():
-  from perfjax.model import fast_unet_apply
+  from perfjax.fast_unet import fast_unet_apply
   model = UNet(features=4, depth=4)
   params = numpy_params(model, 30, seed=4, patch=16)
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 30))
   fast_logits = jax.jit(lambda p, x: fast_unet_apply(model, p, x))(params, x)
   np.testing.assert_allclose(fast_logits, jax.jit(model.apply)(params, x), atol=1e-5)
-  fast = jax.jit(make_apply_fn(model, params, fast=True).pure)(params, x)
+  fast = jax.jit(UNetPredictor(model, fast=True))(params, x)
   np.testing.assert_allclose(fast, jax.nn.softmax(fast_logits, -1), atol=1e-6)
 
 
 def test_first_conv_from_whole_image_maps():
   # A window's first-layer output (zero padding at the WINDOW border) gathered from the 9
   # whole-image maps equals the convolution of the cut-out patch, at edges and corners too.
-  from perfjax.model import first_conv_maps, first_conv_windows
+  from perfjax.fast_unet import first_conv_maps, first_conv_windows
   kernel = jax.random.normal(jax.random.key(0), (3, 3, 3, 5))
   images = jax.random.normal(jax.random.key(1), (2, 20, 24, 3))
   origins = jnp.asarray([[0, 0, 0], [1, 12, 16], [1, 3, 7], [0, 12, 0], [0, 0, 16]], jnp.int32)

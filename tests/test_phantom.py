@@ -17,9 +17,13 @@ def flash():
 
 @pytest.fixture(scope="module")
 def clean():
-  """Noise-free, artefact-free, unblurred, unrotated, uncentred FLASH and bSSFP twins."""
+  """Noise-free, artefact-free, unblurred, unrotated, uncentred FLASH and bSSFP twins.
+
+  The physics is pinned on the narrow phantom: the wide one randomises contrast and
+  acquisition on top of the same signal equations (tested below).
+  """
   kw = dict(noise=0.0, dark_rim=0.0, banding=0.0, rotation_deg=0.0, translation_mm=0.0,
-            defect_fraction=1.0, blur=False)
+            defect_fraction=1.0, blur=False, variability="narrow")
   return {p: phantom.simulate(3, 3, p, **kw) for p in physics.PROTOCOLS}
 
 
@@ -51,8 +55,9 @@ def test_ranges(flash):
   np.testing.assert_allclose(img.max(1), 1.0, atol=1e-6)
   assert np.all(flash["raw"] >= 0)
   t = flash["times"]
-  assert np.all(t[:, 0] == 0) and np.all(np.diff(t, axis=1) >= 0.55 - 1e-5)
-  assert np.all(np.diff(t, axis=1) <= 1.1 + 1e-5)
+  # one frame per beat: RR 0.4-1.5 s (heart rates 40-150 bpm) in the wide phantom
+  assert np.all(t[:, 0] == 0) and np.all(np.diff(t, axis=1) >= 0.4 - 1e-5)
+  assert np.all(np.diff(t, axis=1) <= 1.5 + 1e-5)
   assert list(flash["slice_level"]) == [0, 1, 2, 0, 1, 2]
   assert list(flash["study_id"]) == [40, 40, 40, 41, 41, 41]
   for i in range(N):
@@ -186,7 +191,8 @@ def test_rvip_on_myocardium_and_agrees_with_sectors(flash):
 
 
 def test_motion_slices_move_and_others_do_not():
-  kw = dict(noise=0.0, dark_rim=0.0, include_motion_deformation=False)
+  # narrow: phase correlation needs the textureless, ringing-free images to find the shifts
+  kw = dict(noise=0.0, dark_rim=0.0, include_motion_deformation=False, variability="narrow")
   still = phantom.simulate(4, 3, "flash", motion_fraction=0.0, **kw)
   moving = phantom.simulate(4, 3, "flash", motion_fraction=1.0, **kw)
   assert moving["motion"].all() and not still["motion"].any()
@@ -240,3 +246,65 @@ def test_bad_inputs(kwargs):
   args.update(kwargs)
   with pytest.raises(InputError):
     phantom.simulate(**args)
+
+
+# ----------------------------------------------------------------------------- wide variability
+
+
+@pytest.fixture(scope="module")
+def wide_and_narrow():
+  kw = dict(slices_per_study=1, noise=0.0)  # one mid slice per study
+  return (phantom.simulate(5, 16, "flash", **kw),
+          phantom.simulate(5, 16, "flash", variability="narrow", **kw))
+
+
+def _epi_diameter_px(mask):
+  return 2.0 * np.sqrt(np.sum((mask == 1) | (mask == 2)) / np.pi)
+
+
+def test_wide_heart_sizes_span_the_real_range(wide_and_narrow):
+  wide, narrow = wide_and_narrow
+  d_wide = np.array([_epi_diameter_px(m) for m in wide["mask"]])
+  d_narrow = np.array([_epi_diameter_px(m) for m in narrow["mask"]])
+  lo, hi = phantom.EPI_DIAMETER_PX
+  # area-equivalent diameters of the drawn epicardium (ellipticity and the papillary
+  # muscles make them a little smaller than the drawn mean diameter)
+  assert d_wide.min() >= 0.75 * lo and d_wide.max() <= 1.1 * hi, d_wide
+  assert d_wide.max() - d_wide.min() >= 20.0, d_wide  # 16 draws spread over the range
+  assert np.median(d_wide) > np.median(d_narrow) + 5.0, (d_wide, d_narrow)
+
+
+def test_wide_arrival_frames_span_the_first_half(wide_and_narrow):
+  from perfjax.data import preprocess  # pylint: disable=g-import-not-at-top
+  wide, narrow = wide_and_narrow
+  a_wide = np.array([preprocess.bolus_arrival(x) for x in wide["raw"]])
+  a_narrow = np.array([preprocess.bolus_arrival(x) for x in narrow["raw"]])
+  # the rule's arrival is the first 10 % crossing of the most enhancing pixels (RV or LV):
+  # RV arrival at frames 0-12 plus, where the LV dominates, the pulmonary transit
+  assert a_wide.min() <= 5 and a_wide.max() >= 10 and a_wide.max() <= 24, a_wide
+  assert a_wide.max() - a_wide.min() >= 6, a_wide
+  assert a_narrow.min() >= 3 and a_narrow.max() <= 12, a_narrow
+
+
+def test_wide_surroundings_vary_in_contrast(wide_and_narrow):
+  """The median pre-contrast background (outside the heart's labels) varies from slice to
+  slice far more than in the narrow phantom, whose background is mostly dark lung."""
+  wide, narrow = wide_and_narrow
+
+  def background_level(d):
+    return np.array([np.median(d["image"][i][..., 0][d["mask"][i] == 0]) for i in range(16)])
+
+  bw, bn = background_level(wide), background_level(narrow)
+  assert bw.std() > 2.0 * bn.std() and bw.max() > bn.max(), (bw, bn)
+
+
+def test_narrow_draws_are_unchanged_by_the_wide_stream(wide_and_narrow):
+  """Both share the heart's own draws (its MBF and Fermi parameters), not the imaging."""
+  wide, narrow = wide_and_narrow
+  np.testing.assert_array_equal(wide["fermi"], narrow["fermi"])
+  assert not np.allclose(wide["image"], narrow["image"])
+
+
+def test_unknown_variability_is_an_input_error():
+  with pytest.raises(InputError, match="variability"):
+    phantom.simulate(0, 1, "flash", variability="extreme")

@@ -1,7 +1,10 @@
-"""The released checkpoint (released/patch3: config.json + best/ of the default config) evaluates
-with one call and still segments: a golden check of the saved format, the loader and the model."""
+"""The released checkpoint (released/patch3: config.json + best/ of `configs/patch3.py:release`)
+evaluates with one call and still segments: a golden check of the saved format, the loader and
+the model."""
 import pathlib
 import shutil
+
+import pytest
 
 from configs import patch3
 from perfjax import evaluate
@@ -9,13 +12,15 @@ from perfjax import evaluate
 RELEASED = pathlib.Path(__file__).resolve().parents[1] / "released" / "patch3"
 
 
-def test_released_checkpoint_evaluates_and_segments(tmp_path, monkeypatch):
-  monkeypatch.setenv("PERFJAX_DATA_DIR", str(tmp_path / "tfds"))
+@pytest.mark.slow
+def test_released_checkpoint_evaluates_and_segments(tmp_path, monkeypatch, small_data_dir):
+  monkeypatch.setenv("PERFJAX_DATA_DIR", str(small_data_dir))
   workdir = tmp_path / "released"
   shutil.copytree(RELEASED, workdir)
   config = patch3.get_config("tiny")  # Data and eval settings only: the small test split, fast.
   results = evaluate.evaluate(config, str(workdir), n_panels=0)
   assert results["config"]["features"] == 16 and results["config"]["input"] == "patch3"
   assert results["n_slices"] == 6
-  assert results["dice"]["whole"] > 0.75, results["dice"]  # 0.819 when released; untrained: 0.
+  # 0.746 when released (6 wide-phantom bSSFP slices, half of them with motion); untrained: 0.
+  assert results["dice"]["whole"] > 0.65, results["dice"]
   assert (workdir / "results.json").is_file() and (workdir / "report.html").is_file()

@@ -57,8 +57,9 @@ def test_claims_and_spread_on_known_runs():
   assert "0.86 / 0.83 / 0.71" in text  # The paper's row beside ours.
 
 
-def test_tiny_reproduction_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
-  monkeypatch.setenv("PERFJAX_DATA_DIR", str(tmp_path / "tfds"))
+@pytest.mark.slow
+def test_tiny_reproduction_runs_resumes_and_reports(tmp_path, monkeypatch, capsys, small_data_dir):
+  monkeypatch.setenv("PERFJAX_DATA_DIR", str(small_data_dir))
   config = paper_experiments.get_config("tiny")
   workdir = tmp_path / "paper"
   summary = reproduce.run_all(config, str(workdir))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perfjax import checkpoints, inputs, train
+from perfjax import checkpoints, inputs, reporting, train
 from perfjax.errors import InputError, TrainingError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -156,6 +156,7 @@ def test_train_step_decreases_loss_and_is_deterministic():
   assert 1.0 < losses[0] < 2.0
 
 
+@pytest.mark.slow
 def test_four_devices_match_one_device():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
@@ -177,10 +178,11 @@ def test_four_devices_match_one_device():
 
 
 def _params(workdir, config, which="latest"):
-  _, variables = train.load_params(config, workdir, which)
+  _, variables = checkpoints.load_params(config, workdir, which)
   return jax.tree.map(np.asarray, variables["params"])
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_and_skips_an_incomplete_save(tmp_path, capsys):
   config = _config("conventional", num_steps=4, eval_every=2, checkpoint_every=2)
   straight = train.train(config, tmp_path / "straight", data=_toy_data())
@@ -205,9 +207,9 @@ def test_resume_is_bit_identical_and_skips_an_incomplete_save(tmp_path, capsys):
   # Best params are saved separately; the step and metrics files read as one run.
   best = _params(resumed_dir, config, "best")
   assert jax.tree.structure(best) == jax.tree.structure(a)
-  steps = [r["step"] for r in train.read_metrics(resumed_dir) if "train/loss" in r]
+  steps = [r["step"] for r in reporting.read_metrics(resumed_dir) if "train/loss" in r]
   assert steps == [1, 2, 3, 4]
-  assert [r for r in train.read_metrics(resumed_dir) if "val/dice_myo" in r][-1]["step"] == 4
+  assert [r for r in reporting.read_metrics(resumed_dir) if "val/dice_myo" in r][-1]["step"] == 4
   for name in ("training_curves.png", "config.json", "train_summary.json"):
     assert (resumed_dir / name).stat().st_size > 0
   assert any(p.name.startswith("events.out.tfevents") for p in (resumed_dir / "tensorboard").iterdir())
@@ -217,6 +219,7 @@ def test_resume_is_bit_identical_and_skips_an_incomplete_save(tmp_path, capsys):
   assert again["step"] == 4 and again["start_step"] == 4
 
 
+@pytest.mark.slow
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
   config = _config("none", num_steps=4, eval_every=2, checkpoint_every=2)
   train.train(config, tmp_path, data=_toy_data(), stop_after=2)
@@ -235,6 +238,6 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_load_params_without_checkpoint_is_an_input_error(tmp_path):
   with pytest.raises(InputError, match="train first"):
-    train.load_params(_config(), tmp_path)
+    checkpoints.load_params(_config(), tmp_path)
   with pytest.raises(InputError):
-    train.load_params(_config(), tmp_path, which="newest")
+    checkpoints.load_params(_config(), tmp_path, which="newest")

@@ -147,8 +147,9 @@ def test_roc_uncertain_by_definition_and_bad_input():
     uncertainty.ood_analysis([0.5, 0.6], [1, 0], dice=[0.9])
 
 
-def _pointwise_apply(patches_bhwc):
+def _pointwise_apply(params, patches_bhwc):
   """Closed-form per-pixel model: p_myo = sigmoid(4 x - 2) of channel 0, rest background."""
+  del params
   a = jax.nn.sigmoid(4.0 * patches_bhwc[..., :1] - 2.0)
   return jnp.concatenate([1.0 - a, a, jnp.zeros_like(a), jnp.zeros_like(a)], axis=-1)
 
@@ -160,12 +161,12 @@ def test_tta_inverts_flips_and_shifts():
   ts = uncertainty.tta_transforms(key, 6, max_shift=3, noise_std=0.0)
   assert ts[0]["shift"] == (0, 0) and not ts[0]["flip_rows"]
   assert any(t["flip_rows"] or t["flip_cols"] or t["shift"] != (0, 0) for t in ts[1:])
-  out = uncertainty.tta_uncertainty(_pointwise_apply, images, key, n_samples=6, max_shift=3,
+  out = uncertainty.tta_uncertainty(_pointwise_apply, None, images, key, n_samples=6, max_shift=3,
                                     noise_std=0.0, patch=8, stride=4)
   expected = 1.0 / (1.0 + np.exp(-(4.0 * images[..., 0] - 2.0)))
   np.testing.assert_allclose(out["mean"][..., 1], expected, atol=1e-5)
   np.testing.assert_allclose(out["um"], 0.0, atol=1e-5)
-  noisy = uncertainty.tta_uncertainty(_pointwise_apply, images, key, n_samples=6, max_shift=3,
+  noisy = uncertainty.tta_uncertainty(_pointwise_apply, None, images, key, n_samples=6, max_shift=3,
                                       noise_std=0.1, patch=8, stride=4)
   assert noisy["um"].shape == (2, 16, 16) and noisy["um"].min() > 0.0
   # p' = 4 p (1 - p): the std is about 0.1 * 4 p (1 - p), within sampling error of 5 draws.

@@ -23,14 +23,17 @@ _PHI = np.arange(N_ANG) * (360.0 / N_ANG)
 _PHI_RAD = np.deg2rad(_PHI)
 
 # Tissue classes (index into the per-class signal curves of the phantom).
-(AIR, LUNG, PULM_ART, PULM_VEIN, MUSCLE, SUBFAT, LIVER, AORTA, PERI, EPIFAT, RVWALL, RVBLOOD,
- LVBLOOD, PAP, MYO) = range(15)
-N_CLASSES = 15
+(AIR, LUNG, PULM_ART, PULM_VEIN, MUSCLE, SUBFAT, LIVER, AORTA, BODY, FLUID, MARROW, PERI, EPIFAT,
+ RVWALL, RVBLOOD, LVBLOOD, PAP, MYO) = range(18)
+N_CLASSES = 18
 CLASS_NAMES = ("air", "lung", "pulmonary_artery", "pulmonary_vein", "chest_muscle",
-               "subcutaneous_fat", "liver", "aorta", "pericardium", "epicardial_fat", "rv_wall",
-               "rv_blood", "lv_blood", "papillary_trabeculae", "myocardium")
+               "subcutaneous_fat", "liver", "aorta", "soft_tissue", "fluid", "fatty_marrow",
+               "pericardium", "epicardial_fat", "rv_wall", "rv_blood", "lv_blood",
+               "papillary_trabeculae", "myocardium")
 # Mask label (0 bg, 1 myo, 2 LV incl. papillary/trabeculae, 3 RV) of every class.
-MASK_OF_CLASS = np.array([0] * 11 + [3, 2, 2, 1], dtype=np.int32)
+MASK_OF_CLASS = np.array([0] * 14 + [3, 2, 2, 1], dtype=np.int32)
+# Classes the wide surroundings draw their random blobs from (stomach, bowel, spine, fat, ...).
+BLOB_CLASSES = (MUSCLE, SUBFAT, LIVER, BODY, FLUID, MARROW, AORTA)
 # Coronary territories: centre of the defect relative to the septal centre theta_s (degrees,
 # counter-clockwise): LAD anterior/anteroseptal, RCA inferior/inferoseptal, LCx lateral.
 TERRITORIES = {"LAD": -60.0, "RCA": 60.0, "LCx": 180.0}
@@ -70,6 +73,11 @@ class Heart:
   mbf_normal: float  # ml/g/min of normal myocardium (slice mean before modulation)
   mbf_mod: tuple  # (a1, p1, a2, p2, transmural gradient)
   defect: tuple | None  # (centre_deg, half_width_deg, transmurality, residual_ratio)
+  # Wide surroundings (None: the narrow phantom, lung everywhere outside the heart):
+  # (lung direction deg, lung half-width deg, gap mm) and blobs [B, 6]: x, y, semi-axes a, b
+  # (mm), angle (rad), class.
+  lung_zone: tuple | None = None
+  blobs: np.ndarray | None = None
 
   @property
   def endo(self):
@@ -115,8 +123,14 @@ def sample_study(rng, stress: bool, defect_fraction: float) -> dict:
               transmural=rng.uniform(-0.05, 0.1) if stress else rng.uniform(0.05, 0.2))
 
 
-def sample_heart(rng, study: dict, level: int) -> Heart:
-  """Slice anatomy at ``level`` (0 basal, 1 mid, 2 apical) of ``study``."""
+def sample_heart(rng, study: dict, level: int, wide_rng=None) -> Heart:
+  """Slice anatomy at ``level`` (0 basal, 1 mid, 2 apical) of ``study``.
+
+  With ``wide_rng`` (the wide phantom) the shape is randomised further from that separate
+  stream (ellipticity, wall thickness, RV size, trabeculation) and the surroundings become
+  a body of soft tissue with a lung field on one side and random organ blobs; the draws of
+  ``rng`` are the same either way.
+  """
   size = (rng.uniform(1.05, 1.18), 1.0, rng.uniform(0.55, 0.75))[level]
   wall = (rng.uniform(0.85, 1.0), 1.0, rng.uniform(0.7, 0.9))[level]
   radius = study["radius"] * size * rng.uniform(0.95, 1.05)
@@ -127,9 +141,15 @@ def sample_heart(rng, study: dict, level: int) -> Heart:
   endo = radius * (1.0 + _harmonics(rng, (2,), 0.1) + _harmonics(rng, (3, 4), 0.035)
                    - rng.uniform(0.0, 0.07) * np.exp(-0.5 * (rel / 35.0) ** 2))
   thick_tab = thick * (1.0 + _harmonics(rng, (1, 2), 0.12) + _harmonics(rng, (3,), 0.05))
+  if wide_rng is not None:  # eccentric cavities, thin and thick walls, local hypertrophy
+    endo = endo * (1.0 + _harmonics(wide_rng, (2,), 0.12))
+    thick_tab = thick_tab * (study["wall_scale"] * wide_rng.uniform(0.9, 1.1)
+                             + _harmonics(wide_rng, (1, 2, 3), 0.15))
   epi = endo + np.maximum(thick_tab, 0.35 * thick)
   trab = np.maximum(_harmonics(rng, range(7, 16), 1.0), 0.0)
   trab *= rng.uniform(0.3, 2.2) / max(trab.max(), 1e-6)
+  if wide_rng is not None:
+    trab *= wide_rng.uniform(0.2, 2.0)
   trab *= np.where(np.abs(rel) > 90.0, 1.0, 0.4)  # trabeculae mostly on the free wall
   # RV crescent: thickness h0 (1 - u^2)^p over |u| = |rel / beta| < 1, zero at the RVIPs.
   beta = (rng.uniform(60, 80), rng.uniform(55, 75), rng.uniform(40, 60))[level]
@@ -138,6 +158,8 @@ def sample_heart(rng, study: dict, level: int) -> Heart:
   inside = np.abs(u) < 1.0
   shape = np.clip(1.0 - u ** 2, 0.0, None) ** rng.uniform(0.6, 1.1)
   rv_h = np.where(inside, h0 * shape * (1.0 + rng.uniform(-0.3, 0.3) * u), 0.0)
+  if wide_rng is not None:  # small to large RVs
+    rv_h *= wide_rng.uniform(0.35, 1.3)
   rv_wall = np.where(inside, rng.uniform(2.0, 4.0), 0.0)
   # Epicardial fat: a thin base layer, fat in the grooves at both RVIPs, sometimes a thin
   # lateral layer (a classic pitfall for the lateral wall).
@@ -156,6 +178,8 @@ def sample_heart(rng, study: dict, level: int) -> Heart:
           * (0.6 if level == 2 else 1.0))
     r_endo = np.interp(centre, _PHI, endo)
     rc = max(r_endo - rp * rng.uniform(0.7, 1.0), 0.3 * r_endo)
+    if wide_rng is not None:
+      rp *= wide_rng.uniform(0.5, 1.6)
     pap.append((rc * np.cos(np.deg2rad(centre)), rc * np.sin(np.deg2rad(centre)), rp))
   heart = Heart(tables=np.stack([endo, epi, trab, rv_h, rv_wall, np.zeros(N_ANG)]),
                 peri_t=peri_t, fat=fat, phi_rv=phi_rv, beta=beta, papillary=np.array(pap),
@@ -189,7 +213,26 @@ def sample_heart(rng, study: dict, level: int) -> Heart:
   dv = np.interp(pv, _PHI, outer) + rng.uniform(4, 60, 16)
   heart.vessels = np.stack([dv * np.cos(np.deg2rad(pv)), dv * np.sin(np.deg2rad(pv)),
                             rng.uniform(1.0, 3.5, 16), rng.uniform(size=16) < 0.5], axis=1)
+  if wide_rng is not None:
+    _wide_surroundings(heart, wide_rng, outer)
   return heart
+
+
+def _wide_surroundings(heart: Heart, rng, outer: np.ndarray) -> None:
+  """A body of soft tissue around the heart: a lung field on the lateral/anterior side
+  (it starts a few mm from the pericardium) and 4-14 random organ blobs (fat, muscle,
+  liver, stomach or bowel fluid, marrow, vessels) beyond the pericardium."""
+  heart.lung_zone = (rng.uniform(-40.0, 110.0), rng.uniform(30.0, 110.0), rng.uniform(0.0, 12.0))
+  n = int(rng.integers(4, 15))
+  ang = rng.uniform(0, 360, n)
+  dist = np.interp(ang, _PHI, outer) + rng.uniform(2.0, 70.0, n)
+  a = rng.uniform(4.0, 40.0, n)
+  b = a * rng.uniform(0.3, 1.0, n)
+  cls = np.asarray(BLOB_CLASSES)[rng.integers(len(BLOB_CLASSES), size=n)]
+  # keep each blob outside the heart: its centre at least its smaller semi-axis beyond it
+  dist = np.maximum(dist, np.interp(ang, _PHI, outer) + b)
+  heart.blobs = np.stack([dist * np.cos(np.deg2rad(ang)), dist * np.sin(np.deg2rad(ang)), a, b,
+                          rng.uniform(0, np.pi, n), cls], axis=1)
 
 
 def mbf_field(heart: Heart, phi_deg, depth):
@@ -222,8 +265,15 @@ def evaluate(heart: Heart, x, y, with_mbf=True):
   phi = np.mod(np.degrees(np.arctan2(y, x)), 360.0)
   idx = (phi * (N_ANG / 360.0) + 0.5).astype(np.intp) % N_ANG
   endo, epi, trab, rv_h, rv_wall, outer = heart.tables[:, idx]
-  cls = np.full(x.shape, LUNG, dtype=np.uint8)
+  cls = np.full(x.shape, LUNG if heart.lung_zone is None else BODY, dtype=np.uint8)
   # Outside the heart, lowest priority first.
+  if heart.lung_zone is not None:
+    lung_dir, lung_half, gap = heart.lung_zone
+    cls[(np.abs(_wrap180(phi - lung_dir)) < lung_half) & (r > outer + gap)] = LUNG
+    for bx, by, ba, bb, bang, bcls in heart.blobs:
+      u = (x - bx) * np.cos(bang) + (y - by) * np.sin(bang)
+      v = -(x - bx) * np.sin(bang) + (y - by) * np.cos(bang)
+      cls[(u / ba) ** 2 + (v / bb) ** 2 < 1.0] = int(bcls)
   nx, ny, d, mt, ft = heart.chest
   proj = x * nx + y * ny
   cls[proj > d] = MUSCLE

@@ -177,3 +177,26 @@ def magnitude(sig, sigma, rng, raw, image, rows=16):
     block = slice(r, r + rows)
     np.subtract(raw[block], lo, out=image[block])
     image[block] *= scale
+
+
+def lowres(signal_hwt, keep):
+  """The image of an acquisition that sampled only the central ``keep`` (rows, cols)
+  fraction of k-space, zero-filled to 128 x 128: blur plus Gibbs ringing at edges."""
+  k = np.fft.fft2(signal_hwt, axes=(0, 1))
+  for axis, frac in enumerate(keep):
+    f = np.abs(np.fft.fftfreq(SIZE))
+    shape = [1, 1, 1]
+    shape[axis] = SIZE
+    k *= (f <= 0.5 * frac).reshape(shape)
+  return np.abs(np.fft.ifft2(k, axes=(0, 1))).astype(np.float32)
+
+
+def cut_off(raw, image, angle, distance_px):
+  """Zeroes (in place) the pixels beyond ``distance_px`` from the centre along ``angle``, as
+  at the edge of a reconstructed field of view, and renormalises ``image`` to [0, 1]."""
+  rows, cols = np.indices((SIZE, SIZE), dtype=np.float32) - (SIZE - 1) / 2.0
+  outside = cols * np.cos(angle) - rows * np.sin(angle) > distance_px
+  raw[outside] = 0.0
+  lo, hi = raw.min(), raw.max()
+  np.subtract(raw, lo, out=image)
+  image *= np.float32(1.0 / max(hi - lo, 1e-12))

@@ -5,8 +5,10 @@ is in two splits; every split has its own fixed seed, so builds are deterministi
 
   synthetic       paper size: FLASH train 80 + validation 16 studies (no motion),
                   bSSFP test 40 studies with motion_fraction 0.2.
-  synthetic_cpu   the default main job: FLASH train 24 + validation 6, bSSFP test 12
+  synthetic_cpu   the default main job: FLASH train 60 + validation 10, bSSFP test 12
                   (motion_fraction 0.25).
+  synthetic_mixed the released real-image model: train 60 + validation 10 studies, each
+                  FLASH or bSSFP at random; bSSFP test 12 (motion_fraction 0.25).
   synthetic_small CI and tests: train 2, validation 1, test 2 (motion_fraction 0.5).
   manual          the user's own studies from `manual_dir`, through `perfjax.data.io`
                   and `perfjax.data.preprocess` (layout below).
@@ -20,21 +22,7 @@ truths (`mbf`, `aif`, sector MBF, `rvip`, `fermi`, sequence parameters) are NaN,
 `has_truth` is False, `motion` is False (unknown), a slice without a mask has `mask` -1
 everywhere and `has_mask` False, and `peak_lv_frame` is the one detected from the images.
 
-Manual layout (`manual_dir`):
-
-  manual_dir/
-    splits.json                  optional: {"train": [study, ...], "validation": [...],
-                                 "test": [...]}; without it a study goes to train,
-                                 validation or test by a hash of its name (70/15/15 %)
-    <study>/                     one folder per study (exam); the folder name is its id
-      <slice>.nii.gz             NIfTI 2D+time image (times: <slice>.json or pixdim[4])
-      <slice>_mask.nii.gz        optional mask of that slice
-      <slice>.npz                or numpy arrays: image, times, [mask], [pixel_mm]
-      <slice>/                   or a folder of DICOM files (one per frame)
-
-A slice whose name contains basal/base, mid or apical/apex gets slice_level 0, 1, 2
-(else -1). Images are resampled to `target_pixel_mm` (1.4 mm), truncated to the first
-pass, LV-centred and cropped to 128 x 128, and normalised (see preprocess.py).
+Manual layout (`manual_dir`): `MANUAL_LAYOUT` below.
 
 Loaders: `load_split(config, split)` returns stacked numpy arrays (the dataset is built
 on first use into `data_dir`: `$PERFJAX_DATA_DIR` or `~/.cache/perfjax/tfds`);
@@ -59,12 +47,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perfjax import conventions
 from perfjax.data import io
 from perfjax.data import preprocess
 from perfjax.errors import InputError
 
-H = W = preprocess.SIZE
-T = preprocess.N_FRAMES
+H = W = conventions.IMAGE_SIZE
+T = conventions.NUM_FRAMES
 STUDIES_PER_CHUNK = 8  # phantom studies simulated at once while writing (bounds memory)
 SPLITS = ("train", "validation", "test")
 
@@ -87,8 +76,25 @@ SCALARS = {
     "t1_myo_s": (_F32, np.nan), "t2_myo_s": (_F32, np.nan),
 }
 TEXTS = ("study_name", "slice_id", "protocol")
-_MODULE_SUMMARY = __doc__.split("\n\n")[0]
-MANUAL_LAYOUT = __doc__[__doc__.index("Manual layout"):__doc__.index("Loaders:")]
+_MODULE_SUMMARY = ("The `perfusion_cmr` TFDS dataset (array_record, read without TensorFlow) and "
+                   "its loaders.")
+MANUAL_LAYOUT = """Manual layout (`manual_dir`):
+
+  manual_dir/
+    splits.json                  optional: {"train": [study, ...], "validation": [...],
+                                 "test": [...]}; without it a study goes to train,
+                                 validation or test by a hash of its name (70/15/15 %)
+    <study>/                     one folder per study (exam); the folder name is its id
+      <slice>.nii.gz             NIfTI 2D+time image (times: <slice>.json or pixdim[4])
+      <slice>_mask.nii.gz        optional mask of that slice
+      <slice>.npz                or numpy arrays: image, times, [mask], [pixel_mm]
+      <slice>/                   or a folder of DICOM files (one per frame)
+
+A slice whose name contains basal/base, mid or apical/apex gets slice_level 0, 1, 2
+(else -1). Images are resampled to `target_pixel_mm` (1.4 mm), truncated to the first
+pass, LV-centred and cropped to 128 x 128, and normalised (see preprocess.py).
+
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +116,9 @@ class PerfusionConfig(tfds.core.BuilderConfig):
   manual_fractions: tuple[float, float] = (0.7, 0.85)  # hash < 0.7 train, < 0.85 validation
 
 
-def _synthetic(name, n_train, n_val, n_test, motion_test, seed, description):
-  splits = (("train", SplitSpec("flash", n_train, 0.0, seed + 1, 0)),
-            ("validation", SplitSpec("flash", n_val, 0.0, seed + 2, n_train)),
+def _synthetic(name, n_train, n_val, n_test, motion_test, seed, description, train="flash"):
+  splits = (("train", SplitSpec(train, n_train, 0.0, seed + 1, 0)),
+            ("validation", SplitSpec(train, n_val, 0.0, seed + 2, n_train)),
             ("test", SplitSpec("bssfp", n_test, motion_test, seed + 3, n_train + n_val)))
   return PerfusionConfig(name=name, description=description, splits=splits)
 
@@ -120,8 +126,11 @@ def _synthetic(name, n_train, n_val, n_test, motion_test, seed, description):
 CONFIGS = (
     _synthetic("synthetic", 80, 16, 40, 0.2, 1000,
                "Paper size: FLASH 80 + 16 studies x 3 slices; bSSFP test 40 x 3."),
-    _synthetic("synthetic_cpu", 24, 6, 12, 0.25, 2000,
-               "CPU main job: FLASH 24 + 6 studies x 3 slices; bSSFP test 12 x 3."),
+    _synthetic("synthetic_cpu", 60, 10, 12, 0.25, 2000,
+               "CPU main job: FLASH 60 + 10 studies x 3 slices; bSSFP test 12 x 3."),
+    _synthetic("synthetic_mixed", 60, 10, 12, 0.25, 4000,
+               "Real-image model: FLASH or bSSFP studies (at random) 60 + 10 x 3 slices; "
+               "bSSFP test 12 x 3.", train="mixed"),
     _synthetic("synthetic_small", 2, 1, 2, 0.5, 3000,
                "CI and tests: FLASH 2 + 1 studies x 3 slices; bSSFP test 2 x 3."),
     PerfusionConfig(name="manual", description="The user's own studies from manual_dir."),
@@ -253,21 +262,7 @@ def _level_from_name(name: str) -> int:
 
 def _manual_slices(study: pathlib.Path) -> list[tuple[str, pathlib.Path, pathlib.Path | None]]:
   """(name, image path, mask path or None) of each slice in a study folder, sorted."""
-  entries = [p for p in sorted(study.iterdir()) if not p.name.startswith(".")]
-  names = {p.name for p in entries}
-  out = []
-  for p in entries:
-    if p.is_dir():
-      stem = p.name
-    elif io.is_nifti(p) or p.suffix == ".npz":
-      stem = io._nifti_stem(p) if io.is_nifti(p) else p.stem  # pylint: disable=protected-access
-      if stem.endswith("_mask"):
-        continue
-    else:
-      continue  # sidecars (.json) and other files
-    mask = next((study / f"{stem}_mask{s}" for s in io.NIFTI_SUFFIXES
-                 if f"{stem}_mask{s}" in names), None)
-    out.append((stem, p, mask))
+  out = io.slice_entries(study, npz=True)
   if not out:
     raise InputError(study, "study folder holds no slices (.nii/.nii.gz, .npz or DICOM folders)")
   return out

@@ -7,14 +7,23 @@ in seconds from the first frame, an optional `mask int32 [H, W]`, and `pixel_mm`
 (row spacing, column spacing) in mm or None.
 
 NIfTI (`read_nifti`, `read_nifti_mask`): one slice per file, image `[X, Y, T]` or
-`[X, Y, 1, T]`, mask `[X, Y]`, `[X, Y, 1]` or `[X, Y, 1, 1]`. Orientation assumed: the
-first voxel axis i runs along image columns (left to right as displayed) and the second
-axis j along rows from the BOTTOM up, as NIfTI viewers and dcm2niix lay out a slice, so
-`array[row, col] = data[col, Y - 1 - row]` (numpy `rot90`). `write_nifti` applies the
-inverse, so files round-trip. Frame times come from a JSON sidecar beside the image
-(same name, `.json`) with `"times"` (seconds, one per frame) or `"FrameTimesStart"`;
-else, for 4D `[X, Y, 1, T]` files only, from `pixdim[4]` (uniform spacing, unit from the
-header; an approximation, since frames are one per heartbeat); neither is an error.
+`[X, Y, 1, T]`, mask `[X, Y]`, `[X, Y, 1]` or `[X, Y, 1, 1]`; real numbers only (complex and
+RGB files are refused, never cast). Orientation: the file's affine (sform, else qform) is read
+and the slice is reoriented, without interpolation (only a transpose and flips of the two
+in-plane axes), to the CONVENTIONS.md display, the radiological one a DICOM viewer shows for
+an axial or short-axis image: of the 8 in-plane layouts the one whose columns point most
+toward the patient's left (+L) and whose rows point most toward posterior + inferior
+(+P +I) is chosen, so the anterior wall is at the top and the RV on the image's left (ties:
+the stored layout). A file with no orientation (sform and qform codes 0) is taken as stored:
+`array[row, col] = data[col, Y - 1 - row]` (numpy `rot90`, the layout of dcm2niix and NIfTI
+viewers). `write_nifti` writes the affine of that layout (`diag(-dx, dy, 1)`, RAS), so its
+files round-trip. The reader also returns the slice's `grid` (affine, stored shape, the
+in-plane transform) and `write_on_grid` puts an output back on the input's own voxels
+with the input's own affine, so it overlays the input exactly in any viewer. Frame times
+come from a JSON sidecar beside the image (same name, `.json`) with `"times"` (seconds,
+one per frame) or `"FrameTimesStart"`; else, for 4D `[X, Y, 1, T]` files only, from
+`pixdim[4]` (uniform spacing, unit from the header; an approximation, since frames are one
+per heartbeat); neither is an error.
 
 DICOM (`read_dicom_series`): a folder holding one slice's series, one file per frame.
 Frame order: InstanceNumber (else the frame times). Frame times, first present in every
@@ -37,6 +46,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from perfjax import conventions
 from perfjax.data import preprocess
 from perfjax.errors import InputError
 
@@ -70,11 +80,39 @@ def _exists(path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- NIfTI
 
 
+# Bounds of what a perfusion slice can be: anything outside is a header error, found before any
+# compute (a 200 mm "pixel" would otherwise ask the resampler for tens of GiB).
+PIXEL_MM_RANGE = (0.05, 20.0)
+MAX_PIXELS = 2048  # rows or columns of an input slice
+MAX_FRAMES = 2000
+
+
 def _load_nifti(path: pathlib.Path) -> tuple[np.ndarray, Any]:
   import nibabel as nib  # pylint: disable=g-import-not-at-top
   _exists(path)
   try:
     img = nib.load(str(path))
+    dtype = np.dtype(img.get_data_dtype())
+  except Exception as e:  # nibabel raises many types for broken or truncated files
+    raise InputError(path, f"unreadable or truncated NIfTI file ({type(e).__name__}: "
+                           f"{e})") from None
+  # The dtype is checked before any cast: a complex file would lose its imaginary part and an
+  # RGB file (a structured dtype) does not cast at all.
+  if dtype.names is not None or dtype.kind == "V":
+    raise InputError(path, f"colour (RGB) NIfTI data ({dtype}) is not supported; give the "
+                           "magnitude image as real numbers")
+  if dtype.kind == "c":
+    raise InputError(path, f"complex NIfTI data ({dtype}) is not supported; give the "
+                           "magnitude image (abs) as real numbers")
+  if dtype.kind not in "biuf":
+    raise InputError(path, f"NIfTI data must be real numbers, got dtype {dtype}")
+  shape = tuple(int(n) for n in img.shape)
+  if len(shape) >= 2 and max(shape[:2]) > MAX_PIXELS:
+    raise InputError(path, f"image is too large: {shape[0]} x {shape[1]} pixels (at most "
+                           f"{MAX_PIXELS})")
+  if len(shape) >= 3 and shape[-1] > MAX_FRAMES:
+    raise InputError(path, f"image has {shape[-1]} frames (at most {MAX_FRAMES})")
+  try:
     data = np.asarray(img.dataobj)
   except Exception as e:  # nibabel raises many types for broken or truncated files
     raise InputError(path, f"unreadable or truncated NIfTI file ({type(e).__name__}: "
@@ -89,6 +127,104 @@ def _from_nifti_axes(data: np.ndarray) -> np.ndarray:
 
 def _to_nifti_axes(array: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.swapaxes(np.flip(array, 0), 0, 1))
+
+
+# The in-plane layouts: (transpose, flip rows, flip columns), applied in that order to the
+# stored layout's array. The first is the stored layout (preferred on ties).
+_LAYOUTS = [(t, fr, fc) for t in (False, True) for fr in (False, True) for fc in (False, True)]
+_TARGET_RIGHT = np.array([1.0, 0.0, 0.0])  # +L (LPS)
+_TARGET_DOWN = np.array([0.0, 1.0, -1.0]) / np.sqrt(2.0)  # +P +I (LPS)
+
+
+def _apply_layout(array: np.ndarray, layout) -> np.ndarray:
+  transpose, flip_r, flip_c = layout
+  if transpose:
+    array = np.swapaxes(array, 0, 1)
+  if flip_r:
+    array = np.flip(array, 0)
+  if flip_c:
+    array = np.flip(array, 1)
+  return np.ascontiguousarray(array)
+
+
+def _undo_layout(array: np.ndarray, layout) -> np.ndarray:
+  transpose, flip_r, flip_c = layout
+  if flip_c:
+    array = np.flip(array, 1)
+  if flip_r:
+    array = np.flip(array, 0)
+  if transpose:
+    array = np.swapaxes(array, 0, 1)
+  return np.ascontiguousarray(array)
+
+
+def display_layout(affine: np.ndarray) -> tuple[bool, bool, bool]:
+  """The in-plane layout (transpose, flip rows, flip cols) of the CONVENTIONS display.
+
+  `affine` maps stored voxels (i, j, k) to RAS mm. In the stored layout's array columns run
+  along +i and rows along -j; of the 8 layouts the one whose column direction is nearest
+  +L and whose row direction is nearest +P+I (LPS) wins; ties keep the earlier layout.
+  """
+  a = np.asarray(affine, np.float64)[:3, :3] * np.array([-1.0, -1.0, 1.0])[:, None]  # -> LPS
+  norms = np.linalg.norm(a, axis=0)
+  if not (np.all(np.isfinite(a)) and norms[0] > 0 and norms[1] > 0):
+    return _LAYOUTS[0]
+  right0, down0 = a[:, 0] / norms[0], -a[:, 1] / norms[1]
+  best, best_score = _LAYOUTS[0], -np.inf
+  for layout in _LAYOUTS:
+    transpose, flip_r, flip_c = layout
+    right, down = (down0, right0) if transpose else (right0, down0)
+    right = -right if flip_c else right
+    down = -down if flip_r else down
+    score = float(right @ _TARGET_RIGHT + down @ _TARGET_DOWN)
+    if score > best_score + 1e-6:
+      best, best_score = layout, score
+  return best
+
+
+def stored_affine(pixel_mm: tuple[float, float], shape_hw: tuple[int, int] | None = None
+                  ) -> np.ndarray:
+  """RAS affine of an array `[H, W]` stored by `write_nifti` (columns +L, rows +P): the
+  display layout of the reader without any transform."""
+  del shape_hw
+  return np.diag([-float(pixel_mm[1]), float(pixel_mm[0]), 1.0, 1.0])
+
+
+def _grid_pixel_mm(path: pathlib.Path, zooms, layout) -> tuple[float, float]:
+  dx, dy = float(zooms[0]), float(zooms[1])
+  pixel_mm = (dx, dy) if layout[0] else (dy, dx)
+  check_pixel_mm(pixel_mm, path)
+  return pixel_mm
+
+
+def check_pixel_mm(pixel_mm, source) -> tuple[float, float]:
+  """(row, col) spacing in mm within PIXEL_MM_RANGE, else `InputError(source, ...)`."""
+  lo, hi = PIXEL_MM_RANGE
+  try:
+    pr, pc = (float(v) for v in pixel_mm)
+  except (TypeError, ValueError) as e:
+    raise InputError(source, f"pixel spacing must be two numbers (row, col) in mm, got "
+                             f"{pixel_mm!r} ({e})") from None
+  if not all(np.isfinite(v) and lo <= v <= hi for v in (pr, pc)):
+    raise InputError(source, f"pixel spacing {pr:g} x {pc:g} mm is outside {lo:g}-{hi:g} mm: "
+                             "check the header's pixel size (pixdim / PixelSpacing)")
+  return pr, pc
+
+
+def _nifti_grid(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) -> dict[str, Any]:
+  """Where the slice lies: the file's affine and how the array was laid out from its voxels."""
+  code_s, code_q = int(header["sform_code"]), int(header["qform_code"])
+  oriented = code_s > 0 or code_q > 0
+  try:
+    affine = np.asarray(header.get_best_affine(), np.float64)
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(path, f"unreadable affine in the NIfTI header ({e})") from None
+  if not np.all(np.isfinite(affine)):
+    raise InputError(path, "the NIfTI affine holds NaN/Inf values")
+  layout = display_layout(affine) if oriented else _LAYOUTS[0]
+  return dict(kind="nifti", affine=affine, oriented=oriented, layout=layout,
+              stored_shape=tuple(int(n) for n in data_shape[:2]),
+              slice_axis=len(data_shape) == 4, header=header)
 
 
 def _nifti_times(path: pathlib.Path, header: Any, n_t: int) -> np.ndarray:
@@ -118,46 +254,60 @@ def _nifti_times(path: pathlib.Path, header: Any, n_t: int) -> np.ndarray:
 
 
 def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = None,
-               n_frames: int = preprocess.N_FRAMES) -> dict[str, Any]:
+               n_frames: int = conventions.NUM_FRAMES) -> dict[str, Any]:
   """Reads a NIfTI 2D+time image (and optional mask); see the module docstring.
 
   Returns dict(image float32 [H, W, T], times float64 [T] from 0, mask int32 [H, W] or
-  None, pixel_mm (row, col)).
+  None, pixel_mm (row, col), grid: where the array lies (for `write_on_grid`)).
   """
   path = pathlib.Path(path)
   data, header = _load_nifti(path)
+  grid = _nifti_grid(path, header, data.shape)
   if data.ndim == 4 and data.shape[2] == 1:
     data = data[:, :, 0]
   if data.ndim != 3:
     raise InputError(path, f"expected a 2D+time image [X, Y, T] or [X, Y, 1, T], got shape "
                            f"{list(data.shape)}")
-  image = _from_nifti_axes(data.astype(np.float32))
+  image = _apply_layout(_from_nifti_axes(data.astype(np.float32)), grid["layout"])
   times = _nifti_times(path, header, image.shape[-1])
   image, times, _ = preprocess.validate_slice(image, times, source=str(path), n_frames=n_frames)
-  zooms = header.get_zooms()
-  pixel_mm = (float(zooms[1]), float(zooms[0]))
+  pixel_mm = _grid_pixel_mm(path, header.get_zooms(), grid["layout"])
   mask = None
   if mask_path is not None:
-    mask = read_nifti_mask(mask_path, image.shape[:2])
-  return dict(image=image, times=times - times[0], mask=mask, pixel_mm=pixel_mm)
+    mask = read_nifti_mask(mask_path, image.shape[:2], layout=grid["layout"])
+  return dict(image=image, times=times - times[0], mask=mask, pixel_mm=pixel_mm, grid=grid)
 
 
-def read_nifti_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
-  """Reads a NIfTI label mask `[X, Y]` (or with singleton trailing axes) as int32 [H, W]."""
+def read_nifti_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None,
+                    layout=None) -> np.ndarray:
+  """Reads a NIfTI label mask `[X, Y]` (or with singleton trailing axes) as int32 [H, W].
+
+  `layout`: the image's in-plane layout (`read_nifti`'s grid), so the mask lands on the image;
+  default: the mask file's own affine.
+  """
   path = pathlib.Path(path)
-  data, _ = _load_nifti(path)
+  data, header = _load_nifti(path)
   while data.ndim > 2 and data.shape[-1] == 1:
     data = data[..., 0]
   if data.ndim != 2:
     raise InputError(path, f"expected a 2D mask [X, Y], got shape {list(data.shape)}")
-  return preprocess.validate_mask(_from_nifti_axes(data), shape, str(path))
+  if layout is None:
+    layout = _nifti_grid(path, header, data.shape)["layout"]
+  return preprocess.validate_mask(_apply_layout(_from_nifti_axes(data), layout), shape, str(path))
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[pathlib.Path]:
   """Yields a temporary path beside `path`; on success it replaces `path` atomically.
 
-  On any error the temporary file is removed, so nothing half-written is left behind.
+  On any error the temporary file is removed, so nothing half-written is left behind. The
+  file gets the ordinary permissions of a new file (0666 less the umask), not mkstemp's 0600.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +316,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[pathlib.P
   tmp = pathlib.Path(tmp)
   try:
     yield tmp
+    if tmp.exists():
+      os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   finally:
     if tmp.exists():
@@ -178,39 +330,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     tmp.write_text(json.dumps(obj, indent=1))
 
 
-def write_nifti(path: str | os.PathLike, array: Any, pixel_mm: tuple[float, float] = (1.0, 1.0),
-                times: Any = None) -> pathlib.Path:
-  """Writes `array [H, W]` or `[H, W, T]` ([row, col]) as NIfTI, atomically.
-
-  2D+time arrays are stored `[X, Y, 1, T]`; with `times` a JSON sidecar (same name,
-  `.json`) keeps the exact frame times and pixdim[4] their mean spacing. Integer
-  arrays are stored as int16 (masks) when they fit, floats as float32. `read_nifti`
-  reads the result back to the same arrays.
-  """
+def _save_nifti(path: pathlib.Path, data: np.ndarray, affine: np.ndarray, header: Any = None,
+                zooms: list[float] | None = None, times: Any = None, t_unit: str = "sec",
+                intent: str | None = None) -> pathlib.Path:
   import nibabel as nib  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  if not is_nifti(path):
-    raise InputError(path, f"NIfTI output must end with {' or '.join(NIFTI_SUFFIXES)}")
-  array = np.asarray(array)
-  if array.ndim not in (2, 3):
-    raise InputError(path, f"can write [H, W] or [H, W, T] arrays, got shape {list(array.shape)}")
-  if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.integer):
-    small = array.size == 0 or (array.min() >= -32768 and array.max() <= 32767)
-    array = array.astype(np.int16 if small else np.int32)
+  if data.dtype == np.bool_ or np.issubdtype(data.dtype, np.integer):
+    small = data.size == 0 or (data.min() >= -32768 and data.max() <= 32767)
+    data = data.astype(np.int16 if small else np.int32)
   else:
-    array = array.astype(np.float32)
-  data = _to_nifti_axes(array)
-  if data.ndim == 3:
-    data = data[:, :, None, :]
-  affine = np.diag([float(pixel_mm[1]), float(pixel_mm[0]), 1.0, 1.0])
+    data = data.astype(np.float32)
   img = nib.Nifti1Image(data, affine)
-  img.header.set_xyzt_units("mm", "sec")
-  zooms = [float(pixel_mm[1]), float(pixel_mm[0])] + [1.0] * (data.ndim - 2)
-  if times is not None:
-    times = preprocess.validate_times(times, array.shape[-1] if array.ndim == 3 else -1, str(path))
-    if times.size > 1:
-      zooms[-1] = float(np.mean(np.diff(times)))
-  img.header.set_zooms(zooms)
+  if header is not None:  # the input's orientation codes
+    img.set_qform(affine, int(header["qform_code"]) or 1)
+    img.set_sform(affine, int(header["sform_code"]) or 1)
+  else:
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+  img.header.set_xyzt_units("mm", t_unit)
+  if zooms is not None:
+    img.header.set_zooms(zooms)
+  if intent is not None:
+    img.header.set_intent(intent)
   suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
   with atomic_path(path, suffix) as tmp:  # nibabel compresses by the suffix
     nib.save(img, str(tmp))
@@ -218,6 +358,104 @@ def write_nifti(path: str | os.PathLike, array: Any, pixel_mm: tuple[float, floa
       with atomic_path(sidecar_path(path)) as side:
         side.write_text(json.dumps({"times": [float(t) for t in times]}))
   return path
+
+
+def write_nifti(path: str | os.PathLike, array: Any, pixel_mm: tuple[float, float] = (1.0, 1.0),
+                times: Any = None, affine: Any = None, channels: bool = False) -> pathlib.Path:
+  """Writes `array [H, W]` or `[H, W, T]` ([row, col]) as NIfTI, atomically.
+
+  2D+time arrays are stored `[X, Y, 1, T]`; with `times` a JSON sidecar (same name,
+  `.json`) keeps the exact frame times and pixdim[4] their mean spacing. With `channels`,
+  `[H, W, K]` is stored `[X, Y, 1, 1, K]` (K on the 5th dimension, NIfTI's vector intent: e.g.
+  class probabilities), never on the time axis. Integer arrays are stored as int16 (masks)
+  when they fit, floats as float32. `affine` (RAS, of the stored voxels `[X, Y, ...]` =
+  `_to_nifti_axes(array)`) defaults to `stored_affine(pixel_mm)`; `read_nifti` reads the
+  result back to the same arrays.
+  """
+  path = pathlib.Path(path)
+  if not is_nifti(path):
+    raise InputError(path, f"NIfTI output must end with {' or '.join(NIFTI_SUFFIXES)}")
+  array = np.asarray(array)
+  if array.ndim not in (2, 3):
+    raise InputError(path, f"can write [H, W] or [H, W, T] arrays, got shape {list(array.shape)}")
+  data = _to_nifti_axes(array)
+  if affine is None:
+    affine = stored_affine(pixel_mm)
+  affine = np.asarray(affine, np.float64)
+  spatial = [float(np.linalg.norm(affine[:3, k])) for k in range(3)]
+  if channels and data.ndim == 3:
+    data = data[:, :, None, None, :]
+    return _save_nifti(path, data, affine, zooms=spatial + [1.0, 1.0], intent="vector")
+  if data.ndim == 3:
+    data = data[:, :, None, :]
+  zooms = spatial[:2] + [spatial[2], 1.0][:data.ndim - 2]
+  if times is not None:
+    times = preprocess.validate_times(times, array.shape[-1] if array.ndim == 3 else -1, str(path))
+    if times.size > 1:
+      zooms[-1] = float(np.mean(np.diff(times)))
+  return _save_nifti(path, data, affine, zooms=zooms, times=times)
+
+
+def array_affine(grid: dict[str, Any], to_input: Any, shape_hw: tuple[int, int]) -> np.ndarray:
+  """RAS affine for `write_nifti` of an array `[H', W']` whose (row, col) map to the input
+  array's (row, col) by the 3 x 3 homogeneous `to_input` (the crop's `transform`): the crop's
+  outputs then lie where they belong in the input's patient space."""
+  layout = grid["layout"]
+  n_x, n_y = grid["stored_shape"]  # stored voxels [X, Y]; the stored layout's array is [Y, X]
+  hh, ww = (n_x, n_y) if layout[0] else (n_y, n_x)  # the input array's [H, W]
+  undo = np.eye(3)
+  if layout[2]:
+    undo = np.array([[1, 0, 0], [0, -1, ww - 1], [0, 0, 1]], float) @ undo
+  if layout[1]:
+    undo = np.array([[-1, 0, hh - 1], [0, 1, 0], [0, 0, 1]], float) @ undo
+  if layout[0]:
+    undo = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], float) @ undo
+  to_voxel = np.array([[0, 1, 0], [-1, 0, n_y - 1], [0, 0, 1]], float)  # (r0, c0) -> (i, j)
+  written = np.array([[0, -1, shape_hw[0] - 1], [1, 0, 0], [0, 0, 1]], float)  # (i', j') -> (r, c)
+  m = to_voxel @ undo @ np.asarray(to_input, float) @ written  # (i', j', 1) -> (i, j, 1)
+  affine = np.asarray(grid["affine"], float)
+  out = np.eye(4)
+  for k in range(2):
+    out[:3, k] = affine[:3, 0] * m[0, k] + affine[:3, 1] * m[1, k]
+  out[:3, 2] = affine[:3, 2]
+  out[:3, 3] = affine[:3, 3] + affine[:3, 0] * m[0, 2] + affine[:3, 1] * m[1, 2]
+  return out
+
+
+def write_on_grid(path: str | os.PathLike, array: Any, grid: dict[str, Any],
+                  channels: bool = False) -> pathlib.Path:
+  """Writes `array [H, W]` (or `[H, W, K]` with `channels`), given on the input slice's array
+  grid (`preprocess.to_original`), on the input's own stored voxels with its own affine and
+  orientation codes: it overlays the input exactly. `[X, Y]` for a 3D input `[X, Y, T]`,
+  `[X, Y, 1]` for `[X, Y, 1, T]`; channels on the 5th dimension `[X, Y, 1, 1, K]`."""
+  path = pathlib.Path(path)
+  if not is_nifti(path):
+    raise InputError(path, f"NIfTI output must end with {' or '.join(NIFTI_SUFFIXES)}")
+  array = np.asarray(array)
+  data = _to_nifti_axes(_undo_layout(array, grid["layout"]))
+  if tuple(data.shape[:2]) != tuple(grid["stored_shape"]):
+    raise InputError(path, f"array {list(array.shape)} is not on the input grid "
+                           f"{list(grid['stored_shape'])}")
+  affine = np.asarray(grid["affine"], np.float64)
+  spatial = [float(np.linalg.norm(affine[:3, k])) or 1.0 for k in range(3)]
+  if channels:
+    data, zooms = data[:, :, None, None, :], spatial + [1.0, 1.0]
+  elif data.ndim == 2 and grid.get("slice_axis"):
+    data, zooms = data[:, :, None], spatial
+  elif data.ndim == 2:
+    data, zooms = data, spatial[:2]
+  else:
+    raise InputError(path, f"can write [H, W] (or [H, W, K] channels), got {list(array.shape)}")
+  return _save_nifti(path, data, affine, header=grid.get("header"), zooms=zooms,
+                     intent="vector" if channels else None)
+
+
+def grid_summary(grid: dict[str, Any]) -> dict[str, Any]:
+  """The JSON-able part of a grid (for slices.json)."""
+  return dict(kind=grid["kind"], affine=np.asarray(grid["affine"], float).round(6).tolist(),
+              stored_shape=list(grid["stored_shape"]), oriented=bool(grid["oriented"]),
+              layout=dict(zip(("transpose", "flip_rows", "flip_cols"),
+                              (bool(v) for v in grid["layout"]))))
 
 
 # ----------------------------------------------------------------------------- DICOM
@@ -243,7 +481,46 @@ def _dicom_seconds(value: Any, tag: str) -> float | None:
 _TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "TriggerTime")
 
 
-def read_dicom_series(folder: str | os.PathLike, n_frames: int = preprocess.N_FRAMES
+def _dicom_numbers(ds: Any, tag: str, n: int, source: pathlib.Path) -> list[float] | None:
+  """`n` numbers of a header field (None when absent); anything else names file and tag."""
+  if tag not in ds:
+    return None
+  value = ds.get(tag)
+  values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
+      not isinstance(value, (str, bytes)) else [value]
+  try:
+    out = [float(v) for v in values]
+  except (TypeError, ValueError):
+    raise InputError(source, f"DICOM {tag} {str(value)!r} is not {n} number(s)") from None
+  if len(out) != n or not all(np.isfinite(out)):
+    raise InputError(source, f"DICOM {tag} {str(value)!r} is not {n} finite number(s)")
+  return out
+
+
+def dicom_affine(ds: Any, n_rows: int, source: pathlib.Path) -> np.ndarray | None:
+  """RAS affine of the stored voxels (i = column, j = n_rows - 1 - row) of a DICOM frame, from
+  ImagePositionPatient, ImageOrientationPatient and PixelSpacing (None without them)."""
+  ipp = _dicom_numbers(ds, "ImagePositionPatient", 3, source)
+  iop = _dicom_numbers(ds, "ImageOrientationPatient", 6, source)
+  spacing = _dicom_numbers(ds, "PixelSpacing", 2, source)
+  if ipp is None or iop is None or spacing is None:
+    return None
+  row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])  # LPS; along a row, down a column
+  normal = np.cross(row_dir, col_dir)
+  if not np.linalg.norm(normal) > 0.5:
+    raise InputError(source, f"DICOM ImageOrientationPatient {iop} is not two orthogonal "
+                             "unit vectors")
+  thickness = _dicom_numbers(ds, "SliceThickness", 1, source) if "SliceThickness" in ds else None
+  dr, dc = spacing  # PixelSpacing = (between rows, between columns)
+  lps = np.eye(4)
+  lps[:3, 0] = row_dir * dc
+  lps[:3, 1] = -col_dir * dr
+  lps[:3, 2] = normal * (thickness[0] if thickness and thickness[0] > 0 else 1.0)
+  lps[:3, 3] = np.asarray(ipp) + col_dir * dr * (n_rows - 1)
+  return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES
                       ) -> dict[str, Any]:
   """Reads one slice's perfusion series from a folder of DICOM files (one per frame).
 
@@ -271,30 +548,44 @@ def read_dicom_series(folder: str | os.PathLike, n_frames: int = preprocess.N_FR
       raise InputError(f, f"unreadable or truncated DICOM file ({type(e).__name__}: {e})") from None
     if pixels.ndim != 2:
       raise InputError(f, f"expected a 2D frame, got pixel data of shape {list(pixels.shape)}")
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    frames.append(pixels * slope + float(getattr(ds, "RescaleIntercept", 0.0) or 0.0))
+    slope = (_dicom_numbers(ds, "RescaleSlope", 1, f) or [1.0])[0] or 1.0
+    intercept = (_dicom_numbers(ds, "RescaleIntercept", 1, f) or [0.0])[0]
+    frames.append(pixels * slope + intercept)
     headers.append(ds)
   if len({fr.shape for fr in frames}) > 1:
     raise InputError(folder, f"frames differ in size: {sorted({fr.shape for fr in frames})}")
-  positions = {tuple(np.round(np.asarray(h.ImagePositionPatient, float), 1))
-               for h in headers if "ImagePositionPatient" in h}
+  positions = {tuple(np.round(_dicom_numbers(h, "ImagePositionPatient", 3, f), 1))
+               for h, f in zip(headers, files) if "ImagePositionPatient" in h}
   if len(positions) > 1:
     raise InputError(folder, f"series holds {len(positions)} slice positions; give one folder "
                              "per slice")
 
-  candidates = {}
+  candidates, unparsed = {}, []
   for tag in _TIME_TAGS:
     if all(tag in h and str(h.get(tag, "")).strip() for h in headers):
-      values = [float(h.TriggerTime) if tag == "TriggerTime" else _dicom_seconds(h.get(tag), tag)
-                for h in headers]
-      if all(v is not None for v in values):
+      values = []
+      for h, f in zip(headers, files):
+        if tag == "TriggerTime":
+          try:
+            values.append(float(str(h.get(tag)).strip()))
+          except ValueError:
+            values.append(None)
+        else:
+          values.append(_dicom_seconds(h.get(tag), tag))
+        if values[-1] is None or not np.isfinite(values[-1]):
+          unparsed.append(f"{f.name}: {tag} {str(h.get(tag))!r} is not a "
+                          f"{'number (ms)' if tag == 'TriggerTime' else 'DICOM time'}")
+          break
+      else:
         candidates[tag] = np.asarray(values, np.float64) * (1e-3 if tag == "TriggerTime" else 1.0)
   if not candidates:
     raise InputError(folder, "DICOM series has no timing tags (AcquisitionDateTime, "
-                             "AcquisitionTime or TriggerTime) in every file")
-  numbers = [h.get("InstanceNumber") for h in headers]
-  if all(n is not None for n in numbers) and len(set(int(n) for n in numbers)) == len(numbers):
-    order = np.argsort([int(n) for n in numbers], kind="stable")
+                             "AcquisitionTime or TriggerTime) usable in every file" +
+                     (f": {'; '.join(unparsed)}" if unparsed else ""))
+  numbers = [None if "InstanceNumber" not in h or str(h.get("InstanceNumber")).strip() == ""
+             else _dicom_numbers(h, "InstanceNumber", 1, f)[0] for h, f in zip(headers, files)]
+  if all(n is not None for n in numbers) and len(set(numbers)) == len(numbers):
+    order = np.argsort(numbers, kind="stable")
   else:
     order = np.argsort(next(iter(candidates.values())), kind="stable")
   time_tag, times, problem = None, None, ""
@@ -312,16 +603,24 @@ def read_dicom_series(folder: str | os.PathLike, n_frames: int = preprocess.N_FR
     raise InputError(folder, f"frame times are not strictly increasing: {problem}")
   image = np.stack([frames[i] for i in order], axis=-1)
   image, times, _ = preprocess.validate_slice(image, times, source=str(folder), n_frames=n_frames)
-  spacing = headers[0].get("PixelSpacing")
-  pixel_mm = (float(spacing[0]), float(spacing[1])) if spacing is not None else None
+  spacing = _dicom_numbers(headers[0], "PixelSpacing", 2, files[0])
+  pixel_mm = None if spacing is None else check_pixel_mm(spacing, f"{folder} (PixelSpacing)")
+  first = int(order[0])
+  affine = dicom_affine(headers[first], image.shape[0], files[first])
+  oriented = affine is not None
+  if affine is None:
+    affine = stored_affine(pixel_mm or (1.0, 1.0))
+  grid = dict(kind="dicom", affine=affine, oriented=oriented, layout=_LAYOUTS[0],
+              stored_shape=(image.shape[1], image.shape[0]), slice_axis=True, header=None,
+              study=str(headers[first].get("StudyInstanceUID", "") or "") or None)
   return dict(image=image, times=times - times[0], mask=None, pixel_mm=pixel_mm,
-              time_tag=time_tag, files=[files[i] for i in order])
+              time_tag=time_tag, files=[files[i] for i in order], grid=grid)
 
 
 # ----------------------------------------------------------------------------- npz / dispatch
 
 
-def read_npz(path: str | os.PathLike, n_frames: int = preprocess.N_FRAMES) -> dict[str, Any]:
+def read_npz(path: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES) -> dict[str, Any]:
   """Reads `image [H, W, T]`, `times [T]`, optional `mask`, `pixel_mm` from an .npz (no pickles)."""
   path = pathlib.Path(path)
   _exists(path)
@@ -342,8 +641,40 @@ def read_npz(path: str | os.PathLike, n_frames: int = preprocess.N_FRAMES) -> di
   return dict(image=image, times=times - times[0], mask=mask, pixel_mm=pixel_mm)
 
 
+MASK_SUFFIXES = ("_mask", "_seg", "_label", "_labels")  # A file stem ending so is not a slice.
+
+
+def slice_entries(folder: str | os.PathLike, npz: bool = True
+                  ) -> list[tuple[str, pathlib.Path, pathlib.Path | None]]:
+  """The slices of a folder, sorted by name: (name, image path, mask path or None).
+
+  A slice is a NIfTI file (`<name>.nii.gz` / `.nii`), with `npz` a `<name>.npz`, or a
+  sub-folder of DICOM files (one per frame); its optional mask is `<name>_mask.nii.gz` (or
+  `.nii`) beside it. Files whose stem ends in one of MASK_SUFFIXES, sidecars (`.json`) and
+  hidden entries are not slices. The one reading rule of `--mode=predict` and of the `manual`
+  dataset's study folders.
+  """
+  folder = pathlib.Path(folder)
+  entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+  names = {p.name for p in entries}
+  out = []
+  for p in entries:
+    if p.is_dir():
+      stem = p.name
+    elif is_nifti(p) or (npz and p.suffix == ".npz"):
+      stem = _nifti_stem(p) if is_nifti(p) else p.stem
+      if stem.lower().endswith(MASK_SUFFIXES):
+        continue
+    else:
+      continue
+    mask = next((folder / f"{stem}_mask{s}" for s in NIFTI_SUFFIXES
+                 if f"{stem}_mask{s}" in names), None)
+    out.append((stem, p, mask))
+  return out
+
+
 def read_slice(path: str | os.PathLike, mask_path: str | os.PathLike | None = None,
-               n_frames: int = preprocess.N_FRAMES) -> dict[str, Any]:
+               n_frames: int = conventions.NUM_FRAMES) -> dict[str, Any]:
   """Reads one slice from a DICOM folder, a NIfTI file or an .npz; an optional NIfTI mask."""
   path = pathlib.Path(path)
   if path.is_dir():
@@ -356,7 +687,7 @@ def read_slice(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
     _exists(path)
     raise InputError(path, "unknown format: expected a DICOM folder, .nii/.nii.gz or .npz")
   if mask_path is not None:
-    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2])
+    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2], layout=_LAYOUTS[0])
   return out
 
 

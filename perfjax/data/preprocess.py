@@ -13,8 +13,12 @@ The steps, in order (`preprocess_slice`):
    blood-pool pixels are the 1 % of pixels with the largest enhancement (temporal
    maximum minus the median of the first three frames); bolus arrival is the first
    frame where their mean curve rises above 10 % of its own peak enhancement; the kept
-   window starts `n_pre` (3) frames before arrival so the baseline is kept, and is
-   moved back when the series ends before 30 frames. `times` are re-zeroed.
+   window starts `n_pre` (5) frames before arrival so the baseline is kept, and is
+   moved back when the series ends before 30 frames. `times` are re-zeroed. Arrival
+   thus lands on frame 5 (earlier only when the series has fewer baseline frames),
+   whatever the series' length or frame rate, and the LV peak of real series falls
+   where the training data has it (on the real development set at frames 9-29,
+   median 18; in the wide phantom at frames 10-28, median 19-20).
 3. Spatial resampling to `target_pixel_mm` (linear per frame; the mask through its
    one-hot planes, so labels stay whole) when the pixel size is known.
 4. LV-centred crop to 128 x 128: the centre is the LV blood-pool centroid of the mask
@@ -49,9 +53,11 @@ from perfjax.errors import InputError
 N_FRAMES = 30
 SIZE = 128
 N_CLASSES = 4
-N_PRE = 3
+N_PRE = 5  # frames kept before bolus arrival (the wide phantom's arrivals: frames 2-23)
 N_BASE = 3
 TARGET_PIXEL_MM = 1.4
+MAX_RESAMPLED = 1024  # pixels per side after resampling (`resample`)
+MAX_INPUT_PIXELS = 2048  # rows or columns of an input slice (`validate_slice`)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -130,6 +136,8 @@ def validate_slice(image: Any, times: Any = None, mask: Any = None, source: str 
   h, w, t = image.shape
   if h < min_size or w < min_size:
     raise InputError(source, f"image is too small: {h} x {w} pixels (at least {min_size})")
+  if max(h, w) > MAX_INPUT_PIXELS:
+    raise InputError(source, f"image is too large: {h} x {w} pixels (at most {MAX_INPUT_PIXELS})")
   if t < n_frames:
     raise InputError(source, f"image has {t} time frames; at least {n_frames} are needed")
   image = image.astype(np.float32)
@@ -192,21 +200,29 @@ def truncate_first_pass(image_hwt: np.ndarray, times: np.ndarray, n_frames: int 
 
 
 def resample(image_hwt: np.ndarray, pixel_mm: tuple[float, float] | float,
-             target_mm: float = TARGET_PIXEL_MM, mask: np.ndarray | None = None
+             target_mm: float = TARGET_PIXEL_MM, mask: np.ndarray | None = None,
+             max_size: int | None = None, source: str = "pixel size"
              ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
   """Resamples rows/cols from `pixel_mm` (row, col spacing) to `target_mm` pixels.
 
   Linear interpolation per frame; the mask goes through its one-hot planes (linear,
-  then argmax) so labels stay whole. Returns (image, mask, zoom factors).
+  then argmax) so labels stay whole. Returns (image, mask, zoom factors). A result larger
+  than `max_size` (default MAX_RESAMPLED) pixels per side is an `InputError`, raised before
+  any memory is asked for (a header's 200 mm pixel would otherwise ask for tens of GiB).
   """
+  max_size = MAX_RESAMPLED if max_size is None else int(max_size)
   pr, pc = (pixel_mm, pixel_mm) if np.isscalar(pixel_mm) else pixel_mm
   if not (np.isfinite(pr) and np.isfinite(pc) and pr > 0 and pc > 0 and target_mm > 0):
-    raise InputError("pixel size", f"pixel spacing must be positive, got {pixel_mm} -> {target_mm}")
+    raise InputError(source, f"pixel spacing must be positive, got {pixel_mm} -> {target_mm}")
   zoom = (float(pr) / target_mm, float(pc) / target_mm)
   if abs(zoom[0] - 1) < 1e-3 and abs(zoom[1] - 1) < 1e-3:
     return image_hwt, mask, (1.0, 1.0)
   h, w = image_hwt.shape[:2]
   out_hw = (max(1, int(round(h * zoom[0]))), max(1, int(round(w * zoom[1]))))
+  if max(out_hw) > max_size:  # checked before any memory is asked for
+    raise InputError(source, f"resampling {h} x {w} pixels of {pr:g} x {pc:g} mm to {target_mm:g} "
+                             f"mm would give {out_hw[0]} x {out_hw[1]} pixels (at most "
+                             f"{max_size}); check the header's pixel size")
   factors = (out_hw[0] / h, out_hw[1] / w)
   image = ndimage.zoom(np.asarray(image_hwt, np.float32), factors + (1.0,), order=1,
                        mode="nearest", grid_mode=True)
@@ -361,14 +377,16 @@ def peak_lv_frame(image_hwt: np.ndarray, source: str = "image") -> int:
 def preprocess_slice(image: Any, times: Any, mask: Any = None,
                      pixel_mm: tuple[float, float] | float | None = None,
                      target_pixel_mm: float | None = TARGET_PIXEL_MM, n_frames: int = N_FRAMES,
-                     size: int = SIZE, n_pre: int = N_PRE, source: str = "image"
-                     ) -> dict[str, Any]:
+                     size: int = SIZE, n_pre: int = N_PRE, source: str = "image",
+                     centre: str = "mask") -> dict[str, Any]:
   """Raw slice `[H, W, T]` -> model input per CONVENTIONS.md (see the module docstring).
 
   Returns dict(image float32 [size, size, n_frames] in [0, 1], raw float32 (same, signal),
   times float32 [n_frames] from 0, mask int32 [size, size] or None, peak_lv_frame int,
   center (row, col) in the resampled frame before the crop, frame_start int, zoom,
-  shape: the input's (H, W), resampled_shape: (H, W) after resampling); `to_original`
+  shape: the input's (H, W), resampled_shape: (H, W) after resampling). The crop is
+  centred on the mask's LV (`centre="mask"`, when a mask is given) or on the LV found
+  from the images (`centre="images"`, always used without a mask); `to_original`
   maps model outputs back to the input's pixel grid with these.
   """
   image, times, mask = validate_slice(image, times, mask, source=source, n_frames=n_frames)
@@ -379,7 +397,12 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
   zoom = (1.0, 1.0)
   if pixel_mm is not None and target_pixel_mm is not None:
     image, mask, zoom = resample(image, pixel_mm, target_pixel_mm, mask)
-  center = lv_center(mask) if mask is not None else detect_lv(image, source=source)["center"]
+  if centre not in ("mask", "images"):
+    raise InputError(source, f"centre must be 'mask' or 'images', got {centre!r}")
+  if mask is not None and centre == "mask":
+    center = lv_center(mask)
+  else:
+    center = detect_lv(image, source=source)["center"]
   raw = crop_center(image, center, size)
   if mask is not None:
     mask = crop_center(mask, center, size, fill=0).astype(np.int32)

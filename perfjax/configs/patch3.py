@@ -1,0 +1,140 @@
+r"""patch3-UNet: the paper's proposal, 64x64x30 (2D+time) patches, four-class UNet.
+
+Variants (the text after ``:`` in ``--config``):
+
+* default (``""``): CPU-sized main job on the ``synthetic_cpu`` dataset, width 16, advanced
+  augmentation (timings: benchmarks/RESULTS.md)::
+
+    python launch.py --config=configs/patch3.py --workdir=runs/patch3
+
+* ``paper``: the paper's width (64) on the paper-sized ``synthetic`` dataset; long training,
+  meant for a GPU or TPU::
+
+    python launch.py --config=configs/patch3.py:paper --workdir=runs/patch3_paper
+
+* ``release``: the released model for real images (``released/patch3``): the default model
+  trained longer (1500 steps) on ``synthetic_mixed`` (the wide phantom, each study FLASH or
+  bSSFP)::
+
+    python launch.py --config=configs/patch3.py:release --workdir=runs/patch3_release
+
+* ``tiny``: width 4, depth 2, ``synthetic_small``, a few steps (tests, seconds)::
+
+    python launch.py --config=configs/patch3.py:tiny --workdir=/tmp/patch3_tiny
+
+Any field can be overridden on the command line, e.g. the conventional-augmentation run::
+
+  python launch.py --config=configs/patch3.py --config.augment.mode=conventional \
+    --workdir=runs/patch3_conv
+
+Unknown keys fail (the config is locked). ``configs/patch2.py`` is the same with
+``input="patch2"`` (one channel: the peak-LV-enhancement frame).
+"""
+import dataclasses
+
+import ml_collections
+
+from perfjax import augment
+from perfjax import conventions
+
+VARIANTS = ("", "paper", "tiny", "release")
+
+
+def make_config(input_kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Builds the config of one input kind ("patch3" | "patch2") and variant (see VARIANTS)."""
+  variant = (arg or "").strip()
+  if variant not in VARIANTS:
+    raise ValueError(f"config variant {variant!r}: unknown; expected one of {VARIANTS}")
+
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.input = input_kind  # "patch3": all 30 frames; "patch2": the peak-LV frame only.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "synthetic_cpu"  # perfjax.data.datasets builder config.
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)  # None: $PERFJAX_DATA_DIR.
+  # dataset "manual": your own studies (layout: perfjax.data.datasets.MANUAL_LAYOUT).
+  config.data.manual_dir = ml_collections.config_dict.placeholder(str)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.features = 16
+  config.model.depth = 4
+  config.model.dropout_rate = 0.0
+  config.model.patch = conventions.PATCH  # Window size P (paper: 64 x 64).
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.mode = "advanced"  # "none" | "conventional" | "advanced".
+  # Every probability and range of perfjax.augment.AugmentConfig (its docstring says what each
+  # does), at the paper's defaults, e.g. --config.augment.p_affine=0.5.
+  for field in dataclasses.fields(augment.AugmentConfig):
+    config.augment[field.name] = field.default
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 16  # Windows per step (global, over all devices).
+  config.train.stride = conventions.TRAIN_STRIDE  # Step of the training windows (9 per slice).
+  config.train.learning_rate = 2e-3
+  config.train.schedule = "cosine"  # "constant" | "cosine" (to 1% of the peak at num_steps).
+  config.train.warmup_steps = 50
+  config.train.num_steps = 1200
+  config.train.eval_every = 100  # Validation Dice (whole slices, stride-32 sliding window).
+  config.train.log_every = 20
+  config.train.checkpoint_every = 100
+  config.train.max_to_keep = 2  # Latest checkpoints kept; the best one is kept separately.
+  config.train.patience = 5  # Evaluations without a better validation Dice before stopping.
+  # Fine-tuning: start from the best parameters of this workdir ("released": released/<input>).
+  config.train.init_from = ml_collections.config_dict.placeholder(str)
+  # Masks without any RV pixel: "auto" treats their background as background-or-RV (partial
+  # labels, e.g. data sets that draw only the myocardium and LV); "never": complete masks.
+  config.train.rv_unlabelled = "auto"
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.stride_seg = conventions.SEG_STRIDE  # Stride of the segmentation (paper: 32).
+  config.eval.stride_um = conventions.UM_STRIDE  # Stride of UM (2: 1089 windows per slice).
+  config.eval.chunk_size = 8  # Windows per model call and device (memory bound; CPU: 8 is best).
+  config.eval.gaussian_weighting = False  # nnU-Net Gaussian importance weighting of the mean.
+  config.eval.mirror_tta = False  # Each window's probabilities averaged over its 4 mirrorings.
+  config.eval.um_dilation = 0  # Pixels the segmented myocardium is dilated by for U (eq. 1).
+  config.eval.ood_labels = "motion"  # "motion" | "mbf_patch2".
+  config.eval.patch2_workdir = ml_collections.config_dict.placeholder(str)  # For mbf_patch2.
+  config.eval.ood_tolerance = conventions.MBF_OOD_TOLERANCE  # mbf_patch2: > 5 % MBF difference.
+  config.eval.sectors_from = "gt"  # Sector geometry of the sector Dice: "gt" | "pred".
+  config.eval.mbf_input = "auto"  # "concentration" | "signal" | "auto" (concentration if known).
+  config.eval.baselines = ("tta",)  # Other uncertainties scored by the same ROC: tta, mc_dropout.
+  config.eval.baseline_samples = 8  # Samples per baseline uncertainty map.
+
+  if variant == "paper":
+    config.data.dataset = "synthetic"
+    config.model.features = 64
+    config.train.batch_size = 32
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 500
+    config.train.num_steps = 30_000
+    config.train.eval_every = 500
+    config.train.log_every = 50
+    config.train.checkpoint_every = 1000
+    config.train.max_to_keep = 3
+    config.train.patience = 10
+    config.eval.chunk_size = 64
+  elif variant == "release":
+    config.data.dataset = "synthetic_mixed"
+    config.train.num_steps = 1500
+    config.train.patience = 8
+  elif variant == "tiny":
+    config.data.dataset = "synthetic_small"
+    config.model.features = 4
+    config.model.depth = 2
+    config.train.batch_size = 4
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 0
+    config.train.num_steps = 4
+    config.train.eval_every = 2
+    config.train.log_every = 1
+    config.train.checkpoint_every = 2
+    config.train.patience = 100
+    config.eval.stride_um = 16
+    config.eval.chunk_size = 16
+  return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  return make_config("patch3", arg)

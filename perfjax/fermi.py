@@ -1,0 +1,751 @@
+"""Fermi-constrained deconvolution of tissue curves, batched in JAX (paper II-D, III-C).
+
+`fit_fermi(aif, curves, times)` fits tissue = AIF (x) h with the Fermi impulse response
+``h(t) = F / (1 + exp((t - tau_d - w) / k))`` (t >= tau_d) over the first pass
+(`first_pass_window`) for all curves of a data set in one jitted, vmapped solve;
+MBF = ``F / (1 + exp(-w / k))`` 1/s, reported in ml/g/min (``* 60 / 1.05``). The AIF between
+frames is a gamma variate fitted to its first pass plus a cubic spline through the residuals
+(`aif_on_grid`): the peers found that a linearly interpolated AIF limits accuracy to about 6 %
+(noise-free); this one passes exactly through every sample and follows the bolus shape between
+them. Curve extraction, signal conversion and sector aggregation are `perfjax.perfusion`.
+
+The core below works on one curve at a time in *normalised* units (AIF divided by its peak,
+curve divided by its peak, times in seconds from the group's origin) and is batched with
+``jax.vmap``; `fit_fermi` handles units, grouping of curves that share an AIF, windows and
+failure codes.
+
+Forward model (CONVENTIONS.md, Perfusion): tissue(t) = (AIF * h)(t) with the Fermi impulse
+response ``h(t) = F / (1 + exp((t - tau_d - w) / k))`` for t >= tau_d, 0 before. Writing
+``R(v) = 1 / (1 + exp((v - w) / k))`` (smooth, no step) gives
+
+    tissue(t) = F * G(t - tau_d),   G(s) = int_0^s AIF(s - v) R(v) dv   (G = 0 for s <= 0),
+
+so the step of h at tau_d becomes a shift of a smooth function. G is integrated by Simpson's
+rule on a fine grid (step dv; the AIF is evaluated there from its continuous model) at the
+points of a coarse grid (step 2 dv), one matrix product ``conv @ R`` per evaluation (a GEMM
+for all curves that share the AIF), then read at the real, non-uniform ``t_i - tau_d`` by a
+Catmull-Rom cubic: continuous and smooth in tau_d, about 1e-5 of the peak from the exact
+integral at dv = 0.1 s.
+
+Solver: Levenberg-Marquardt with a fixed iteration count from the best points of a start
+grid, an analytic Jacobian (3 matrix columns), parameters mapped into their valid ranges by
+softplus / sigmoid (see params_from_raw).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.interpolate import CubicSpline
+
+from perfjax import platform
+from perfjax.conventions import PER_S_TO_ML_G_MIN
+from perfjax.errors import InputError
+
+ML_G_MIN_PER_S = PER_S_TO_ML_G_MIN  # 1/s -> ml/g/min (myocardial density 1.05 g/ml)
+
+# Reason codes of fit_fermi (``reason`` output); REASONS maps each code to its meaning.
+(OK, NONFINITE, FLAT_AIF, NO_ENHANCEMENT, SHORT_WINDOW, NOT_CONVERGED, POOR_FIT,
+ IMPLAUSIBLE) = range(8)
+REASONS = {
+    OK: "ok",
+    NONFINITE: "NaN/Inf in the AIF, curve or times",
+    FLAT_AIF: "AIF shows no enhancement",
+    NO_ENHANCEMENT: "curve shows no enhancement above its baseline noise (flat, zeros)",
+    SHORT_WINDOW: "fewer than 6 frames in the fitting window",
+    NOT_CONVERGED: "solver did not converge (cost and MBF still moving after the retry pass)",
+    POOR_FIT: "fit explains too little of the curve (r2 < min_r2)",
+    IMPLAUSIBLE: "MBF above max_mbf: not physiological (e.g. a curve corrupted by motion)",
+}
+MIN_WINDOW = 6
+# The solvers are compiled with XLA:CPU's YNN dot and reduce fusions (the numbers of
+# benchmarks/RESULTS.md); not eltwise, which rejects a layout of this solver ("Instruction with
+# unsupported layout in YNN fusion"). CPU compilers only read the option.
+SOLVER_COMPILER_OPTIONS = platform.cpu_fusion_options("dot", "reduce")
+
+K_MIN = 0.05  # s, smallest Fermi k (k = K_MIN + softplus(raw)); below it h is a step on the grid.
+N_PARAMS = 4  # raw parameters: F, w, k, tau_d
+
+
+def softplus_inv(x):
+  """Inverse of softplus for x > 0 (stable for large x)."""
+  x = jnp.asarray(x)
+  return jnp.where(x > 20.0, x, jnp.log(jnp.expm1(jnp.minimum(x, 20.0))))
+
+
+def params_from_raw(raw, tau_max: float):
+  """Raw R^4 -> (F_norm, w, k, tau_d), inside the valid ranges by construction.
+
+  F_norm = softplus(raw0) >= 0 (F in normalised units), w = softplus(raw1) >= 0 s,
+  k = K_MIN + softplus(raw2) > 0 s, tau_d = tau_max * sigmoid(raw3) in [0, tau_max] s.
+  """
+  f = jax.nn.softplus(raw[..., 0])
+  w = jax.nn.softplus(raw[..., 1])
+  k = K_MIN + jax.nn.softplus(raw[..., 2])
+  tau = tau_max * jax.nn.sigmoid(raw[..., 3])
+  return f, w, k, tau
+
+
+def raw_from_params(f, w, k, tau, tau_max: float):
+  """Inverse of params_from_raw (values are clipped into the open ranges first)."""
+  f = jnp.maximum(f, 1e-6)
+  w = jnp.maximum(w, 1e-4)
+  k = jnp.maximum(k - K_MIN, 1e-4)
+  p = jnp.clip(tau / tau_max, 0.02, 0.98)
+  return jnp.stack([softplus_inv(f), softplus_inv(w), softplus_inv(k),
+                    jnp.log(p) - jnp.log1p(-p)], axis=-1)
+
+
+def simpson_conv_matrix(aif_v, n_coarse: int, ratio: int, dv: float):
+  """A [Nc, Nv] such that (A @ R)[m] = int_0^{s_m} AIF(s_m - v) R(v) dv by Simpson's rule.
+
+  aif_v [Nv]: the AIF at v_j = j * dv (j = 0..Nv-1); the coarse grid is s_m = (m - 2) * h with
+  h = ratio * dv (ratio even, so every s_m > 0 spans an even number of fine steps); rows with
+  s_m <= 0 are zero (no contrast has arrived). Works on numpy or jax arrays (jnp is used).
+  """
+  nv = aif_v.shape[-1]
+  m = jnp.arange(n_coarse)[:, None]
+  j = jnp.arange(nv)[None, :]
+  n = (m - 2) * ratio  # number of fine steps in [0, s_m]
+  q = n - j  # AIF index at s_m - v_j
+  inside = (j <= n) & (n > 0)
+  wts = jnp.where((j == 0) | (j == n), 1.0, jnp.where(j % 2 == 1, 4.0, 2.0)) * (dv / 3.0)
+  vals = aif_v[..., jnp.clip(q, 0, nv - 1)]
+  return jnp.where(inside, wts * vals, 0.0)
+
+
+def _catmull_rom(g, s):
+  """Value and d/ds of the Catmull-Rom cubic through g [Nc, ...] at grid positions s [T]."""
+  nc = g.shape[0]
+  m = jnp.clip(jnp.floor(s).astype(jnp.int32), 1, nc - 3)
+  a = jnp.clip(s - m, 0.0, 1.0)
+  g0, g1, g2, g3 = g[m - 1], g[m], g[m + 1], g[m + 2]
+  if g.ndim > 1:
+    a = a[:, None]
+  c1 = 0.5 * (g2 - g0)
+  c2 = 0.5 * (2.0 * g0 - 5.0 * g1 + 4.0 * g2 - g3)
+  c3 = 0.5 * (3.0 * (g1 - g2) + g3 - g0)
+  val = g1 + a * (c1 + a * (c2 + a * c3))
+  der = c1 + a * (2.0 * c2 + 3.0 * a * c3)
+  return val, der
+
+
+def unit_response(w, k, tau, conv, t, dv: float, ratio: int):
+  """G(t - tau) [T] for F = 1: the tissue curve of a unit-F Fermi response at the frame times.
+
+  conv [Nc, Nv] from simpson_conv_matrix; G on the coarse grid is conv @ R, and G at the
+  non-uniform t_i - tau is a Catmull-Rom cubic (C1, continuous and smooth in tau_d).
+  """
+  nv = conv.shape[1]
+  h = ratio * dv
+  v = jnp.arange(nv, dtype=conv.dtype) * dv
+  r = jax.nn.sigmoid((w - v) / k)  # R(v) = h(v + tau_d) / F
+  s = (t - tau) / h + 2.0  # position on the coarse grid
+  val, _ = _catmull_rom(conv @ r, s)
+  return jnp.where(s > 2.0, val, 0.0)
+
+
+def model_norm(raw, conv, t, dv: float, ratio: int, tau_max: float):
+  """Normalised tissue curve [T] for raw parameters [4]."""
+  f, w, k, tau = params_from_raw(raw, tau_max)
+  return f * unit_response(w, k, tau, conv, t, dv, ratio)
+
+
+def model_and_jac(raw, conv, t, dv: float, ratio: int, tau_max: float):
+  """model_norm [T] and its Jacobian [T, 4] w.r.t. the raw parameters, analytically.
+
+  One GEMM-friendly product conv @ [R, dR/dw, dR/dk] per evaluation (jax.jacfwd would carry
+  five columns, two of them zero); d/dtau_d comes from the Catmull-Rom derivative.
+  """
+  nv = conv.shape[1]
+  h = ratio * dv
+  f, w, k, tau = params_from_raw(raw, tau_max)
+  v = jnp.arange(nv, dtype=conv.dtype) * dv
+  z = (w - v) / k
+  r = jax.nn.sigmoid(z)
+  dr = r * (1.0 - r)
+  cols = jnp.stack([r, dr / k, -dr * z / k], axis=1)  # R, dR/dw, dR/dk  [Nv, 3]
+  s = (t - tau) / h + 2.0
+  val, der = _catmull_rom(conv @ cols, s)  # [T, 3]
+  pos = (s > 2.0)[:, None]
+  val = jnp.where(pos, val, 0.0)
+  der = jnp.where(pos, der, 0.0)
+  sig = jax.nn.sigmoid(raw)
+  dtau = tau_max * sig[3] * (1.0 - sig[3])
+  jac = jnp.stack([sig[0] * val[:, 0],
+                   f * sig[1] * val[:, 1],
+                   f * sig[2] * val[:, 2],
+                   -f * der[:, 0] * dtau / h], axis=1)
+  return f * val[:, 0], jac
+
+
+def _residual(raw, conv, t, c, wts, dv, ratio, tau_max):
+  return wts * (model_norm(raw, conv, t, dv, ratio, tau_max) - c)
+
+
+def _residual_and_jac(raw, conv, t, c, wts, dv, ratio, tau_max):
+  m, jac = model_and_jac(raw, conv, t, dv, ratio, tau_max)
+  return wts * (m - c), wts[:, None] * jac
+
+
+def lm_solve(lin, x0, n_iter: int, lam0: float = 1e-2):
+  """Levenberg-Marquardt with a fixed number of iterations (vmappable, jittable).
+
+  lin: x [P] -> (residual [M], Jacobian [M, P]). Marquardt scaling (lambda * diag(J^T J))
+  plus a tiny absolute damping; a step is kept only when it lowers the cost, so the cost never
+  rises and non-finite trial points are rejected. Returns (x, cost, cost_before_last_5,
+  n_accepted, x_before_last_5): the history lets the caller judge convergence.
+  """
+  r0, j0 = lin(x0)
+  cost0 = jnp.where(jnp.all(jnp.isfinite(r0)), 0.5 * r0 @ r0, jnp.inf)
+  eye = jnp.eye(x0.shape[0], dtype=x0.dtype)
+  i_hist = max(n_iter - 6, 0)
+
+  def body(i, state):
+    x, r, jac, cost, lam, cost_hist, x_hist, n_acc = state
+    jtj = jac.T @ jac
+    g = jac.T @ r
+    a = jtj + lam * jnp.diag(jnp.diag(jtj)) + 1e-9 * eye
+    step = -jnp.linalg.solve(a, g)
+    x_new = x + step
+    r_new, j_new = lin(x_new)
+    cost_new = 0.5 * r_new @ r_new
+    ok = jnp.isfinite(cost_new) & (cost_new < cost) & jnp.all(jnp.isfinite(j_new))
+    x = jnp.where(ok, x_new, x)
+    r = jnp.where(ok, r_new, r)
+    jac = jnp.where(ok, j_new, jac)
+    cost = jnp.where(ok, cost_new, cost)
+    lam = jnp.clip(jnp.where(ok, lam * 0.3, lam * 4.0), 1e-9, 1e9)
+    cost_hist = jnp.where(i == i_hist, cost, cost_hist)
+    x_hist = jnp.where(i == i_hist, x, x_hist)
+    return x, r, jac, cost, lam, cost_hist, x_hist, n_acc + ok.astype(jnp.int32)
+
+  state = (x0, r0, j0, cost0, jnp.asarray(lam0, x0.dtype), cost0, x0, jnp.int32(0))
+  x, r, jac, cost, lam, cost_hist, x_hist, n_acc = jax.lax.fori_loop(0, n_iter, body, state)
+  return x, cost, cost_hist, n_acc, x_hist
+
+
+def _start_grid(tau_max: float):
+  """Starting (w, k, tau_d) grid: covers slow/fast washout, sharp/smooth roll-off, delays."""
+  ws = jnp.array([1.0, 3.0, 6.0])
+  ks = jnp.array([0.3, 1.0])
+  taus = jnp.array([0.05, 0.2, 0.4, 0.6]) * tau_max
+  w, k, tau = jnp.meshgrid(ws, ks, taus, indexing="ij")
+  return w.ravel(), k.ravel(), tau.ravel()
+
+
+def fit_one(conv, t, c, wts, x_init=None, *, dv: float, ratio: int, tau_max: float,
+            n_iter: int, n_starts: int):
+  """Fit one normalised curve; returns a dict of scalars (raw params, cost, diagnostics).
+
+  Starts: the best ``n_starts`` points of the (w, k, tau_d) grid (F by linear least squares at
+  each) and, when given, ``x_init`` (raw parameters, e.g. an earlier pass's solution); the
+  solution is the start whose LM run ends lowest.
+  """
+  gw, gk, gt = _start_grid(tau_max)
+
+  def grid_cost(w, k, tau):
+    u = wts * unit_response(w, k, tau, conv, t, dv, ratio)
+    f = jnp.maximum((u @ (wts * c)) / jnp.maximum(u @ u, 1e-12), 1e-4)
+    res = u * f - wts * c
+    return 0.5 * res @ res, f
+
+  costs, fs = jax.vmap(grid_cost)(gw, gk, gt)
+  costs = jnp.where(jnp.isfinite(costs), costs, jnp.inf)
+  order = jnp.argsort(costs)[:n_starts]
+  x0s = raw_from_params(fs[order], gw[order], gk[order], gt[order], tau_max)
+  if x_init is not None:
+    x0s = jnp.concatenate([x_init[None].astype(x0s.dtype), x0s], axis=0)
+  lin = functools.partial(_residual_and_jac, conv=conv, t=t, c=c, wts=wts, dv=dv, ratio=ratio,
+                          tau_max=tau_max)
+  xs, cs, chs, nits, xhs = jax.vmap(lambda x0: lm_solve(lin, x0, n_iter))(x0s)
+  best = jnp.argmin(jnp.where(jnp.isfinite(cs), cs, jnp.inf))
+  x, cost, cost_hist, nit, x_hist = xs[best], cs[best], chs[best], nits[best], xhs[best]
+  r, jac = _residual_and_jac(x, conv, t, c, wts, dv, ratio, tau_max)
+
+  def mbf_norm(raw):
+    f, w, k, _ = params_from_raw(raw, tau_max)
+    return f * jax.nn.sigmoid(w / k)
+
+  grad = jax.grad(mbf_norm)(x)
+  n = jnp.sum(wts > 0)
+  s2 = (r @ r) / jnp.maximum(n - N_PARAMS, 1)
+  # pseudo-inverse of J^T J after diagonal scaling (robust to parameters that a sigmoid/softplus
+  # has pinned at a bound: their direction carries ~0 gradient and is cut off).
+  jtj = jac.T @ jac
+  d = jnp.sqrt(jnp.maximum(jnp.diag(jtj), 1e-30))
+  evals, evecs = jnp.linalg.eigh(jtj / jnp.outer(d, d))
+  inv = jnp.where(evals > 1e-6 * jnp.max(evals), 1.0 / evals, 0.0)
+  cov = (evecs * inv) @ evecs.T / jnp.outer(d, d) * s2
+  mbf_var = grad @ cov @ grad
+  cw = wts * c
+  mean_c = jnp.sum(cw) / jnp.maximum(n, 1)
+  ss_tot = jnp.sum(wts * (c - mean_c) ** 2)
+  return dict(raw=x, cost=cost, cost_hist=cost_hist, n_iter=nit,
+              mbf_norm=mbf_norm(x), mbf_norm_hist=mbf_norm(x_hist),
+              mbf_se_norm=jnp.sqrt(jnp.maximum(mbf_var, 0.0)),
+              r2=1.0 - (r @ r) / jnp.maximum(ss_tot, 1e-30),
+              rmse_norm=jnp.sqrt((r @ r) / jnp.maximum(n, 1)))
+
+
+@functools.partial(jax.jit, static_argnames=("n_coarse", "dv", "ratio", "tau_max", "n_iter",
+                                             "n_starts"),
+                   compiler_options=SOLVER_COMPILER_OPTIONS)
+def fit_groups(aif_v, t_g, curves, wts, x_init=None, *, n_coarse: int, dv: float, ratio: int,
+               tau_max: float, n_iter: int, n_starts: int):
+  """All curves in one jitted, vmapped solve, in groups that share an AIF.
+
+  aif_v [G, Nv] normalised AIFs on the fine grid, t_g [G, T] frame times, curves [G, B, T]
+  normalised, wts [G, B, T] window weights (0/1; padding curves are all 0), x_init None or
+  [G, B, 4] raw warm starts (see :func:`fit_one`). The per-group convolution matrix is shared
+  by the B curves, so the model's matrix products are GEMMs.
+  """
+  def group(a, t, cs, ws, xi):
+    conv = simpson_conv_matrix(a, n_coarse, ratio, dv)
+    return jax.vmap(lambda c, wt, x0: fit_one(conv, t, c, wt, x0, dv=dv, ratio=ratio,
+                                              tau_max=tau_max, n_iter=n_iter,
+                                              n_starts=n_starts),
+                    in_axes=(0, 0, None if xi is None else 0))(cs, ws, xi)
+  return jax.vmap(group, in_axes=(0, 0, 0, 0, None if x_init is None else 0))(
+      aif_v, t_g, curves, wts, x_init)
+
+
+# ----------------------------------------------------------------------------- curve timing
+def _smooth3(x: np.ndarray) -> np.ndarray:
+  """3-frame moving average (edges use the available neighbours)."""
+  pad = np.concatenate([x[:1], x, x[-1:]])
+  return (pad[:-2] + pad[1:-1] + pad[2:]) / 3.0
+
+
+def _foot_and_peak(aif: np.ndarray, foot_frac: float) -> tuple[int, int, np.ndarray]:
+  """(foot, peak, enhancement) of an AIF: see :func:`baseline_frames`."""
+  enh = aif - np.median(aif[:3])
+  peak = int(np.argmax(enh))
+  below = np.nonzero(enh[:peak + 1] <= foot_frac * enh[peak])[0]
+  foot = int(below[-1]) if below.size else 0
+  return foot, peak, enh
+
+
+def baseline_frames(aif, foot_frac: float = 0.1) -> int:
+  """Number of pre-contrast frames ``b``: frames ``[0, b)`` are the baseline.
+
+  Rule: enhancement ``e = aif - median(aif[:3])``; the peak is ``argmax(e)``; the foot is
+  the last frame before the peak with ``e <= foot_frac * e[peak]`` (contrast arrives after
+  it). The baseline is every frame before the foot, at least frame 0: ``b = max(foot, 1)``
+  (the foot frame itself may already hold the first few percent of the bolus).
+  """
+  aif = _check_1d(aif, "aif")
+  foot, _, _ = _foot_and_peak(aif, foot_frac)
+  return max(foot, 1)
+
+
+def first_pass_window(aif, foot_frac: float = 0.1, pre_frames: int = 2,
+                      trough_frac: float = 0.5) -> np.ndarray:
+  """bool [T]: the frames fitted by the Fermi model (the first pass).
+
+  Rule (``aif`` baseline-subtracted or not):
+  * start: ``pre_frames`` frames before the foot of the bolus (:func:`baseline_frames`), so
+    the fit sees the flat pre-contrast level that pins the delay tau_d;
+  * end: the end of the AIF's first pass, i.e. the first local minimum after the peak of the
+    3-frame moving average of the AIF once it has fallen below ``trough_frac`` of the peak
+    enhancement (the trough before recirculation rises; later frames are dominated by
+    recirculation, which the Fermi model describes poorly in real tissue); the last frame
+    when the AIF never turns up again.
+  """
+  aif = _check_1d(aif, "aif")
+  foot, peak, enh = _foot_and_peak(aif, foot_frac)
+  sm = _smooth3(enh)
+  end = aif.size - 1
+  for i in range(peak + 1, aif.size - 1):
+    if sm[i] < trough_frac * enh[peak] and sm[i] <= sm[i + 1]:
+      end = i
+      break
+  win = np.zeros(aif.size, bool)
+  win[max(foot - pre_frames, 0):end + 1] = True
+  return win
+
+
+def _check_1d(x, name):
+  x = np.asarray(x, dtype=np.float64)
+  if x.ndim != 1 or x.size < 4:
+    raise InputError(name, f"expected a 1-D curve of >= 4 frames, got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise InputError(name, "contains NaN or Inf")
+  return x
+
+
+# ----------------------------------------------------------------------------- AIF model
+def _gamma_jnp(t, q):
+  """Gamma variate in (t0, tp, alpha, amp): amp at tp, 0 before t0."""
+  t0, tp, alpha, amp = q[0], q[1], q[2], q[3]
+  x = jnp.maximum((t - t0) / (tp - t0), 1e-12)
+  return jnp.where(t > t0, amp * jnp.exp(alpha * (jnp.log(x) + 1.0 - x)), 0.0)
+
+
+def _gamma_from_raw(raw, t_peak):
+  t0 = t_peak - jax.nn.softplus(raw[0])
+  tp = t0 + 0.05 + jax.nn.softplus(raw[1])
+  alpha = 1.0 + jax.nn.softplus(raw[2])
+  amp = jax.nn.softplus(raw[3])
+  return jnp.stack([t0, tp, alpha, amp])
+
+
+@functools.partial(jax.jit, static_argnames=("n_iter",),
+                   compiler_options=SOLVER_COMPILER_OPTIONS)
+def _fit_gamma_batch(aif_n, t, wts, t_peak, t_foot, n_iter: int = 40):
+  """Gamma variates for a batch of normalised AIFs [U, T] (peak 1) in one vmapped LM solve."""
+  def one(a, tt, wt, tpk, tft):
+    def fun(raw):
+      return wt * (_gamma_jnp(tt, _gamma_from_raw(raw, tpk)) - a)
+
+    def lin(raw):
+      jac, r = jax.jacfwd(lambda y: (fun(y), fun(y)), has_aux=True)(raw)
+      return r, jac
+
+    starts = []
+    for alpha in (1.5, 3.0, 6.0):
+      d0 = jnp.maximum(tpk - tft, 0.3)
+      starts.append(jnp.stack([softplus_inv(d0),
+                               softplus_inv(jnp.maximum(d0 - 0.05, 0.05)),
+                               softplus_inv(alpha - 1.0), softplus_inv(1.0)]))
+    x0s = jnp.stack(starts)
+    xs, cs, _, _, _ = jax.vmap(lambda x0: lm_solve(lin, x0, n_iter))(x0s)
+    best = jnp.argmin(cs)
+    return _gamma_from_raw(xs[best], tpk), cs[best]
+  return jax.vmap(one)(aif_n, t, wts, t_peak, t_foot)
+
+
+def fit_aif_gamma(aif, times, foot_frac: float = 0.1, end_frac: float = 0.3,
+                  tol: float = 0.01):
+  """Fit gamma variates to AIFs [U, T] (baseline-subtracted) at times [U, T].
+
+  Fitted frames: from the start up to the first frame after the peak where the AIF has
+  fallen below ``end_frac`` of its peak (recirculation is still small there).
+  Returns (params [U, 4] = (t0, t_peak, alpha, amplitude) in the AIF's units, ok [U]):
+  ok where the fit is finite and its RMS residual over the fitted frames is at most ``tol``
+  of the AIF's peak (a bolus that is not gamma-shaped is better served by a plain spline).
+  """
+  aif = np.atleast_2d(np.asarray(aif, np.float64))
+  times = np.broadcast_to(np.asarray(times, np.float64), aif.shape)
+  peak_val = np.max(aif, axis=1)
+  scale = np.where(peak_val > 0, peak_val, 1.0)
+  aif_n = aif / scale[:, None]
+  wts = np.zeros_like(aif_n)
+  t_peak = np.zeros(len(aif))
+  t_foot = np.zeros(len(aif))
+  for u, a in enumerate(aif_n):
+    foot, peak, _ = _foot_and_peak(a, foot_frac)
+    after = np.nonzero(a[peak:] < end_frac)[0]
+    end = peak + int(after[0]) if after.size else a.size - 1
+    wts[u, :end + 1] = 1.0
+    t_peak[u], t_foot[u] = times[u, peak], times[u, foot]
+  q, cost = _fit_gamma_batch(jnp.asarray(aif_n, jnp.float32), jnp.asarray(times, jnp.float32),
+                             jnp.asarray(wts, jnp.float32), jnp.asarray(t_peak, jnp.float32),
+                             jnp.asarray(t_foot, jnp.float32))
+  q = np.asarray(q, np.float64)
+  q[:, 3] *= scale
+  rel_rms = np.sqrt(2.0 * np.asarray(cost, np.float64) / np.maximum(wts.sum(1), 1.0))
+  ok = np.isfinite(q).all(1) & (rel_rms <= tol) & (peak_val > 0)
+  return q, ok
+
+
+def _gamma_np(t, q):
+  t0, tp, alpha, amp = q
+  x = np.maximum((t - t0) / (tp - t0), 1e-12)
+  return np.where(t > t0, amp * np.exp(alpha * (np.log(x) + 1.0 - x)), 0.0)
+
+
+def aif_on_grid(aif, times, v, model: str = "gamma", gamma_params=None) -> np.ndarray:
+  """Continuous AIF evaluated at times ``v`` (s, within [0, times[-1]]), from frame samples.
+
+  model: "linear" (interpolation), "cubic" (not-a-knot cubic spline) or "gamma" (fitted
+  gamma variate + cubic spline of the residuals; passes through every sample; falls back to
+  "cubic" when the gamma variate fits the first pass worse than 1 % RMS of the peak, see
+  :func:`fit_aif_gamma`). Values before 0 are 0 and after the last frame hold the last sample.
+  """
+  aif = np.asarray(aif, np.float64)
+  times = np.asarray(times, np.float64)
+  v = np.asarray(v, np.float64)
+  vc = np.clip(v, times[0], times[-1])
+  if model == "linear":
+    out = np.interp(vc, times, aif)
+  elif model == "cubic":
+    out = CubicSpline(times, aif)(vc)
+  elif model == "gamma":
+    if gamma_params is None:
+      gamma_params, ok = fit_aif_gamma(aif[None], times[None])
+      gamma_params = gamma_params[0] if ok[0] else None
+    if gamma_params is None:
+      out = CubicSpline(times, aif)(vc)
+    else:
+      res = aif - _gamma_np(times, gamma_params)
+      out = _gamma_np(vc, gamma_params) + CubicSpline(times, res)(vc)
+  else:
+    raise InputError("aif_model", f"must be 'linear', 'cubic' or 'gamma', got {model!r}")
+  return np.where(v < 0, 0.0, out)
+
+
+# ----------------------------------------------------------------------------- fitting
+def _as_2d(x, n, t, name):
+  x = np.asarray(x, np.float64)
+  if x.ndim == 1:
+    if x.shape[0] != t:
+      raise InputError(name, f"expected {t} frames, got shape {x.shape}")
+    return np.broadcast_to(x, (n, t))
+  if x.shape != (n, t):
+    raise InputError(name, f"expected shape [{t}] or [{n}, {t}], got {x.shape}")
+  return x
+
+
+def _window_2d(window, n, t):
+  if window is None:
+    return None
+  if isinstance(window, tuple) and len(window) == 2:
+    w = np.zeros(t, bool)
+    w[int(window[0]):int(window[1])] = True
+    return np.broadcast_to(w, (n, t))
+  w = np.asarray(window)
+  if w.dtype != bool:
+    raise InputError("window", "must be None, (start, stop) or a bool mask [T] / [N, T]")
+  return _as_2d(w, n, t, "window").astype(bool)
+
+
+def _aif_groups(aifs, tms, foot_frac, snr_min):
+  """Unique (AIF, times) rows and, per unique AIF, its checks, window and baseline length."""
+  key = np.concatenate([aifs, tms], axis=1)
+  key = np.where(np.isfinite(key), key, np.inf)  # NaN rows compare equal to each other
+  _, first, inv = np.unique(key, axis=0, return_index=True, return_inverse=True)
+  inv = inv.ravel()
+  u_aif, u_t = aifs[first], tms[first]
+  u_n, t = u_aif.shape
+  reason = np.zeros(u_n, np.int32)
+  win = np.zeros((u_n, t), bool)
+  base = np.ones(u_n, np.int32)
+  for u in range(u_n):
+    a, tt = u_aif[u], u_t[u]
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(tt))) or np.any(np.diff(tt) <= 0):
+      reason[u] = NONFINITE
+      continue
+    foot, peak, enh = _foot_and_peak(a, foot_frac)
+    b = max(foot, 1)
+    noise = np.std(a[:b]) if b >= 3 else 0.0
+    if enh[peak] <= 0 or enh[peak] <= snr_min * noise:
+      reason[u] = FLAT_AIF
+      continue
+    base[u] = b
+    win[u] = first_pass_window(a, foot_frac=foot_frac)
+  return dict(inv=inv, aif=u_aif, t=u_t, reason=reason, window=win, n_baseline=base)
+
+
+def _curve_checks(curves, win, n_base, reason, snr_min):
+  """Reasons after the per-curve checks, and each curve's peak in its window."""
+  t = curves.shape[1]
+  finite = np.all(np.isfinite(np.where(win, curves, 0.0)), axis=1)
+  reason = np.where((reason == 0) & ~finite, NONFINITE, reason)
+  peak = np.max(np.where(win & np.isfinite(curves), curves, -np.inf), axis=1)
+  base = np.where((np.arange(t)[None, :] < n_base[:, None]) & np.isfinite(curves), curves, np.nan)
+  with _quiet():
+    level = np.nan_to_num(np.nanmean(base, axis=1))
+    sd = np.where(n_base >= 3, np.nan_to_num(np.nanstd(base, axis=1)), 0.0)
+  no_enh = ~(peak - level > snr_min * sd) | ~(peak > 0)
+  reason = np.where((reason == 0) & no_enh, NO_ENHANCEMENT, reason)
+  reason = np.where((reason == 0) & (win.sum(1) < MIN_WINDOW), SHORT_WINDOW, reason)
+  return reason.astype(np.int32), peak
+
+
+def _aifs_on_grid(g, v, origin, aif_model, foot_frac):
+  """Normalised (peak 1) AIFs of the valid groups at origin + v (v >= 0), and their peaks."""
+  u_n = len(g["aif"])
+  ok = g["reason"] == 0
+  scale = np.ones(u_n)
+  out = np.zeros((u_n, v.size))
+  gq = {}
+  if aif_model == "gamma" and ok.any():
+    idx = np.nonzero(ok)[0]
+    q, q_ok = fit_aif_gamma(g["aif"][idx], g["t"][idx], foot_frac=foot_frac)
+    gq = {int(i): q[j] for j, i in enumerate(idx) if q_ok[j]}
+  for u in np.nonzero(ok)[0]:
+    scale[u] = np.max(g["aif"][u])
+    if aif_model == "gamma":
+      model = "gamma" if int(u) in gq else "cubic"
+      av = aif_on_grid(g["aif"][u], g["t"][u], origin[u] + v, model, gamma_params=gq.get(int(u)))
+    else:
+      av = aif_on_grid(g["aif"][u], g["t"][u], origin[u] + v, aif_model)
+    out[u] = av / scale[u]
+  return out, scale
+
+
+def _pack(inv, values, fill):
+  """values [N, ...] -> [U, B, ...] by group (padding = fill) and each curve's slot."""
+  u_n = int(inv.max()) + 1
+  counts = np.bincount(inv, minlength=u_n)
+  slot = np.zeros(len(inv), np.int64)
+  order = np.argsort(inv, kind="stable")
+  slot[order] = np.arange(len(inv)) - np.repeat(np.cumsum(counts) - counts, counts)
+  out = np.full((u_n, int(counts.max())) + values.shape[1:], fill, np.float32)
+  out[inv, slot] = values
+  return out, slot
+
+
+def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.1,
+              tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
+              min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
+              max_mbf: float = 10.0, retry_iter: int = 3) -> dict:
+  """Fermi-constrained deconvolution of many tissue curves in one jitted, vmapped solve.
+
+  Args:
+    aif: [T] or [N, T] baseline-subtracted AIF (concentration or signal enhancement).
+    curves: [N, T] baseline-subtracted tissue curves, same units as the AIF.
+    times: [T] or [N, T] frame times (s), strictly increasing (non-uniform allowed).
+    window: None (first pass of each AIF, :func:`first_pass_window`), (start, stop), or a
+      bool mask [T] / [N, T] of the frames to fit.
+    aif_model: AIF between frames, see :func:`aif_on_grid`.
+    dv: fine step (s) of the convolution integral (Simpson's rule); G(s) is kept on a
+      2 * dv grid and read at t - tau_d by a Catmull-Rom cubic.
+    tau_max: upper bound of the fitted delay tau_d (s).
+    n_iter, n_starts: Levenberg-Marquardt iterations per start; the starts are the best
+      n_starts points of a 24-point (w, k, tau_d) grid, F by linear least squares at each
+      (1 start: same accuracy on the phantom as 2, 1.8x faster; see bench_fermi results).
+    min_r2: fits with a lower coefficient of determination fail with POOR_FIT.
+    snr_min: a curve whose peak in the window is below snr_min x the std of its baseline
+      frames (or <= 0) fails with NO_ENHANCEMENT; same for the AIF (FLAT_AIF).
+    max_mbf: fits above this MBF (ml/g/min; hyperaemic MBF rarely exceeds 6) fail with
+      IMPLAUSIBLE rather than dominate a slice mean.
+    retry_iter: curves that have not converged after ``n_iter`` iterations (see the rule at
+      ``COST_RTOL``; typically a slow crawl of w towards 0 or along the w-k valley) are
+      fitted again, each on its own, from where they stopped and from the two best grid
+      starts, with ``retry_iter * n_iter`` iterations; the lower cost wins. Only curves that
+      still move after that are NOT_CONVERGED (0 turns the second pass off).
+
+  Returns:
+    dict of numpy arrays, one value per curve: ``mbf`` (ml/g/min, NaN unless ok), ``ok``,
+    ``reason`` (int, see ``REASONS``), ``F`` (1/s), ``w``, ``k``, ``tau_d`` (s), ``mbf_se``
+    (ml/g/min, standard error by the delta method: gradient of MBF times
+    s^2 (J^T J)^+ with s^2 = RSS / (n - 4), J the Jacobian at the solution), ``r2``,
+    ``rmse`` (curve units), ``window`` [N, T], ``reasons`` (the code table), ``n_retried``
+    (curves that needed the second pass) and ``timing``
+    (total_s, solve_s: wall time of the whole call and of the jitted solve, compile included
+    on a first call with new shapes).
+    Never raises for bad curves in the batch; only malformed shapes raise InputError.
+  """
+  t_start = time.perf_counter()
+  curves = np.asarray(curves, np.float64)
+  if curves.ndim != 2 or curves.shape[0] == 0:
+    raise InputError("curves", f"expected [N, T] with N >= 1, got shape {curves.shape}")
+  n, t = curves.shape
+  aifs = _as_2d(aif, n, t, "aif")
+  tms = _as_2d(times, n, t, "times")
+  if aif_model not in ("linear", "cubic", "gamma"):
+    raise InputError("aif_model", f"must be 'linear', 'cubic' or 'gamma', got {aif_model!r}")
+  win_user = _window_2d(window, n, t)
+
+  # Curves that share (AIF, times) form a group with one convolution matrix (GEMMs).
+  g = _aif_groups(aifs, tms, foot_frac, snr_min)
+  inv = g["inv"]
+  win = g["window"][inv] if win_user is None else win_user
+  reason, peak_c = _curve_checks(curves, win, g["n_baseline"][inv], g["reason"][inv], snr_min)
+
+  # The continuous AIFs on the fine grid. Each group's clock starts at its earliest fitted
+  # frame (the AIF is at baseline, ~0, before it), so the grid spans the fitted frames only.
+  ratio = 2
+  h = ratio * dv
+  t_first = np.where(win, tms, np.inf).min(axis=1)
+  origin = np.full(len(g["aif"]), np.inf)
+  np.minimum.at(origin, inv, np.where(np.isfinite(t_first), t_first, np.inf))
+  origin = np.where(np.isfinite(origin), origin, 0.0)
+  span = np.where(win, tms - origin[inv][:, None], 0.0)
+  t_end = max(float(np.max(span)), h)
+  n_coarse = int(np.ceil(t_end / h)) + 5
+  v = np.arange((n_coarse - 3) * ratio + 1) * dv
+  aif_v, a_scale = _aifs_on_grid(g, v, origin, aif_model, foot_frac)
+
+  good = reason == 0
+  c_scale = np.where(good, peak_c, 1.0)
+  fitted = good[:, None] & win
+  g_curves, slot = _pack(inv, np.where(fitted, curves / c_scale[:, None], 0.0), 0.0)
+  g_wts, _ = _pack(inv, fitted.astype(np.float32), 0.0)
+  g_t = np.where(np.isfinite(g["t"]), g["t"] - origin[:, None], 0.0)
+  t_solve = time.perf_counter()
+  out = fit_groups(jnp.asarray(aif_v, jnp.float32), jnp.asarray(g_t, jnp.float32),
+                   jnp.asarray(g_curves), jnp.asarray(g_wts), n_coarse=n_coarse, dv=dv,
+                   ratio=ratio, tau_max=float(tau_max), n_iter=int(n_iter),
+                   n_starts=int(n_starts))
+  out = jax.block_until_ready(out)
+  out = {k: np.array(x)[inv, slot] for k, x in out.items()}
+  converged = _converged(out, win)
+  retry = np.nonzero((reason == 0) & ~converged)[0]
+  n_retried = int(retry.size)
+  if retry.size and retry_iter > 0:
+    # Second pass for the curves still moving: each alone (its group's AIF), from where the
+    # first pass stopped and from the next-best grid starts, with retry_iter x the iterations.
+    m = retry.size
+    pad = max(8, 1 << int(np.ceil(np.log2(m))))  # few distinct shapes, few compiles
+    sel = np.concatenate([retry, np.full(pad - m, retry[0])])
+    valid = np.arange(pad) < m
+    r_wts = np.where(valid[:, None], fitted[sel], False).astype(np.float32)
+    r_out = fit_groups(jnp.asarray(aif_v[inv[sel]], jnp.float32),
+                       jnp.asarray(g_t[inv[sel]], jnp.float32),
+                       jnp.asarray(np.where(r_wts > 0, curves[sel] / c_scale[sel, None],
+                                            0.0)[:, None], jnp.float32),
+                       jnp.asarray(r_wts[:, None]),
+                       jnp.asarray(out["raw"][sel][:, None], jnp.float32),
+                       n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
+                       n_iter=int(retry_iter) * int(n_iter), n_starts=int(n_starts))
+    r_out = {k: np.array(x)[:m, 0] for k, x in jax.block_until_ready(r_out).items()}
+    better = np.isfinite(r_out["cost"]) & ~(r_out["cost"] > out["cost"][retry])
+    for k in out:
+      out[k][retry[better]] = r_out[k][better]
+    converged[retry[better]] = _converged(r_out, win[retry])[better]
+  t_solve = time.perf_counter() - t_solve
+
+  f_n, w, k, tau = (np.asarray(p, np.float64) for p in params_from_raw(out["raw"], tau_max))
+  unit = c_scale / a_scale[inv]  # normalised F -> F in 1/s (curve units / AIF units)
+  big_f = f_n * unit
+  mbf = big_f / (1.0 + np.exp(-w / k)) * ML_G_MIN_PER_S
+  mbf_se = out["mbf_se_norm"].astype(np.float64) * unit * ML_G_MIN_PER_S
+  r2 = out["r2"].astype(np.float64)
+  reason = np.where((reason == 0) & ~(converged & np.isfinite(mbf)), NOT_CONVERGED, reason)
+  reason = np.where((reason == 0) & ~(r2 >= min_r2), POOR_FIT, reason)
+  reason = np.where((reason == 0) & ~(mbf <= max_mbf), IMPLAUSIBLE, reason)
+  ok = reason == 0
+  pick = lambda x: np.where(ok, x, np.nan)  # noqa: E731
+  return dict(mbf=pick(mbf), ok=ok, reason=reason.astype(np.int32), F=pick(big_f), w=pick(w),
+              k=pick(k), tau_d=pick(tau), mbf_se=pick(mbf_se), r2=pick(r2),
+              rmse=pick(out["rmse_norm"] * c_scale), window=win, reasons=dict(REASONS),
+              n_retried=n_retried,
+              timing=dict(total_s=time.perf_counter() - t_start, solve_s=t_solve))
+
+
+# Convergence rule (judged over the last 5 LM iterations of a curve's best start):
+COST_RTOL = 1e-3  # the cost fell by at most 0.1 % (plus a float32 floor per fitted frame), or
+MBF_RTOL = 1e-3   # the MBF moved by at most 0.1 % while the cost fell by at most COST_RTOL_SLOW:
+COST_RTOL_SLOW = 1e-2  # a crawl along a bound (w -> 0, k or tau_d at an edge) that no longer
+# changes the answer.
+
+
+def _converged(out, win) -> np.ndarray:
+  """bool [N]: the convergence rule above, on fit_groups outputs (numpy, per curve)."""
+  cost = out["cost"].astype(np.float64)
+  fall = out["cost_hist"].astype(np.float64) - cost
+  floor = 1e-9 * np.asarray(win).sum(1)
+  m, m_hist = out["mbf_norm"].astype(np.float64), out["mbf_norm_hist"].astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    moved = np.abs(m - m_hist) / np.abs(m)
+  return np.isfinite(cost) & ((fall <= COST_RTOL * cost + floor)
+                              | ((moved <= MBF_RTOL) & (fall <= COST_RTOL_SLOW * cost + floor)))
+
+
+class _quiet:
+  """Silence numpy's 'mean of empty slice' warnings inside a block."""
+
+  def __enter__(self):
+    import warnings
+    self._w = warnings.catch_warnings()
+    self._w.__enter__()
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+  def __exit__(self, *exc):
+    self._w.__exit__(*exc)

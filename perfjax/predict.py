@@ -1,0 +1,448 @@
+"""Segmentation, probabilities and the uncertainty map of slices with a trained patch UNet.
+
+`predict_arrays` is the sliding-window step shared by the test-set analysis
+(`perfjax.evaluate`), the OOD labels of a second model (`perfjax.ood`) and `predict`.
+
+`predict` (``--mode=predict``) segments unlabelled data (a NIfTI file or folder, DICOM series
+folders, or a dataset split) and writes per slice the segmentation, probabilities and UM as
+NIfTI (in the 128 x 128 crop and on the input's own grid with its affine), a table of U / 1-U /
+OOD flag / uncertain sector, and one PNG per slice.
+
+Real inputs are untrusted: every per-file step (read, preprocess, model, uncertainty, MBF,
+write) runs under a guard that turns any exception into that file's row in slices.csv /
+slices.json (`status` "failed", `error` naming the file and the problem; the traceback goes to
+``predict.log``) and goes on with the next file. Problems after the model that leave the
+outputs usable (no segmented myocardium, a failed Fermi fit) are `status` "warning" with the
+outputs written; a failed file has no outputs. `launch.py` exits with `EXIT_SOME_FAILED` (3)
+when any file failed, after a summary line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import traceback
+
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from perfjax import checkpoints
+from perfjax import conventions
+from perfjax import inference
+from perfjax import metrics
+from perfjax import perfusion
+from perfjax import reporting
+from perfjax import uncertainty
+from perfjax.conventions import MYOCARDIUM, PATCH
+from perfjax.data import io as data_io
+from perfjax.data import preprocess
+from perfjax.errors import InputError
+from perfjax.fast_unet import UNetPredictor
+from perfjax.inputs import model_inputs
+
+SLICES_PER_STEP = 4  # Slices per sliding-window call between progress-bar updates.
+
+
+def window_options(config: ml_collections.ConfigDict) -> dict:
+  """`sliding_window` options of `config.eval` (and the model's patch size)."""
+  return dict(patch=int(config.model.get("patch", PATCH)), chunk_size=config.eval.chunk_size,
+              gaussian_weighting=bool(config.eval.get("gaussian_weighting", False)),
+              mirror_tta=bool(config.eval.get("mirror_tta", False)))
+
+
+def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, config,
+                   with_um: bool = True, desc: str = "predict",
+                   progress: bool = True) -> dict[str, np.ndarray]:
+  """Segmentation (stride eval.stride_seg) and UM (stride eval.stride_um) of N slices.
+
+  Returns probs [N,H,W,4] (mean softmax), segmentation [N,H,W] int32 and, with `with_um`,
+  um [N,H,W] (std of the myocardium probability across the stride-2 windows).
+  """
+  inputs = model_inputs(images_nhwt, peak_lv_frame, config.input)
+  predictor = UNetPredictor(model, fast=True)
+  options = window_options(config)
+  parts: dict[str, list] = {"probs": [], "segmentation": [], "um": []}
+  progress = tqdm(total=len(inputs), desc=desc, unit="slice", disable=not progress)
+  for lo in range(0, len(inputs), SLICES_PER_STEP):
+    batch = inputs[lo:lo + SLICES_PER_STEP]
+    seg = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_seg,
+                                   **options)
+    parts["probs"].append(seg["mean"])
+    parts["segmentation"].append(seg["segmentation"])
+    if with_um:
+      dense = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_um,
+                                       **options)
+      parts["um"].append(dense["std"][..., MYOCARDIUM])
+    progress.update(len(batch))
+  progress.close()
+  return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+
+# ------------------------------------------------------------------------------------------
+# Prediction on new data.
+
+EXIT_SOME_FAILED = 3  # launch.py's exit status when some files failed (the others are written)
+RESERVED_NAMES = ("slices.json", "slices.csv", "predict.log")
+CROP_FILES = ("segmentation.nii.gz", "probabilities.nii.gz", "um.nii.gz")
+INPUT_GRID_FILES = ("segmentation_input.nii.gz", "probabilities_input.nii.gz", "um_input.nii.gz")
+_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_ID_LENGTH = 100
+
+
+def _ood_threshold(workdir: str) -> float | None:
+  """The threshold t chosen on labelled data by `evaluate` (results.json), if any."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    t = json.load(f).get("ood", {}).get("threshold")
+  return float(t) if t is not None else None
+
+
+def display_name(path: str | os.PathLike) -> str:
+  """A printable, JSON-safe name of a path (undecodable bytes as \\xNN escapes)."""
+  text = os.fsdecode(os.fspath(path))
+  return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def safe_id(name: str) -> str:
+  """A file-name-safe id from an input's name: letters, digits, '.', '_' and '-' only, no
+  leading dot, never empty ('slice'), at most MAX_ID_LENGTH characters; never a path."""
+  text = _ID_CHARS.sub("_", display_name(name).replace("\\x", "x")).lstrip("._-")
+  return text[:MAX_ID_LENGTH].rstrip(".") or "slice"
+
+
+def unique_ids(names: list[str]) -> list[str]:
+  """`safe_id` of each name, collisions resolved deterministically: in the order given (the
+  inputs' name order) the first keeps its id, the next get ``-2``, ``-3``, ...; case-insensitive
+  (so ids are distinct folders on every file system) and never an output's reserved name."""
+  taken = {n.lower() for n in RESERVED_NAMES}
+  out = []
+  for name in names:
+    base = safe_id(name)
+    candidate, k = base, 1
+    while candidate.lower() in taken:
+      k += 1
+      candidate = f"{base}-{k}"
+    taken.add(candidate.lower())
+    out.append(candidate)
+  return out
+
+
+def check_output(output: str, input_path: str | None = None) -> None:
+  """The output folder can be created and written (checked before any compute), and is not
+  the input folder itself."""
+  out = pathlib.Path(output)
+  if input_path and not input_path.startswith("split:"):
+    if out.resolve() == pathlib.Path(input_path).resolve():
+      raise InputError(output, "the output folder is the input folder; choose another --output")
+  for parent in [out] + list(out.parents):
+    if parent.exists():
+      if not parent.is_dir():
+        raise InputError(output, f"cannot create the output folder: {display_name(parent)} is "
+                                 "a file, not a folder")
+      break
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=out, prefix=".perfjax-write-test.")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise InputError(output, f"the output folder is not writable ({e.strerror or e})") from None
+
+
+def _entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]:
+  """(name, image path, mask path) of the inputs, and notes on what was skipped."""
+  root = pathlib.Path(input_path)
+  if not root.exists():
+    raise InputError(display_name(root), "no such file or folder")
+  if root.is_file():
+    mask = next((m for _, p, m in data_io.slice_entries(root.parent, npz=False) if p == root),
+                None)
+    return [(data_io._nifti_stem(root), root, mask)], []  # pylint: disable=protected-access
+  out = pathlib.Path(output).resolve()
+  entries, notes = [], []
+  for name, path, mask in data_io.slice_entries(root, npz=False):
+    resolved = path.resolve()
+    if resolved == out or out in resolved.parents or resolved in out.parents:
+      notes.append(f"skipped {display_name(path)}: it holds the output folder")
+      continue
+    entries.append((name, path, mask))
+  hidden = sorted(display_name(p.name) for p in root.iterdir()
+                  if p.name.startswith(".") and (data_io.is_nifti(p) or p.is_dir()))
+  if hidden:
+    notes.append(f"skipped hidden entries (names starting with '.'): {', '.join(hidden)}")
+  if not entries:
+    raise InputError(display_name(root), "holds no NIfTI file (.nii/.nii.gz) and no DICOM "
+                                         "series folder")
+  return entries, notes
+
+
+def read_inputs(input_path: str, output: str = "") -> tuple[list[dict], list[dict]]:
+  """Preprocessed slices from a NIfTI file, a folder of them, or DICOM series folders.
+
+  A folder's NIfTI files (``X.nii.gz``, with an optional mask ``X_mask.nii.gz`` beside it)
+  and sub-folders (one DICOM series each) are read in name order
+  (`perfjax.data.io.slice_entries`, the reading rule of the manual dataset too). Returns
+  (slices, failures): each slice a dict(id, file, image, raw, times, mask, peak_lv_frame,
+  info, grid), each failure dict(id, file, error); any exception of one file is its failure.
+  """
+  entries, _ = _entries(input_path, output or os.devnull)
+  ids = unique_ids([name for name, _, _ in entries])
+  slices, failures = [], []
+  for slice_id, (_, path, mask_path) in zip(ids, entries):
+    try:
+      slices.append(_read_one(slice_id, path, mask_path))
+    except Exception as e:  # pylint: disable=broad-except  (one bad file never costs the batch)
+      failures.append(dict(id=slice_id, file=display_name(path), error=_message(path, "read", e)))
+  return slices, failures
+
+
+def _read_one(slice_id: str, path: pathlib.Path, mask_path) -> dict:
+  rec = data_io.read_slice(path, mask_path)
+  pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
+                                    rec.get("pixel_mm"), source=display_name(path))
+  return dict(id=slice_id, file=display_name(path), info=pre, pixel_mm=rec.get("pixel_mm"),
+              grid=rec.get("grid"), **{k: pre[k] for k in ("image", "raw", "times", "mask",
+                                                           "peak_lv_frame")})
+
+
+def _message(path, stage: str, err: BaseException) -> str:
+  """One line: the file, the step and the problem (an InputError already names its source)."""
+  text = display_name(str(err)) or type(err).__name__
+  name = display_name(path)
+  if isinstance(err, InputError):
+    return text if name in text else f"{name}: {text}"
+  return f"{name}: {stage} failed: {type(err).__name__}: {text}"
+
+
+def _split_slices(config, split_name: str) -> list[dict]:
+  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
+  split = datasets.load_split(config.data.dataset, split_name, config.data.data_dir)
+  has_mask = split.get("has_mask", np.ones(len(split["image"]), bool))
+  return [dict(id=f"{split_name}_{i:03d}", file=f"split:{split_name}[{i}]", image=split["image"][i],
+               raw=split["raw"][i], times=split["times"][i],
+               mask=split["mask"][i] if has_mask[i] else None, info=None, grid=None,
+               pixel_mm=None, peak_lv_frame=int(split["peak_lv_frame"][i]))
+          for i in range(len(split["image"]))]
+
+
+def crop_transform(info: dict) -> np.ndarray:
+  """3 x 3 homogeneous map of a crop pixel (row, col, 1) to the input array's (row, col, 1)
+  (pixel centres; the resampling is `ndimage.zoom(grid_mode=True)`)."""
+  size = conventions.IMAGE_SIZE
+  r0 = int(round(info["center"][0])) - size // 2
+  c0 = int(round(info["center"][1])) - size // 2
+  fr, fc = info["zoom"]
+  return np.array([[1 / fr, 0, (r0 + 0.5) / fr - 0.5], [0, 1 / fc, (c0 + 0.5) / fc - 0.5],
+                   [0, 0, 1]], np.float64)
+
+
+def geometry(s: dict) -> dict | None:
+  """Where the crop lies in the input (for slices.json): crop box, spacing, transform, grid."""
+  info = s.get("info")
+  if info is None:
+    return None
+  size = conventions.IMAGE_SIZE
+  transform = crop_transform(info)
+  out = dict(input_shape=list(info["shape"]), input_pixel_mm=None if s["pixel_mm"] is None
+             else [float(v) for v in s["pixel_mm"]],
+             crop_pixel_mm=None if s["pixel_mm"] is None else [
+                 float(s["pixel_mm"][0]) / info["zoom"][0], float(s["pixel_mm"][1]) / info["zoom"][1]],
+             resampled_shape=list(info["resampled_shape"]), zoom=[float(z) for z in info["zoom"]],
+             crop_box=dict(row0=int(round(info["center"][0])) - size // 2,
+                           col0=int(round(info["center"][1])) - size // 2, size=size,
+                           frame="resampled"),
+             frame_start=int(info["frame_start"]), n_frames=conventions.NUM_FRAMES,
+             crop_to_input=transform.round(9).tolist())
+  if s.get("grid") is not None:
+    out["input_grid"] = data_io.grid_summary(s["grid"])
+    out["crop_affine"] = data_io.array_affine(s["grid"], transform, (size, size)).round(6).tolist()
+  return out
+
+
+def _previous_ids(output: str) -> list[str]:
+  path = os.path.join(output, "slices.json")
+  try:
+    with open(path) as f:
+      return [str(r["id"]) for r in json.load(f).get("slices", []) if r.get("id")]
+  except (OSError, ValueError, AttributeError, TypeError, KeyError):
+    return []
+
+
+def clear_previous(output: str) -> list[str]:
+  """Removes the slice folders and tables of an earlier predict run in `output` (those its
+  slices.json lists), so the folder ends with exactly the new run's files. Returns the other
+  entries found there (left alone)."""
+  for slice_id in _previous_ids(output):
+    folder = os.path.join(output, slice_id)
+    if safe_id(slice_id) == slice_id and os.path.isdir(folder) and not os.path.islink(folder):
+      shutil.rmtree(folder)
+  for name in RESERVED_NAMES:
+    if os.path.isfile(os.path.join(output, name)):
+      os.unlink(os.path.join(output, name))
+  return sorted(display_name(n) for n in os.listdir(output) if not n.startswith("."))
+
+
+def _row(s: dict, **values) -> dict:
+  row = dict(id=s["id"], file=s.get("file"), status="failed", U=None, one_minus_U=None,
+             ood_flag=None, uncertain_sector=None, dice=None, mbf=None, mbf_sector48=None,
+             error=None, geometry=None)
+  row.update(values)
+  return row
+
+
+def _predict_one(s: dict, model, variables, config, threshold, output: str) -> dict:
+  """Model, U, MBF and the outputs of one slice; raises on failure (the caller's guard)."""
+  pred = predict_arrays(model, variables, s["image"][None],
+                        np.array([s["peak_lv_frame"]], np.int32), config, progress=False)
+  unc = uncertainty.batch_uncertainty(pred["um"], pred["segmentation"],
+                                      dilation=config.eval.um_dilation)
+  # The sequence of new data is unknown: MBF from the signal, as the paper did.
+  mbf = perfusion.mbf_from_slices(s["raw"][None], pred["segmentation"], s["times"][None])
+  seg, um, probs = pred["segmentation"][0].astype(np.int32), pred["um"][0], pred["probs"][0]
+  one_minus_u = float(unc["one_minus_U"][0])
+  dice = None if s["mask"] is None else float(metrics.dice(seg, s["mask"]))
+  sector = int(unc["uncertain_sector"][0]) or None
+  folder = os.path.join(output, s["id"])
+  try:
+    png_warnings = _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector)
+  except BaseException:
+    shutil.rmtree(folder, ignore_errors=True)  # a failed slice leaves no outputs
+    raise
+  warnings = [w for w in (unc["problems"][0], mbf["error"][0]) if w] + png_warnings
+  mbf48 = np.asarray(mbf["mbf48"][0], np.float64)
+  ok48 = np.asarray(mbf.get("ok48", np.ones((1, 48), bool))[0], bool)
+  if not warnings and not np.all(ok48):
+    reasons = mbf.get("reason48")
+    why = sorted({str(r) for r in np.asarray(reasons[0])[~ok48] if str(r)}) if reasons is not None else []
+    warnings.append(f"Fermi fit failed in {int(np.sum(~ok48))} of 48 sectors" +
+                    (f" ({'; '.join(why[:3])})" if why else ""))
+  return _row(s, status="warning" if warnings else "ok", U=float(unc["U"][0]),
+              one_minus_U=one_minus_u,
+              ood_flag=None if threshold is None else bool(one_minus_u < threshold),
+              uncertain_sector=sector, dice=dice, mbf=float(mbf["slice_mbf"][0]),
+              mbf_sector48=[None if not np.isfinite(v) else float(v) for v in mbf48],
+              error="; ".join(f"{s['file']}: {w}" for w in warnings) or None, geometry=geometry(s))
+
+
+def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector) -> None:
+  info, grid = s.get("info"), s.get("grid")
+  affine = None
+  if grid is not None and info is not None:
+    affine = data_io.array_affine(grid, crop_transform(info), seg.shape)
+  pixel_mm = (1.0, 1.0)
+  if s.get("pixel_mm") is not None and info is not None:
+    pixel_mm = (s["pixel_mm"][0] / info["zoom"][0], s["pixel_mm"][1] / info["zoom"][1])
+  data_io.write_nifti(os.path.join(folder, "segmentation.nii.gz"), seg, pixel_mm, affine=affine)
+  data_io.write_nifti(os.path.join(folder, "probabilities.nii.gz"), probs, pixel_mm,
+                      affine=affine, channels=True)
+  data_io.write_nifti(os.path.join(folder, "um.nii.gz"), um, pixel_mm, affine=affine)
+  if grid is not None and info is not None:  # the same on the input's own voxels and affine
+    data_io.write_on_grid(os.path.join(folder, "segmentation_input.nii.gz"),
+                          preprocess.to_original(seg, info, labels=True), grid)
+    data_io.write_on_grid(os.path.join(folder, "probabilities_input.nii.gz"),
+                          preprocess.to_original(probs, info), grid, channels=True)
+    data_io.write_on_grid(os.path.join(folder, "um_input.nii.gz"),
+                          preprocess.to_original(um, info), grid)
+  try:  # the picture is a convenience: a plotting problem is a warning, not a lost slice
+    reporting.panel(os.path.join(folder, f"{s['id']}.png"), s["image"], seg, um, s["mask"],
+                    f"{s['id']}: 1-U {one_minus_u:.3f}" +
+                    (f", Dice {dice:.3f}" if dice is not None else ""), sector)
+  except Exception as e:  # pylint: disable=broad-except
+    return [f"PNG not drawn ({type(e).__name__}: {display_name(str(e))})"]
+  return []
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None,  # pylint: disable=redefined-builtin
+            output: str | None) -> list[dict]:
+  """Segments new data with the best checkpoint of `workdir`; see the module docstring.
+
+  `input`: a NIfTI file, a folder (NIfTI files and/or DICOM series folders), or
+  ``split:NAME`` for a split of the config's dataset (default ``split:test``). Outputs go to
+  `output` (default WORKDIR/predictions), checked writable before anything is computed; an
+  earlier run's slice folders there are removed first. Per slice ``ID/``:
+  ``segmentation.nii.gz``, ``probabilities.nii.gz`` (``[X, Y, 1, 1, 4]``, classes on the 5th
+  dimension) and ``um.nii.gz`` on the 128 x 128 crop (their affine places the crop in the
+  input's patient space), the same three as ``*_input.nii.gz`` on the input's own voxels with
+  its affine (0 outside the crop), and ``ID.png``. For all slices ``slices.csv`` and
+  ``slices.json`` (file, status ok/warning/failed, U, 1-U, OOD flag, uncertain sector, slice MBF
+  from the signal (48 sectors in the JSON), Dice when a mask is given, the error or warning,
+  and in the JSON the crop's geometry: box, spacing, frame start, crop-to-input transform,
+  input affine), and ``predict.log`` with the tracebacks of failed files. Ids are the input
+  names made safe and unique (`unique_ids`). Returns the rows.
+  """
+  workdir = os.path.abspath(workdir)
+  output = os.path.abspath(output or os.path.join(workdir, "predictions"))
+  input = input or "split:test"
+  check_output(output, input)
+  config = checkpoints.trained_config(config, workdir)
+  model, variables = checkpoints.load_params(config, workdir, "best")
+  threshold = _ood_threshold(workdir)
+  notes, log = [], []
+  if input.startswith("split:"):
+    items = [("split", s) for s in _split_slices(config, input.partition(":")[2])]
+  else:
+    entries, notes = _entries(input, output)
+    items = [("file", (slice_id, path, mask)) for slice_id, (_, path, mask) in
+             zip(unique_ids([n for n, _, _ in entries]), entries)]
+  others = clear_previous(output)
+  if others:
+    notes.append(f"{output} also holds {', '.join(others[:10])}" +
+                 (" ..." if len(others) > 10 else "") + " (not from predict; left alone)")
+  rows = []
+  for kind, item in tqdm(items, desc="predict", unit="slice"):
+    if kind == "split":
+      s = item
+    else:
+      slice_id, path, mask = item
+      s = dict(id=slice_id, file=display_name(path))
+    stage = "read"
+    try:
+      if kind == "file":
+        s = _read_one(slice_id, path, mask)
+      stage = "predict"
+      rows.append(_predict_one(s, model, variables, config, threshold, output))
+    except Exception as e:  # pylint: disable=broad-except  (one bad file never costs the batch)
+      message = _message(s["file"], stage, e)
+      rows.append(_row(s, error=message))
+      log.append(f"{s['file']} ({s['id']}), {stage}:\n" + display_name(traceback.format_exc()))
+  rows.sort(key=lambda r: r["id"])
+  reporting.write_json(os.path.join(output, "slices.json"),
+                       dict(ood_threshold=threshold, input=display_name(input), slices=rows))
+  _write_csv(os.path.join(output, "slices.csv"), rows)
+  if log:
+    reporting.write_text(os.path.join(output, "predict.log"), "\n".join(log))
+  for note in notes:
+    print(f"note: {note}")
+  n_failed = sum(r["status"] == "failed" for r in rows)
+  n_warn = sum(r["status"] == "warning" for r in rows)
+  print(f"predicted {len(rows) - n_failed} of {len(rows)} slices into {output}" +
+        (f"; {n_failed} failed (errors in slices.csv, tracebacks in predict.log)" if n_failed else "") +
+        (f"; {n_warn} with warnings" if n_warn else "") +
+        ("" if threshold is not None else "; no OOD threshold yet (run --mode=evaluate on "
+         "labelled data first), ood_flag left empty"), flush=True)
+  return rows
+
+
+def n_failed(rows: list[dict]) -> int:
+  """How many of `predict`'s rows failed (no outputs)."""
+  return sum(r.get("status") == "failed" for r in rows)
+
+
+CSV_FIELDS = ["id", "file", "status", "U", "one_minus_U", "ood_flag", "uncertain_sector", "dice",
+              "mbf", "error"]
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+  with data_io.atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for r in rows:
+      writer.writerow({k: ("" if r[k] is None or (isinstance(r[k], float) and not np.isfinite(r[k]))
+                           else r[k]) for k in CSV_FIELDS})

@@ -1,0 +1,298 @@
+"""Every bad or unusual input of issue 12 through `perfjax predict` (the CLI's code path), with a
+tiny untrained model: each file's exact outcome, the batch always finishing; the output folder
+checks; outputs on the input's own grid overlaying the input exactly; reruns and permissions."""
+import json
+import os
+import pathlib
+import stat
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+from perfjax import checkpoints
+from perfjax import predict
+from perfjax.data import io as data_io
+from perfjax.data import phantom
+from perfjax.errors import InputError
+from perfjax.model import make_model
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/patch3.py:tiny"
+
+
+def _tiny_config():
+  sys.path.insert(0, str(ROOT))
+  from configs import patch3  # pylint: disable=g-import-not-at-top
+  return patch3.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir holding a `best` checkpoint of the tiny model's initial parameters."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  config = _tiny_config()
+  path = tmp_path_factory.mktemp("work")
+  model = make_model(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 30), jnp.float32))["params"]
+  checkpoints.save(checkpoints.manager(str(path), "best"), 1,
+                   dict(params=params, step=np.int32(1), dice=np.float32(0.0)))
+  return path
+
+
+@pytest.fixture(scope="module")
+def sim():
+  return phantom.simulate(5, 1, "bssfp")
+
+
+def _good(path, sim, pixel_mm=(1.4, 1.4), affine=None):
+  return data_io.write_nifti(path, sim["raw"][0], pixel_mm=pixel_mm, times=sim["times"][0],
+                             affine=affine)
+
+
+def _dicom(folder, n=30, **tags):
+  folder.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for k in range(n):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.Rows, ds.Columns = 20, 20
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = rng.integers(0, 1000, (20, 20), dtype=np.uint16).tobytes()
+    ds.InstanceNumber = str(k + 1)
+    ds.TriggerTime = str(1000.0 * k)
+    ds.PixelSpacing = ["1.5", "1.5"]
+    for key, value in tags.items():
+      value = value(k) if callable(value) else value
+      try:
+        setattr(ds, key, value)
+      except ValueError:  # not a valid number: stored as text, as a broken scanner would
+        ds.add_new(tag_for_keyword(key), "LO", value)
+    ds.save_as(folder / f"im{k:03d}.dcm", enforce_file_format=True)
+
+
+def _nifti(path, data, affine=np.eye(4), zooms=None, times=30):
+  img = nib.Nifti1Image(data, affine)
+  if zooms is not None:
+    img.header.set_zooms(zooms)
+  nib.save(img, path)
+  if times:
+    data_io.sidecar_path(path).write_text(json.dumps({"times": list(np.arange(times) * 0.9)}))
+
+
+def _run(args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+  return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+# The sweep: name -> (how to write it, expected status, a piece of the expected error).
+def _sweep_inputs(folder: pathlib.Path, sim) -> dict:
+  rgb = np.zeros((20, 20, 1, 30), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+  cases = {}
+  _good(folder / "good.nii.gz", sim)
+  cases["good"] = ("ok|warning", None)
+  _nifti(folder / "rgb.nii.gz", rgb)
+  cases["rgb"] = ("failed", "colour (RGB) NIfTI data")
+  _nifti(folder / "complex.nii.gz", np.ones((20, 20, 1, 30), np.complex64))
+  cases["complex"] = ("failed", "complex NIfTI data (complex64) is not supported")
+  _nifti(folder / "huge_pixels.nii.gz", np.ones((20, 20, 1, 30), np.float32),
+         zooms=(200.0, 200.0, 1.0, 1.0))
+  cases["huge_pixels"] = ("failed", "pixel spacing 200 x 200 mm is outside")
+  _nifti(folder / "big_pixels.nii.gz", np.ones((200, 200, 1, 30), np.float32),
+         zooms=(10.0, 10.0, 1.0, 1.0))  # a valid pixel size, but 1429 pixels after resampling
+  cases["big_pixels"] = ("failed", "would give 1429 x 1429 pixels (at most 1024)")
+  _nifti(folder / "tiny16.nii.gz", sim["raw"][0][56:72, 56:72][None].transpose(1, 2, 0, 3)
+         .reshape(16, 16, 1, 30), affine=np.diag([-1.4, 1.4, 1, 1]))
+  cases["tiny16"] = ("failed|warning", "tiny16.nii.gz")
+  (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
+  cases["broken"] = ("failed", "unreadable or truncated NIfTI file")
+  _nifti(folder / "rank5.nii.gz", np.ones((20, 20, 2, 30), np.float32))
+  cases["rank5"] = ("failed", "expected a 2D+time image")
+  _nifti(folder / "nan.nii.gz", np.full((20, 20, 1, 30), np.nan, np.float32))
+  cases["nan"] = ("failed", "NaN/Inf")
+  _nifti(folder / "few_frames.nii.gz", np.ones((20, 20, 1, 12), np.float32), times=12)
+  cases["few_frames"] = ("failed", "12 time frames; at least 30")
+  _nifti(folder / "no_times.nii.gz", np.ones((20, 20, 30), np.float32), times=0)
+  cases["no_times"] = ("failed", "needs a JSON sidecar no_times.json")
+  _good(folder / "a.v1.nii.gz", sim)
+  _good(folder / "a.v2.nii.gz", sim)
+  cases["a.v1"] = ("ok|warning", None)
+  cases["a.v2"] = ("ok|warning", None)
+  _good(pathlib.Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.nii.gz")), sim)  # not UTF-8
+  cases["cafxe9"] = ("ok|warning", None)
+  _dicom(folder / "dcm_trigger", TriggerTime="abcdefg")
+  cases["dcm_trigger"] = ("failed", "TriggerTime 'abcdefg' is not a number")
+  _dicom(folder / "dcm_instance", InstanceNumber=lambda k: f"{k}2a45")
+  cases["dcm_instance"] = ("failed", "InstanceNumber")
+  _dicom(folder / "dcm_position", ImagePositionPatient=["12x4.5", "0", "0"])
+  cases["dcm_position"] = ("failed", "ImagePositionPatient")
+  _dicom(folder / "dcm_spacing1", PixelSpacing=["1.5"])
+  cases["dcm_spacing1"] = ("failed", "PixelSpacing")
+  _dicom(folder / "dcm_spacing0", PixelSpacing=["0", "0"])
+  cases["dcm_spacing0"] = ("failed", "dcm_spacing0 (PixelSpacing): pixel spacing 0 x 0 mm")
+  (folder / "empty_dir").mkdir()
+  cases["empty_dir"] = ("failed", "folder holds no DICOM files")
+  return cases
+
+
+@pytest.mark.slow
+def test_bad_input_sweep_through_the_cli(workdir, sim, tmp_path):
+  folder = tmp_path / "in"
+  folder.mkdir()
+  cases = _sweep_inputs(folder, sim)
+  out = folder / "out"  # inside the input folder: skipped, not read as a DICOM series
+  proc = _run([f"--config={CONFIG}", f"--workdir={workdir}", "--mode=predict",
+               f"--input={folder}", f"--output={out}"])
+  assert proc.returncode == predict.EXIT_SOME_FAILED, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  rows = json.loads((out / "slices.json").read_text())["slices"]
+  by_id = {r["id"]: r for r in rows}
+  assert sorted(by_id) == sorted(cases), sorted(by_id)
+  for slice_id, (status, problem) in cases.items():
+    row = by_id[slice_id]
+    assert row["status"] in status.split("|"), (slice_id, row)
+    if problem is not None:
+      assert problem in (row["error"] or ""), (slice_id, row["error"])
+    if row["status"] == "failed":
+      assert row["error"] and not (out / slice_id).exists(), slice_id
+    else:
+      names = {p.name for p in (out / slice_id).iterdir()}
+      assert set(predict.CROP_FILES + predict.INPUT_GRID_FILES) <= names, slice_id
+  n_failed = sum(r["status"] == "failed" for r in rows)
+  assert f"predicted {len(rows) - n_failed} of {len(rows)} slices" in proc.stdout
+  assert f"{n_failed} failed" in proc.stdout and "holds the output folder" in proc.stdout
+  assert (out / "predict.log").read_text().count("Traceback") == n_failed
+  assert by_id["a.v1"]["file"].endswith("a.v1.nii.gz")
+  assert by_id["cafxe9"]["file"].endswith("caf\\xe9.nii.gz")
+  # Normal permissions (0666 less the umask), not mkstemp's 0600.
+  umask = os.umask(0)
+  os.umask(umask)
+  for p in [out / "slices.json", out / "good" / "segmentation.nii.gz"]:
+    assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
+
+  # A rerun into the same folder with fewer inputs leaves exactly the new run's files.
+  for p in folder.iterdir():
+    if p.name not in ("good.nii.gz", "good.json", "broken.nii.gz", "out"):
+      if p.is_dir():
+        for q in p.iterdir():
+          q.unlink()
+        p.rmdir()
+      else:
+        p.unlink()
+  (out / "mine.txt").write_text("the user's own file")
+  again = _run([f"--config={CONFIG}", f"--workdir={workdir}", "--mode=predict",
+                f"--input={folder}", f"--output={out}"])
+  assert again.returncode == predict.EXIT_SOME_FAILED, again.stderr[-3000:]
+  assert sorted(p.name for p in out.iterdir()) == ["good", "mine.txt", "predict.log",
+                                                   "slices.csv", "slices.json"]
+  assert [r["id"] for r in json.loads((out / "slices.json").read_text())["slices"]] == [
+      "broken", "good"]
+  assert "mine.txt" in again.stdout  # listed, left alone
+
+
+def test_unique_safe_ids():
+  names = ["a.v1", "a.v1", "A.V1", ".", "", "..", "../x", "slices.json", "a/b", "caf\udce9"]
+  ids = predict.unique_ids(names)
+  assert ids == ["a.v1", "a.v1-2", "A.V1-3", "slice", "slice-2", "slice-3", "x", "slices.json-2",
+                 "a_b", "cafxe9"]
+  assert all(i and "/" not in i and not i.startswith(".") for i in ids)
+
+
+@pytest.mark.parametrize("how", ["file_parent", "readonly", "is_input"])
+def test_unwritable_output_is_found_before_any_compute(workdir, sim, tmp_path, how, monkeypatch):
+  folder = tmp_path / "in"
+  _good(folder / "good.nii.gz", sim)
+  if how == "file_parent":
+    (tmp_path / "f").write_text("x")
+    output, match = tmp_path / "f" / "out", "is a file, not a folder"
+  elif how == "readonly":
+    if os.geteuid() == 0:
+      # root writes anywhere: the same check through a failing probe.
+      def no_write(*a, **k):
+        raise PermissionError(13, "Permission denied")
+      monkeypatch.setattr(predict.tempfile, "mkstemp", no_write)
+    output, match = tmp_path / "ro", "not writable"
+    output.mkdir()
+    output.chmod(0o500)
+  else:
+    output, match = folder, "the output folder is the input folder"
+  called = []
+  monkeypatch.setattr(predict.checkpoints, "load_params", lambda *a: called.append(a))
+  with pytest.raises(InputError, match=match):
+    predict.predict(_tiny_config(), str(workdir), str(folder), str(output))
+  assert not called
+
+
+@pytest.mark.slow
+def test_segmentation_overlays_a_non_identity_affine_input_exactly(workdir, sim, tmp_path):
+  """A NIfTI stored transposed and flipped with an oblique, translated affine: the
+  `*_input.nii.gz` outputs have its shape and affine, and the segmentation is the crop's,
+  placed back where the crop came from (the mask's round trip through the same files)."""
+  image = np.concatenate([np.repeat(sim["raw"][0][..., :1], 4, -1), sim["raw"][0]], -1)
+  image = image[4:120, 10:124]  # 116 x 114: the crop is padded and not centred
+  times = np.concatenate([np.arange(4) * 0.8, sim["times"][0] + 3.2])
+  theta = np.deg2rad(25.0)
+  rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
+                  [0, 0, 1]])
+  base = np.eye(4)
+  base[:3, :3] = rot @ np.diag([-1.4, 1.4, 8.0])
+  base[:3, 3] = (-40.0, 25.0, 60.0)
+  ref = data_io.write_nifti(tmp_path / "ref.nii.gz", image, (1.4, 1.4), times, affine=base)
+  data = np.asarray(nib.load(ref).dataobj)[::-1, :, :, :].swapaxes(0, 1)  # stored [Y, X, 1, T]
+  flip = np.array([[-1, 0, 0, image.shape[1] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+  swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+  affine = base @ flip @ swap
+  folder = tmp_path / "in"
+  folder.mkdir()
+  img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+  nib.save(img, folder / "obl.nii.gz")
+  (folder / "obl.json").write_text(json.dumps({"times": times.tolist()}))
+  mask = np.zeros(image.shape[:2], np.int32)
+  mask[np.asarray(sim["mask"][0])[4:120, 10:124] > 0] = np.asarray(sim["mask"][0])[4:120,
+                                                                                  10:124][
+      np.asarray(sim["mask"][0])[4:120, 10:124] > 0]
+  mdata = data_io._to_nifti_axes(mask)[::-1].swapaxes(0, 1)  # pylint: disable=protected-access
+  nib.save(nib.Nifti1Image(np.ascontiguousarray(mdata).astype(np.int16), affine),
+           folder / "obl_mask.nii.gz")
+  out = tmp_path / "out"
+  rows = predict.predict(_tiny_config(), str(workdir), str(folder), str(out))
+  assert rows[0]["status"] in ("ok", "warning"), rows[0]
+  seg_in = nib.load(out / "obl" / "segmentation_input.nii.gz")
+  assert seg_in.shape == data.shape[:3]
+  np.testing.assert_allclose(seg_in.affine, affine, atol=1e-4)
+  probs = nib.load(out / "obl" / "probabilities_input.nii.gz")
+  assert probs.shape == data.shape[:3] + (1, 4)
+  # The crop file's affine puts each crop pixel on the same world point as the input voxel.
+  seg_crop = nib.load(out / "obl" / "segmentation.nii.gz")
+  geo = rows[0]["geometry"]
+  np.testing.assert_allclose(seg_crop.affine, geo["crop_affine"], atol=1e-4)
+  crop = np.asarray(seg_crop.dataobj)
+  ii, jj = np.meshgrid(np.arange(crop.shape[0]), np.arange(crop.shape[1]), indexing="ij")
+  world = seg_crop.affine @ np.stack([ii.ravel(), jj.ravel(), 0 * ii.ravel(), 1 + 0 * ii.ravel()])
+  vox = np.linalg.solve(affine, world)[:2]
+  assert np.abs(vox - vox.round()).max() < 1e-3  # the crop's pixels are the input's (1.4 mm)
+  vox = vox.round().astype(int)
+  inside = (vox[0] >= 0) & (vox[0] < data.shape[0]) & (vox[1] >= 0) & (vox[1] < data.shape[1])
+  native = np.asarray(seg_in.dataobj)[..., 0]
+  assert inside.sum() > 0.7 * crop.size
+  np.testing.assert_array_equal(crop.ravel()[inside], native[vox[0][inside], vox[1][inside]])
+  assert np.all(native[tuple(np.delete(np.indices(native.shape).reshape(2, -1),
+                                       vox[0][inside] * native.shape[1] + vox[1][inside], 1))]
+                == 0)  # 0 outside the crop
+  assert geo["input_shape"] == list(image.shape[:2])
+  assert rows[0]["dice"] is not None
