@@ -10,10 +10,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import ndtri
 
+from perfjax import conventions
 from perfjax.data import _anatomy as anat
 
-SIZE = 128
-FRAMES = 30
+SIZE = conventions.IMAGE_SIZE
+FRAMES = conventions.NUM_FRAMES
 OS = 3  # sub-points per output pixel and axis where tissues meet (partial volume)
 
 # Standard normal quantiles at (i + 0.5) / 2^16: noise = GAUSS16[uniform 16-bit integers] is

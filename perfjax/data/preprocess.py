@@ -48,11 +48,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from perfjax import conventions
 from perfjax.errors import InputError
 
-N_FRAMES = 30
-SIZE = 128
-N_CLASSES = 4
+N_FRAMES = conventions.NUM_FRAMES
+SIZE = conventions.IMAGE_SIZE
+N_CLASSES = conventions.NUM_CLASSES
 N_PRE = 5  # frames kept before bolus arrival (the wide phantom's arrivals: frames 2-23)
 N_BASE = 3
 TARGET_PIXEL_MM = 1.4
