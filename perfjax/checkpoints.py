@@ -107,7 +107,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _plain(value):
+def plain(value):
   """A config value as config.json holds it (tuples become lists), for comparisons."""
   return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
 
@@ -124,7 +124,7 @@ def trained_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   saved = load_workdir_config(workdir)
   merged = ml_collections.ConfigDict(config.to_dict())
   for name in TRAINED_FIELDS:
-    if name in saved and _plain(saved[name]) != _plain(config[name]):
+    if name in saved and plain(saved[name]) != plain(config[name]):
       print(f"{workdir}: using the trained model's {name} from {CONFIG_FILE}: {saved[name]} "
             f"(the config says {config[name]})")
       merged[name] = saved[name]

@@ -264,8 +264,7 @@ def init_params(config: ml_collections.ConfigDict, source: str):
   """The best parameters of `source` for fine-tuning; its model must be `config`'s."""
   saved = checkpoints.load_workdir_config(source)
   for field in ("input", "model"):
-    mine = config[field].to_dict() if hasattr(config[field], "to_dict") else config[field]
-    theirs = saved[field].to_dict() if hasattr(saved[field], "to_dict") else saved[field]
+    mine, theirs = checkpoints.plain(config[field]), checkpoints.plain(saved[field])
     if field == "model":  # fields older configs lack take today's defaults
       theirs = {**mine, **theirs}
     if mine != theirs:
