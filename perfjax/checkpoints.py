@@ -30,6 +30,9 @@ BEST_DIR = "best"
 WHICH = ("best", "latest")
 CONFIG_FILE = "config.json"  # Written by perfjax.train.train beside the checkpoints.
 TRAINED_FIELDS = ("seed", "input", "model", "augment", "train")  # What produced a checkpoint.
+# Model fields that change how the trained parameters are computed, not what they are: the
+# caller's value stands (a float32-trained model runs in bfloat16 when asked).
+RUNTIME_MODEL_FIELDS = ("dtype",)
 
 def manager(workdir: str, which: str = "latest", max_to_keep: int = 2,
             read_only: bool = False) -> ocp.CheckpointManager:
@@ -122,6 +125,10 @@ def trained_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     return config
   saved = load_workdir_config(workdir)
+  if "model" in saved and "model" in config:
+    for key in RUNTIME_MODEL_FIELDS:
+      if key in config.model:
+        saved.model[key] = config.model[key]
   merged = ml_collections.ConfigDict(config.to_dict())
   for name in TRAINED_FIELDS:
     if name in saved and plain(saved[name]) != plain(config[name]):

@@ -6,6 +6,8 @@ r"""The `perfjax` command (also `python -m perfjax` and `python launch.py`).
   perfjax predict --config=configs/patch3.py --workdir=runs/patch3 --input=my_slices/ \
       --output=my_predictions/
   perfjax reproduce --config=configs/paper_experiments.py --workdir=runs/paper
+  perfjax crossval --config=configs/paper_experiments.py:crossval --workdir=runs/crossval \
+      --config.base.data.manual_dir=$HOME/perfusion_real        # Table 1 on real images
   perfjax run --config=patch3 --config.augment.mode=conventional --workdir=runs/patch3_conv
 
 Without a command it runs `--mode` (default: train, then evaluate), as `python launch.py` does.
@@ -35,9 +37,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-MODES = ("train_and_evaluate", "train", "evaluate", "predict", "reproduce")
+MODES = ("train_and_evaluate", "train", "evaluate", "predict", "reproduce", "cross_validate")
 COMMANDS = {"run": "train_and_evaluate", "train": "train", "evaluate": "evaluate",
-            "predict": "predict", "reproduce": "reproduce"}
+            "predict": "predict", "reproduce": "reproduce", "crossval": "cross_validate"}
+# The experiment modes and the field that marks their config (configs/paper_experiments.py).
+EXPERIMENT_FIELD = {"reproduce": "seeds", "cross_validate": "crossval"}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and variant, e.g. configs/patch3.py or configs/patch3.py:tiny "
@@ -51,7 +55,9 @@ _INPUT = flags.DEFINE_string(
     "split:NAME for a split of the config's dataset (default split:test).")
 _OUTPUT = flags.DEFINE_string("output", None, "predict: output folder (default WORKDIR/predictions).")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
+    "distributed", False, "Join a multi-process run first (jax.distributed.initialize(); "
+    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where no cluster manager is "
+    "detected).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -317,8 +323,8 @@ def _print_outputs(workdir: str, mode: str, output: str | None) -> None:
                        ("figures", "figures")):
       if os.path.exists(os.path.join(workdir, name)):
         lines.append(f"  {what + ':':10} {os.path.join(workdir, name)}")
-  if mode == "reproduce":
-    for name in ("reproduce.json", "reproduce.html"):
+  if mode in EXPERIMENT_FIELD:
+    for name in ("reproduce.json", "reproduce.html", "crossval.json", "crossval.html"):
       if os.path.exists(os.path.join(workdir, name)):
         lines.append(f"  {name}: {os.path.join(workdir, name)}")
   if mode == "predict":
@@ -333,9 +339,11 @@ def main_after_flags(argv) -> None:
     raise UsageProblem(f"unexpected arguments: {' '.join(argv[1:])} (perfjax --help)")
   mode = _MODE.value
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  if ("base" in config) != (mode == "reproduce"):
+  field = EXPERIMENT_FIELD.get(mode)
+  if ("base" in config) != (field is not None) or (field and field not in config):
     raise UsageProblem("--mode=reproduce takes an experiment config "
-                       "(configs/paper_experiments.py) and the other modes a training config "
+                       "(configs/paper_experiments.py), --mode=cross_validate its :crossval "
+                       "variant, and the other modes a training config "
                        "(configs/patch3.py, configs/patch2.py)")
   _check_workdir(workdir)
   # The process-wide set-up of the entry point, here and nowhere else: on a CPU one XLA host
@@ -343,9 +351,8 @@ def main_after_flags(argv) -> None:
   # --xla_force_host_platform_device_count=N chooses otherwise), and quiet libraries.
   from perfjax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_host_devices()
-  import jax  # pylint: disable=g-import-not-at-top
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  if _DISTRIBUTED.value:  # Before any JAX computation; see platform.initialize_distributed.
+    platform.initialize_distributed()
   _quiet_tfds()
   from perfjax.errors import PerfjaxError  # pylint: disable=g-import-not-at-top
   step = mode
@@ -353,6 +360,9 @@ def main_after_flags(argv) -> None:
     if mode == "reproduce":
       from perfjax import reproduce  # pylint: disable=g-import-not-at-top
       reproduce.run_all(config, workdir)
+    if mode == "cross_validate":
+      from perfjax import crossval  # pylint: disable=g-import-not-at-top
+      crossval.run_all(config, workdir)
     if mode in ("train", "train_and_evaluate"):
       from perfjax import train  # pylint: disable=g-import-not-at-top
       step = "train"
@@ -380,7 +390,7 @@ def main_after_flags(argv) -> None:
     sys.exit(1)
   except KeyboardInterrupt:
     again = " ".join(sys.argv)
-    if step in ("train", "train_and_evaluate", "reproduce"):
+    if step in ("train", "train_and_evaluate", "reproduce", "cross_validate"):
       hint = "the same command resumes from the last complete checkpoint"
     else:
       hint = "the same command starts it again"

@@ -27,7 +27,7 @@ from perfjax import uncertainty
 from perfjax import windows
 from perfjax.conventions import PATCH
 from perfjax.errors import InputError
-from perfjax.predict import predict_arrays
+from perfjax.predict import RELATIVE_UNITS, predict_arrays
 
 
 def _true_slice_mbf(split: dict) -> np.ndarray | None:
@@ -71,7 +71,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   )["mean"].items() if k != "whole"} for g in ("gt", "pred")}
   unc = uncertainty.batch_uncertainty(um, seg, dilation=config.eval.um_dilation)
   mbf_kind = perfusion.mbf_input_kind(config, split)
-  auto, gt_mbf = perfusion.mbf_of_masks(split, [seg, gt], mbf_kind)
+  with reporting.step(f"{split_name}: MBF of {len(seg)} slices, automatic and ground-truth "
+                      f"masks ({mbf_kind})"):
+    auto, gt_mbf = perfusion.mbf_of_masks(split, [seg, gt], mbf_kind)
+  mbf_slices, mbf_summary = mbf_details(dict(auto=auto, gt_mask=gt_mbf))
   mbf = dict(mbf_auto=auto["slice"], mbf_gt=gt_mbf["slice"], error_auto=auto["error"],
              sector48=dict(auto=auto["sector48"], gt_mask=gt_mbf["sector48"]))
   if "mbf_sector48" in split:
@@ -79,16 +82,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   mbf_true = _true_slice_mbf(split)
   label_sets = ood.label_sets(config, split, mbf)
   labels, label_name = ood.primary_labels(config, label_sets)
-  baselines = ood.baseline_scores(model, variables, split, config) if label_sets else {}
+  baselines = ood.other_scores(model, variables, split, pred, config) if label_sets else {}
   ood_all = {name: ood.ood_summary(unc["one_minus_U"], lab, dice["whole"], baselines)
              for name, lab in label_sets.items()}
-  if labels is None:
-    ood_res = dict(auc=float("nan"), threshold=float("nan"), sensitivity=float("nan"),
-               specificity=float("nan"), flagged=np.zeros(len(seg), bool), ok=False,
-               problem="no OOD labels for this split", dice_reliable=float("nan"),
-               dice_unreliable=float("nan"), n_ood=0)
-  else:
-    ood_res = uncertainty.ood_analysis(unc["one_minus_U"], labels, dice["whole"])
+  scores = {ood.PAPER_SCORE: unc["one_minus_U"], **baselines}
+  ood_res = ood.primary_result(scores, labels, dice["whole"], ood.primary_score(config))
 
   n = len(seg)
   motion = split.get("motion")
@@ -100,10 +98,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
         dice=dice["whole"][i], dice_sector6=dice["sector6"][i], dice_sector12=dice["sector12"][i],
         U=unc["U"][i], one_minus_U=unc["one_minus_U"][i], ood_flag=bool(ood_res["flagged"][i]),
         ood_label=None if labels is None else bool(labels[i]),
+        ood_scores={name: float(score[i]) for name, score in scores.items()},
         ood_labels={name: bool(lab[i]) for name, lab in label_sets.items()},
         uncertain_sector=int(unc["uncertain_sector"][i]) or None,
         mbf_auto=mbf["mbf_auto"][i], mbf_gt_mask=mbf["mbf_gt"][i],
-        mbf_true=None if mbf_true is None else mbf_true[i],
+        mbf_true=None if mbf_true is None else mbf_true[i], **mbf_slices[i],
         motion=None if motion is None else bool(motion[i]),
         problems=[p for p in (dice["problems"][i], unc["problems"][i],
                               mbf["error_auto"][i] or None) if p] or None))
@@ -119,12 +118,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
                 by_geometry=dice_by_geometry),
       ood=dict(auc=ood_res["auc"], threshold=ood_res["threshold"], sensitivity=ood_res["sensitivity"],
                specificity=ood_res["specificity"], labels=label_name, n_ood=ood_res["n_ood"],
-               dice_reliable=ood_res["dice_reliable"], dice_unreliable=ood_res["dice_unreliable"]),
+               dice_reliable=ood_res["dice_reliable"], dice_unreliable=ood_res["dice_unreliable"],
+               score=ood_res["score"], n_positive=ood_res["n_positive"],
+               n_negative=ood_res["n_negative"], auc_ci=ood_res["auc_ci"]),
       ood_baselines=ood_all.get(label_name, {}).get("baselines", {}),
       ood_all=ood_all,
       studies=studies,
       mbf=dict(r2=agreement["r2"], bland_altman=agreement["bland_altman"],
-               comparison="auto vs ground-truth mask (ml/g/min)", input=mbf_kind),
+               comparison=f"auto vs ground-truth mask ({mbf_summary['units']})", input=mbf_kind,
+               **mbf_summary),
       slices=slices)
   if mbf_true is not None:
     results["mbf"]["vs_true"] = dict(auto=_agreement(mbf["mbf_auto"], mbf_true),
@@ -134,16 +136,61 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
       data_dir=config.data.data_dir or os.environ.get("PERFJAX_DATA_DIR"), slices=n))
   # Each evaluation draws its figures into a fresh folder that then replaces figures/ whole, so
   # the report never shows another run's figures.
-  fig_dir = reporting.fresh_dir(workdir, "figures")
-  shown = _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, mbf_true,
-                   studies, n_panels, config, slices=slices, baselines=baselines)
-  reporting.replace_dir(fig_dir, os.path.join(workdir, "figures"))
+  with reporting.step(f"{split_name}: figures and report"):
+    fig_dir = reporting.fresh_dir(workdir, "figures")
+    shown = _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, mbf_true,
+                     studies, n_panels, config, slices=slices, baselines=baselines)
+    reporting.replace_dir(fig_dir, os.path.join(workdir, "figures"))
   reporting.write_markdown(os.path.join(workdir, "report.md"),
                            reporting.report_markdown(results, workdir, shown))
   # Last: results.json marks a finished evaluation (perfjax.reproduce skips such runs).
   reporting.write_json(os.path.join(workdir, "results.json"), results)
   print(summary_text(results))
   return results
+
+
+_AIF_KINDS = ("series", "study slice", "own")
+
+
+def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
+  """The AIF's source and the flip-angle sensitivity of each mask set's MBF
+  (`perfusion.mbf_of_masks` results by name: auto, gt_mask).
+
+  Per slice: ``aif_source`` {set: the reason `perfusion.mbf_from_slices` recorded} and
+  ``mbf_flip`` {set: [MBF at flip x (1 - s), at x (1 + s)]}, s = perfusion.FLIP_SENSITIVITY
+  (null without the sequence). Summary: ``units`` (ml/g/min when concentration was fitted,
+  else `predict.RELATIVE_UNITS`), ``aif_sources`` {set: {series/study slice/own/none: count}}
+  and ``flip_sensitivity`` {set: dict(flip_scale, median_change, max_abs_change)}: the
+  median (over slices) relative change of slice MBF at each flip scale and the largest
+  absolute one, in %.
+  """
+  first = next(iter(sets.values()))
+  n = len(first["slice"])
+  absolute = first.get("units", "signal") == "mM"
+  s = perfusion.FLIP_SENSITIVITY
+  per_slice = [dict(aif_source={name: str(r["aif_source"][i]) or None for name, r in sets.items()},
+                    mbf_flip={name: [r["flip_lo"][i], r["flip_hi"][i]] if absolute else None
+                              for name, r in sets.items()}) for i in range(n)]
+  sources, flip = {}, {}
+  for name, r in sets.items():
+    kinds = [next((k for k in _AIF_KINDS if str(src).startswith(k)), "none")
+             for src in r["aif_source"]]
+    sources[name] = {k: kinds.count(k) for k in _AIF_KINDS + ("none",) if kinds.count(k)}
+    if absolute:
+      base = np.asarray(r["slice"], np.float64)
+      with np.errstate(invalid="ignore", divide="ignore"):
+        change = [100.0 * (np.asarray(r[key], np.float64) / base - 1.0)
+                  for key in ("flip_lo", "flip_hi")]
+      ok = [c[np.isfinite(c)] for c in change]
+      flip[name] = dict(flip_scale=[1.0 - s, 1.0 + s],
+                        median_change=[float(np.median(c)) if c.size else float("nan")
+                                       for c in ok],
+                        max_abs_change=float(max((np.abs(c).max() for c in ok if c.size),
+                                                 default=float("nan"))))
+  summary = dict(units="ml/g/min" if absolute else RELATIVE_UNITS, aif_sources=sources)
+  if absolute:
+    summary["flip_sensitivity"] = flip
+  return per_slice, summary
 
 
 def study_bullseyes(split: dict, sector48: dict[str, np.ndarray]) -> list[dict]:
@@ -171,7 +218,8 @@ def summary_text(results: dict) -> str:
           f"{d['sector6']:.3f}, 12-sector {d['sector12']:.3f} | OOD ({o['labels']}) AUC "
           f"{o['auc']:.3f} at 1-U < {o['threshold']:.3f}: sensitivity {o['sensitivity']:.3f}, "
           f"specificity {o['specificity']:.3f} | MBF auto vs GT mask R2 {m['r2']:.3f}, "
-          f"Bland-Altman {ba['mean']:+.3f} [{ba['loa_low']:+.3f}, {ba['loa_high']:+.3f}] ml/g/min")
+          f"Bland-Altman {ba['mean']:+.3f} [{ba['loa_low']:+.3f}, {ba['loa_high']:+.3f}] "
+          f"{m.get('units', 'ml/g/min')}")
 
 
 def _figures(fig_dir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, studies,

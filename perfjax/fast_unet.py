@@ -2,7 +2,8 @@
 
 `UNetPredictor(model, fast)` is what `perfjax.inference.sliding_window` takes for a
 `perfjax.model.UNet`. With `fast=True` it evaluates the same function (to float32 rounding) with
-explicit jnp/lax ops chosen per layer for XLA:CPU (`benchmarks/bench_layers.py`), and for dense
+explicit jnp/lax ops chosen per layer for XLA:CPU (`benchmarks/bench_layers.py`), in the model's
+computation dtype (float32 or bfloat16, softmax in float32), and for dense
 maps convolves whole images with the first layer's 9 border variants once instead of once per
 window (`first_conv_maps`). `perfjax.model` holds the architecture only.
 """
@@ -143,7 +144,9 @@ def first_conv_maps(kernel, images_nhwc):
   """
   ci, f = kernel.shape[2], kernel.shape[3]
   masks = _EDGE_MASKS[:, None, :, None] * _EDGE_MASKS[None, :, None, :]  # [a, b, dy, dx]
-  k9 = jnp.einsum("yxio,abyx->yxiabo", kernel, jnp.asarray(masks)).reshape(3, 3, ci, 9 * f)
+  # Products with 0/1 masks only (no sum): exact in the kernel's dtype (float32 or bfloat16).
+  k9 = jnp.einsum("yxio,abyx->yxiabo", kernel, jnp.asarray(masks, kernel.dtype))
+  k9 = k9.reshape(3, 3, ci, 9 * f)
   maps = _conv3x3(images_nhwc.astype(kernel.dtype), k9)
   n, h, w, _ = maps.shape
   return maps.reshape(n, h, w, 3, 3, f).transpose(0, 3, 4, 1, 2, 5)

@@ -140,10 +140,28 @@ def numpy_params(model: UNet, in_channels: int, seed: int = 0, patch: int = conv
   return jax.tree.map(draw, shapes)
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str | None):
+  """The computation dtype that `config.model.dtype` names ("float32" | "bfloat16")."""
+  key = "float32" if name is None else str(name)
+  if key not in COMPUTE_DTYPES:
+    raise InputError("config.model.dtype", f"expected one of {tuple(COMPUTE_DTYPES)}, "
+                     f"got {name!r}")
+  return COMPUTE_DTYPES[key]
+
+
 def make_model(config) -> UNet:
-  """The UNet of a training config (`config.model`: features, depth, dropout_rate)."""
+  """The UNet of a training config (`config.model`: features, depth, dropout_rate, dtype).
+
+  `config.model.dtype` (float32 default; older configs lack it) is the computation dtype:
+  with "bfloat16" the convolutions run in bfloat16 while parameters, logits, softmax, loss and
+  optimiser stay float32 (mixed precision).
+  """
   return UNet(features=config.model.features, depth=config.model.depth,
-              num_classes=conventions.NUM_CLASSES, dropout_rate=config.model.dropout_rate)
+              num_classes=conventions.NUM_CLASSES, dropout_rate=config.model.dropout_rate,
+              dtype=compute_dtype(config.model.get("dtype")))
 
 
 def variable_shapes(model: UNet, in_channels: int, patch: int = conventions.PATCH):

@@ -2,17 +2,27 @@
 
 The label sets a split supports (`label_sets`: the phantom's motion record, or the paper's
 `mbf_patch2`, which runs a second, patch2 model), the one named by the config
-(`primary_labels`), the field's usual uncertainties as baselines (`baseline_scores`: TTA,
-MC dropout) and the ROC figures of 1 - U and of each baseline (`ood_summary`).
+(`primary_labels`), the scores beside the paper's 1 - U (`other_scores`: the softmax entropy
+of the stride-32 segmentation in the dilated myocardium, and the field's usual uncertainties,
+TTA and MC dropout), the score named by eval.ood_score (`primary_score`) and the ROC figures
+of every score with n and a stratified bootstrap 95 % CI of the AUC (`score_summary`,
+`ood_summary`).
+
+Every score is "higher = more reliable" (like 1 - U): a slice is flagged when score < t.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
 
 from perfjax import checkpoints
+from perfjax import metrics
 from perfjax import perfusion
+from perfjax import reporting
 from perfjax import uncertainty
+from perfjax.data import failures
 from perfjax.conventions import MBF_OOD_TOLERANCE, PATCH
 from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
@@ -61,16 +71,97 @@ def primary_labels(config, label_sets: dict) -> tuple[np.ndarray | None, str]:
 
 ROC_KEYS = ("auc", "threshold", "sensitivity", "specificity", "n_ood", "dice_reliable",
             "dice_unreliable")
+PAPER_SCORE = "U"  # The paper's slice uncertainty, scored as 1 - U (eq. 1-2).
+ENTROPY_SCORE = "entropy"  # uncertainty.entropy_score of the stride-32 segmentation.
+CI_LEVEL = 0.95  # Two-sided level of every AUC confidence interval (CONVENTIONS.md).
+BOOTSTRAP_SAMPLES = 2000  # Stratified bootstrap resamples per AUC interval.
+BOOTSTRAP_SEED = 0  # Fixed: the same scores and labels always give the same interval.
+
+
+def auc_bootstrap_ci(scores, labels, n_samples: int = BOOTSTRAP_SAMPLES,
+                     seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL) -> list[float]:
+  """[low, high] percentile interval of the AUC under a stratified bootstrap.
+
+  Each resample draws the positives from the positives and the negatives from the negatives
+  (with replacement, class sizes kept), so every resample has both classes. The AUC of a
+  resample is the Mann-Whitney P(pos < neg) + P(tie) / 2, equal to `uncertainty.auc`'s
+  trapezoid. Deterministic given ``seed``; [nan, nan] without both classes.
+  """
+  scores, labels = uncertainty.validated_scores_labels(scores, labels)
+  pos, neg = scores[labels], scores[~labels]
+  if pos.size == 0 or neg.size == 0:
+    return [float("nan"), float("nan")]
+  if not 0.0 < level < 1.0:
+    raise InputError("level", f"must be in (0, 1), got {level!r}")
+  # win[i, j]: credit of the pair (positive i, negative j); a resample weights each pair by
+  # how often both were drawn.
+  win = (pos[:, None] < neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+  rng = np.random.default_rng(seed)
+  draws_pos = rng.multinomial(pos.size, np.full(pos.size, 1.0 / pos.size), size=n_samples)
+  draws_neg = rng.multinomial(neg.size, np.full(neg.size, 1.0 / neg.size), size=n_samples)
+  aucs = np.einsum("bi,ij,bj->b", draws_pos, win, draws_neg) / (pos.size * neg.size)
+  low, high = np.quantile(aucs, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+  return [float(low), float(high)]
+
+
+def _name_counts_ci(score: np.ndarray, labels: np.ndarray, name: str) -> dict:
+  labels = np.asarray(labels, bool)
+  return dict(score=name, n_positive=int(labels.sum()), n_negative=int((~labels).sum()),
+              auc_ci=auc_bootstrap_ci(score, labels))
+
+
+def score_summary(score: np.ndarray, labels: np.ndarray, dice_whole: np.ndarray | None,
+                  name: str) -> dict:
+  """ROC figures of one score against one label set, its name, the class sizes and AUC CI."""
+  res = uncertainty.ood_analysis(score, labels, dice_whole)
+  return {**{k: res[k] for k in ROC_KEYS}, **_name_counts_ci(score, labels, name)}
 
 
 def ood_summary(one_minus_u: np.ndarray, labels: np.ndarray, dice_whole: np.ndarray,
                 baselines: dict[str, np.ndarray]) -> dict:
-  """ROC figures of 1 - U, and of each baseline's 1 - U, against one label set."""
-  out = {k: v for k, v in uncertainty.ood_analysis(one_minus_u, labels, dice_whole).items()
-         if k in ROC_KEYS}
-  out["baselines"] = {
-      name: {k: v for k, v in uncertainty.ood_analysis(score, labels, dice_whole).items()
-             if k in ROC_KEYS} for name, score in baselines.items()}
+  """`score_summary` of 1 - U against one label set, and under ``baselines`` of every other
+  score (named as in `other_scores`)."""
+  out = score_summary(one_minus_u, labels, dice_whole, PAPER_SCORE)
+  out["baselines"] = {name: score_summary(score, labels, dice_whole, name)
+                      for name, score in baselines.items()}
+  return out
+
+
+def primary_score(config) -> str:
+  """The score named by eval.ood_score ("U", the paper's, unless set), validated."""
+  name = config.eval.get("ood_score", PAPER_SCORE) or PAPER_SCORE
+  known = (PAPER_SCORE, ENTROPY_SCORE, *config.eval.get("baselines", ()))
+  if name not in known:
+    raise InputError("eval.ood_score", f"unknown score {name!r}; use one of {list(known)}")
+  return name
+
+
+def primary_result(scores: dict[str, np.ndarray], labels: np.ndarray | None,
+                   dice_whole: np.ndarray, name: str) -> dict:
+  """`uncertainty.ood_analysis` of the score ``name`` (its flags and threshold are the
+  evaluation's ood_flag and ood.threshold) with score, n_positive, n_negative and auc_ci;
+  NaN figures and nothing flagged when there are no labels."""
+  if labels is None:
+    nan = float("nan")
+    return dict(auc=nan, threshold=nan, sensitivity=nan, specificity=nan,
+                flagged=np.zeros(len(dice_whole), bool), ok=False,
+                problem="no OOD labels for this split", dice_reliable=nan,
+                dice_unreliable=nan, n_ood=0, score=name, n_positive=0, n_negative=0,
+                auc_ci=[nan, nan])
+  if name not in scores:
+    raise InputError("eval.ood_score", f"score {name!r} was not computed (have {list(scores)}; "
+                     "mc_dropout needs a model trained with dropout)")
+  return {**uncertainty.ood_analysis(scores[name], labels, dice_whole),
+          **_name_counts_ci(scores[name], labels, name)}
+
+
+def other_scores(model, variables, split: dict, pred: dict, config) -> dict[str, np.ndarray]:
+  """Every score beside 1 - U, by name: the entropy score of the segmentation ``pred``
+  (`perfjax.predict.predict_arrays`: probs, segmentation) and the baselines of eval.baselines."""
+  dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
+  out = {ENTROPY_SCORE: uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
+                                                        dilation)}
+  out.update(baseline_scores(model, variables, split, config))
   return out
 
 
@@ -100,4 +191,59 @@ def baseline_scores(model, variables, split: dict, config) -> dict[str, np.ndarr
     unc = uncertainty.batch_uncertainty(res["um"], res["segmentation"],
                                         dilation=config.eval.um_dilation)
     out[name] = unc["one_minus_U"]
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Failure types: every score against clean slices, per failure type (perfjax.data.failures).
+
+
+def failure_evaluation(model, variables, config, data: dict, with_u: bool = True) -> dict:
+  """Every score of ``data`` (`perfjax.data.failures.failure_set`) against its clean slices.
+
+  ``with_u=False`` leaves out the paper's U, whose stride-2 map runs 1089 windows a slice
+  against the segmentation's 9 (the other scores need only those).
+
+  Returns dict(n_clean, scores: [names], all: {score: score_summary of every failed slice
+  against the clean ones}, by_type: {failure: {score: score_summary of that failure against
+  the clean ones}}, by_group: the same per `failures.FAILURE_GROUPS` present (motion of every
+  amplitude together, ...), slices: {score: [M] values, "failure": [M], "dice": [M]}).
+  """
+  pred = predict_arrays(model, variables, data["image"], data["peak_lv_frame"], config,
+                        with_u, desc="failure set")
+  scores = {}
+  if with_u:
+    scores[PAPER_SCORE] = uncertainty.batch_uncertainty(
+        pred["um"], pred["segmentation"], dilation=config.eval.um_dilation)["one_minus_U"]
+  scores.update(other_scores(model, variables, data, pred, config))
+  failure = np.asarray(data["failure"])
+  clean = failure == failures.CLEAN
+  dice = np.array([metrics.dice(p, g) for p, g in zip(pred["segmentation"], data["mask"])])
+
+  def summaries(keep):
+    return {name: score_summary(score[keep], ~clean[keep], None, name)
+            for name, score in scores.items()}
+
+  return dict(n_clean=int(clean.sum()), scores=list(scores), all=summaries(np.ones_like(clean)),
+              by_type={f: summaries(clean | (failure == f))
+                       for f in dict.fromkeys(failure[~clean])},
+              by_group={g: summaries(clean | np.isin(failure, members))
+                        for g, members in failures.FAILURE_GROUPS.items()
+                        if np.isin(failure, members).any()},
+              slices=dict(failure=failure.tolist(), dice=dice.tolist(),
+                          **{name: np.asarray(s, np.float64).tolist()
+                             for name, s in scores.items()}))
+
+
+def failure_benchmark(config, workdir: str, seed: int = 0, n_slices: int = 12,
+                      protocol: str = "bssfp", failure_types=None, with_u: bool = True) -> dict:
+  """`failure_evaluation` of the best checkpoint in ``workdir`` on a fresh
+  `failures.failure_set(seed, n_slices, protocol)`; writes ``workdir/ood_failures.json``."""
+  config = checkpoints.trained_config(config, os.path.abspath(workdir))
+  model, variables = checkpoints.load_params(config, workdir, "best")
+  data = failures.failure_set(seed, n_slices, protocol,
+                              failure_types or failures.FAILURE_TYPES)
+  out = dict(seed=seed, n_slices=n_slices, protocol=protocol,
+             **failure_evaluation(model, variables, config, data, with_u))
+  reporting.write_json(os.path.join(workdir, "ood_failures.json"), out)
   return out

@@ -36,7 +36,8 @@ def sequence_from_record(record: dict, i: int) -> dict:
   """Sequence timing and native relaxation of slice ``i`` of a phantom/dataset record.
 
   Keys used: protocol, seq_ts, seq_tr, seq_flip_deg, seq_n_pulses, t1_blood_s, t2_blood_s,
-  t1_myo_s, t2_myo_s (see perfjax.data.phantom.simulate); returns the dict that
+  t1_myo_s, t2_myo_s and seq_sat_residual where present (else ideal saturation, 0; see
+  perfjax.data.phantom.simulate); returns the dict that
   :func:`signal_to_concentration` and :func:`extract_curves` take.
   """
   try:
@@ -44,7 +45,9 @@ def sequence_from_record(record: dict, i: int) -> dict:
                 tr=float(record["seq_tr"][i]), flip_deg=float(record["seq_flip_deg"][i]),
                 n_pulses=float(record["seq_n_pulses"][i]),
                 t1_blood=float(record["t1_blood_s"][i]), t2_blood=float(record["t2_blood_s"][i]),
-                t1_myo=float(record["t1_myo_s"][i]), t2_myo=float(record["t2_myo_s"][i]))
+                t1_myo=float(record["t1_myo_s"][i]), t2_myo=float(record["t2_myo_s"][i]),
+                sat_residual=float(record["seq_sat_residual"][i])
+                if "seq_sat_residual" in record else 0.0)
   except KeyError as e:
     raise InputError("record", f"missing sequence key {e.args[0]!r}") from None
 
@@ -88,7 +91,8 @@ def _convert(flat, base, sequence, tissue):
         (sequence["t1_myo"], sequence["t2_myo"])
     conc = physics.concentration_from_signal(
         mirrored, base[good], sequence["protocol"], sequence["ts"], sequence["tr"],
-        sequence["flip_deg"], sequence["n_pulses"], t1, t2)
+        sequence["flip_deg"], sequence["n_pulses"], t1, t2,
+        sat_residual=sequence.get("sat_residual", 0.0))
     out[good] = np.where(s >= s0, conc, -conc)
   return out
 
@@ -276,6 +280,9 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
 
 
 # ----------------------------------------------------------------------------- slice/study
+FLIP_SENSITIVITY = 0.1  # MBF is also reported at the flip angle x (1 -/+ this)
+
+
 def _with_flip(sequence, scale):
   return None if sequence is None else dict(sequence, flip_deg=sequence["flip_deg"] * scale)
 
@@ -283,7 +290,7 @@ def _with_flip(sequence, scale):
 def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, centers=None,
                     sequences=None, erosion: int = 2, study_ids=None, exclude=None,
                     aif_series=None, min_aif_pixels: int = MIN_AIF_PIXELS,
-                    flip_sensitivity: float = 0.1, **fit_kwargs) -> dict:
+                    flip_sensitivity: float = FLIP_SENSITIVITY, **fit_kwargs) -> dict:
   """48-sector and slice MBF of N slices with ONE batched fit_fermi call (N x 48 curves).
 
   Args:
@@ -476,7 +483,7 @@ def aif_series_from_record(record: dict, i: int) -> dict | None:
   seq.update(protocol="flash" if ratio == 1.0 else seq["protocol"],
              ts=float(record["aif_seq_ts"][i]), tr=float(record["aif_seq_tr"][i]),
              flip_deg=float(record["aif_seq_flip_deg"][i]),
-             n_pulses=float(record["aif_seq_n_pulses"][i]))
+             n_pulses=float(record["aif_seq_n_pulses"][i]), sat_residual=0.0)
   pd = record.get("aif_pd")
   return dict(image=img, pd=None if pd is None else np.asarray(pd[i], np.float64),
               sequence=seq, dose_ratio=ratio)

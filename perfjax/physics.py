@@ -167,7 +167,14 @@ def relaxation_rates(conc, t1_0, t2_0, r1=R1_RELAXIVITY, r2=R2_RELAXIVITY):
   return 1.0 / t1_0 + r1 * conc, 1.0 / t2_0 + r2 * conc
 
 
-def flash_signal(r1, r2, ts, tr, flip_deg, n_pulses, m0=1.0):
+def _recovered(m0, ts, r1, sat_residual):
+  """Mz after a saturation that leaves ``sat_residual`` x M0 (0: ideal) and ``ts`` s of
+  recovery: ``M0 (1 - (1 - eta) exp(-ts R1))``. Imperfect saturation (B1 inhomogeneity,
+  saturation-pulse design) raises the pre-contrast signal relative to the blood peak."""
+  return m0 * (1.0 - (1.0 - sat_residual) * np.exp(-ts * r1))
+
+
+def flash_signal(r1, r2, ts, tr, flip_deg, n_pulses, m0=1.0, sat_residual=0.0):
   """Saturation-recovery spoiled-gradient-echo (FLASH) signal at the k-space centre.
 
   After an ideal saturation, Mz recovers for ``ts`` s: ``Mz0 = M0 (1 - exp(-ts R1))``; each
@@ -180,12 +187,12 @@ def flash_signal(r1, r2, ts, tr, flip_deg, n_pulses, m0=1.0):
   e1 = np.exp(-tr * r1)
   c = np.cos(a) * e1
   mss = m0 * (1.0 - e1) / (1.0 - c)
-  mz0 = m0 * (1.0 - np.exp(-ts * r1))
+  mz0 = _recovered(m0, ts, r1, sat_residual)
   mz = mss + (mz0 - mss) * c ** (np.asarray(n_pulses) - 1.0)
   return mz * np.sin(a) * np.exp(-0.5 * tr * r2)
 
 
-def bssfp_signal(r1, r2, ts, tr, flip_deg, n_pulses, m0=1.0):
+def bssfp_signal(r1, r2, ts, tr, flip_deg, n_pulses, m0=1.0, sat_residual=0.0):
   """Saturation-recovery balanced SSFP signal at the k-space centre (on resonance).
 
   Mz recovers for ``ts`` after saturation (``Mz0 = M0 (1 - exp(-ts R1))``); an alpha/2
@@ -199,7 +206,7 @@ def bssfp_signal(r1, r2, ts, tr, flip_deg, n_pulses, m0=1.0):
   e2 = np.exp(-tr * r2)
   lam = e1 * np.cos(0.5 * a) ** 2 + e2 * np.sin(0.5 * a) ** 2
   sss = m0 * (1.0 - e1) * np.sin(a) / (1.0 - (e1 - e2) * np.cos(a) - e1 * e2)
-  mz0 = m0 * (1.0 - np.exp(-ts * r1))
+  mz0 = _recovered(m0, ts, r1, sat_residual)
   ln = lam ** np.asarray(n_pulses, dtype=np.float64)
   return (mz0 * np.sin(0.5 * a) * ln + sss * (1.0 - ln)) * np.exp(-0.5 * tr * r2)
 
@@ -211,7 +218,7 @@ def _check_protocol(protocol):
 
 
 def signal_from_concentration(conc, protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0,
-                              m0=1.0, r1=R1_RELAXIVITY, r2=R2_RELAXIVITY):
+                              m0=1.0, r1=R1_RELAXIVITY, r2=R2_RELAXIVITY, sat_residual=0.0):
   """Forward model: concentration (mM) -> magnitude signal (units of ``m0``).
 
   Args:
@@ -223,14 +230,16 @@ def signal_from_concentration(conc, protocol, ts, tr, flip_deg, n_pulses, t1_0, 
     n_pulses: number of the readout pulse that acquires the k-space centre.
     t1_0, t2_0: native relaxation times (s).
     m0: equilibrium magnetisation (proton density x receive gain); broadcasts.
+    sat_residual: longitudinal magnetisation left by the saturation pulse, x M0 (0: ideal).
   """
   fn = flash_signal if _check_protocol(protocol) == "flash" else bssfp_signal
   rate1, rate2 = relaxation_rates(conc, t1_0, t2_0, r1, r2)
-  return fn(rate1, rate2, ts, tr, flip_deg, n_pulses, m0)
+  return fn(rate1, rate2, ts, tr, flip_deg, n_pulses, m0, sat_residual)
 
 
 def concentration_from_signal(signal, baseline, protocol, ts, tr, flip_deg, n_pulses, t1_0,
-                              t2_0, r1=R1_RELAXIVITY, r2=R2_RELAXIVITY, c_max=40.0):
+                              t2_0, r1=R1_RELAXIVITY, r2=R2_RELAXIVITY, c_max=40.0,
+                              sat_residual=0.0):
   """Inverse of :func:`signal_from_concentration` with M0 taken from the baseline signal.
 
   ``M0 = baseline / S(C = 0)``, then ``C`` solves ``S(C) = signal`` on a dense table of
@@ -241,7 +250,8 @@ def concentration_from_signal(signal, baseline, protocol, ts, tr, flip_deg, n_pu
     signal: [..., T] signals (any units).
     baseline: [...] pre-contrast signal (same units; e.g. the mean of the frames before
       contrast arrival) broadcasting against ``signal[..., 0]``.
-    protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0: as in :func:`signal_from_concentration`
+    protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0, sat_residual: as in
+      :func:`signal_from_concentration`
       (scalars: one sequence and tissue per call).
 
   Returns:
@@ -256,7 +266,7 @@ def concentration_from_signal(signal, baseline, protocol, ts, tr, flip_deg, n_pu
   # Dense near 0 where tissue lives, coarser towards blood peaks.
   c_tab = np.concatenate([np.linspace(0.0, 2.0, 2001), np.linspace(2.0, c_max, 4001)[1:]])
   s_tab = signal_from_concentration(c_tab, protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0,
-                                    1.0, r1, r2)
+                                    1.0, r1, r2, sat_residual)
   rising = np.diff(s_tab) > 0
   stop = len(s_tab) if rising.all() else int(np.argmin(rising)) + 1
   c_tab, s_tab = c_tab[:stop], s_tab[:stop]

@@ -1,4 +1,5 @@
-"""Explicit, opt-in CPU set-up: XLA host devices and the per-program CPU fusion options.
+"""Explicit, opt-in process set-up: XLA host devices, the multi-process runtime and the
+per-program CPU fusion options.
 
 Nothing here runs at import. `launch.py` calls `configure_host_devices()` in its `main()`;
 notebooks, benchmarks and scripts that want the same programs call it themselves, first thing,
@@ -55,6 +56,41 @@ def configure_host_devices(count: int | None = None) -> int | None:
                   stacklevel=2)
     return None
   return count
+
+
+# The variables `initialize_distributed` reads where no cluster manager is detected (jax itself
+# reads only JAX_COORDINATOR_ADDRESS and JAX_LOCAL_DEVICE_IDS).
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = (
+    "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def distributed_settings(environ=None) -> dict[str, object]:
+  """The arguments of `jax.distributed.initialize` that the environment names.
+
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID; the
+  ones not set are left to JAX's cluster detection (TPU pods, SLURM, Open MPI, Kubernetes).
+  """
+  environ = os.environ if environ is None else environ
+  settings: dict[str, object] = {}
+  if environ.get(COORDINATOR_ENV):
+    settings["coordinator_address"] = environ[COORDINATOR_ENV]
+  for name, key in ((NUM_PROCESSES_ENV, "num_processes"), (PROCESS_ID_ENV, "process_id")):
+    if environ.get(name):
+      try:
+        settings[key] = int(environ[name])
+      except ValueError:
+        raise ValueError(f"{name}={environ[name]!r} is not an integer") from None
+  return settings
+
+
+def initialize_distributed(environ=None) -> tuple[int, int]:
+  """`jax.distributed.initialize(**distributed_settings())`: joins a multi-process run.
+
+  Call it before any JAX computation, on every process. Returns (process index, process
+  count).
+  """
+  jax.distributed.initialize(**distributed_settings(environ))
+  return jax.process_index(), jax.process_count()
 
 
 def cpu_fusion_options(*kinds: str) -> dict[str, str]:

@@ -6,7 +6,14 @@
 `predict` (``--mode=predict``) segments unlabelled data (a NIfTI file or folder, DICOM series
 folders, or a dataset split) and writes per slice the segmentation, probabilities and UM as
 NIfTI (in the 128 x 128 crop and on the input's own grid with its affine), a table of U / 1-U /
-OOD flag / uncertain sector, and one PNG per slice.
+OOD flag / uncertain sector / flow, one PNG per slice, and per study (slices of known level) the
+AHA 16-segment flow (`studies.json`, `bullseyes.png`).
+
+Flow: with the acquisition's sequence parameters (the sidecar's `"sequence"`,
+`perfjax.data.io.slice_metadata`) the curves are converted to concentration and MBF is in
+ml/g/min (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %); without
+them the Fermi fit of the raw signal is a relative flow (`flow_relative`,
+`flow_relative_sector48`, `flow_units` = `RELATIVE_UNITS`), never reported as MBF.
 
 Real inputs are untrusted: every per-file step (read, preprocess, model, uncertainty, MBF,
 write) runs under a guard that turns any exception into that file's row in slices.csv /
@@ -33,9 +40,11 @@ from tqdm.auto import tqdm
 
 from perfjax import checkpoints
 from perfjax import conventions
+from perfjax import figures
 from perfjax import inference
 from perfjax import metrics
 from perfjax import perfusion
+from perfjax import postprocess
 from perfjax import reporting
 from perfjax import uncertainty
 from perfjax.conventions import MYOCARDIUM, PATCH
@@ -60,7 +69,8 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
                    progress: bool = True) -> dict[str, np.ndarray]:
   """Segmentation (stride eval.stride_seg) and UM (stride eval.stride_um) of N slices.
 
-  Returns probs [N,H,W,4] (mean softmax), segmentation [N,H,W] int32 and, with `with_um`,
+  Returns probs [N,H,W,4] (mean softmax), segmentation [N,H,W] int32 (one heart per slice
+  when config.eval.keep_heart: `perfjax.postprocess.keep_heart`) and, with `with_um`,
   um [N,H,W] (std of the myocardium probability across the stride-2 windows).
   """
   inputs = model_inputs(images_nhwt, peak_lv_frame, config.input)
@@ -73,7 +83,9 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
     seg = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_seg,
                                    **options)
     parts["probs"].append(seg["mean"])
-    parts["segmentation"].append(seg["segmentation"])
+    labels = np.asarray(seg["segmentation"])
+    parts["segmentation"].append(postprocess.keep_heart_batch(labels)
+                                 if config.eval.get("keep_heart", False) else labels)
     if with_um:
       dense = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_um,
                                        **options)
@@ -87,7 +99,15 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
 # Prediction on new data.
 
 EXIT_SOME_FAILED = 3  # launch.py's exit status when some files failed (the others are written)
-RESERVED_NAMES = ("slices.json", "slices.csv", "predict.log")
+RESERVED_NAMES = ("slices.json", "slices.csv", "predict.log", "studies.json", "bullseyes.png",
+                  "bullseyes_relative.png")
+ABSOLUTE_UNITS = "ml/g/min"
+# Flow fitted to the raw signal (no sequence parameters): proportional to MBF at best, with a
+# bias that depends on the sequence and the blood signal's saturation; never in an MBF field.
+RELATIVE_UNITS = "relative (uncalibrated signal; not ml/g/min)"
+# Study bullseyes, one file (and one colour scale) per unit: (units, file, colour-bar label).
+BULLSEYE_FILES = ((ABSOLUTE_UNITS, "bullseyes.png", "MBF (ml/g/min)"),
+                  (RELATIVE_UNITS, "bullseyes_relative.png", "relative flow (uncalibrated)"))
 CROP_FILES = ("segmentation.nii.gz", "probabilities.nii.gz", "um.nii.gz")
 INPUT_GRID_FILES = ("segmentation_input.nii.gz", "probabilities_input.nii.gz", "um_input.nii.gz")
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -205,11 +225,12 @@ def read_inputs(input_path: str, output: str = "") -> tuple[list[dict], list[dic
 
 def _read_one(slice_id: str, path: pathlib.Path, mask_path) -> dict:
   rec = data_io.read_slice(path, mask_path)
+  meta = data_io.slice_metadata(path, rec.get("grid"))
   pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
                                     rec.get("pixel_mm"), source=display_name(path))
   return dict(id=slice_id, file=display_name(path), info=pre, pixel_mm=rec.get("pixel_mm"),
-              grid=rec.get("grid"), **{k: pre[k] for k in ("image", "raw", "times", "mask",
-                                                           "peak_lv_frame")})
+              grid=rec.get("grid"), **meta, **{k: pre[k] for k in ("image", "raw", "times",
+                                                                  "mask", "peak_lv_frame")})
 
 
 def _message(path, stage: str, err: BaseException) -> str:
@@ -224,12 +245,20 @@ def _message(path, stage: str, err: BaseException) -> str:
 def _split_slices(config, split_name: str) -> list[dict]:
   from perfjax.data import datasets  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
   split = datasets.load_split(config.data.dataset, split_name, config.data.data_dir)
-  has_mask = split.get("has_mask", np.ones(len(split["image"]), bool))
+  n = len(split["image"])
+  has_mask = split.get("has_mask", np.ones(n, bool))
+  # The dataset records the sequence (and the AIF series) where it knows them: flow in ml/g/min.
+  known = perfusion.mbf_input_kind(config, split) == "concentration"
+  study = split.get("study_name", split.get("study_id", np.zeros(n, int)))
+  level = split.get("slice_level", np.full(n, -1))
   return [dict(id=f"{split_name}_{i:03d}", file=f"split:{split_name}[{i}]", image=split["image"][i],
                raw=split["raw"][i], times=split["times"][i],
                mask=split["mask"][i] if has_mask[i] else None, info=None, grid=None,
-               pixel_mm=None, peak_lv_frame=int(split["peak_lv_frame"][i]))
-          for i in range(len(split["image"]))]
+               pixel_mm=None, peak_lv_frame=int(split["peak_lv_frame"][i]), study=str(study[i]),
+               slice_level=int(level[i]),
+               sequence=perfusion.sequence_from_record(split, i) if known else None,
+               aif_series=perfusion.aif_series_from_record(split, i) if known else None)
+          for i in range(n)]
 
 
 def crop_transform(info: dict) -> np.ndarray:
@@ -290,11 +319,57 @@ def clear_previous(output: str) -> list[str]:
 
 
 def _row(s: dict, **values) -> dict:
-  row = dict(id=s["id"], file=s.get("file"), status="failed", U=None, one_minus_U=None,
-             ood_flag=None, uncertain_sector=None, dice=None, mbf=None, mbf_sector48=None,
+  level = s.get("slice_level", -1)
+  row = dict(id=s["id"], file=s.get("file"), status="failed", study=s.get("study"),
+             slice_level=None if level is None or level < 0 else int(level), U=None,
+             one_minus_U=None, ood_flag=None, uncertain_sector=None, dice=None, flow_units=None,
+             flow_relative=None, flow_relative_sector48=None, mbf=None, mbf_sector48=None,
+             mbf_flip_lo=None, mbf_flip_hi=None, aif_source=None, sector_failures=None,
              error=None, geometry=None)
   row.update(values)
   return row
+
+
+def _floats(values) -> list[float | None]:
+  return [None if not np.isfinite(v) else float(v) for v in np.asarray(values, np.float64)]
+
+
+def _finite(value) -> float | None:
+  return float(value) if np.isfinite(value) else None
+
+
+def slice_flow(s: dict, seg: np.ndarray) -> dict:
+  """Flow of one slice from its raw signal and segmentation (one batched Fermi solve).
+
+  With the acquisition's sequence (`s["sequence"]`: the sidecar's `"sequence"`, or a dataset's
+  record) the curves are converted to concentration and the result is MBF in ml/g/min, with
+  MBF at the flip angle -/+ 10 % beside it, and the AIF series when one is given; without it
+  the fit of the raw signal is a RELATIVE flow (`RELATIVE_UNITS`), which is never put in an
+  MBF field. Returns the row's flow fields and, under "_study", what the study bullseye needs.
+  """
+  sequence = s.get("sequence")
+  series = s.get("aif_series")
+  res = perfusion.mbf_from_slices(
+      s["raw"][None], seg[None], s["times"][None],
+      sequences=None if sequence is None else [sequence],
+      aif_series=None if sequence is None or series is None else [series])
+  v48 = np.asarray(res["mbf48"][0], np.float64)
+  ok48 = np.asarray(res["ok48"][0], bool) & np.isfinite(v48)
+  reasons = np.asarray(res["reason48"][0])
+  failures = {} if str(res["error"][0]) else {
+      str(k + 1): (str(reasons[k]) or "no value") for k in np.nonzero(~ok48)[0]}
+  absolute = sequence is not None
+  out = dict(flow_units=ABSOLUTE_UNITS if absolute else RELATIVE_UNITS,
+             aif_source=str(res["aif_source"][0]) or None,
+             sector_failures=failures or None, _error=str(res["error"][0]),
+             _study=dict(values48=v48, counts48=np.asarray(res["counts"][0]), absolute=absolute))
+  if absolute:
+    out.update(mbf=_finite(res["slice_mbf"][0]), mbf_sector48=_floats(v48),
+               mbf_flip_lo=_finite(res["slice_mbf_flip_lo"][0]),
+               mbf_flip_hi=_finite(res["slice_mbf_flip_hi"][0]))
+  else:
+    out.update(flow_relative=_finite(res["slice_mbf"][0]), flow_relative_sector48=_floats(v48))
+  return out
 
 
 def _predict_one(s: dict, model, variables, config, threshold, output: str) -> dict:
@@ -303,8 +378,7 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str) -> d
                         np.array([s["peak_lv_frame"]], np.int32), config, progress=False)
   unc = uncertainty.batch_uncertainty(pred["um"], pred["segmentation"],
                                       dilation=config.eval.um_dilation)
-  # The sequence of new data is unknown: MBF from the signal, as the paper did.
-  mbf = perfusion.mbf_from_slices(s["raw"][None], pred["segmentation"], s["times"][None])
+  flow = slice_flow(s, pred["segmentation"][0])
   seg, um, probs = pred["segmentation"][0].astype(np.int32), pred["um"][0], pred["probs"][0]
   one_minus_u = float(unc["one_minus_U"][0])
   dice = None if s["mask"] is None else float(metrics.dice(seg, s["mask"]))
@@ -315,19 +389,17 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str) -> d
   except BaseException:
     shutil.rmtree(folder, ignore_errors=True)  # a failed slice leaves no outputs
     raise
-  warnings = [w for w in (unc["problems"][0], mbf["error"][0]) if w] + png_warnings
-  mbf48 = np.asarray(mbf["mbf48"][0], np.float64)
-  ok48 = np.asarray(mbf.get("ok48", np.ones((1, 48), bool))[0], bool)
-  if not warnings and not np.all(ok48):
-    reasons = mbf.get("reason48")
-    why = sorted({str(r) for r in np.asarray(reasons[0])[~ok48] if str(r)}) if reasons is not None else []
-    warnings.append(f"Fermi fit failed in {int(np.sum(~ok48))} of 48 sectors" +
-                    (f" ({'; '.join(why[:3])})" if why else ""))
+  error = flow.pop("_error")
+  warnings = [w for w in (unc["problems"][0], error) if w] + png_warnings
+  failures = flow["sector_failures"] or {}
+  if not warnings and failures:
+    why = sorted(set(failures.values()))
+    warnings.append(f"Fermi fit failed in {len(failures)} of 48 sectors ({'; '.join(why[:3])}; "
+                    "per sector in slices.json)")
   return _row(s, status="warning" if warnings else "ok", U=float(unc["U"][0]),
               one_minus_U=one_minus_u,
               ood_flag=None if threshold is None else bool(one_minus_u < threshold),
-              uncertain_sector=sector, dice=dice, mbf=float(mbf["slice_mbf"][0]),
-              mbf_sector48=[None if not np.isfinite(v) else float(v) for v in mbf48],
+              uncertain_sector=sector, dice=dice, **flow,
               error="; ".join(f"{s['file']}: {w}" for w in warnings) or None, geometry=geometry(s))
 
 
@@ -371,11 +443,14 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   dimension) and ``um.nii.gz`` on the 128 x 128 crop (their affine places the crop in the
   input's patient space), the same three as ``*_input.nii.gz`` on the input's own voxels with
   its affine (0 outside the crop), and ``ID.png``. For all slices ``slices.csv`` and
-  ``slices.json`` (file, status ok/warning/failed, U, 1-U, OOD flag, uncertain sector, slice MBF
-  from the signal (48 sectors in the JSON), Dice when a mask is given, the error or warning,
-  and in the JSON the crop's geometry: box, spacing, frame start, crop-to-input transform,
-  input affine), and ``predict.log`` with the tracebacks of failed files. Ids are the input
-  names made safe and unique (`unique_ids`). Returns the rows.
+  ``slices.json`` (file, status ok/warning/failed, study and slice level, U, 1-U, OOD flag,
+  uncertain sector, the flow (`slice_flow`: ``mbf`` in ml/g/min when the sequence is known,
+  else ``flow_relative``; ``flow_units`` says which; 48 sectors, the AIF's source and each
+  failed sector's reason in the JSON), Dice when a mask is given, the error or warning, and
+  in the JSON the crop's geometry: box, spacing, frame start, crop-to-input transform, input
+  affine), ``studies.json`` and ``bullseyes.png`` / ``bullseyes_relative.png`` when a study
+  has slices of known level (`study_outputs`), and ``predict.log`` with the tracebacks of
+  failed files. Ids are the input names made safe and unique (`unique_ids`). Returns the rows.
   """
   workdir = os.path.abspath(workdir)
   output = os.path.abspath(output or os.path.join(workdir, "predictions"))
@@ -395,7 +470,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   if others:
     notes.append(f"{output} also holds {', '.join(others[:10])}" +
                  (" ..." if len(others) > 10 else "") + " (not from predict; left alone)")
-  rows = []
+  rows, flows = [], {}
   for kind, item in tqdm(items, desc="predict", unit="slice"):
     if kind == "split":
       s = item
@@ -408,11 +483,14 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
         s = _read_one(slice_id, path, mask)
       stage = "predict"
       rows.append(_predict_one(s, model, variables, config, threshold, output))
+      flows[rows[-1]["id"]] = rows[-1].pop("_study")
     except Exception as e:  # pylint: disable=broad-except  (one bad file never costs the batch)
       message = _message(s["file"], stage, e)
       rows.append(_row(s, error=message))
       log.append(f"{s['file']} ({s['id']}), {stage}:\n" + display_name(traceback.format_exc()))
   rows.sort(key=lambda r: r["id"])
+  studies, study_notes = study_outputs(rows, flows, output)
+  notes += study_notes
   reporting.write_json(os.path.join(output, "slices.json"),
                        dict(ood_threshold=threshold, input=display_name(input), slices=rows))
   _write_csv(os.path.join(output, "slices.csv"), rows)
@@ -425,9 +503,60 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   print(f"predicted {len(rows) - n_failed} of {len(rows)} slices into {output}" +
         (f"; {n_failed} failed (errors in slices.csv, tracebacks in predict.log)" if n_failed else "") +
         (f"; {n_warn} with warnings" if n_warn else "") +
+        (f"; {len(studies)} study bullseye(s) in studies.json" if studies else "") +
         ("" if threshold is not None else "; no OOD threshold yet (run --mode=evaluate on "
          "labelled data first), ood_flag left empty"), flush=True)
   return rows
+
+
+def study_outputs(rows: list[dict], flows: dict[str, dict], output: str
+                  ) -> tuple[list[dict], list[str]]:
+  """The AHA 16-segment flow of each study given with slices of known level.
+
+  A slice's study is its sidecar's "study", else its DICOM StudyInstanceUID, else the folder
+  holding the file (a dataset split: its study); its level its sidecar's "slice_level", else
+  basal/base, mid, apical/apex in its name. A study with at least one such slice that was
+  predicted (status ok or warning) gets a row in ``studies.json`` (study, the slice id at each
+  level, units, aha16: 16 values from segment 1, null where no slice covers it) and a bullseye
+  in ``bullseyes.png`` (one grid, one colour scale per unit); calibrated (ml/g/min) and
+  relative flow are never mixed in one study. Returns (studies, notes on studies left out).
+  """
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    if r["id"] in flows and r.get("slice_level") is not None:
+      groups.setdefault(str(r["study"]), []).append(r)
+  studies, notes = [], []
+  for study, members in sorted(groups.items()):
+    levels = [r["slice_level"] for r in members]
+    dupes = sorted({data_io.LEVEL_NAMES[lv] for lv in levels if levels.count(lv) > 1})
+    if dupes:
+      notes.append(f"study {study}: no bullseye, more than one {'/'.join(dupes)} slice "
+                   f"({', '.join(r['id'] for r in members)}); give each level once (sidecar "
+                   "\"slice_level\")")
+      continue
+    absolute = {flows[r["id"]]["absolute"] for r in members}
+    if len(absolute) > 1:
+      notes.append(f"study {study}: no bullseye, its slices mix MBF in ml/g/min and relative "
+                   "flow (give every slice's sequence, or none)")
+      continue
+    aha16 = perfusion.aha16_mbf({r["slice_level"]: flows[r["id"]]["values48"] for r in members},
+                                {r["slice_level"]: flows[r["id"]]["counts48"] for r in members})
+    studies.append(dict(study=study, units=ABSOLUTE_UNITS if absolute.pop() else RELATIVE_UNITS,
+                        slices={data_io.LEVEL_NAMES[r["slice_level"]]: r["id"] for r in members},
+                        aha16=_floats(aha16)))
+  if studies:
+    reporting.write_json(os.path.join(output, "studies.json"), dict(studies=studies))
+    for units, name, label in BULLSEYE_FILES:
+      of = [(f"study {st['study']}", {"flow": np.array(st["aha16"], np.float64)})
+            for st in studies if st["units"] == units]
+      if not of:
+        continue
+      try:  # the table is the result; the picture a convenience
+        reporting.save_figure(figures.bullseye_grid(of, label=label),
+                              os.path.join(output, name))
+      except Exception as e:  # pylint: disable=broad-except
+        notes.append(f"{name} not drawn ({type(e).__name__}: {display_name(str(e))})")
+  return studies, notes
 
 
 def n_failed(rows: list[dict]) -> int:
@@ -435,8 +564,8 @@ def n_failed(rows: list[dict]) -> int:
   return sum(r.get("status") == "failed" for r in rows)
 
 
-CSV_FIELDS = ["id", "file", "status", "U", "one_minus_U", "ood_flag", "uncertain_sector", "dice",
-              "mbf", "error"]
+CSV_FIELDS = ["id", "file", "status", "study", "slice_level", "U", "one_minus_U", "ood_flag",
+              "uncertain_sector", "dice", "flow_units", "flow_relative", "mbf", "error"]
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:

@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Iterator, Sequence
 
 import markdown
@@ -211,6 +212,19 @@ def write_markdown(path: str, text: str) -> None:
       f.write(HTML_PAGE.format(title=title, body=body))
 
 
+@contextlib.contextmanager
+def step(what: str, enabled: bool = True) -> Iterator[None]:
+  """Announces a step of a long job before it starts and says how long it took, so no step
+  runs in silence (the console between the progress bars)."""
+  if not enabled:
+    yield
+    return
+  print(f"{what} ...", flush=True)
+  start = time.perf_counter()
+  yield
+  print(f"{what}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def save_figure(fig, path: str, dpi: int = 110) -> None:
   ext = os.path.splitext(path)[1]
   with atomic_path(path, ext) as tmp:
@@ -319,9 +333,10 @@ def slice_panel(path: str, image_hwt: np.ndarray, seg: np.ndarray, um: np.ndarra
   vmax = 0.5 if um_vmax is None or not np.isfinite(um_vmax) or um_vmax <= 0 else float(um_vmax)
   shown = axes[4].imshow(um[rs, cs], cmap="inferno", vmin=0, vmax=vmax)
   fig.colorbar(shown, ax=axes[4], fraction=0.046, label=UM_LABEL)
-  if sectors6 is not None and sectors6.any():
-    axes[4].contour(sectors6[rs, cs], levels=np.arange(0.5, 7), colors="w", linewidths=0.4)
-    _sector_labels(axes[4], sectors6[rs, cs], uncertain_sector)
+  shown_sectors = None if sectors6 is None else sectors6[rs, cs]
+  if shown_sectors is not None and shown_sectors.any():  # (the zoom may leave them out)
+    axes[4].contour(shown_sectors, levels=np.arange(0.5, 7), colors="w", linewidths=0.4)
+    _sector_labels(axes[4], shown_sectors, uncertain_sector)
   axes[4].set_title("UM and AHA sectors" + (f"; uncertain sector {uncertain_sector} (circled)"
                                              if uncertain_sector else ""), fontsize=8)
   for ax in axes:
@@ -448,6 +463,29 @@ def _config_section(results: dict) -> list[str]:
   return ["", "## Config", "", "```json", text, "```"]
 
 
+_MASK_SETS = {"auto": "automatic masks", "gt_mask": "ground-truth masks"}
+
+
+def _mbf_notes(m: dict) -> list[str]:
+  """The AIF's sources and the flip-angle sensitivity of results.json's `mbf` (evaluate's
+  `mbf_details`), as report lines."""
+  lines = []
+  sources = m.get("aif_sources") or {}
+  if sources:
+    lines += ["", "AIF: " + "; ".join(
+        f"{_MASK_SETS.get(name, name)}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        for name, counts in sources.items()) + " slices (series: the study's AIF series; study "
+        "slice: the study's slice with the largest clean blood pool, never a motion slice; "
+        "own: the slice's own pool)."]
+  for name, f in (m.get("flip_sensitivity") or {}).items():
+    lo, hi = f["flip_scale"]
+    lines += ["", f"Flip-angle sensitivity ({_MASK_SETS.get(name, name)}): slice MBF changes by "
+              f"{_num(f['median_change'][0], '+.1f')} % at x{lo:g} and "
+              f"{_num(f['median_change'][1], '+.1f')} % at x{hi:g} of the nominal flip angle "
+              f"(median over slices; at most {_num(f['max_abs_change'], '.1f')} %)."]
+  return lines
+
+
 def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] | None = None
                     ) -> str:
   """report.md of an evaluation: a header (date, code, packages, config, data), the headline
@@ -494,10 +532,13 @@ def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] |
     if exists(rel):
       lines.append(f"![{alt}]({rel})")
   ba = m["bland_altman"]
+  units = m.get("units", "ml/g/min")
   lines += ["", "## Myocardial blood flow", "",
-            f"Slice MBF (mean of the 48 sectors; Fermi deconvolution of {m.get('input', '?')}).",
-            "",
-            "| comparison | R2 | bias (ml/g/min) | limits of agreement |", "|---|---|---|---|",
+            f"Slice MBF (mean of the 48 sectors; Fermi deconvolution of {m.get('input', '?')}), "
+            f"in {units}."]
+  lines += _mbf_notes(m)
+  lines += ["", f"| comparison | R2 | bias ({units}) | limits of agreement |",
+            "|---|---|---|---|",
             f"| automatic vs ground-truth mask | {_num(m['r2'])} | {_num(ba['mean'], '+.3f')} | "
             f"[{_num(ba['loa_low'], '+.3f')}, {_num(ba['loa_high'], '+.3f')}] |"]
   for name, agreement in m.get("vs_true", {}).items():

@@ -103,7 +103,8 @@ def _value(results: dict, path: str) -> float:
   return float("nan") if node is None else float(node)
 
 
-def _spread(values) -> dict:
+def spread(values) -> dict:
+  """Mean, sd (ddof 1) and n of the finite values, and all values (NaN kept)."""
   v = np.asarray(values, np.float64)
   f = v[np.isfinite(v)]
   return dict(mean=float(f.mean()) if f.size else float("nan"),
@@ -139,17 +140,17 @@ def _loa_width(results: dict) -> float:
   return _value(results, "mbf.bland_altman.loa_high") - _value(results, "mbf.bland_altman.loa_low")
 
 
-def verdict(differences, claimed_sign: int = 1) -> dict:
-  """The paired per-seed differences of a claim, their mean and sd, and the verdict."""
+def verdict(differences, claimed_sign: int = 1, unit: str = "seed") -> dict:
+  """The paired differences of a claim (one per `unit`: seed, fold), mean, sd and verdict."""
   d = np.asarray(differences, np.float64)
   d = d[np.isfinite(d)]
   out = dict(mean=float(d.mean()) if d.size else float("nan"),
              sd=float(d.std(ddof=1)) if d.size > 1 else float("nan"), n=int(d.size),
              differences=d.tolist())
   if d.size < 2:
-    out["verdict"] = "not a finding (fewer than 2 seeds)"
+    out["verdict"] = f"not a finding (fewer than 2 {unit}s)"
   elif abs(out["mean"]) <= out["sd"]:
-    out["verdict"] = "not a finding (within the seed spread)"
+    out["verdict"] = f"not a finding (within the {unit} spread)"
   elif np.sign(out["mean"]) == claimed_sign:
     out["verdict"] = "agrees"
   else:
@@ -214,7 +215,7 @@ def summarize(runs: dict) -> dict:
       networks[f"{inp}_{aug}"] = dict(
           input=inp, augment=aug, seeds=sorted(s for (i, a, s) in runs if (i, a) == (inp, aug)),
           paper=dict(zip(DICE_COLUMNS, PAPER_TABLE1[(inp, aug)])),
-          **{name: _spread([_value(r, path) for r in group]) for name, path in METRICS.items()})
+          **{name: spread([_value(r, path) for r in group]) for name, path in METRICS.items()})
   first = next(iter(runs.values()), {})
   return dict(seeds=sorted({s for (_, _, s) in runs}), n_test_slices=first.get("n_slices"),
               dataset=first.get("config", {}).get("dataset"), networks=networks,
@@ -226,10 +227,15 @@ def summarize(runs: dict) -> dict:
 # ---------------------------------------------------------------------------------- report
 
 
+def _finite(value) -> bool:
+  """A number that is not NaN/inf (summaries read back from JSON hold null for NaN)."""
+  return value is not None and bool(np.isfinite(value))
+
+
 def _ms(stat: dict, digits: int = 3) -> str:
-  if not np.isfinite(stat["mean"]):
+  if not _finite(stat["mean"]):
     return "n/a"
-  sd = f" ± {stat['sd']:.{digits}f}" if np.isfinite(stat["sd"]) else ""
+  sd = f" ± {stat['sd']:.{digits}f}" if _finite(stat["sd"]) else ""
   missing = len(stat["values"]) - stat["n"]
   return f"{stat['mean']:.{digits}f}{sd}" + (f" ({stat['n']} of {len(stat['values'])} seeds)"
                                             if missing else "")
@@ -278,7 +284,7 @@ def report_markdown(summary: dict) -> str:
             "## Out-of-distribution detection with 1 - U", ""]
   po = summary["paper"]["ood"]
   for labels in LABEL_SETS:
-    rows = [n for n in nets.values() if np.isfinite(n[f"ood.{labels}.auc"]["mean"])]
+    rows = [n for n in nets.values() if _finite(n[f"ood.{labels}.auc"]["mean"])]
     if not rows:
       continue
     lines += [f"Labels `{labels}`" + (" (the paper's: patch2-UNet advanced slice MBF > 5 % off "
@@ -305,8 +311,8 @@ def report_markdown(summary: dict) -> str:
             "difference is within the seed spread and is not a finding.", "",
             "| claim | mean d | sd d | seeds | verdict |", "|---|---|---|---|---|"]
   for c in summary["claims"]:
-    sd = f"{c['sd']:.4f}" if np.isfinite(c["sd"]) else "n/a"
-    mean = f"{c['mean']:+.4f}" if np.isfinite(c["mean"]) else "n/a"
+    sd = f"{c['sd']:.4f}" if _finite(c["sd"]) else "n/a"
+    mean = f"{c['mean']:+.4f}" if _finite(c["mean"]) else "n/a"
     lines.append(f"| {c['claim']} | {mean} | {sd} | {c['n']} | {c['verdict']} |")
   return "\n".join(lines) + "\n"
 

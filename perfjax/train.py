@@ -6,6 +6,12 @@
   `fold_in(rng, step)`, cross-entropy, Adam. It is jitted with the state donated; the batch is
   sharded over the "data" axis of a `Mesh` of all devices and the state replicated, so the same
   code runs on one CPU, one GPU, N devices or N hosts (after `jax.distributed.initialize()`).
+* The loop keeps the devices busy: a background thread prepares the next batches (`BatchFeeder`:
+  windows kept on an accelerator and gathered there, or gathered on the host and transferred
+  ahead), and the metrics are fetched one step late (after the next step is dispatched, as
+  google-deepmind/nanodo does) or at evaluations and checkpoints: no per-step host sync.
+* Mixed precision: `config.model.dtype` = "bfloat16" computes the UNet in bfloat16 with float32
+  parameters, loss and Adam (`perfjax.model.make_model`).
 * Every `eval_every` steps: mean myocardium Dice on the whole validation slices (stride-32 sliding
   window, mean softmax); the best parameters are kept; early stopping after `patience`
   evaluations without improvement.
@@ -16,6 +22,8 @@
 * Progress bar (tqdm), `metrics.jsonl`, TensorBoard events (`tensorboard/`) and
   `training_curves.png` in the workdir (`perfjax.reporting.MetricWriter`, `plot_curves`).
 * Loading trained parameters is `perfjax.checkpoints.load_params`.
+* Importing this module and running the step need only jax, flax, optax and numpy; `train()`
+  imports the loop's own dependencies (orbax, ml_collections, matplotlib, scipy) when called.
 """
 from __future__ import annotations
 
@@ -23,24 +31,28 @@ import functools
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from perfjax import augment, checkpoints, inputs, metrics, platform, reporting
+from perfjax import augment, inputs, platform
 from perfjax.conventions import (BACKGROUND, BACKGROUND_OR_RV, MYOCARDIUM, PATCH, RV_BLOOD_POOL,
                                  TRAIN_STRIDE)
 from perfjax.errors import InputError, TrainingError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inference import sliding_window
 from perfjax.model import UNet, make_model
+
+if TYPE_CHECKING:
+  import ml_collections
 
 SCHEDULES = ("constant", "cosine")
 
@@ -72,9 +84,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warm-up to `learning_rate`, then constant or cosine decay to 1% at `num_steps`."""
   t = config.train
-  peak, warmup = float(t.learning_rate), int(t.warmup_steps)
-  if t.schedule == "cosine":
-    main = optax.cosine_decay_schedule(peak, max(int(t.num_steps) - warmup, 1), alpha=0.01)
+  return _schedule(float(t.learning_rate), str(t.schedule), int(t.warmup_steps),
+                   int(t.num_steps))
+
+
+def _schedule(peak: float, schedule: str, warmup: int, num_steps: int) -> optax.Schedule:
+  if schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, max(num_steps - warmup, 1), alpha=0.01)
   else:
     main = optax.constant_schedule(peak)
   if warmup <= 0:
@@ -90,9 +106,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 @functools.lru_cache(maxsize=16)
 def _adam(learning_rate, schedule, warmup_steps, num_steps) -> optax.GradientTransformation:
-  train_fields = dict(learning_rate=learning_rate, schedule=schedule,
-                      warmup_steps=warmup_steps, num_steps=num_steps)
-  return optax.adam(learning_rate_schedule(ml_collections.ConfigDict({"train": train_fields})))
+  return optax.adam(_schedule(learning_rate, schedule, warmup_steps, num_steps))
 
 
 def augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
@@ -221,12 +235,118 @@ def local_rows(indices: np.ndarray) -> np.ndarray:
   return np.split(indices, jax.process_count())[jax.process_index()]
 
 
+# ------------------------------------------------------------------------------------ batches
+
+
+# Training windows live on the accelerator when they take at most this share of its memory.
+DEVICE_WINDOWS_MEMORY_SHARE = 0.25
+PREFETCH_BATCHES = 2
+
+
+def windows_fit_on_device(num_bytes: int, devices) -> bool:
+  """Whether the training windows (`num_bytes`) should be kept on every device.
+
+  Accelerators with a known memory limit: when the windows take at most
+  DEVICE_WINDOWS_MEMORY_SHARE of it. CPUs: never (their "device" memory is the host's; a
+  background thread assembling the batch costs nothing next to a CPU step).
+  """
+  device = devices[0]
+  if device.platform == "cpu":
+    return False
+  stats = device.memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return bool(limit) and num_bytes <= DEVICE_WINDOWS_MEMORY_SHARE * limit
+
+
+def put_replicated(mesh: Mesh, array: np.ndarray) -> jax.Array:
+  """A host array (the same on every process) replicated on all devices of `mesh`."""
+  return jax.make_array_from_callback(array.shape, NamedSharding(mesh, PartitionSpec()),
+                                      lambda index: array[index])
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_take(mesh: Mesh):
+  """Rows `indices` [B] (sharded on "data") of device-resident windows, sharded on "data"."""
+  return jax.jit(lambda windows, indices: {k: v[indices] for k, v in windows.items()},
+                 out_shardings=NamedSharding(mesh, PartitionSpec("data")))
+
+
+class BatchFeeder:
+  """The sharded batch of each step, assembled ahead of the step that needs it.
+
+  A background thread computes each step's indices (`inputs.batch_indices`: a pure function of
+  (seed, step), so the batches are the same however they are fed) and either sends them to the
+  devices, which gather the batch from windows kept there (`on_device=True`), or gathers this
+  process's rows on the host and starts their transfer (`shard_batch`). Up to PREFETCH_BATCHES
+  batches wait in a queue; `get(step)` hands them out in order.
+  """
+
+  def __init__(self, mesh: Mesh, windows: dict[str, np.ndarray], seed: int, batch_size: int,
+               start_step: int, stop_step: int, on_device: bool | None = None):
+    self.mesh, self.windows = mesh, windows
+    self.num_examples = len(next(iter(windows.values())))
+    self.seed, self.batch_size = int(seed), int(batch_size)
+    if on_device is None:
+      on_device = windows_fit_on_device(sum(v.nbytes for v in windows.values()),
+                                        mesh.devices.flat)
+    self.on_device = bool(on_device)
+    self.device_windows = ({k: put_replicated(mesh, v) for k, v in windows.items()}
+                           if self.on_device else None)
+    self._queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    self._stop = threading.Event()
+    self._next = int(start_step)
+    self._thread = threading.Thread(target=self._produce, args=(int(start_step), int(stop_step)),
+                                    daemon=True, name="perfjax-batches")
+    self._thread.start()
+
+  def _assemble(self, step: int):
+    rows = local_rows(inputs.batch_indices(self.seed, step, self.num_examples, self.batch_size))
+    if self.on_device:
+      sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+      return jax.make_array_from_process_local_data(sharding, rows.astype(np.int32))
+    return shard_batch(self.mesh, {k: v[rows] for k, v in self.windows.items()})
+
+  def _produce(self, start: int, stop: int) -> None:
+    for step in range(start, stop):
+      try:
+        item = (step, self._assemble(step), None)
+      except Exception as e:  # pylint: disable=broad-except  (re-raised by get())
+        item = (step, None, e)
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if self._stop.is_set() or item[2] is not None:
+        return
+
+  def get(self, step: int) -> dict[str, jax.Array]:
+    """The batch of `step` (steps are asked for in order from `start_step`)."""
+    if step != self._next:
+      raise ValueError(f"batch of step {step} asked for, step {self._next} is next")
+    got_step, batch, error = self._queue.get()
+    if error is not None:
+      raise error
+    assert got_step == step, (got_step, step)
+    self._next += 1
+    if self.on_device:
+      return _jit_take(self.mesh)(self.device_windows, batch)
+    return batch
+
+  def close(self) -> None:
+    """Stops the thread (batches already queued are dropped)."""
+    self._stop.set()
+    self._thread.join(timeout=10)
+
+
 # ---------------------------------------------------------------------------------- validation
 
 
 def validation_dice(model: UNet, params, images_nhwc, masks_nhw,
                     config: ml_collections.ConfigDict) -> np.ndarray:
   """Myocardium Dice of each whole slice: stride-`eval.stride_seg` windows, mean softmax."""
+  from perfjax import metrics  # pylint: disable=g-import-not-at-top  (scipy: the loop only)
   out = sliding_window(UNetPredictor(model), {"params": params}, images_nhwc,
                        patch=patch_size(config), stride=config.eval.stride_seg,
                        chunk_size=config.eval.chunk_size)
@@ -238,11 +358,24 @@ def validation_dice(model: UNet, params, images_nhwc, masks_nhw,
 
 
 def load_data(config: ml_collections.ConfigDict) -> dict[str, dict]:
-  """The train and validation splits of `config.data.dataset` (built on first use)."""
+  """The train and validation splits of `config.data.dataset` (built on first use).
+
+  In a multi-process run process 0 loads first (building the dataset if needed), the others
+  once it has, so that no two processes build the same dataset.
+  """
   from perfjax.data.datasets import load_split  # pylint: disable=g-import-not-at-top
-  return {split: load_split(config.data.dataset, split, config.data.data_dir,
-                            manual_dir=config.data.get("manual_dir"))
-          for split in ("train", "validation")}
+
+  def load():
+    return {split: load_split(config.data.dataset, split, config.data.data_dir,
+                              manual_dir=config.data.get("manual_dir"))
+            for split in ("train", "validation")}
+
+  if jax.process_count() == 1:
+    return load()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = load() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("perfjax.train.load_data")
+  return data if data is not None else load()
 
 
 RELEASED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -262,11 +395,13 @@ def init_source(config: ml_collections.ConfigDict) -> str:
 
 def init_params(config: ml_collections.ConfigDict, source: str):
   """The best parameters of `source` for fine-tuning; its model must be `config`'s."""
+  from perfjax import checkpoints  # pylint: disable=g-import-not-at-top  (see train())
   saved = checkpoints.load_workdir_config(source)
   for field in ("input", "model"):
     mine, theirs = checkpoints.plain(config[field]), checkpoints.plain(saved[field])
-    if field == "model":  # fields older configs lack take today's defaults
-      theirs = {**mine, **theirs}
+    if field == "model":  # fields older configs lack take today's defaults; the computation
+      theirs = {**mine, **theirs}  # dtype does not change the (float32) parameters
+      mine, theirs = ({k: v for k, v in d.items() if k != "dtype"} for d in (mine, theirs))
     if mine != theirs:
       raise InputError("config.train.init_from", f"{source} was trained with {field} "
                        f"{theirs}, this config has {mine}: set the same {field} to fine-tune")
@@ -274,8 +409,9 @@ def init_params(config: ml_collections.ConfigDict, source: str):
   return jax.tree.map(np.asarray, variables["params"])
 
 
-def _replicate(mesh: Mesh, value) -> jax.Array:
-  return jax.device_put(value, NamedSharding(mesh, PartitionSpec()))
+def _replicate(mesh: Mesh, tree):
+  """Host values (the same on every process) replicated on `mesh`."""
+  return jax.tree.map(lambda value: put_replicated(mesh, np.asarray(value)), tree)
 
 
 def _patience_exhausted(step: int, best_step: int, config) -> bool:
@@ -294,6 +430,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
     stop_after: stop once this step is done (with a checkpoint), as a preemption would; a
       later call resumes. The result is the same as one uninterrupted call.
   """
+  # The loop's own dependencies (orbax, ml_collections, matplotlib, tensorboardX); the step and
+  # the batches need only jax, flax, optax and numpy (benchmarks/bench_gpu.py relies on it).
+  from perfjax import checkpoints, reporting  # pylint: disable=g-import-not-at-top
   check_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -338,19 +477,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
   step_fn = jit_train_step(config, model, tx, mesh)
   first_step_s = None
   step, stopped_early, train_s, wall0 = start, False, 0.0, time.perf_counter()
+  # Metrics of dispatched steps, fetched only when the device has already moved on (one step
+  # late, as google-deepmind/nanodo does) or at an evaluation / checkpoint, which waits anyway.
   pending: list[tuple[int, dict]] = []
   postfix: dict[str, str] = {}
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm(total=t.num_steps, initial=start, disable=not lead, dynamic_ncols=True,
              desc=f"{config.input}/{config.augment.mode}", mininterval=2.0, file=sys.stderr)
+  timer = dict(tick=time.perf_counter(), steps=0)  # Steps dispatched since `tick`.
 
-  def flush() -> None:
-    """Fetches pending metrics, stops on non-finite values, logs the mean since last flush."""
-    nonlocal pending
-    if not pending:
+  def flush(upto: int) -> None:
+    """Fetches the metrics of steps <= `upto`, stops on non-finite values, logs their mean."""
+    nonlocal pending, train_s
+    due = [(s, m) for s, m in pending if s <= upto]
+    if not due:
       return
-    fetched = jax.tree.map(np.asarray, [m for _, m in pending])
-    for (s, _), m in zip(pending, fetched):
+    pending = pending[len(due):]
+    fetched = jax.tree.map(np.asarray, [m for _, m in due])
+    now = time.perf_counter()
+    interval_s, timed = now - timer["tick"], timer["steps"] - len(pending)
+    train_s += interval_s
+    timer.update(tick=now, steps=len(pending))
+    for (s, _), m in zip(due, fetched):
       if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
         last = latest.latest_step()
         kept = (f"The last good checkpoint (step {last}) in {latest.directory} is kept"
@@ -361,43 +509,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
             f"for NaN/Inf or lower config.train.learning_rate.")
     loss = float(np.mean([m["loss"] for m in fetched]))
     postfix["loss"] = f"{loss:.4f}"
-    writer.write(pending[-1][0], **{
+    writer.write(due[-1][0], **{
         "train/loss": loss,
         "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-        "train/learning_rate": float(schedule(pending[-1][0] - 1)),
-        "train/steps_per_second": timed_steps / max(interval_s, 1e-9)})
+        "train/learning_rate": float(schedule(due[-1][0] - 1)),
+        "train/steps_per_second": timed / max(interval_s, 1e-9)})
     bar.set_postfix(postfix, refresh=False)
-    pending = []
 
+  def restart_timer() -> None:
+    """After an evaluation or checkpoint: their time is not training time."""
+    timer.update(tick=time.perf_counter(), steps=0)
+
+  done = start >= t.num_steps or _patience_exhausted(start, best_step, config)
+  if done and lead:
+    print(f"Training already finished at step {start}", flush=True)
+  last_step = t.num_steps if stop_after is None else max(start, min(t.num_steps, stop_after))
+  feeder = None
   try:
-    done = start >= t.num_steps or _patience_exhausted(start, best_step, config)
-    if done and lead:
-      print(f"Training already finished at step {start}", flush=True)
-    interval_s, tick, timed_steps = 0.0, time.perf_counter(), 0
-    while not done and step < t.num_steps:
-      if stop_after is not None and step >= stop_after:
-        break
-      rows = local_rows(inputs.batch_indices(config.seed, step, num_examples, t.batch_size))
-      batch = shard_batch(mesh, {"image": x_train[rows], "mask": y_train[rows]})
+    feeder = BatchFeeder(mesh, {"image": x_train, "mask": y_train}, config.seed, t.batch_size,
+                         start, start if done else last_step)
+    log_due = None  # A logging step whose metrics are fetched after the next dispatch.
+    while not done and step < last_step:
+      batch = feeder.get(step)
       if first_step_s is None:  # Compilation (unless cached in this process) + one step.
         t0 = time.perf_counter()
         state, step_metrics = step_fn(state, batch)
         jax.block_until_ready(step_metrics)
         first_step_s = time.perf_counter() - t0
-        tick = time.perf_counter()
+        restart_timer()
       else:
         state, step_metrics = step_fn(state, batch)
-        timed_steps += 1
+        timer["steps"] += 1
       step += 1
       pending.append((step, step_metrics))
       bar.update(1)
+      if log_due is not None:  # The device is busy with this step: fetch the last one's.
+        flush(log_due)
+        log_due = None
       is_eval = step % t.eval_every == 0 or step == t.num_steps
       is_ckpt = (step % t.checkpoint_every == 0 or step == t.num_steps or step == stop_after)
-      if step % t.log_every == 0 or is_eval or is_ckpt:
-        jax.block_until_ready(step_metrics)
-        interval_s = time.perf_counter() - tick
-        train_s += interval_s
-        flush()
+      if is_eval or is_ckpt or step == last_step:
+        flush(step)  # Nothing non-finite is evaluated or saved.
+      elif step % t.log_every == 0:
+        log_due = step
       if is_eval:
         dice = float(np.float32(np.mean(  # float32: the value the checkpoints store.
             validation_dice(model, jax.tree.map(np.asarray, state["params"]), x_val, y_val,
@@ -406,22 +560,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
           best_dice, best_step = dice, step
           checkpoints.save(best, step, dict(params=state["params"], step=np.int32(step),
                                             val_dice=np.float32(dice)))
-        state = dict(state, best_dice=_replicate(mesh, jnp.float32(best_dice)),
-                     best_step=_replicate(mesh, jnp.int32(best_step)))
+        state = dict(state, best_dice=_replicate(mesh, np.float32(best_dice)),
+                     best_step=_replicate(mesh, np.int32(best_step)))
         writer.write(step, **{"val/dice_myo": dice, "val/best_dice_myo": best_dice})
         postfix.update(dice=f"{dice:.3f}", best=f"{best_dice:.3f}")
         bar.set_postfix(postfix, refresh=False)
         stopped_early = _patience_exhausted(step, best_step, config) and step < t.num_steps
       if is_ckpt or stopped_early:
         checkpoints.save(latest, step, state)
-      if is_eval or is_ckpt or step % t.log_every == 0:
-        tick, timed_steps = time.perf_counter(), 0
+      if is_eval or is_ckpt:
+        restart_timer()
       if stopped_early:
         if lead:
           print(f"Early stopping at step {step}: no better validation Dice in {t.patience} "
                 f"evaluations (best {best_dice:.4f} at step {best_step})", flush=True)
         break
+    flush(step)
   finally:
+    if feeder is not None:
+      feeder.close()
     bar.close()
     writer.close()
     if lead:

@@ -1,4 +1,4 @@
-"""Slice uncertainty U (paper eq. 1-2), the uncertain sector, OOD ROC, and two baselines.
+"""Slice uncertainty U (paper eq. 1-2), the uncertain sector, an entropy score, OOD ROC, baselines.
 
 U_i (CONVENTIONS.md "Uncertainty and out-of-distribution"): for each of the six AHA sectors
 k, the sum of the uncertainty map UM over the region M_k (wedge k of the segmented
@@ -18,6 +18,11 @@ Documented choices:
   scores ascending plus +inf, so ``t`` is the smallest score still called reliable.
   Ties between a positive and a negative give the diagonal step (half credit) in the
   trapezoid AUC, which therefore equals the Mann-Whitney P(pos < neg) + P(tie) / 2.
+
+Entropy score (``entropy_score``): 1 - the mean normalised softmax entropy of the
+segmentation's stride-32 probabilities over the predicted myocardium dilated by 3 px: a
+slice-level score of how soft the segmentation is where it matters, proposed in issue 14
+beside U (how each separates failures: `perfjax.ood.failure_evaluation`).
 
 Baselines (the field's usual alternatives, scored by the same ``slice_uncertainty``):
 test-time augmentation (flips, circular shifts, noise; the std across augmentations of
@@ -139,10 +144,57 @@ def batch_uncertainty(um_nhw, seg_nhw, dilation: int = 0, theta_s=None, centers=
 
 
 # ----------------------------------------------------------------------------------------------
+# Softmax entropy in the predicted myocardium: a slice-level score beside U.
+
+ENTROPY_DILATION = 3  # px the predicted myocardium is dilated by for the entropy score
+
+
+def pixel_entropy(probs_hwk) -> np.ndarray:
+  """Shannon entropy of each pixel's class probabilities [..., K], divided by log K (0..1)."""
+  p = np.asarray(probs_hwk, np.float64)
+  k = p.shape[-1]
+  if k < 2:
+    raise InputError("probs", f"need at least 2 classes for an entropy, got shape {p.shape}")
+  with np.errstate(divide="ignore", invalid="ignore"):
+    terms = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+  return -terms.sum(axis=-1) / np.log(k)
+
+
+def entropy_score(probs_hwk, seg, dilation: int = ENTROPY_DILATION) -> float:
+  """1 - mean normalised softmax entropy over the predicted myocardium dilated by ``dilation``.
+
+  ``probs_hwk`` are the segmentation's mean probabilities over the windows (stride 32), ``seg``
+  its argmax. Higher is more reliable, like 1 - U, so the same ROC rule (OOD when score < t)
+  applies; unlike eq. 2 the sum is not divided by the segmented area (motion thickens the
+  segmented myocardium). No predicted myocardium: -inf (uncertain by definition).
+  """
+  probs_hwk, seg = np.asarray(probs_hwk), np.asarray(seg)
+  if probs_hwk.ndim != 3 or probs_hwk.shape[:2] != seg.shape:
+    raise InputError("probs", f"expected [H, W, K] matching seg {seg.shape}, got {probs_hwk.shape}")
+  if isinstance(dilation, bool) or int(dilation) != dilation or dilation < 0:
+    raise InputError("dilation", f"must be a non-negative integer, got {dilation!r}")
+  region = dilate(seg == MYOCARDIUM, int(dilation))
+  if not region.any():
+    return float("-inf")
+  return float(1.0 - pixel_entropy(probs_hwk)[region].mean())
+
+
+def batch_entropy_score(probs_nhwk, seg_nhw, dilation: int = ENTROPY_DILATION) -> np.ndarray:
+  """``entropy_score`` of N slices: [N] float64."""
+  probs_nhwk, seg_nhw = np.asarray(probs_nhwk), np.asarray(seg_nhw)
+  if probs_nhwk.ndim != 4 or probs_nhwk.shape[:3] != seg_nhw.shape:
+    raise InputError("probs", f"expected [N, H, W, K] matching seg {seg_nhw.shape}, got "
+                     f"{probs_nhwk.shape}")
+  return np.array([entropy_score(p, s, dilation) for p, s in zip(probs_nhwk, seg_nhw)],
+                  np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
 # ROC of 1 - U against OOD labels.
 
 
-def _scores_labels(scores, labels):
+def validated_scores_labels(scores, labels):
+  """Scores as float64 [N] (no NaN or +Inf) and labels as bool [N] (from bool or 0/1)."""
   scores = np.asarray(scores, np.float64).ravel()
   labels = np.asarray(labels).ravel()
   if scores.shape != labels.shape or scores.size == 0:
@@ -164,7 +216,7 @@ def roc_curve(scores, labels) -> dict:
   flagged) to (1, 1) (t = +inf, all flagged), thresholds ascending; auc by the trapezoid
   rule (ties between classes count one half).
   """
-  scores, labels = _scores_labels(scores, labels)
+  scores, labels = validated_scores_labels(scores, labels)
   n_pos, n_neg = int(labels.sum()), int((~labels).sum())
   if n_pos == 0 or n_neg == 0:
     raise InputError("labels", f"need both classes for a ROC, got {n_pos} positive and "
@@ -208,7 +260,7 @@ def ood_analysis(one_minus_u, ood_labels, dice=None) -> dict:
     only, the ROC figures are NaN, ``ok`` is False and nothing is flagged. Ties in J go
     to the smallest threshold (fewest slices flagged).
   """
-  scores, labels = _scores_labels(one_minus_u, ood_labels)
+  scores, labels = validated_scores_labels(one_minus_u, ood_labels)
   n, n_ood = labels.size, int(labels.sum())
   if dice is not None:
     dice = np.asarray(dice, np.float64).ravel()

@@ -1,6 +1,11 @@
 """Test-wide settings (CPU only, no display, a temporary home for matplotlib and IPython), the
 `slow` marker and the fixtures several test files share.
 
+The expensive things are made once per session and shared: the `synthetic_small` dataset
+(`small_data_dir`), a tiny trained and evaluated patch3 run (`tiny_run`) and a tiny four-network
+reproduction (`tiny_reproduction`). Tests only read them; a test that changes a run works on a
+copy.
+
 `pytest -m "not slow" tests` is the fast subset: it leaves out the tiny training runs, dataset
 builds, notebooks and subprocess runs that dominate the suite's time.
 """
@@ -40,3 +45,31 @@ def small_data_env(small_data_dir):
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("PERFJAX_DATA_DIR", str(small_data_dir))
     yield small_data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_data_dir):
+  """(config, workdir, results): `configs/patch3.py:tiny` trained on `synthetic_small` and
+  evaluated on its test split (2 slice panels), once per session. Read only."""
+  from perfjax import evaluate, train  # pylint: disable=g-import-not-at-top
+  from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
+  config = patch3.get_config("tiny")
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("PERFJAX_DATA_DIR", str(small_data_dir))
+    train.train(config, workdir)
+    results = evaluate.evaluate(config, workdir, n_panels=2)
+  return config, workdir, results
+
+
+@pytest.fixture(scope="session")
+def tiny_reproduction(tmp_path_factory, small_data_dir):
+  """(workdir, summary): `configs/paper_experiments.py:tiny` reproduced (`reproduce.run_all`:
+  four networks x 2 seeds) on `synthetic_small`, once per session. Read only."""
+  from perfjax import reproduce  # pylint: disable=g-import-not-at-top
+  from perfjax.configs import paper_experiments  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("reproduce") / "paper"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("PERFJAX_DATA_DIR", str(small_data_dir))
+    summary = reproduce.run_all(paper_experiments.get_config("tiny"), str(workdir))
+  return workdir, summary

@@ -4,6 +4,7 @@ checks; outputs on the input's own grid overlaying the input exactly; reruns and
 import json
 import os
 import pathlib
+import re
 import stat
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def _sweep_inputs(folder: pathlib.Path, sim) -> dict:
 
 
 @pytest.mark.slow
-def test_bad_input_sweep_through_the_cli(workdir, sim, tmp_path):
+def test_bad_input_sweep_through_the_cli(workdir, sim, tmp_path, capsys):
   folder = tmp_path / "in"
   folder.mkdir()
   cases = _sweep_inputs(folder, sim)
@@ -195,14 +196,15 @@ def test_bad_input_sweep_through_the_cli(workdir, sim, tmp_path):
       else:
         p.unlink()
   (out / "mine.txt").write_text("the user's own file")
-  again = _run([f"--config={CONFIG}", f"--workdir={workdir}", "--mode=predict",
-                f"--input={folder}", f"--output={out}"])
-  assert again.returncode == predict.EXIT_SOME_FAILED, again.stderr[-3000:]
+  # In process (the CLI's exit status and summary are checked above): predict itself clears.
+  capsys.readouterr()
+  again = predict.predict(_tiny_config(), str(workdir), str(folder), str(out))
+  assert predict.n_failed(again) == 1
   assert sorted(p.name for p in out.iterdir()) == ["good", "mine.txt", "predict.log",
                                                    "slices.csv", "slices.json"]
   assert [r["id"] for r in json.loads((out / "slices.json").read_text())["slices"]] == [
       "broken", "good"]
-  assert "mine.txt" in again.stdout  # listed, left alone
+  assert "mine.txt" in capsys.readouterr().out  # listed, left alone
 
 
 def test_unique_safe_ids():
@@ -296,3 +298,142 @@ def test_segmentation_overlays_a_non_identity_affine_input_exactly(workdir, sim,
                 == 0)  # 0 outside the crop
   assert geo["input_shape"] == list(image.shape[:2])
   assert rows[0]["dice"] is not None
+
+
+def _with_ground_truth_masks(monkeypatch):
+  """predict with the slice's own mask as the "model's" segmentation (the flow and study
+  outputs are then those of known masks; the tiny untrained model segments nothing)."""
+  read = predict._read_one  # pylint: disable=protected-access
+  last = {}
+
+  def read_one(*args):
+    last["s"] = read(*args)
+    return last["s"]
+
+  def masks_as_segmentation(model, variables, images, peak, config, **kwargs):
+    del model, variables, peak, config, kwargs
+    seg = np.asarray(last["s"]["mask"], np.int32)[None]
+    probs = np.eye(4, dtype=np.float32)[seg]
+    return dict(probs=probs, segmentation=seg, um=np.zeros(seg.shape, np.float32))
+
+  monkeypatch.setattr(predict, "_read_one", read_one)
+  monkeypatch.setattr(predict, "predict_arrays", masks_as_segmentation)
+
+
+def _sequence(sim, i):
+  return dict(protocol=str(sim["protocol"][i]), ts=float(sim["seq_ts"][i]),
+              tr=float(sim["seq_tr"][i]), flip_deg=float(sim["seq_flip_deg"][i]),
+              n_pulses=int(sim["seq_n_pulses"][i]), t1_blood=float(sim["t1_blood_s"][i]),
+              t2_blood=float(sim["t2_blood_s"][i]), t1_myo=float(sim["t1_myo_s"][i]),
+              t2_myo=float(sim["t2_myo_s"][i]))
+
+
+@pytest.fixture(scope="module")
+def study_sim():
+  """One noise-free narrow-phantom study (basal, mid, apical) without motion."""
+  return phantom.simulate(3, 3, "flash", 0.0, noise=0.0, variability="narrow")
+
+
+def test_flow_is_relative_without_the_sequence_and_study_bullseyes(workdir, study_sim, tmp_path,
+                                                                    monkeypatch):
+  """Without sequence parameters the flow is labelled relative everywhere and no MBF field
+  holds it; with them (the sidecar's "sequence") it is MBF in ml/g/min, close to the truth.
+  The slices of a study (the sidecar's "study") at levels from their names or the sidecar's
+  "slice_level" give one AHA 16-segment row each."""
+  sim = study_sim
+  folder = tmp_path / "in"
+  names = dict(cal=("cal_basal", "cal_mid", "cal_apical"), rel=("rel_base", "rel_mid", "rel_x"))
+  for study, levels in names.items():
+    for i, name in enumerate(levels):
+      path = data_io.write_nifti(folder / f"{name}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
+                                 times=sim["times"][i])
+      data_io.write_nifti(folder / f"{name}_mask.nii.gz", sim["mask"][i], pixel_mm=(1.4, 1.4))
+      side = data_io.sidecar_path(path)
+      meta = dict(json.loads(side.read_text()), study=f"patient-{study}")
+      if study == "cal":
+        meta["sequence"] = _sequence(sim, i)
+      if name == "rel_x":
+        meta["slice_level"] = "apical"
+      side.write_text(json.dumps(meta))
+  _with_ground_truth_masks(monkeypatch)
+  out = tmp_path / "out"
+  rows = predict.predict(_tiny_config(), str(workdir), str(folder), str(out))
+  assert [r["status"] for r in rows] == ["ok"] * 6, [r["error"] for r in rows]
+  by_id = {r["id"]: r for r in rows}
+  truth = [float(np.mean(sim["mbf_sector48"][i])) for i in range(3)]
+  csv_rows = (out / "slices.csv").read_text().splitlines()
+  header = csv_rows[0].split(",")
+  csv_by_id = {line.split(",")[0]: dict(zip(header, line.split(","))) for line in csv_rows[1:]}
+  for study, levels in names.items():
+    for i, name in enumerate(levels):
+      r, line = by_id[name], csv_by_id[name]
+      assert r["study"] == line["study"] == f"patient-{study}" and r["slice_level"] == i
+      if study == "cal":
+        assert r["flow_units"] == "ml/g/min" and r["flow_relative"] is None
+        assert r["mbf"] == pytest.approx(truth[i], rel=0.15), (name, r["mbf"], truth[i])
+        assert len(r["mbf_sector48"]) == 48 and r["flow_relative_sector48"] is None
+        assert r["mbf_flip_lo"] is not None and r["mbf_flip_hi"] is not None
+        assert r["mbf_flip_lo"] != r["mbf"] != r["mbf_flip_hi"]
+        assert line["mbf"] and line["flow_relative"] == "" and line["flow_units"] == "ml/g/min"
+      else:
+        # Relative (raw-signal) flow: never in an MBF field, labelled in the CSV and the JSON.
+        assert r["flow_units"] == predict.RELATIVE_UNITS and "not ml/g/min" in r["flow_units"]
+        assert r["mbf"] is None and r["mbf_sector48"] is None and r["mbf_flip_lo"] is None
+        assert np.isfinite(r["flow_relative"]) and len(r["flow_relative_sector48"]) == 48
+        assert line["mbf"] == "" and line["flow_relative"] and "relative" in line["flow_units"]
+      assert r["aif_source"] == "own" and r["sector_failures"] is None
+  studies = {st["study"]: st for st in json.loads((out / "studies.json").read_text())["studies"]}
+  assert sorted(studies) == ["patient-cal", "patient-rel"]
+  assert studies["patient-cal"]["slices"] == {"basal": "cal_basal", "mid": "cal_mid",
+                                              "apical": "cal_apical"}
+  assert studies["patient-rel"]["slices"] == {"basal": "rel_base", "mid": "rel_mid",
+                                              "apical": "rel_x"}
+  assert studies["patient-cal"]["units"] == "ml/g/min"
+  assert studies["patient-rel"]["units"] == predict.RELATIVE_UNITS
+  from perfjax import perfusion  # pylint: disable=g-import-not-at-top
+  want = perfusion.aha16_mbf({i: sim["mbf_sector48"][i] for i in range(3)})
+  for st in studies.values():
+    assert np.isfinite(np.array(st["aha16"], np.float64)).all() and len(st["aha16"]) == 16
+  np.testing.assert_allclose(studies["patient-cal"]["aha16"], want, rtol=0.25)
+  # One picture per unit: MBF and relative flow never share a colour scale.
+  assert (out / "bullseyes.png").stat().st_size > 0
+  assert (out / "bullseyes_relative.png").stat().st_size > 0
+
+
+def test_study_outputs_rules(tmp_path):
+  """Segments from the right levels, a repeated level or mixed units leave a study out with a
+  note, slices of unknown level are not in any study."""
+  flows, rows = {}, []
+  for sid, study, level, absolute, value in (
+      ("a0", "A", 0, True, 1.0), ("a1", "A", 1, True, 2.0), ("a2", "A", 2, True, 3.0),
+      ("b0", "B", 1, True, 1.0), ("b1", "B", 1, True, 1.0),
+      ("c0", "C", 0, True, 1.0), ("c1", "C", 2, False, 1.0),
+      ("d0", "D", None, False, 1.0)):
+    rows.append(dict(id=sid, study=study, slice_level=level))
+    flows[sid] = dict(values48=np.full(48, value), counts48=np.ones(48), absolute=absolute)
+  studies, notes = predict.study_outputs(rows, flows, str(tmp_path))
+  assert [s["study"] for s in studies] == ["A"]
+  aha = studies[0]["aha16"]
+  assert aha[:6] == [1.0] * 6 and aha[6:12] == [2.0] * 6 and aha[12:] == [3.0] * 4
+  assert any("study B" in n and "more than one mid" in n for n in notes)
+  assert any("study C" in n and "mix" in n for n in notes)
+  assert not any("study D" in n for n in notes)
+  assert json.loads((tmp_path / "studies.json").read_text())["studies"] == studies
+
+
+@pytest.mark.parametrize("sequence, problem", [
+    ({"protocol": "flash"}, '"sequence" lacks ts, tr, flip_deg, n_pulses'),
+    ({"protocol": "gre", "ts": 0.1, "tr": 0.0025, "flip_deg": 12, "n_pulses": 20},
+     'protocol must be "flash" or "bssfp"'),
+    ({"protocol": "flash", "ts": 100, "tr": 0.0025, "flip_deg": 12, "n_pulses": 20},
+     "ts = 100 is outside"),
+    ({"protocol": "flash", "ts": "x", "tr": 0.0025, "flip_deg": 12, "n_pulses": 20},
+     "ts 'x' is not a number"),
+    ({"protocol": "flash", "ts": 0.1, "tr": 0.0025, "flip_deg": 12, "n_pulses": 20, "te": 1},
+     "unknown fields ['te']")])
+def test_bad_sequence_sidecar_is_one_clear_error(tmp_path, sim, sequence, problem):
+  path = _good(tmp_path / "s.nii.gz", sim)
+  side = data_io.sidecar_path(path)
+  side.write_text(json.dumps(dict(json.loads(side.read_text()), sequence=sequence)))
+  with pytest.raises(InputError, match=re.escape(problem)):
+    data_io.slice_metadata(path)

@@ -12,12 +12,12 @@ from configs import patch2
 from configs import patch3
 from perfjax import evaluate
 from perfjax import predict
-from perfjax import train
 from perfjax.data import io as data_io
 from perfjax.data import phantom
 
 RESULT_KEYS = ["dice.whole", "dice.sector6", "dice.sector12", "ood.auc", "ood.threshold",
-               "ood.sensitivity", "ood.specificity", "ood.labels", "mbf.r2",
+               "ood.sensitivity", "ood.specificity", "ood.labels", "ood.score", "ood.n_positive",
+               "ood.n_negative", "ood.auc_ci", "mbf.r2",
                "mbf.bland_altman.mean", "mbf.bland_altman.loa_low", "mbf.bland_altman.loa_high"]
 SLICE_KEYS = ["id", "dice", "U", "ood_flag", "uncertain_sector", "mbf_auto", "mbf_gt_mask",
               "mbf_true", "motion"]
@@ -27,12 +27,11 @@ pytestmark = pytest.mark.slow  # A tiny training run, evaluated.
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_data_env):
-  del small_data_env  # PERFJAX_DATA_DIR for this module (conftest).
-  root = tmp_path_factory.mktemp("evaluate")
-  config = patch3.get_config("tiny")
-  workdir = str(root / "run")
-  train.train(config, workdir)
+def trained(tiny_run, small_data_env):
+  """The session's tiny trained run (conftest `tiny_run`: patch3 tiny, trained and evaluated
+  once, shared with the notebook tests); PERFJAX_DATA_DIR set for this module."""
+  del small_data_env
+  config, workdir, _ = tiny_run
   return config, workdir
 
 
@@ -43,9 +42,8 @@ def _get(tree, dotted):
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained):
-  config, workdir = trained
-  return evaluate.evaluate(config, workdir, n_panels=2)
+def evaluated(tiny_run):
+  return tiny_run[2]  # evaluate.evaluate(config, workdir, n_panels=2) of the trained run
 
 
 def test_results_json_has_the_contract_keys(trained, evaluated):
@@ -56,6 +54,13 @@ def test_results_json_has_the_contract_keys(trained, evaluated):
   for key in RESULT_KEYS:
     _get(on_disk, key)  # Present (null allowed for an untrained model).
   assert on_disk["ood"]["labels"] == "motion"
+  o = on_disk["ood"]
+  assert o["score"] == "U" and o["n_positive"] + o["n_negative"] == 6 and len(o["auc_ci"]) == 2
+  assert o["auc"] is None or o["auc_ci"][0] <= o["auc"] <= o["auc_ci"][1]
+  motion_all = on_disk["ood_all"]["motion"]
+  for summary in [motion_all, *motion_all["baselines"].values()]:
+    assert {"score", "n_positive", "n_negative", "auc_ci", "auc"} <= set(summary)
+  assert set(motion_all["baselines"]) >= {"entropy", "tta"}
   assert len(on_disk["slices"]) == results["n_slices"] == 6
   for s in on_disk["slices"]:
     assert set(SLICE_KEYS) <= set(s)

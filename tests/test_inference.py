@@ -226,3 +226,23 @@ def test_windows_split_over_devices_equal_one_device():
   done = subprocess.run([sys.executable, "-c", _SPLIT_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_bfloat16_fast_and_plain_paths_agree_with_float32():
+  """Mixed precision on every sliding-window path: dense maps (whole-image first layer), the
+  per-window fast path and flax's, against float32 within bfloat16's tolerance."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,reimported
+  from perfjax.fast_unet import UNetPredictor
+  from perfjax.model import UNet, numpy_params
+  f32, bf16 = UNet(features=4, depth=2), UNet(features=4, depth=2, dtype=jnp.bfloat16)
+  params = numpy_params(f32, 3, seed=0, patch=16)
+  img = np.random.default_rng(1).random((1, 24, 24, 3)).astype(np.float32)
+  ref = inf.sliding_window(UNetPredictor(f32), params, img, patch=16, stride=1, chunk_size=16)
+  for fast, stride in ((True, 1), (True, 8), (False, 1)):
+    out = inf.sliding_window(UNetPredictor(bf16, fast=fast), params, img, patch=16,
+                             stride=stride, chunk_size=16)
+    want = ref if stride == 1 else inf.sliding_window(UNetPredictor(f32), params, img, patch=16,
+                                                      stride=stride, chunk_size=16)
+    assert out["mean"].dtype == np.float32 and out["std"].dtype == np.float32
+    np.testing.assert_allclose(out["mean"], want["mean"], atol=0.02)
+    np.testing.assert_allclose(out["std"], want["std"], atol=0.02)

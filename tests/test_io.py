@@ -388,3 +388,36 @@ def test_load_preprocessed_and_back_to_the_input_grid(tmp_path):
   path = io.write_nifti(tmp_path / "seg.nii.gz", seg, pixel_mm=out["pixel_mm"])
   back = io.read_nifti_mask(path, (64, 64))
   assert np.mean(back == d["mask"][0][::2, ::2]) > 0.95
+
+
+def test_slice_metadata_study_level_and_sequence(tmp_path):
+  """Study: the sidecar's, else the DICOM StudyInstanceUID, else the folder; level: the
+  sidecar's, else the name; the sequence only from the sidecar, checked and completed."""
+  assert [io.level_from_name(n) for n in ("p1_basal", "Base", "mid-2", "apex", "apical3",
+                                          "midline", "submid", "x")] == [0, 0, 1, 2, 2, 1, -1, -1]
+  study = tmp_path / "patient3"
+  study.mkdir()
+  image, times = _series()
+  path = io.write_nifti(study / "s_mid.nii.gz", image, times=times)
+  assert io.slice_metadata(path) == dict(study="patient3", slice_level=1, sequence=None)
+  side = io.sidecar_path(path)
+  seq = dict(protocol="FLASH", ts=0.1, tr=0.0025, flip_deg=12, n_pulses=20)
+  side.write_text(json.dumps(dict(times=list(times), study="P3", slice_level="apical",
+                                  sequence=seq)))
+  meta = io.slice_metadata(path)
+  assert meta["study"] == "P3" and meta["slice_level"] == 2
+  assert meta["sequence"] == dict(protocol="flash", ts=0.1, tr=0.0025, flip_deg=12.0,
+                                  n_pulses=20.0, **io.SEQUENCE_DEFAULTS)
+  side.write_text(json.dumps(dict(times=list(times), slice_level=5)))
+  with pytest.raises(InputError, match="slice_level"):
+    io.slice_metadata(path)
+  # A DICOM folder: its StudyInstanceUID, its own name's level, a sidecar `folder.json`.
+  _dicom_folder(study / "series.basal")
+  grid = io.read_slice(study / "series.basal")["grid"]
+  assert io.slice_metadata(study / "series.basal", grid) == dict(
+      study="patient3", slice_level=0, sequence=None)  # the test files carry no study UID
+  grid = dict(grid, study="1.2.3")
+  assert io.slice_metadata(study / "series.basal", grid)["study"] == "1.2.3"
+  (study / "series.basal.json").write_text(json.dumps(dict(study="P3b", sequence=seq)))
+  meta = io.slice_metadata(study / "series.basal", grid)
+  assert meta["study"] == "P3b" and meta["sequence"]["protocol"] == "flash"

@@ -74,8 +74,9 @@ def _run(args, env, timeout=600):
 
 
 @pytest.mark.slow
-def test_tiny_config_trains_end_to_end_and_resumes(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PERFJAX_DATA_DIR=str(tmp_path / "tfds"),
+def test_tiny_config_trains_end_to_end_and_resumes(tmp_path, small_data_dir):
+  # The session's synthetic_small build (conftest); test_packaging's main job builds its own.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PERFJAX_DATA_DIR=str(small_data_dir),
              MPLBACKEND="Agg")
   workdir = tmp_path / "run"
   args = ["--config=configs/patch2.py:tiny", "--config.augment.mode=none",

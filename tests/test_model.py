@@ -113,3 +113,38 @@ def test_first_conv_from_whole_image_maps():
   whole = jax.lax.conv_general_dilated(images, kernel, (1, 1), "SAME",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert np.abs(np.asarray(whole[1, 12:20, 16:24]) - np.asarray(ref[1])).max() > 1e-2
+
+
+def test_make_model_reads_the_config_dtype():
+  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  from perfjax.model import make_model
+  config = ConfigDict({"model": {"features": 4, "depth": 2, "dropout_rate": 0.0}})
+  assert make_model(config).dtype == jnp.float32  # older configs lack the field
+  config.model.dtype = "bfloat16"
+  assert make_model(config).dtype == jnp.bfloat16
+  config.model.dtype = "float16"
+  with pytest.raises(InputError, match="model.dtype"):
+    make_model(config)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_bfloat16_fast_formulation_close_to_float32(depth):
+  # The fast path in bfloat16 (per-window and whole-image first layer): float32 parameters,
+  # bfloat16 convolutions, float32 logits and softmax.
+  from perfjax.fast_unet import first_conv_maps, first_conv_windows, fast_unet_apply
+  f32, bf16 = UNet(features=4, depth=depth), UNet(features=4, depth=depth, dtype=jnp.bfloat16)
+  params = numpy_params(f32, 30, seed=4, patch=16)
+  x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 30))
+  ref = jax.jit(f32.apply)(params, x)
+  fast = jax.jit(lambda p, x: fast_unet_apply(bf16, p, x))(params, x)
+  assert fast.dtype == jnp.float32
+  np.testing.assert_allclose(fast, ref, atol=0.05)
+  probs = jax.jit(UNetPredictor(bf16, fast=True))(params, x)
+  assert probs.dtype == jnp.float32
+  np.testing.assert_allclose(probs, jax.nn.softmax(ref, -1), atol=0.02)
+  kernel = params["params"]["down0"]["conv1"]["kernel"].astype(jnp.bfloat16)
+  origins = jnp.asarray([[0, 0, 0], [1, 0, 0]], jnp.int32)
+  pre = jax.jit(lambda x: first_conv_windows(first_conv_maps(kernel, x), origins, 16))(x)
+  assert pre.dtype == jnp.bfloat16
+  from_maps = jax.jit(lambda p, pre: fast_unet_apply(bf16, p, None, pre))(params, pre)
+  np.testing.assert_allclose(from_maps, ref, atol=0.05)

@@ -341,3 +341,9 @@ def test_golden_mbf_on_a_noise_free_rest_and_stress_set():
   err = np.abs(r["slice"] / truth - 1.0)
   assert set(r["aif_source"]) == {"series"}
   assert np.median(err) < 0.04 and err.max() < 0.10, err
+  # What evaluate reports of it: the AIF's source and MBF's sensitivity to a 10 % flip error.
+  from perfjax import evaluate  # pylint: disable=g-import-not-at-top
+  _, summary = evaluate.mbf_details(dict(gt_mask=r))
+  assert summary["units"] == "ml/g/min" and summary["aif_sources"] == {"gt_mask": {"series": 6}}
+  change = summary["flip_sensitivity"]["gt_mask"]["median_change"]
+  assert np.isfinite(change).all() and change[0] != 0.0 and np.sign(change[0]) != np.sign(change[1])

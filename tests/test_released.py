@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from configs import patch3
-from perfjax import evaluate
+from perfjax import checkpoints, evaluate
 
 RELEASED = pathlib.Path(__file__).resolve().parents[1] / "released" / "patch3"
 
@@ -21,6 +21,15 @@ def test_released_checkpoint_evaluates_and_segments(tmp_path, monkeypatch, small
   results = evaluate.evaluate(config, str(workdir), n_panels=0)
   assert results["config"]["features"] == 16 and results["config"]["input"] == "patch3"
   assert results["n_slices"] == 6
-  # 0.746 when released (6 wide-phantom bSSFP slices, half of them with motion); untrained: 0.
+  # 0.797 when released (6 wide-phantom bSSFP slices, half of them with motion); untrained: 0.
   assert results["dice"]["whole"] > 0.65, results["dice"]
   assert (workdir / "results.json").is_file() and (workdir / "report.html").is_file()
+
+
+def test_trained_config_takes_the_model_from_the_workdir_but_the_dtype_from_the_caller():
+  config = patch3.get_config("tiny")
+  config.model.dtype = "bfloat16"
+  merged = checkpoints.trained_config(config, str(RELEASED))
+  assert merged.model.features == 16 and merged.model.depth == 4  # the released model's
+  assert merged.model.dtype == "bfloat16"  # how to compute it: the caller's
+  assert merged.data.dataset == config.data.dataset  # data and eval: the caller's

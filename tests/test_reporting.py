@@ -1,8 +1,15 @@
 """reporting.py and figures.py: file permissions, a fresh figures folder per evaluation, the
-report's header and figure order, the figures' options (fast: no training)."""
+report's header and figure order, the figures' options, the MBF block, report.html in a headless
+browser (fast: no training)."""
+import html
+import json
 import os
+import re
+import shutil
+import subprocess
 
 import numpy as np
+import pytest
 
 from perfjax import figures, reporting
 
@@ -85,3 +92,133 @@ def test_figures_take_their_options(tmp_path):
     assert (tmp_path / name).stat().st_size > 1000
   assert reporting.panel_title("3-1", 0.9, 0.8, True, False) == (
       "slice 3-1 | Dice 0.900 | 1 - U 0.800 | flagged OOD | no motion")
+
+
+def test_panel_of_a_segmentation_outside_the_zoom(tmp_path):
+  """Zoomed on the truth's heart, a segmented heart elsewhere leaves no sector in view: the
+  panel is drawn without sector labels (it used to fail on an empty array)."""
+  yy, xx = np.mgrid[:128, :128]
+  def heart(cy, cx):
+    r = np.hypot(yy - cy, xx - cx)
+    m = np.zeros((128, 128), np.int32)
+    m[r < 8] = 2
+    m[(r >= 8) & (r < 12)] = 1
+    m[(np.hypot(yy - cy, xx - cx - 18) < 6) & (m == 0)] = 3
+    return m
+  image = np.random.default_rng(1).random((128, 128, 30)).astype(np.float32)
+  reporting.panel(str(tmp_path / "p.png"), image, heart(20, 20), np.zeros((128, 128)),
+                  heart(100, 90), "off", 1)
+  assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _mbf_set(slice_mbf, lo, hi, sources, units="mM"):
+  return dict(slice=np.array(slice_mbf), flip_lo=np.array(lo), flip_hi=np.array(hi),
+              aif_source=np.array(sources), units=units)
+
+
+def test_evaluate_reports_the_aif_source_and_the_flip_sensitivity():
+  """results.json's MBF block and the report say where each AIF came from and how much slice
+  MBF moves when the flip angle is 10 % off; raw-signal flow is labelled relative."""
+  from perfjax import evaluate  # pylint: disable=g-import-not-at-top
+  from perfjax import predict  # pylint: disable=g-import-not-at-top
+  sets = dict(
+      auto=_mbf_set([1.0, 2.0, np.nan], [1.1, 2.4, np.nan], [0.9, 1.8, np.nan],
+                    ["series", "study slice 0: largest clean pool (40 px)", ""]),
+      gt_mask=_mbf_set([1.0, 2.0, 4.0], [1.2, 2.2, 4.4], [0.8, 1.6, 3.6],
+                       ["series", "own: no slice of the study has a clean pool", "series"]))
+  per_slice, summary = evaluate.mbf_details(sets)
+  assert per_slice[1]["aif_source"] == {"auto": "study slice 0: largest clean pool (40 px)",
+                                        "gt_mask": "own: no slice of the study has a clean pool"}
+  assert per_slice[2]["mbf_flip"]["gt_mask"] == [4.4, 3.6]
+  assert summary["units"] == "ml/g/min"
+  assert summary["aif_sources"] == {"auto": {"series": 1, "study slice": 1, "none": 1},
+                                    "gt_mask": {"series": 2, "own": 1}}
+  gt = summary["flip_sensitivity"]["gt_mask"]
+  assert gt["flip_scale"] == [0.9, 1.1]
+  np.testing.assert_allclose(gt["median_change"], [10.0, -20.0])
+  np.testing.assert_allclose(gt["max_abs_change"], 20.0)
+  np.testing.assert_allclose(summary["flip_sensitivity"]["auto"]["median_change"], [15.0, -10.0])
+  results = _results()
+  results["mbf"].update(summary)
+  text = reporting.report_markdown(results, "/nonexistent", dict(mbf=[], bullseye=[], slices=[]))
+  assert "in ml/g/min." in text and "AIF: automatic masks: series 1, study slice 1, none 1;" in text
+  assert ("Flip-angle sensitivity (ground-truth masks): slice MBF changes by +10.0 % at x0.9 and "
+          "-20.0 % at x1.1") in text
+
+  relative = {k: dict(v, units="signal") for k, v in sets.items()}
+  per_slice, summary = evaluate.mbf_details(relative)
+  assert summary["units"] == predict.RELATIVE_UNITS and "flip_sensitivity" not in summary
+  assert per_slice[0]["mbf_flip"] == {"auto": None, "gt_mask": None}
+  results = _results()
+  results["mbf"].update(summary)
+  text = reporting.report_markdown(results, "/nonexistent", dict(mbf=[], bullseye=[], slices=[]))
+  assert f"bias ({predict.RELATIVE_UNITS})" in text and "Flip-angle" not in text
+
+
+def test_step_announces_and_times_a_step(capsys):
+  with reporting.step("MBF of 6 slices"):
+    pass
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == "MBF of 6 slices ..." and out[1].startswith("MBF of 6 slices: done in ")
+
+
+def _browser():
+  for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+    if shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+_PROBE = """<script>window.addEventListener("load", () => {
+  const seen = [...document.images].map(
+      i => [i.getAttribute("src"), i.complete && i.naturalWidth > 0]);
+  const out = document.createElement("pre");
+  out.id = "probe";
+  out.textContent = JSON.stringify(seen);
+  document.body.appendChild(out);
+});</script></body>"""
+
+
+def _images_in_browser(browser, page):
+  """[(src, loaded)] of every <img> of `page` as headless Chromium loads it from disk."""
+  probe = page.with_name("probe_" + page.name)
+  probe.write_text(page.read_text().replace("</body>", _PROBE))
+  proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                         "--allow-file-access-from-files", "--virtual-time-budget=10000",
+                         "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                        timeout=180)
+  found = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout, re.S)
+  assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return json.loads(html.unescape(found.group(1)))
+
+
+def test_report_html_images_load_in_a_headless_browser(tmp_path):
+  """report.html opened in a browser from its folder: every image it shows loads (skipped
+  where no headless Chromium/Chrome is installed). A page with a missing image is caught."""
+  browser = _browser()
+  if browser is None:
+    pytest.skip("no headless Chromium/Chrome on this machine")
+  rng = np.random.default_rng(0)
+  (tmp_path / "figures" / "slices").mkdir(parents=True)
+  reporting.save_figure(figures.bullseye_grid([("study 3", {"auto": np.arange(16.0)})]),
+                        str(tmp_path / "figures" / "bullseyes.png"))
+  reporting.save_figure(figures.scatter_plot(rng.random(6), rng.random(6)),
+                        str(tmp_path / "figures" / "mbf_scatter_auto_vs_gt_mask.png"))
+  image = rng.random((128, 128, 30)).astype(np.float32)
+  mask = np.zeros((128, 128), np.int32)
+  mask[40:90, 40:90], mask[50:80, 50:80] = 1, 2
+  reporting.panel(str(tmp_path / "figures" / "slices" / "01_slice_3-1.png"), image, mask,
+                  rng.random((128, 128)) * 0.1, mask, "1. 3-1", 2)
+  reporting.coverage_figure(str(tmp_path / "figures" / "coverage.png"), np.ones((128, 128)), 2)
+  shown = dict(mbf=["figures/mbf_scatter_auto_vs_gt_mask.png"],
+               bullseye=["figures/bullseyes.png"], slices=["figures/slices/01_slice_3-1.png"])
+  reporting.write_markdown(str(tmp_path / "report.md"),
+                           reporting.report_markdown(_results(), str(tmp_path), shown))
+  seen = _images_in_browser(browser, tmp_path / "report.html")
+  assert sorted(src for src, _ in seen) == sorted(shown["mbf"] + shown["bullseye"] +
+                                                  shown["slices"] + ["figures/coverage.png"])
+  assert all(ok for _, ok in seen), seen
+  broken = tmp_path / "broken.html"
+  broken.write_text((tmp_path / "report.html").read_text().replace("figures/bullseyes.png",
+                                                                   "figures/gone.png"))
+  assert ("figures/gone.png", False) in [tuple(x) for x in _images_in_browser(browser, broken)]

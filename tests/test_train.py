@@ -156,6 +156,53 @@ def test_train_step_decreases_loss_and_is_deterministic():
   assert 1.0 < losses[0] < 2.0
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_batch_feeder_gives_the_batches_of_batch_indices(on_device):
+  # Prefetched in a thread, gathered on the host or from device-resident windows: the batch of
+  # step s is always rows `batch_indices(seed, s)`, so resume stays exact.
+  x, y = inputs.training_windows(_toy_data()["train"], "patch3")
+  mesh = train.make_mesh()
+  feeder = train.BatchFeeder(mesh, {"image": x, "mask": y}, seed=3, batch_size=4, start_step=5,
+                             stop_step=9, on_device=on_device)
+  try:
+    assert feeder.on_device == on_device
+    for step in range(5, 9):
+      batch = feeder.get(step)
+      rows = inputs.batch_indices(3, step, len(x), 4)
+      np.testing.assert_array_equal(np.asarray(batch["image"]), x[rows])
+      np.testing.assert_array_equal(np.asarray(batch["mask"]), y[rows])
+      assert batch["image"].sharding.spec == train.PartitionSpec("data")
+    with pytest.raises(ValueError, match="step 9"):
+      feeder.get(10)
+  finally:
+    feeder.close()
+  assert not train.windows_fit_on_device(1, jax.devices("cpu"))
+
+
+def test_train_step_in_bfloat16_mixed_precision():
+  # config.model.dtype = "bfloat16": bfloat16 convolutions, float32 parameters, loss and Adam.
+  config = _config("conventional", learning_rate=3e-3, warmup_steps=0, schedule="constant")
+  x, y = inputs.training_windows(_toy_data()["train"], "patch3")
+  batch = {"image": jnp.asarray(x[:4]), "mask": jnp.asarray(y[:4])}
+  tx = train.make_optimizer(config)
+  first = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    model = train.make_model(config)
+    step_fn = train.jit_train_step(config, model, tx, train.make_mesh())
+    state = train.initial_state(config, model, tx)
+    losses = []
+    for _ in range(3):
+      state, m = step_fn(state, batch)
+      losses.append(float(m["loss"]))
+    assert all(np.isfinite(losses)) and m["loss"].dtype == jnp.float32, losses
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))
+    assert all(leaf.dtype in (jnp.float32, jnp.int32)
+               for leaf in jax.tree.leaves(state["opt_state"]))
+    first[dtype] = losses[0]
+  np.testing.assert_allclose(first["bfloat16"], first["float32"], rtol=0.02)
+
+
 @pytest.mark.slow
 def test_four_devices_match_one_device():
   env = dict(os.environ, JAX_PLATFORMS="cpu",

@@ -192,3 +192,36 @@ def test_mc_dropout_uncertainty():
   with pytest.raises(InputError):
     uncertainty.mc_dropout_uncertainty(UNet(features=2, depth=2), variables, images,
                                        jax.random.key(1), n_samples=3, patch=8, stride=8)
+
+
+def test_pixel_entropy_hand():
+  probs = np.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+  np.testing.assert_allclose(uncertainty.pixel_entropy(probs), [1.0, 0.0, 0.5])
+
+
+@pytest.mark.parametrize("dilation", [0, 1, 3])
+def test_entropy_score_is_the_mean_over_the_dilated_myocardium(dilation):
+  seg = ring_mask()
+  myo = seg == 1
+  probs = np.zeros(seg.shape + (4,))
+  probs[..., 0] = 1.0
+  probs[myo] = [0.5, 0.5, 0.0, 0.0]  # normalised entropy 0.5 in the myocardium, 0 elsewhere
+  region = uncertainty.dilate(myo, dilation)
+  expected = 1.0 - 0.5 * myo.sum() / region.sum()
+  assert uncertainty.entropy_score(probs, seg, dilation) == pytest.approx(expected)
+  assert (dilation == 0) == (expected == 0.5)
+
+
+def test_entropy_score_extremes_and_bad_input():
+  seg = ring_mask()
+  uniform = np.full(seg.shape + (4,), 0.25)
+  assert uncertainty.entropy_score(uniform, seg) == pytest.approx(0.0)
+  one_hot = np.eye(4)[seg]
+  assert uncertainty.entropy_score(one_hot, seg) == pytest.approx(1.0)
+  assert uncertainty.entropy_score(one_hot, np.zeros_like(seg)) == -np.inf  # no myocardium
+  b = uncertainty.batch_entropy_score(np.stack([uniform, one_hot]), np.stack([seg, seg]))
+  np.testing.assert_allclose(b, [0.0, 1.0], atol=1e-12)
+  with pytest.raises(InputError):
+    uncertainty.entropy_score(uniform[:10], seg)
+  with pytest.raises(InputError):
+    uncertainty.entropy_score(uniform, seg, dilation=-1)

@@ -13,8 +13,8 @@ Variants (the text after ``:`` in ``--config``):
     python launch.py --config=configs/patch3.py:paper --workdir=runs/patch3_paper
 
 * ``release``: the released model for real images (``released/patch3``): the default model
-  trained longer (1500 steps) on ``synthetic_mixed`` (the wide phantom, each study FLASH or
-  bSSFP)::
+  trained longer (3000 steps) on ``synthetic_mixed`` (the wide phantom, each study FLASH or
+  bSSFP, rest or stress)::
 
     python launch.py --config=configs/patch3.py:release --workdir=runs/patch3_release
 
@@ -61,6 +61,7 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   config.model.depth = 4
   config.model.dropout_rate = 0.0
   config.model.patch = conventions.PATCH  # Window size P (paper: 64 x 64).
+  config.model.dtype = "float32"  # Computation: "float32" | "bfloat16" (params/softmax float32).
 
   config.augment = ml_collections.ConfigDict()
   config.augment.mode = "advanced"  # "none" | "conventional" | "advanced".
@@ -97,8 +98,10 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   config.eval.ood_labels = "motion"  # "motion" | "mbf_patch2".
   config.eval.patch2_workdir = ml_collections.config_dict.placeholder(str)  # For mbf_patch2.
   config.eval.ood_tolerance = conventions.MBF_OOD_TOLERANCE  # mbf_patch2: > 5 % MBF difference.
+  config.eval.keep_heart = True  # Segmentation: drop what is not connected to the LV's heart.
   config.eval.sectors_from = "gt"  # Sector geometry of the sector Dice: "gt" | "pred".
   config.eval.mbf_input = "auto"  # "concentration" | "signal" | "auto" (concentration if known).
+  config.eval.ood_score = "U"  # Score behind ood.*: "U" (paper eq. 1-2), "entropy", "tta", ...
   config.eval.baselines = ("tta",)  # Other uncertainties scored by the same ROC: tta, mc_dropout.
   config.eval.baseline_samples = 8  # Samples per baseline uncertainty map.
 
@@ -117,7 +120,7 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
     config.eval.chunk_size = 64
   elif variant == "release":
     config.data.dataset = "synthetic_mixed"
-    config.train.num_steps = 1500
+    config.train.num_steps = 3000
     config.train.patience = 8
   elif variant == "tiny":
     config.data.dataset = "synthetic_small"

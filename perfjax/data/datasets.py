@@ -8,7 +8,8 @@ is in two splits; every split has its own fixed seed, so builds are deterministi
   synthetic_cpu   the default main job: FLASH train 60 + validation 10, bSSFP test 12
                   (motion_fraction 0.25).
   synthetic_mixed the released real-image model: train 60 + validation 10 studies, each
-                  FLASH or bSSFP at random; bSSFP test 12 (motion_fraction 0.25).
+                  FLASH or bSSFP at random, rest or stress in turn; bSSFP stress test 12
+                  (motion_fraction 0.25).
   synthetic_small CI and tests: train 2, validation 1, test 2 (motion_fraction 0.5).
   manual          the user's own studies from `manual_dir`, through `perfjax.data.io`
                   and `perfjax.data.preprocess` (layout below).
@@ -16,9 +17,10 @@ is in two splits; every split has its own fixed seed, so builds are deterministi
 Every record holds the CONVENTIONS.md arrays of one slice and the phantom's truths
 (`ARRAYS`, `SCALARS`, `TEXTS` below: `image`, `raw`, `mask`, `times`, `mbf`, `aif`,
 `mbf_sector6/48`, `rvip`, `fermi`, `motion`, `peak_lv_frame` (the phantom's), sequence
-parameters, ...), `study_id` (int, unique across the splits of a config), `study_name`,
-`slice_id` (unique text, e.g. "flash-0003/1") and `protocol`. For manual data the unknown
-truths (`mbf`, `aif`, sector MBF, `rvip`, `fermi`, sequence parameters) are NaN,
+parameters, the study's AIF series (`aif_image`, `aif_pd`, `aif_seq_*`, ...)), `study_id`
+(int, unique across the splits of a config), `study_name`, `slice_id` (unique text, e.g.
+"flash-0003/1") and `protocol`. For manual data the unknown truths (`mbf`, `aif`, sector
+MBF, `rvip`, `fermi`, sequence parameters, the AIF series: `has_aif_series` False) are NaN,
 `has_truth` is False, `motion` is False (unknown), a slice without a mask has `mask` -1
 everywhere and `has_mask` False, and `peak_lv_frame` is the one detected from the images.
 
@@ -41,7 +43,6 @@ import hashlib
 import json
 import os
 import pathlib
-import re
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -56,6 +57,7 @@ H = W = conventions.IMAGE_SIZE
 T = conventions.NUM_FRAMES
 STUDIES_PER_CHUNK = 8  # phantom studies simulated at once while writing (bounds memory)
 SPLITS = ("train", "validation", "test")
+AIF = 32  # pixels a side of the phantom's AIF series (phantom.AIF_SIZE; _complete checks it)
 
 _F32, _I32, _BOOL = np.float32, np.int32, np.bool_
 # name -> (shape, dtype, value for manual data where the truth is unknown)
@@ -65,6 +67,10 @@ ARRAYS = {
     "aif": ((T,), _F32, np.nan), "aif_params": ((10,), _F32, np.nan),
     "mbf_sector6": ((6,), _F32, np.nan), "mbf_sector48": ((48,), _F32, np.nan),
     "rvip": ((2, 2), _F32, np.nan), "fermi": ((3,), _F32, np.nan),
+    # The study's separate AIF series (phantom.simulate's aif_* fields, AIF_SIZE 32; the
+    # dual-sequence acquisition by default): image, proton-density frame, truth mask.
+    "aif_image": ((AIF, AIF, T), _F32, np.nan), "aif_pd": ((AIF, AIF), _F32, np.nan),
+    "aif_mask": ((AIF, AIF), _I32, -1),
 }
 SCALARS = {
     "motion": (_BOOL, False), "peak_lv_frame": (_I32, None), "slice_level": (_I32, -1),
@@ -73,7 +79,12 @@ SCALARS = {
     # Sequence parameters of the phantom (physics.concentration_from_signal).
     "seq_ts": (_F32, np.nan), "seq_tr": (_F32, np.nan), "seq_flip_deg": (_F32, np.nan),
     "seq_n_pulses": (_I32, -1), "t1_blood_s": (_F32, np.nan), "t2_blood_s": (_F32, np.nan),
-    "t1_myo_s": (_F32, np.nan), "t2_myo_s": (_F32, np.nan),
+    "t1_myo_s": (_F32, np.nan), "t2_myo_s": (_F32, np.nan), "seq_sat_residual": (_F32, 0.0),
+    # The AIF series' sequence (perfusion.aif_series_from_record); has_aif_series False and
+    # NaN for data without one (manual data).
+    "has_aif_series": (_BOOL, False), "aif_seq_ts": (_F32, np.nan), "aif_seq_tr": (_F32, np.nan),
+    "aif_seq_flip_deg": (_F32, np.nan), "aif_seq_n_pulses": (_I32, -1),
+    "aif_dose_ratio": (_F32, np.nan),
 }
 TEXTS = ("study_name", "slice_id", "protocol")
 _MODULE_SUMMARY = ("The `perfusion_cmr` TFDS dataset (array_record, read without TensorFlow) and "
@@ -105,6 +116,7 @@ class SplitSpec:
   motion_fraction: float
   seed: int
   study_offset: int
+  stress: bool | str = True  # phantom.simulate's stress: True, False or "mixed"
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,9 +128,10 @@ class PerfusionConfig(tfds.core.BuilderConfig):
   manual_fractions: tuple[float, float] = (0.7, 0.85)  # hash < 0.7 train, < 0.85 validation
 
 
-def _synthetic(name, n_train, n_val, n_test, motion_test, seed, description, train="flash"):
-  splits = (("train", SplitSpec(train, n_train, 0.0, seed + 1, 0)),
-            ("validation", SplitSpec(train, n_val, 0.0, seed + 2, n_train)),
+def _synthetic(name, n_train, n_val, n_test, motion_test, seed, description, train="flash",
+               train_stress=True):
+  splits = (("train", SplitSpec(train, n_train, 0.0, seed + 1, 0, train_stress)),
+            ("validation", SplitSpec(train, n_val, 0.0, seed + 2, n_train, train_stress)),
             ("test", SplitSpec("bssfp", n_test, motion_test, seed + 3, n_train + n_val)))
   return PerfusionConfig(name=name, description=description, splits=splits)
 
@@ -129,8 +142,8 @@ CONFIGS = (
     _synthetic("synthetic_cpu", 60, 10, 12, 0.25, 2000,
                "CPU main job: FLASH 60 + 10 studies x 3 slices; bSSFP test 12 x 3."),
     _synthetic("synthetic_mixed", 60, 10, 12, 0.25, 4000,
-               "Real-image model: FLASH or bSSFP studies (at random) 60 + 10 x 3 slices; "
-               "bSSFP test 12 x 3.", train="mixed"),
+               "Real-image model: FLASH or bSSFP, rest or stress studies (at random) 60 + 10 "
+               "x 3 slices; bSSFP stress test 12 x 3.", train="mixed", train_stress="mixed"),
     _synthetic("synthetic_small", 2, 1, 2, 0.5, 3000,
                "CI and tests: FLASH 2 + 1 studies x 3 slices; bSSFP test 2 x 3."),
     PerfusionConfig(name="manual", description="The user's own studies from manual_dir."),
@@ -192,7 +205,7 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
       n = min(STUDIES_PER_CHUNK, spec.n_studies - firsts[chunk])
       return phantom.simulate(chunk_seed(spec.seed, chunk), n * per, spec.protocol,
                               spec.motion_fraction, study_offset=spec.study_offset + firsts[chunk],
-                              slices_per_study=per)
+                              slices_per_study=per, stress=spec.stress)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       pending = pool.submit(simulate, 0)
@@ -225,7 +238,7 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
                    mask=out["mask"] if has_mask else None, peak_lv_frame=out["peak_lv_frame"],
                    study_id=sid, has_mask=has_mask, pixel_mm=pixel, study_name=study,
                    slice_id=f"{study}/{name}", protocol="unknown")
-        yield f"{study}/{j:03d}", _complete(rec, _level_from_name(name))
+        yield f"{study}/{j:03d}", _complete(rec, io.level_from_name(name))
 
 
 def _complete(rec: dict[str, Any], level: int) -> dict[str, Any]:
@@ -250,14 +263,6 @@ def _complete(rec: dict[str, Any], level: int) -> dict[str, Any]:
 
 def _study_dirs(root: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _level_from_name(name: str) -> int:
-  low = name.lower()
-  for level, words in enumerate((("basal", "base"), ("mid",), ("apical", "apex"))):
-    if any(re.search(rf"(^|[^a-z]){w}", low) for w in words):
-      return level
-  return -1
 
 
 def _manual_slices(study: pathlib.Path) -> list[tuple[str, pathlib.Path, pathlib.Path | None]]:

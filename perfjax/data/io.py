@@ -41,6 +41,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import tempfile
 from typing import Any, Iterator
 
@@ -70,6 +71,106 @@ def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
   """The JSON sidecar that holds a NIfTI file's frame times: `name.nii.gz` -> `name.json`."""
   path = pathlib.Path(path)
   return path.with_name(_nifti_stem(path) + ".json")
+
+
+# The sidecar's optional sequence (`"sequence": {...}`): with it, predict fits concentration and
+# reports MBF in ml/g/min; without it the flow is relative (uncalibrated signal). Times in
+# seconds, the flip angle in degrees; native T1/T2 default to 3 T literature values.
+SEQUENCE_FIELDS = ("protocol", "ts", "tr", "flip_deg", "n_pulses")
+SEQUENCE_DEFAULTS = dict(t1_blood=1.85, t2_blood=0.25, t1_myo=1.20, t2_myo=0.045)
+_SEQUENCE_BOUNDS = dict(ts=(0.0, 2.0), tr=(1e-4, 0.05), flip_deg=(1.0, 180.0),
+                        n_pulses=(0.0, 1000.0), t1_blood=(0.1, 5.0), t2_blood=(0.005, 2.0),
+                        t1_myo=(0.1, 5.0), t2_myo=(0.005, 2.0))
+LEVEL_NAMES = ("basal", "mid", "apical")
+
+
+def level_from_name(name: str) -> int:
+  """Slice level from a name: 0 for basal/base, 1 for mid, 2 for apical/apex, else -1 (the
+  rule of the manual dataset and of predict's study output)."""
+  low = name.lower()
+  for level, words in enumerate((("basal", "base"), ("mid",), ("apical", "apex"))):
+    if any(re.search(rf"(^|[^a-z]){w}", low) for w in words):
+      return level
+  return -1
+
+
+def _meta_path(path: pathlib.Path) -> pathlib.Path:
+  """The sidecar of a file (`sidecar_path`) or of a DICOM folder (`folder.json` beside it)."""
+  return path.with_name(path.name + ".json") if path.is_dir() else sidecar_path(path)
+
+
+def _sidecar(path: pathlib.Path) -> dict[str, Any]:
+  side = _meta_path(path)
+  if not side.is_file():
+    return {}
+  try:
+    meta = json.loads(side.read_text())
+  except (OSError, ValueError) as e:
+    raise InputError(side, f"unreadable JSON sidecar ({e})") from None
+  if not isinstance(meta, dict):
+    raise InputError(side, "JSON sidecar must be an object")
+  return meta
+
+
+def parse_sequence(value: Any, source: Any) -> dict[str, Any]:
+  """A sidecar's `"sequence"` object -> the sequence dict of `perfjax.perfusion` (checked)."""
+  if not isinstance(value, dict):
+    raise InputError(source, '"sequence" must be an object with ' + ", ".join(SEQUENCE_FIELDS))
+  missing = [k for k in SEQUENCE_FIELDS if k not in value]
+  if missing:
+    raise InputError(source, f'"sequence" lacks {", ".join(missing)} (needs '
+                             f'{", ".join(SEQUENCE_FIELDS)}; optional t1_blood, t2_blood, '
+                             "t1_myo, t2_myo in s)")
+  unknown = sorted(set(value) - set(SEQUENCE_FIELDS) - set(SEQUENCE_DEFAULTS))
+  if unknown:
+    raise InputError(source, f'"sequence" has unknown fields {unknown}')
+  protocol = str(value["protocol"]).lower()
+  if protocol not in ("flash", "bssfp"):
+    raise InputError(source, f'"sequence" protocol must be "flash" or "bssfp", got '
+                             f'{value["protocol"]!r}')
+  out: dict[str, Any] = dict(protocol=protocol)
+  for key in SEQUENCE_FIELDS[1:] + tuple(SEQUENCE_DEFAULTS):
+    raw = value.get(key, SEQUENCE_DEFAULTS.get(key))
+    try:
+      number = float(raw)
+    except (TypeError, ValueError):
+      raise InputError(source, f'"sequence" {key} {raw!r} is not a number') from None
+    lo, hi = _SEQUENCE_BOUNDS[key]
+    if not (np.isfinite(number) and lo <= number <= hi):
+      raise InputError(source, f'"sequence" {key} = {number:g} is outside [{lo:g}, {hi:g}] '
+                               "(seconds; the flip angle in degrees)")
+    out[key] = number
+  return out
+
+
+def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None) -> dict[str, Any]:
+  """What predict needs beyond the pixels: study, slice level and acquisition sequence.
+
+  From the JSON sidecar (`name.json` beside a NIfTI/.npz file `name.nii.gz`/`name.npz` or a
+  DICOM folder `name/`), all optional: `"study"` (text), `"slice_level"` (0/1/2 or
+  "basal"/"mid"/"apical"), `"sequence"` (`parse_sequence`). Defaults: the study is the DICOM StudyInstanceUID, else
+  the folder that holds the file; the level comes from the name (`level_from_name`); no
+  sequence (None). Returns dict(study, slice_level, sequence).
+  """
+  path = pathlib.Path(path)
+  meta = _sidecar(path)
+  side = _meta_path(path)
+  study = meta.get("study")
+  if study is None and grid is not None:
+    study = grid.get("study")
+  if study is None:
+    study = path.resolve().parent.name or "study"
+  level = meta.get("slice_level")
+  if level is None:
+    level = level_from_name(path.name if path.is_dir() else _nifti_stem(path))
+  elif isinstance(level, str) and level.lower() in LEVEL_NAMES:
+    level = LEVEL_NAMES.index(level.lower())
+  elif not (isinstance(level, int) and not isinstance(level, bool) and level in (0, 1, 2)):
+    raise InputError(side, f'"slice_level" must be 0, 1, 2 or one of {list(LEVEL_NAMES)}, got '
+                           f"{level!r}")
+  sequence = meta.get("sequence")
+  return dict(study=str(study), slice_level=int(level),
+              sequence=None if sequence is None else parse_sequence(sequence, side))
 
 
 def _exists(path: pathlib.Path) -> None:

@@ -105,7 +105,8 @@ def _study(seed: int, index: int, protocol: str, stress: bool, defect_fraction: 
                pixel_mm=rng.uniform(1.2, 1.6),
                coil=(rng.uniform(100, 170), rng.uniform(90, 140), rng.uniform(70, 110),
                      rng.uniform(0.3, 0.7)),
-               anatomy=anat.sample_study(rng, stress, defect_fraction), wide=None)
+               anatomy=anat.sample_study(rng, stress, defect_fraction), wide=None,
+               sat_residual=0.0)
   if wide:
     _widen_study(study, np.random.default_rng(
         np.random.SeedSequence(seed, spawn_key=(index, WIDE_STREAM))), stress)
@@ -114,6 +115,8 @@ def _study(seed: int, index: int, protocol: str, stress: bool, defect_fraction: 
 
 VARIABILITIES = ("wide", "narrow")
 WIDE_STREAM = 101  # spawn-key element of the wide phantom's extra draws
+SATURATION_DELAY_MAX_S = 0.2  # wide: saturation delay log-uniform in [0.05, this] s
+SATURATION_RESIDUAL_MAX = 0.35  # wide: Mz left by the saturation pulse, uniform [0, this]
 EPI_DIAMETER_PX = (30.0, 80.0)  # wide: mid-slice epicardial diameter drawn in the 128 crop
 
 
@@ -139,6 +142,11 @@ def _widen_study(study: dict, rng, stress: bool) -> None:
   study["snr"] = float(np.exp(rng.uniform(np.log(0.35), np.log(3.0))))
   study["coil"] = (rng.uniform(0, 360), rng.uniform(70, 200), rng.uniform(45, 140),
                    rng.uniform(0.1, 0.9))
+  # Saturation recovery: delays of multi-slice schemes (later slices wait longer) and
+  # imperfect saturation (B1 inhomogeneity at 3 T) raise the pre-contrast level relative to
+  # the blood peak (real stress series: baseline 0.15-0.45 of the LV peak).
+  study["seq"]["ts"] = float(np.exp(rng.uniform(np.log(0.05), np.log(SATURATION_DELAY_MAX_S))))
+  study["sat_residual"] = rng.uniform(0.0, SATURATION_RESIDUAL_MAX)
   study["wide"] = dict(seed=int(rng.integers(2 ** 62)))
 
 
@@ -190,7 +198,7 @@ def _signal_params(study, protocol):
   """The TRUE sequence of the images: the nominal flip angle times the study's B1 scale."""
   s = study["seq"]
   return dict(protocol=protocol, ts=s["ts"], tr=s["tr"], flip_deg=s["flip"] * study["b1"],
-              n_pulses=s["n"])
+              n_pulses=s["n"], sat_residual=study["sat_residual"])
 
 
 _EXTRA_TISSUES = {"fluid": (3.0, 0.8, 1.0)}  # stomach or bowel content, effusion: T1, T2, PD
@@ -378,6 +386,7 @@ def _slice(seed, study, study_index, level, protocol, motion_p, opts, out, n):
       aif_params=lv_p, fermi=fermi, defect=heart.defect is not None, motion_shift_px=shifts,
       rotation_deg=theta, pixel_mm=px, seq_ts=sp["ts"], seq_tr=sp["tr"],
       seq_flip_deg=study["seq"]["flip"], seq_n_pulses=sp["n_pulses"],
+      seq_sat_residual=sp["sat_residual"],
       t1_blood_s=study["t1_blood_nominal"], b1=study["b1"], t1_blood_true_s=study["t1_blood"],
       t2_blood_s=physics.TISSUES_3T["blood_arterial"][1],
       t1_myo_s=physics.TISSUES_3T["myocardium"][0], t2_myo_s=physics.TISSUES_3T["myocardium"][1])
@@ -480,7 +489,7 @@ _FIELDS = dict(  # key: (shape after N, dtype)
     aif_params=((len(physics.AIF_PARAM_NAMES),), np.float32), fermi=((3,), np.float32),
     mbf_sector6=((6,), np.float32), mbf_sector48=((48,), np.float32),
     seq_ts=((), np.float32), seq_tr=((), np.float32), seq_flip_deg=((), np.float32),
-    seq_n_pulses=((), np.int32), t1_blood_s=((), np.float32), t2_blood_s=((), np.float32),
+    seq_n_pulses=((), np.int32), seq_sat_residual=((), np.float32), t1_blood_s=((), np.float32), t2_blood_s=((), np.float32),
     t1_myo_s=((), np.float32), t2_myo_s=((), np.float32),
     motion_shift_px=((FRAMES, 2), np.float32), rotation_deg=((), np.float32),
     pixel_mm=((), np.float32), b1=((), np.float32), t1_blood_true_s=((), np.float32),
@@ -533,8 +542,10 @@ def simulate(seed, n_slices, protocol, motion_fraction=0.0, *, stress=True, defe
       (0.1-2x, never more than half the LV blood's) of every surrounding tissue
       (never brighter than 45-90 % of the LV blood's peak), textures of random strength and grain, an
       acquisition at 40-100 % of the k-space extent (blur, Gibbs ringing), frame-to-frame
-      intensity jitter, SNR 0.35-3x, coil geometry, and zero-filled field-of-view edges.
-      "narrow" is the earlier phantom (its draws are unchanged by the wide ones).
+      intensity jitter, SNR 0.35-3x, coil geometry, zero-filled field-of-view edges, and
+      saturation recovery as scanners do it: delays of 50-200 ms and imperfect saturation
+      (0-35 % of M0 left; seq_sat_residual), so the pre-contrast blood is 0.1-0.45 of its
+      peak. "narrow" is the earlier phantom (its draws are unchanged by the wide ones).
     aif_series: "dual_sequence" (default), "dual_bolus" or None: the study's separate AIF
       acquisition (see _aif_series), in the aif_* fields; its draws are their own stream.
     parameter_error: False (default: the recorded sequence is the truth) or True: the true
@@ -562,7 +573,8 @@ def simulate(seed, n_slices, protocol, motion_fraction=0.0, *, stress=True, defe
       perfjax.sectors.sector_map on the mask (NaN if a sector is empty);
       sequence for signal -> concentration (physics.concentration_from_signal): seq_ts
       (s, saturation to first readout pulse), seq_tr (s), seq_flip_deg, seq_n_pulses
-      (index of the k-space-centre pulse) [N]; t1_blood_s, t2_blood_s, t1_myo_s, t2_myo_s [N];
+      (index of the k-space-centre pulse), seq_sat_residual (Mz left by the saturation, x M0;
+      0 in the narrow phantom) [N]; t1_blood_s, t2_blood_s, t1_myo_s, t2_myo_s [N];
       extras: motion_shift_px float32 [N,T,2] (row, col shift of the heart per frame),
       rotation_deg float32 [N], pixel_mm float32 [N]; b1 float32 [N] (true flip / recorded
       flip), t1_blood_true_s float32 [N];

@@ -1,0 +1,79 @@
+"""OOD figures of every score: the stratified bootstrap CI of the AUC, the score summaries and
+the score named by eval.ood_score, on hand cases."""
+import ml_collections
+import numpy as np
+import pytest
+
+from perfjax import ood, uncertainty
+from perfjax.errors import InputError
+
+# Positives (OOD) score low. P(pos < neg) = (4 + 4 + 4 + 2) / 16 = 0.875 (test_uncertainty).
+SCORES = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.5, 0.7, 0.8])
+LABELS = np.array([1, 1, 1, 1, 0, 0, 0, 0], bool)
+
+
+def test_bootstrap_ci_of_perfect_separation_and_of_ties_is_a_point():
+  assert ood.auc_bootstrap_ci([0.1, 0.2, 0.3, 0.7, 0.9], [1, 1, 1, 0, 0]) == [1.0, 1.0]
+  assert ood.auc_bootstrap_ci([0.9, 0.7, 0.3, 0.2], [1, 1, 0, 0]) == [0.0, 0.0]
+  assert ood.auc_bootstrap_ci(np.full(6, 0.5), [1, 1, 1, 0, 0, 0]) == [0.5, 0.5]
+  # -inf (uncertain by definition) is the lowest score: a sure positive.
+  assert ood.auc_bootstrap_ci([-np.inf, -np.inf, 0.4, 0.5], [1, 1, 0, 0]) == [1.0, 1.0]
+
+
+def test_bootstrap_ci_is_the_percentile_interval_of_stratified_resamples():
+  low, high = ood.auc_bootstrap_ci(SCORES, LABELS, n_samples=500, seed=3)
+  # The same resamples drawn by hand: positives from positives, negatives from negatives.
+  rng = np.random.default_rng(3)
+  pos, neg = SCORES[LABELS], SCORES[~LABELS]
+  counts_pos = rng.multinomial(4, np.full(4, 0.25), size=500)
+  counts_neg = rng.multinomial(4, np.full(4, 0.25), size=500)
+  aucs = [uncertainty.auc(np.concatenate([np.repeat(pos, cp), np.repeat(neg, cn)]),
+                          np.repeat([True, False], 4)) for cp, cn in zip(counts_pos, counts_neg)]
+  np.testing.assert_allclose([low, high], np.quantile(aucs, [0.025, 0.975]), rtol=0, atol=1e-12)
+  assert low < 0.875 < high and high <= 1.0
+
+
+def test_bootstrap_ci_is_deterministic_and_needs_both_classes():
+  assert ood.auc_bootstrap_ci(SCORES, LABELS) == ood.auc_bootstrap_ci(SCORES, LABELS)
+  assert np.isnan(ood.auc_bootstrap_ci([0.1, 0.2], [0, 0])).all()
+  with pytest.raises(InputError):
+    ood.auc_bootstrap_ci(SCORES, LABELS, level=1.0)
+  with pytest.raises(InputError):
+    ood.auc_bootstrap_ci([0.1, np.nan], [0, 1])
+
+
+def test_every_score_gets_the_same_figures():
+  dice = np.linspace(0.5, 0.9, 8)
+  out = ood.ood_summary(SCORES, LABELS, dice, {"entropy": -SCORES})
+  for summary, name, auc in ((out, "U", 0.875), (out["baselines"]["entropy"], "entropy", 0.125)):
+    assert set(ood.ROC_KEYS) | {"score", "n_positive", "n_negative", "auc_ci"} <= set(summary)
+    assert summary["score"] == name and summary["auc"] == pytest.approx(auc)
+    assert (summary["n_positive"], summary["n_negative"]) == (4, 4)
+    low, high = summary["auc_ci"]
+    assert low <= auc <= high
+
+
+def _config(**eval_fields):
+  return ml_collections.ConfigDict(dict(eval=dict(baselines=("tta",), **eval_fields)))
+
+
+def test_primary_score_is_u_unless_configured():
+  assert ood.primary_score(_config()) == "U"
+  assert ood.primary_score(_config(ood_score="entropy")) == "entropy"
+  assert ood.primary_score(_config(ood_score="tta")) == "tta"
+  with pytest.raises(InputError, match="ood_score"):
+    ood.primary_score(_config(ood_score="mc_dropout"))  # not among eval.baselines
+
+
+def test_primary_result_scores_the_named_score():
+  scores = {"U": SCORES, "entropy": SCORES[::-1]}
+  res = ood.primary_result(scores, LABELS, np.ones(8), "U")
+  assert res["score"] == "U" and res["auc"] == pytest.approx(0.875)
+  assert (res["n_positive"], res["n_negative"]) == (4, 4)
+  assert res["auc_ci"] == ood.auc_bootstrap_ci(SCORES, LABELS)
+  np.testing.assert_array_equal(res["flagged"], SCORES < res["threshold"])
+  res = ood.primary_result(scores, None, np.ones(8), "entropy")
+  assert res["score"] == "entropy" and np.isnan(res["auc"]) and res["n_positive"] == 0
+  assert not res["flagged"].any() and len(res["flagged"]) == 8
+  with pytest.raises(InputError, match="not computed"):
+    ood.primary_result(scores, LABELS, np.ones(8), "tta")
