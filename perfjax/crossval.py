@@ -359,10 +359,10 @@ def synthetic_table(path: str | None) -> dict:
 
 
 def _ms(stat: dict | None) -> str:
-  if not stat or stat.get("mean") is None or not np.isfinite(stat["mean"]):
+  if not stat or not reproduce.is_number(stat.get("mean")):
     return "n/a"
   sd = stat.get("sd")
-  return f"{stat['mean']:.3f}" + (f" ± {sd:.3f}" if sd is not None and np.isfinite(sd) else "")
+  return f"{stat['mean']:.3f}" + (f" ± {sd:.3f}" if reproduce.is_number(sd) else "")
 
 
 def _auc(entry: dict | None) -> str:

@@ -65,5 +65,5 @@ def keep_heart(segmentation_hw: np.ndarray) -> np.ndarray:
 
 def keep_heart_batch(segmentation_nhw: np.ndarray) -> np.ndarray:
   """:func:`keep_heart` for each slice of ``[N, H, W]``."""
-  return np.stack([keep_heart(s) for s in np.asarray(segmentation_nhw)]) \
-      if len(segmentation_nhw) else np.asarray(segmentation_nhw).copy()
+  seg = np.asarray(segmentation_nhw)
+  return np.stack([keep_heart(s) for s in seg]) if len(seg) else seg.copy()

@@ -227,15 +227,15 @@ def summarize(runs: dict) -> dict:
 # ---------------------------------------------------------------------------------- report
 
 
-def _finite(value) -> bool:
+def is_number(value) -> bool:
   """A number that is not NaN/inf (summaries read back from JSON hold null for NaN)."""
   return value is not None and bool(np.isfinite(value))
 
 
 def _ms(stat: dict, digits: int = 3) -> str:
-  if not _finite(stat["mean"]):
+  if not is_number(stat["mean"]):
     return "n/a"
-  sd = f" ± {stat['sd']:.{digits}f}" if _finite(stat["sd"]) else ""
+  sd = f" ± {stat['sd']:.{digits}f}" if is_number(stat["sd"]) else ""
   missing = len(stat["values"]) - stat["n"]
   return f"{stat['mean']:.{digits}f}{sd}" + (f" ({stat['n']} of {len(stat['values'])} seeds)"
                                             if missing else "")
@@ -284,7 +284,7 @@ def report_markdown(summary: dict) -> str:
             "## Out-of-distribution detection with 1 - U", ""]
   po = summary["paper"]["ood"]
   for labels in LABEL_SETS:
-    rows = [n for n in nets.values() if _finite(n[f"ood.{labels}.auc"]["mean"])]
+    rows = [n for n in nets.values() if is_number(n[f"ood.{labels}.auc"]["mean"])]
     if not rows:
       continue
     lines += [f"Labels `{labels}`" + (" (the paper's: patch2-UNet advanced slice MBF > 5 % off "
@@ -311,8 +311,8 @@ def report_markdown(summary: dict) -> str:
             "difference is within the seed spread and is not a finding.", "",
             "| claim | mean d | sd d | seeds | verdict |", "|---|---|---|---|---|"]
   for c in summary["claims"]:
-    sd = f"{c['sd']:.4f}" if _finite(c["sd"]) else "n/a"
-    mean = f"{c['mean']:+.4f}" if _finite(c["mean"]) else "n/a"
+    sd = f"{c['sd']:.4f}" if is_number(c["sd"]) else "n/a"
+    mean = f"{c['mean']:+.4f}" if is_number(c["mean"]) else "n/a"
     lines.append(f"| {c['claim']} | {mean} | {sd} | {c['n']} | {c['verdict']} |")
   return "\n".join(lines) + "\n"
 
