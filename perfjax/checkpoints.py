@@ -115,12 +115,14 @@ def plain(value):
   return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
 
 
-def trained_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def trained_config(config: ml_collections.ConfigDict, workdir: str,
+                   fields: tuple[str, ...] = TRAINED_FIELDS) -> ml_collections.ConfigDict:
   """`config` with the fields that produced the checkpoint taken from the workdir's config.json.
 
   So a released run (its config.json and best/ checkpoint) is evaluated or used for prediction
   with any config of the same family: the data and eval settings stay the caller's, the model
-  is the one that was trained. Differences are printed.
+  is the one that was trained. Differences are printed. Fine-tuning takes only
+  `fields=("input", "model")` from its source (its training settings stay the caller's).
   """
   if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
     return config
@@ -130,7 +132,7 @@ def trained_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
       if key in config.model:
         saved.model[key] = config.model[key]
   merged = ml_collections.ConfigDict(config.to_dict())
-  for name in TRAINED_FIELDS:
+  for name in fields:
     if name in saved and plain(saved[name]) != plain(config[name]):
       print(f"{workdir}: using the trained model's {name} from {CONFIG_FILE}: {saved[name]} "
             f"(the config says {config[name]})")

@@ -8,6 +8,7 @@ r"""The `perfjax` command (also `python -m perfjax` and `python launch.py`).
   perfjax reproduce --config=configs/paper_experiments.py --workdir=runs/paper
   perfjax crossval --config=configs/paper_experiments.py:crossval --workdir=runs/crossval \
       --config.base.data.manual_dir=$HOME/perfusion_real        # Table 1 on real images
+  perfjax ood-failures --config=configs/patch3.py --workdir=runs/patch3  # OOD AUC per failure
   perfjax run --config=patch3 --config.augment.mode=conventional --workdir=runs/patch3_conv
 
 Without a command it runs `--mode` (default: train, then evaluate), as `python launch.py` does.
@@ -37,9 +38,11 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-MODES = ("train_and_evaluate", "train", "evaluate", "predict", "reproduce", "cross_validate")
+MODES = ("train_and_evaluate", "train", "evaluate", "predict", "reproduce", "cross_validate",
+         "ood_failures")
 COMMANDS = {"run": "train_and_evaluate", "train": "train", "evaluate": "evaluate",
-            "predict": "predict", "reproduce": "reproduce", "crossval": "cross_validate"}
+            "predict": "predict", "reproduce": "reproduce", "crossval": "cross_validate",
+            "ood-failures": "ood_failures"}
 # The experiment modes and the field that marks their config (configs/paper_experiments.py).
 EXPERIMENT_FIELD = {"reproduce": "seeds", "cross_validate": "crossval"}
 
@@ -54,6 +57,13 @@ _INPUT = flags.DEFINE_string(
     "input", None, "predict: a NIfTI file, a folder of NIfTI files / DICOM series, or "
     "split:NAME for a split of the config's dataset (default split:test).")
 _OUTPUT = flags.DEFINE_string("output", None, "predict: output folder (default WORKDIR/predictions).")
+_FAILURE_SLICES = flags.DEFINE_integer(
+    "failure_slices", 12, "ood_failures: clean phantom slices of the failure set (each failure "
+    "type is made from each of them).", lower_bound=1)
+_FAILURE_SEED = flags.DEFINE_integer("failure_seed", 0, "ood_failures: seed of the failure set.")
+_FAILURE_TYPES = flags.DEFINE_list(
+    "failure_types", None, "ood_failures: the failure types to score (default: all of "
+    "perfjax.data.failures.FAILURE_TYPES), e.g. motion_8px,ghosting.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join a multi-process run first (jax.distributed.initialize(); "
     "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID where no cluster manager is "
@@ -330,6 +340,10 @@ def _print_outputs(workdir: str, mode: str, output: str | None) -> None:
   if mode == "predict":
     out = output or os.path.join(workdir, "predictions")
     lines.append(f"  predictions: {os.path.abspath(out)}")
+  if mode == "ood_failures":
+    for name in ("ood_failures.json", "ood_failures.md", "ood_failures.html"):
+      if os.path.isfile(os.path.join(workdir, name)):
+        lines.append(f"  {name}: {os.path.join(workdir, name)}")
   if lines:
     print("Written:\n" + "\n".join(lines), flush=True)
 
@@ -379,6 +393,12 @@ def main_after_flags(argv) -> None:
                 "older checkpoint; figures and report are replaced.", flush=True)
         from perfjax import evaluate  # pylint: disable=g-import-not-at-top
         evaluate.evaluate(config, workdir)
+    if mode == "ood_failures":
+      from perfjax import ood  # pylint: disable=g-import-not-at-top
+      result = ood.failure_benchmark(config, workdir, seed=_FAILURE_SEED.value,
+                                     n_slices=_FAILURE_SLICES.value,
+                                     failure_types=_FAILURE_TYPES.value or None)
+      print(ood.failure_table(result), flush=True)
     if mode == "predict":
       from perfjax import predict  # pylint: disable=g-import-not-at-top
       rows = predict.predict(config, workdir, input=_INPUT.value, output=_OUTPUT.value)
@@ -412,7 +432,8 @@ def _main(argv) -> None:
 def print_help() -> None:
   print(__doc__.strip())
   print("\nFlags:")
-  for flag in (_CONFIG, _WORKDIR, _MODE, _INPUT, _OUTPUT, _DISTRIBUTED):
+  for flag in (_CONFIG, _WORKDIR, _MODE, _INPUT, _OUTPUT, _FAILURE_SLICES, _FAILURE_SEED,
+               _FAILURE_TYPES, _DISTRIBUTED):
     f = flags.FLAGS[flag.name]
     print(f"  --{f.name}: {f.help}")
   print("  --config.<field>=<value>: override a config field")

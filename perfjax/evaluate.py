@@ -139,7 +139,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   with reporting.step(f"{split_name}: figures and report"):
     fig_dir = reporting.fresh_dir(workdir, "figures")
     shown = _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, mbf_true,
-                     studies, n_panels, config, slices=slices, baselines=baselines)
+                     studies, n_panels, config, slices=slices, scores=scores,
+                     summaries=ood_all.get(label_name))
     reporting.replace_dir(fig_dir, os.path.join(workdir, "figures"))
   reporting.write_markdown(os.path.join(workdir, "report.md"),
                            reporting.report_markdown(results, workdir, shown))
@@ -215,17 +216,23 @@ def summary_text(results: dict) -> str:
   d, o, m = results["dice"], results["ood"], results["mbf"]
   ba = m["bland_altman"]
   return (f"{results['n_slices']} slices | Dice whole {d['whole']:.3f}, 6-sector "
-          f"{d['sector6']:.3f}, 12-sector {d['sector12']:.3f} | OOD ({o['labels']}) AUC "
-          f"{o['auc']:.3f} at 1-U < {o['threshold']:.3f}: sensitivity {o['sensitivity']:.3f}, "
+          f"{d['sector6']:.3f}, 12-sector {d['sector12']:.3f} | OOD ({o['labels']}, "
+          f"{reporting.counts_text(o)}) AUC {reporting.auc_ci_text(o)} at "
+          f"{reporting.score_label(o.get('score'))} < {o['threshold']:.3f}: sensitivity "
+          f"{o['sensitivity']:.3f}, "
           f"specificity {o['specificity']:.3f} | MBF auto vs GT mask R2 {m['r2']:.3f}, "
           f"Bland-Altman {ba['mean']:+.3f} [{ba['loa_low']:+.3f}, {ba['loa_high']:+.3f}] "
           f"{m.get('units', 'ml/g/min')}")
 
 
-def _figures(fig_dir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_true, studies,
-             n_panels, config, slices=None, baselines=None) -> dict[str, list[str]]:
+def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, mbf_true, studies,
+             n_panels, config, slices=None, scores=None, summaries=None) -> dict[str, list[str]]:
   """Draws the evaluation's figures into `fig_dir`; returns the report's figure lists
-  (paths relative to the workdir, as they will be once `fig_dir` is renamed to figures/)."""
+  (paths relative to the workdir, as they will be once `fig_dir` is renamed to figures/).
+
+  `ood_res`: `perfjax.ood.primary_result` of the recommended score; `scores`: every score by name
+  (1 - U under "U"); `summaries`: `perfjax.ood.ood_summary` of the label set `label_name` (the
+  AUC CIs and class sizes of the ROC legend)."""
   shown = dict(mbf=[], bullseye=[], slices=[])
 
   def rel(name):
@@ -236,18 +243,30 @@ def _figures(fig_dir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_
                             windows.coverage(h, w, int(config.model.get("patch", PATCH)),
                                              config.eval.stride_um),
                             config.eval.stride_um)
+  scores = scores or {ood.PAPER_SCORE: unc["one_minus_U"]}
+  # Fig. 6 of the recommended score (eval.ood_score): its values and threshold t (without
+  # labels only 1 - U was computed, and there is no t).
+  name = ood_res.get("score", ood.PAPER_SCORE)
+  name = name if name in scores else ood.PAPER_SCORE
   reporting.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"), dice["whole"],
-                               unc["one_minus_U"], labels, ood["threshold"], label_name)
-  if ood.get("ok"):
-    best = int(np.argmax(ood["tpr"] - ood["fpr"]))
-    others = {}
-    for name, score in (baselines or {}).items():
+                               scores[name], labels, ood_res["threshold"], label_name,
+                               score=name)
+  if ood_res.get("ok"):
+    best = int(np.argmax(ood_res["tpr"] - ood_res["fpr"]))
+    summaries = summaries or {}
+    by_name = {ood.PAPER_SCORE: summaries, **(summaries.get("baselines") or {})}
+    curves = {}
+    for score_name, score in scores.items():
       roc = uncertainty.ood_analysis(score, labels, dice["whole"])
       if roc.get("ok"):
-        others[name] = (roc["fpr"], roc["tpr"], roc["auc"])
-    reporting.roc_figure(os.path.join(fig_dir, "roc.png"), ood["fpr"], ood["tpr"], ood["auc"],
-                         (ood["fpr"][best], ood["tpr"][best]), others=others, labels=label_name,
-                         n_ood=int(np.sum(labels)), n_total=len(labels))
+        summary = by_name.get(score_name) or ood.score_summary(score, labels, None, score_name)
+        curves[score_name] = dict(fpr=roc["fpr"], tpr=roc["tpr"], auc=roc["auc"],
+                                  auc_ci=summary.get("auc_ci"),
+                                  n_positive=summary.get("n_positive"),
+                                  n_negative=summary.get("n_negative"))
+    reporting.roc_figure(os.path.join(fig_dir, "roc.png"), curves, recommended=name,
+                         operating_point=(ood_res["fpr"][best], ood_res["tpr"][best]),
+                         labels=label_name, n_total=len(labels))
   motion = split.get("motion")
   pairs = [("auto", mbf["mbf_auto"], "GT mask", mbf["mbf_gt"])]
   if mbf_true is not None:
@@ -280,7 +299,7 @@ def _figures(fig_dir, split, pred, dice, unc, ood, labels, label_name, mbf, mbf_
   for rank, i in enumerate(order[:n_panels], 1):
     name = f"slices/{rank:02d}_slice_{ids[i]}.png"
     title = reporting.panel_title(
-        ids[i], dice["whole"][i], unc["one_minus_U"][i], bool(ood["flagged"][i]),
+        ids[i], dice["whole"][i], unc["one_minus_U"][i], bool(ood_res["flagged"][i]),
         None if motion_flags is None else bool(motion_flags[i]))
     reporting.panel(os.path.join(fig_dir, name), split["image"][i], pred["segmentation"][i],
                     pred["um"][i], split["mask"][i], f"{rank}. {title}",

@@ -165,18 +165,19 @@ def other_scores(model, variables, split: dict, pred: dict, config) -> dict[str,
   return out
 
 
-def baseline_scores(model, variables, split: dict, config) -> dict[str, np.ndarray]:
+def baseline_scores(model, variables, split: dict, config, names=None) -> dict[str, np.ndarray]:
   """1 - U of the field's usual uncertainties, to be scored by the same ROC as the paper's.
 
   ``tta``: per-pixel std of the myocardium probability over test-time augmentations (flips,
   shifts, noise) of stride-32 inference. ``mc_dropout``: over dropout samples (only for a model
-  trained with dropout). Named in eval.baselines; U is computed from each map as for UM.
+  trained with dropout). Named in eval.baselines (or ``names``); U is computed from each map as
+  for UM.
   """
   inputs = model_inputs(split["image"], split["peak_lv_frame"], config.input)
   key = jax.random.key(config.seed)
   patch = int(config.model.get("patch", PATCH))
   out = {}
-  for name in config.eval.baselines:
+  for name in (config.eval.baselines if names is None else names):
     if name == "tta":
       res = uncertainty.tta_uncertainty(UNetPredictor(model), variables, inputs, key,
                                         n_samples=config.eval.baseline_samples, patch=patch)
@@ -192,6 +193,28 @@ def baseline_scores(model, variables, split: dict, config) -> dict[str, np.ndarr
                                         dilation=config.eval.um_dilation)
     out[name] = unc["one_minus_U"]
   return out
+
+
+def check_score_available(config, name: str) -> None:
+  """Raises InputError when the score ``name`` cannot be computed for this model (MC dropout of
+  a model trained without dropout), before any compute."""
+  if name == "mc_dropout" and not config.model.get("dropout_rate"):
+    raise InputError("eval.ood_score", "'mc_dropout' needs a model trained with dropout "
+                     "(model.dropout_rate > 0); choose another score")
+
+
+def slice_scores(name: str, model, variables, split: dict, pred: dict, config) -> np.ndarray:
+  """[N] values of the one score ``name`` (`primary_score`) for the slices of ``split`` (image,
+  peak_lv_frame) given their `predict_arrays` output ``pred`` (with um for U): computed exactly
+  as the evaluation computes it, so the evaluation's threshold applies."""
+  if name == PAPER_SCORE:
+    return uncertainty.batch_uncertainty(pred["um"], pred["segmentation"],
+                                         dilation=config.eval.um_dilation)["one_minus_U"]
+  if name == ENTROPY_SCORE:
+    dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
+    return uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"], dilation)
+  check_score_available(config, name)
+  return baseline_scores(model, variables, split, config, names=(name,))[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,15 +258,57 @@ def failure_evaluation(model, variables, config, data: dict, with_u: bool = True
                              for name, s in scores.items()}))
 
 
+FAILURES_JSON = "ood_failures.json"  # failure_benchmark's outputs in the workdir
+FAILURES_MARKDOWN = "ood_failures.md"  # (+ .html beside it)
+
+
 def failure_benchmark(config, workdir: str, seed: int = 0, n_slices: int = 12,
                       protocol: str = "bssfp", failure_types=None, with_u: bool = True) -> dict:
   """`failure_evaluation` of the best checkpoint in ``workdir`` on a fresh
-  `failures.failure_set(seed, n_slices, protocol)`; writes ``workdir/ood_failures.json``."""
-  config = checkpoints.trained_config(config, os.path.abspath(workdir))
+  `failures.failure_set(seed, n_slices, protocol)`, with ``ood_score`` (eval.ood_score, the
+  recommended score); writes ``workdir/ood_failures.json`` and the table of `failure_markdown`
+  as ``ood_failures.md`` / ``.html`` (``--mode=ood_failures``, ``perfjax ood-failures``)."""
+  workdir = os.path.abspath(workdir)
+  config = checkpoints.trained_config(config, workdir)
+  name = primary_score(config)
   model, variables = checkpoints.load_params(config, workdir, "best")
   data = failures.failure_set(seed, n_slices, protocol,
                               failure_types or failures.FAILURE_TYPES)
-  out = dict(seed=seed, n_slices=n_slices, protocol=protocol,
+  out = dict(seed=seed, n_slices=n_slices, protocol=protocol, ood_score=name,
              **failure_evaluation(model, variables, config, data, with_u))
-  reporting.write_json(os.path.join(workdir, "ood_failures.json"), out)
+  reporting.write_json(os.path.join(workdir, FAILURES_JSON), out)
+  reporting.write_markdown(os.path.join(workdir, FAILURES_MARKDOWN),
+                           failure_markdown(out, workdir))
   return out
+
+
+def failure_table(out: dict) -> str:
+  """The table of `failure_markdown`: one row per failure type, per group of types and for all
+  failures together; n+/n- and the AUC [95 % CI] of every score (the recommended one marked)."""
+  scores = list(out["scores"])
+  recommended = out.get("ood_score")
+  head = [s + (" (recommended)" if s == recommended else "") for s in scores]
+  lines = ["| failures | n+/n- | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(scores)]
+  rows = list(out["by_type"].items())
+  rows += [(f"group: {g}", by) for g, by in (out.get("by_group") or {}).items()]
+  rows.append(("all failures", out["all"]))
+  for name, by_score in rows:
+    counts = reporting.counts_text(next(iter(by_score.values()), None))
+    lines.append(f"| {name} | {counts} | " +
+                 " | ".join(reporting.auc_ci_text(by_score.get(s)) for s in scores) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def failure_markdown(out: dict, workdir: str = "") -> str:
+  """`failure_benchmark`'s ``out`` as a short Markdown page: what was scored, the recommended
+  score, and `failure_table`."""
+  recommended = out.get("ood_score")
+  return "\n".join([
+      f"# OOD failure benchmark{': ' + workdir if workdir else ''}", "",
+      f"Best checkpoint on a fresh failure set (`perfjax.data.failures.failure_set`: seed "
+      f"{out.get('seed')}, {out.get('n_slices')} clean {out.get('protocol')} slices and each "
+      "failure type made from them). Each row: that failure's slices (positives, n+) against "
+      f"the {out['n_clean']} clean ones (negatives, n-); the AUC of each score (higher = more "
+      "reliable: a slice is flagged when its score is low) with its stratified bootstrap 95 % "
+      "CI. Recommended score (`eval.ood_score`): "
+      f"{recommended if recommended else 'n/a'}.", "", failure_table(out)])

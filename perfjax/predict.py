@@ -9,6 +9,11 @@ NIfTI (in the 128 x 128 crop and on the input's own grid with its affine), a tab
 OOD flag / uncertain sector / flow, one PNG per slice, and per study (slices of known level) the
 AHA 16-segment flow (`studies.json`, `bullseyes.png`).
 
+OOD flag: the slice's value of the score named by eval.ood_score (`perfjax.ood.primary_score`;
+the paper's 1 - U by default) below that score's threshold t chosen by `evaluate` on labelled
+data (`ood_threshold`: results.json's ood.threshold, or the score's in ood_all); every row names
+the score (`ood_score`), its value (`ood_score_value`) and t (`ood_threshold`).
+
 Flow: with the acquisition's sequence parameters (the sidecar's `"sequence"`,
 `perfjax.data.io.slice_metadata`) the curves are converted to concentration and MBF is in
 ml/g/min (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %); without
@@ -114,14 +119,35 @@ _ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 100
 
 
-def _ood_threshold(workdir: str) -> float | None:
-  """The threshold t chosen on labelled data by `evaluate` (results.json), if any."""
+PAPER_SCORE = "U"  # perfjax.ood.PAPER_SCORE (not imported here: perfjax.ood imports this module)
+
+
+def ood_threshold(workdir: str, score: str = PAPER_SCORE) -> tuple[float | None, str | None]:
+  """The threshold t of the OOD score ``score`` chosen on labelled data by `evaluate`
+  (results.json), and where in results.json it was read; (None, None) without one.
+
+  ``ood.threshold`` when ``ood.score`` is ``score`` (a results.json without ``ood.score`` is
+  the paper's U), else the threshold of ``score`` against the same labels in ``ood_all``.
+  """
   path = os.path.join(workdir, "results.json")
   if not os.path.isfile(path):
-    return None
+    return None, None
   with open(path) as f:
-    t = json.load(f).get("ood", {}).get("threshold")
-  return float(t) if t is not None else None
+    results = json.load(f)
+  o = results.get("ood") or {}
+  if (o.get("score") or PAPER_SCORE) == score:
+    t, where = o.get("threshold"), "ood.threshold"
+  else:
+    labels = o.get("labels")
+    summary = (results.get("ood_all") or {}).get(labels) or {}
+    if score != PAPER_SCORE:
+      summary = (summary.get("baselines") or {}).get(score) or {}
+    t = summary.get("threshold")
+    where = f"ood_all.{labels}" + ("" if score == PAPER_SCORE else f".baselines.{score}") + \
+        ".threshold"
+  if t is None:
+    return None, None
+  return float(t), f"{path}: {where} (labels '{o.get('labels')}')"
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -322,7 +348,8 @@ def _row(s: dict, **values) -> dict:
   level = s.get("slice_level", -1)
   row = dict(id=s["id"], file=s.get("file"), status="failed", study=s.get("study"),
              slice_level=None if level is None or level < 0 else int(level), U=None,
-             one_minus_U=None, ood_flag=None, uncertain_sector=None, dice=None, flow_units=None,
+             one_minus_U=None, ood_flag=None, ood_score=None, ood_score_value=None,
+             ood_threshold=None, uncertain_sector=None, dice=None, flow_units=None,
              flow_relative=None, flow_relative_sector48=None, mbf=None, mbf_sector48=None,
              mbf_flip_lo=None, mbf_flip_hi=None, aif_source=None, sector_failures=None,
              error=None, geometry=None)
@@ -372,20 +399,33 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   return out
 
 
-def _predict_one(s: dict, model, variables, config, threshold, output: str) -> dict:
-  """Model, U, MBF and the outputs of one slice; raises on failure (the caller's guard)."""
-  pred = predict_arrays(model, variables, s["image"][None],
-                        np.array([s["peak_lv_frame"]], np.int32), config, progress=False)
+def _predict_one(s: dict, model, variables, config, threshold, output: str,
+                 score: str = PAPER_SCORE) -> dict:
+  """Model, U, MBF and the outputs of one slice; raises on failure (the caller's guard).
+
+  The slice is flagged OOD when its OOD score ``score`` (eval.ood_score; 1 - U for the paper's
+  U) is below ``threshold``."""
+  peak = np.array([s["peak_lv_frame"]], np.int32)
+  pred = predict_arrays(model, variables, s["image"][None], peak, config, progress=False)
   unc = uncertainty.batch_uncertainty(pred["um"], pred["segmentation"],
                                       dilation=config.eval.um_dilation)
   flow = slice_flow(s, pred["segmentation"][0])
   seg, um, probs = pred["segmentation"][0].astype(np.int32), pred["um"][0], pred["probs"][0]
   one_minus_u = float(unc["one_minus_U"][0])
+  if score == PAPER_SCORE:
+    value = one_minus_u
+  else:
+    from perfjax import ood  # pylint: disable=g-import-not-at-top  (ood imports this module)
+    value = float(ood.slice_scores(score, model, variables,
+                                   dict(image=s["image"][None], peak_lv_frame=peak), pred,
+                                   config)[0])
   dice = None if s["mask"] is None else float(metrics.dice(seg, s["mask"]))
   sector = int(unc["uncertain_sector"][0]) or None
   folder = os.path.join(output, s["id"])
+  shown_score = None if score == PAPER_SCORE else (score, value)
   try:
-    png_warnings = _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector)
+    png_warnings = _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector,
+                                shown_score)
   except BaseException:
     shutil.rmtree(folder, ignore_errors=True)  # a failed slice leaves no outputs
     raise
@@ -398,12 +438,13 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str) -> d
                     "per sector in slices.json)")
   return _row(s, status="warning" if warnings else "ok", U=float(unc["U"][0]),
               one_minus_U=one_minus_u,
-              ood_flag=None if threshold is None else bool(one_minus_u < threshold),
+              ood_flag=None if threshold is None else bool(value < threshold),
+              ood_score=score, ood_score_value=value, ood_threshold=threshold,
               uncertain_sector=sector, dice=dice, **flow,
               error="; ".join(f"{s['file']}: {w}" for w in warnings) or None, geometry=geometry(s))
 
 
-def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector) -> None:
+def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector, shown_score=None) -> None:
   info, grid = s.get("info"), s.get("grid")
   affine = None
   if grid is not None and info is not None:
@@ -425,6 +466,7 @@ def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector) -> None:
   try:  # the picture is a convenience: a plotting problem is a warning, not a lost slice
     reporting.panel(os.path.join(folder, f"{s['id']}.png"), s["image"], seg, um, s["mask"],
                     f"{s['id']}: 1-U {one_minus_u:.3f}" +
+                    (f", {shown_score[0]} {shown_score[1]:.3f}" if shown_score else "") +
                     (f", Dice {dice:.3f}" if dice is not None else ""), sector)
   except Exception as e:  # pylint: disable=broad-except
     return [f"PNG not drawn ({type(e).__name__}: {display_name(str(e))})"]
@@ -443,10 +485,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   dimension) and ``um.nii.gz`` on the 128 x 128 crop (their affine places the crop in the
   input's patient space), the same three as ``*_input.nii.gz`` on the input's own voxels with
   its affine (0 outside the crop), and ``ID.png``. For all slices ``slices.csv`` and
-  ``slices.json`` (file, status ok/warning/failed, study and slice level, U, 1-U, OOD flag,
-  uncertain sector, the flow (`slice_flow`: ``mbf`` in ml/g/min when the sequence is known,
-  else ``flow_relative``; ``flow_units`` says which; 48 sectors, the AIF's source and each
-  failed sector's reason in the JSON), Dice when a mask is given, the error or warning, and
+  ``slices.json`` (file, status ok/warning/failed, study and slice level, U, 1-U, OOD flag with
+  the score, its value and the threshold that set it, uncertain sector, the flow
+  (`slice_flow`: ``mbf`` in ml/g/min when the sequence is known, else ``flow_relative``;
+  ``flow_units`` says which; 48 sectors, the AIF's source and each failed sector's reason in
+  the JSON), Dice when a mask is given, the error or warning, and
   in the JSON the crop's geometry: box, spacing, frame start, crop-to-input transform, input
   affine), ``studies.json`` and ``bullseyes.png`` / ``bullseyes_relative.png`` when a study
   has slices of known level (`study_outputs`), and ``predict.log`` with the tracebacks of
@@ -457,8 +500,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   input = input or "split:test"
   check_output(output, input)
   config = checkpoints.trained_config(config, workdir)
+  from perfjax import ood  # pylint: disable=g-import-not-at-top  (ood imports this module)
+  score = ood.primary_score(config)
+  ood.check_score_available(config, score)
   model, variables = checkpoints.load_params(config, workdir, "best")
-  threshold = _ood_threshold(workdir)
+  threshold, threshold_source = ood_threshold(workdir, score)
   notes, log = [], []
   if input.startswith("split:"):
     items = [("split", s) for s in _split_slices(config, input.partition(":")[2])]
@@ -482,7 +528,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
       if kind == "file":
         s = _read_one(slice_id, path, mask)
       stage = "predict"
-      rows.append(_predict_one(s, model, variables, config, threshold, output))
+      rows.append(_predict_one(s, model, variables, config, threshold, output, score))
       flows[rows[-1]["id"]] = rows[-1].pop("_study")
     except Exception as e:  # pylint: disable=broad-except  (one bad file never costs the batch)
       message = _message(s["file"], stage, e)
@@ -492,7 +538,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   studies, study_notes = study_outputs(rows, flows, output)
   notes += study_notes
   reporting.write_json(os.path.join(output, "slices.json"),
-                       dict(ood_threshold=threshold, input=display_name(input), slices=rows))
+                       dict(ood_threshold=threshold, ood_score=score,
+                            ood_threshold_source=threshold_source, input=display_name(input),
+                            slices=rows))
   _write_csv(os.path.join(output, "slices.csv"), rows)
   if log:
     reporting.write_text(os.path.join(output, "predict.log"), "\n".join(log))
@@ -500,12 +548,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     print(f"note: {note}")
   n_failed = sum(r["status"] == "failed" for r in rows)
   n_warn = sum(r["status"] == "warning" for r in rows)
+  n_flagged = sum(bool(r["ood_flag"]) for r in rows)
+  label = reporting.score_label(score)
   print(f"predicted {len(rows) - n_failed} of {len(rows)} slices into {output}" +
         (f"; {n_failed} failed (errors in slices.csv, tracebacks in predict.log)" if n_failed else "") +
         (f"; {n_warn} with warnings" if n_warn else "") +
         (f"; {len(studies)} study bullseye(s) in studies.json" if studies else "") +
-        ("" if threshold is not None else "; no OOD threshold yet (run --mode=evaluate on "
-         "labelled data first), ood_flag left empty"), flush=True)
+        (f"; {n_flagged} of {len(rows) - n_failed} flagged OOD ({label} < {threshold:.3f})"
+         if threshold is not None else
+         "; no OOD threshold " + ("" if score == PAPER_SCORE else f"of {score} ") +
+         "yet (run --mode=evaluate on labelled data first), ood_flag left empty"), flush=True)
   return rows
 
 
@@ -565,7 +617,8 @@ def n_failed(rows: list[dict]) -> int:
 
 
 CSV_FIELDS = ["id", "file", "status", "study", "slice_level", "U", "one_minus_U", "ood_flag",
-              "uncertain_sector", "dice", "flow_units", "flow_relative", "mbf", "error"]
+              "ood_score", "ood_score_value", "ood_threshold", "uncertain_sector", "dice",
+              "flow_units", "flow_relative", "mbf", "error"]
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:

@@ -366,47 +366,93 @@ def panel_title(slice_id: str, dice: float, one_minus_u: float, flagged: bool | 
   return " | ".join(parts)
 
 
+PAPER_SCORE = "U"  # perfjax.ood.PAPER_SCORE: the paper's U, scored as 1 - U.
+
+
+def score_label(name: str | None) -> str:
+  """How an OOD score is named on axes and in tables: the paper's U is scored as 1 - U, every
+  other score (perfjax.ood) by its name."""
+  return "1 - U" if name in (None, PAPER_SCORE) else str(name)
+
+
+def auc_ci_text(summary: dict | None) -> str:
+  """'0.720 [0.570, 0.860]': the AUC of an OOD summary (perfjax.ood.score_summary) and its
+  95 % CI ('n/a' for what is missing or NaN)."""
+  if not summary:
+    return "-"
+  ci = summary.get("auc_ci") or [None, None]
+  return f"{_num(summary.get('auc'))} [{_num(ci[0])}, {_num(ci[1])}]"
+
+
+def counts_text(summary: dict | None) -> str:
+  """'24+/36-': the positives (OOD) and negatives of an OOD summary."""
+  summary = summary or {}
+  pos = summary.get("n_positive", summary.get("n_ood"))
+  neg = summary.get("n_negative")
+  return f"{'?' if pos is None else pos}+/{'?' if neg is None else neg}-"
+
+
+def roc_legend(name: str, summary: dict) -> str:
+  """A ROC legend entry: 'U: AUC 0.72 [0.57, 0.86], 24+/36-'."""
+  ci = summary.get("auc_ci") or [None, None]
+  return (f"{name}: AUC {_num(summary.get('auc'), '.2f')} [{_num(ci[0], '.2f')}, "
+          f"{_num(ci[1], '.2f')}], {counts_text(summary)}")
+
+
 def dice_vs_confidence(path: str, dice: np.ndarray, one_minus_u: np.ndarray,
-                       ood: np.ndarray | None, threshold: float | None, label_name: str) -> None:
-  """Paper Fig. 6: Dice against 1 - U, OOD slices in red, the threshold t as a line."""
+                       ood: np.ndarray | None, threshold: float | None, label_name: str,
+                       score: str = PAPER_SCORE) -> None:
+  """Paper Fig. 6: Dice against the OOD score `score` (1 - U, the paper's, unless another is
+  named; the values are given as `one_minus_u`), OOD slices in red, its threshold t as a line."""
   fig = Figure(figsize=(5, 4))
   ax = fig.subplots()
+  values = np.asarray(one_minus_u, np.float64)
   ood = np.zeros(len(dice), bool) if ood is None else np.asarray(ood, bool)
-  ax.scatter(one_minus_u[~ood], dice[~ood], s=14, c="k", label="in distribution")
-  ax.scatter(one_minus_u[ood], dice[ood], s=26, facecolors="none", edgecolors="r",
+  ax.scatter(values[~ood], dice[~ood], s=14, c="k", label="in distribution")
+  ax.scatter(values[ood], dice[ood], s=26, facecolors="none", edgecolors="r",
              label=f"OOD ({label_name})")
   if threshold is not None and math.isfinite(threshold):
     ax.axvline(threshold, color="r", ls=":", label=f"t = {threshold:.3f}")
-  ax.set_xlabel("1 - U")
+  ax.set_xlabel(score_label(score) if score == PAPER_SCORE
+                else f"{score_label(score)} score (higher = more reliable)")
   ax.set_ylabel("myocardium Dice")
   ax.legend(fontsize=8)
   save_figure(fig, path)
 
 
-def roc_figure(path: str, fpr: np.ndarray, tpr: np.ndarray, auc: float,
+def roc_figure(path: str, curves: dict[str, dict], recommended: str | None = None,
                operating_point: tuple[float, float] | None = None,
-               others: dict[str, tuple[np.ndarray, np.ndarray, float]] | None = None,
-               labels: str | None = None, n_ood: int | None = None,
-               n_total: int | None = None) -> None:
-  """ROC of 1 - U (and of every other score in `others`: name -> (fpr, tpr, auc)) against the
-  OOD label set `labels`, with the operating point t (max Youden J) of 1 - U."""
-  fig = Figure(figsize=(4.4, 4.2))
+               labels: str | None = None, n_total: int | None = None) -> None:
+  """ROC of every OOD score in `curves` (name -> dict(fpr, tpr, auc, auc_ci, n_positive,
+  n_negative)) against the OOD label set `labels`, each in the legend with its AUC, 95 % CI and
+  class sizes ('U: AUC 0.72 [0.57, 0.86], 24+/36-'); the `recommended` score (ood.score) drawn
+  first in black, with its operating point t (max Youden J)."""
+  fig = Figure(figsize=(4.8, 4.4))
   ax = fig.subplots()
-  ax.plot(fpr, tpr, "k-", lw=1.8, label=f"1 - U (AUC {_num(auc)})")
   styles = ["-", "--", "-.", ":"]
-  for k, (name, (f, t, a)) in enumerate((others or {}).items()):
-    if len(f):
-      ax.plot(f, t, ls=styles[k % len(styles)], lw=1.3,
-              label=f"{name.replace('_', ' ')} baseline (AUC {_num(a)})")
+  order = sorted(curves, key=lambda n: n != recommended)  # the recommended first, else as given
+  k = 0
+  for name in order:
+    c = curves[name]
+    if not len(c["fpr"]):
+      continue
+    text = roc_legend(name, c) + (" (recommended)" if name == recommended else "")
+    if name == recommended:
+      ax.plot(c["fpr"], c["tpr"], "k-", lw=1.8, label=text)
+    else:
+      ax.plot(c["fpr"], c["tpr"], ls=styles[k % len(styles)], lw=1.3, label=text)
+      k += 1
   ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
   if operating_point is not None:
-    ax.plot(*operating_point, "ro", label="t of 1 - U (max Youden J)")
+    ax.plot(*operating_point, "ro", label=f"t of {score_label(recommended)} (max Youden J)")
   ax.set_xlabel("1 - specificity")
   ax.set_ylabel("sensitivity")
   if labels:
-    count = f": {n_ood} of {n_total} slices OOD" if n_ood is not None and n_total else ""
+    first = curves.get(recommended) or next(iter(curves.values()), {})
+    n_pos = first.get("n_positive")
+    count = f": {n_pos} of {n_total} slices OOD" if n_pos is not None and n_total else ""
     ax.set_title(f"OOD labels '{labels}'{count}", fontsize=9)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=6.5, loc="lower right")
   save_figure(fig, path)
 
 
@@ -486,6 +532,38 @@ def _mbf_notes(m: dict) -> list[str]:
   return lines
 
 
+def _ood_section(results: dict, recommended: str) -> list[str]:
+  """The report's OOD block: which score is recommended (ood.score) and its headline, then
+  every score against every label set (ood_all) with AUC [95 % CI] and n+/n-."""
+  o = results.get("ood") or {}
+  lines = ["", "## Uncertainty and out-of-distribution detection", "",
+           "Every score is higher = more reliable (the paper's U is scored as 1 - U); a slice is "
+           "flagged OOD when its score < t, t at the ROC's maximum Youden J. AUCs are given with "
+           "their stratified bootstrap 95 % CI; n+/n-: OOD / in-distribution slices.", "",
+           f"Recommended score (`ood.score`, config `eval.ood_score`): **{recommended}**"
+           + (" (the paper's 1 - U)" if recommended == PAPER_SCORE else "") +
+           "; it sets the OOD flags of this report and of `--mode=predict`."]
+  if o.get("labels") not in (None, "none"):
+    lines += ["", f"With the labels '{o['labels']}': AUC {auc_ci_text(o)}, "
+              f"{counts_text(o)}; t {_num(o.get('threshold'))}, sensitivity "
+              f"{_num(o.get('sensitivity'))}, specificity {_num(o.get('specificity'))}."]
+  lines += ["", "| labels | score | n+/n- | AUC [95 % CI] | t | sensitivity | specificity | "
+            "Dice reliable | Dice unreliable |", "|---|---|---|---|---|---|---|---|---|"]
+  rows = 0
+  for labels, summary in (results.get("ood_all") or {}).items():
+    for name, s in [(PAPER_SCORE, summary), *(summary.get("baselines") or {}).items()]:
+      name = s.get("score", name)
+      mark = " (recommended)" if name == recommended else ""
+      lines.append(f"| {labels} | {name}{mark} | {counts_text(s)} | {auc_ci_text(s)} | "
+                   f"{_num(s.get('threshold'))} | {_num(s.get('sensitivity'))} | "
+                   f"{_num(s.get('specificity'))} | {_num(s.get('dice_reliable'))} | "
+                   f"{_num(s.get('dice_unreliable'))} |")
+      rows += 1
+  if not rows:
+    lines += ["", "No OOD labels for this split: no AUC."]
+  return lines + [""]
+
+
 def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] | None = None
                     ) -> str:
   """report.md of an evaluation: a header (date, code, packages, config, data), the headline
@@ -517,17 +595,9 @@ def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] |
     if g:
       lines.append(f"| {name} | {_num(d['whole'])} | {_num(g['sector6'])} | "
                    f"{_num(g['sector12'])} |")
-  lines += ["", "## Uncertainty and out-of-distribution detection", "",
-            "A slice is flagged OOD when 1 - U < t, t at the ROC's maximum Youden J.", "",
-            "| labels | OOD slices | AUC | t | sensitivity | specificity | Dice reliable | "
-            "Dice unreliable | baseline AUCs |", "|---|---|---|---|---|---|---|---|---|"]
-  for labels, o in results.get("ood_all", {}).items():
-    base = ", ".join(f"{k} {_num(v['auc'])}" for k, v in o.get("baselines", {}).items()) or "-"
-    lines.append(f"| {labels} | {o['n_ood']} | {_num(o['auc'])} | {_num(o['threshold'])} | "
-                 f"{_num(o['sensitivity'])} | {_num(o['specificity'])} | "
-                 f"{_num(o['dice_reliable'])} | {_num(o['dice_unreliable'])} | {base} |")
-  lines.append("")
-  for rel, alt in (("figures/dice_vs_confidence.png", "Dice vs 1 - U"),
+  recommended = (results.get("ood") or {}).get("score") or PAPER_SCORE
+  lines += _ood_section(results, recommended)
+  for rel, alt in (("figures/dice_vs_confidence.png", f"Dice vs {score_label(recommended)}"),
                    ("figures/roc.png", "ROC"), ("figures/coverage.png", "window coverage")):
     if exists(rel):
       lines.append(f"![{alt}]({rel})")
@@ -561,11 +631,17 @@ def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] |
   lines += [f"![{rel}]({rel})" for rel in figures.get("slices", [])]
   if exists("training_curves.png"):
     lines += ["", "## Training", "", "![training curves](training_curves.png)"]
+  # The recommended score's value beside 1 - U when it is another score (it sets the flag).
+  extra = recommended != PAPER_SCORE
   lines += ["", "## Slices", "",
-            "| id | Dice | 1 - U | OOD flag | OOD label | uncertain sector | MBF auto "
-            "| MBF GT mask | MBF true |", "|---|---|---|---|---|---|---|---|---|"]
+            "| id | Dice | 1 - U | " + (f"{recommended} | " if extra else "") +
+            f"OOD flag ({recommended}) | OOD label | uncertain sector | MBF auto "
+            "| MBF GT mask | MBF true |", "|---|---|---|---|---|---|---|---|---|" +
+            ("---|" if extra else "")]
   for s in results["slices"]:
-    lines.append(f"| {s['id']} | {_num(s['dice'])} | {_num(s['one_minus_U'])} | "
+    value = (s.get("ood_scores") or {}).get(recommended)
+    lines.append(f"| {s['id']} | {_num(s['dice'])} | {_num(s['one_minus_U'])} | " +
+                 (f"{_num(value)} | " if extra else "") +
                  f"{'yes' if s['ood_flag'] else ''} | {'yes' if s.get('ood_label') else ''} | "
                  f"{s['uncertain_sector'] or ''} | {_num(s['mbf_auto'], '.2f')} | "
                  f"{_num(s['mbf_gt_mask'], '.2f')} | {_num(s['mbf_true'], '.2f')} |")

@@ -18,6 +18,10 @@
 * Orbax checkpoints (`perfjax.checkpoints`): the latest states and the best parameters. Starting
   again with the same workdir resumes from the last complete checkpoint ("Resuming from step N");
   an interrupted and resumed run gives bit-identical parameters to an uninterrupted one.
+  Ctrl-C (KeyboardInterrupt) saves the state of the last completed step first when it is
+  consistent (not half-way through that step's evaluation, finite, single process), says so in
+  one line, and re-raises. `run_devices.json` records the devices a run started on; resuming
+  on another number or kind of devices warns that the result will not be bit-identical.
 * A NaN/Inf loss or gradient raises `TrainingError`; nothing non-finite is ever saved.
 * Progress bar (tqdm), `metrics.jsonl`, TensorBoard events (`tensorboard/`) and
   `training_curves.png` in the workdir (`perfjax.reporting.MetricWriter`, `plot_curves`).
@@ -393,6 +397,15 @@ def init_source(config: ml_collections.ConfigDict) -> str:
   return source
 
 
+def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the input and model of `config.train.init_from` (the architecture to
+  fine-tune is the source's: `init_from=released` needs no model flags); others unchanged."""
+  if not config.train.get("init_from"):
+    return config
+  from perfjax import checkpoints  # pylint: disable=g-import-not-at-top  (see train())
+  return checkpoints.trained_config(config, init_source(config), fields=("input", "model"))
+
+
 def init_params(config: ml_collections.ConfigDict, source: str):
   """The best parameters of `source` for fine-tuning; its model must be `config`'s."""
   from perfjax import checkpoints  # pylint: disable=g-import-not-at-top  (see train())
@@ -418,6 +431,44 @@ def _patience_exhausted(step: int, best_step: int, config) -> bool:
   return step - best_step >= config.train.patience * config.train.eval_every
 
 
+RUN_DEVICES_FILE = "run_devices.json"  # The devices a run started on (written by `train`).
+
+
+def run_devices() -> dict[str, Any]:
+  """The devices this process trains on: what `RUN_DEVICES_FILE` records."""
+  return dict(device_count=jax.device_count(), platform=jax.devices()[0].platform,
+              process_count=jax.process_count())
+
+
+def devices_warning(workdir: str) -> str | None:
+  """The warning for resuming `workdir` on other devices than it started on; None when they
+  are the same or the run predates `RUN_DEVICES_FILE` (or it cannot be read)."""
+  try:
+    with open(os.path.join(workdir, RUN_DEVICES_FILE)) as f:
+      recorded = json.load(f)
+    then = {k: recorded[k] for k in ("device_count", "platform")}
+    then["process_count"] = recorded.get("process_count", 1)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return None
+  now = run_devices()
+  if then == now:
+    return None
+
+  def words(d):
+    hosts = f" on {d['process_count']} processes" if d["process_count"] != 1 else ""
+    return f"{d['device_count']} {d['platform']} device(s){hosts}"
+
+  rule = "!" * 78
+  return (f"{rule}\nWARNING: this run started on {words(then)} ({RUN_DEVICES_FILE}) and is "
+          f"resumed on {words(now)}.\nTraining goes on, but the batch is now sharded "
+          f"differently: the result will NOT be bit-identical to an uninterrupted run.\n{rule}")
+
+
+def _all_finite(tree) -> bool:
+  return all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None = None,
           stop_after: int | None = None) -> dict:
   """Trains (or resumes training) in `workdir`; returns the summary also in train_summary.json.
@@ -433,6 +484,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
   # The loop's own dependencies (orbax, ml_collections, matplotlib, tensorboardX); the step and
   # the batches need only jax, flax, optax and numpy (benchmarks/bench_gpu.py relies on it).
   from perfjax import checkpoints, reporting  # pylint: disable=g-import-not-at-top
+  config = with_source_model(config)
   check_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -464,11 +516,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
     start = int(state["step"])
     if lead:
       print(f"Resuming from step {start} ({latest.directory})", flush=True)
-  elif config.train.get("init_from"):
-    source = init_source(config)
-    state = dict(state, params=_replicate(mesh, init_params(config, source)))
+  else:
     if lead:
-      print(f"Starting from the parameters of {source}", flush=True)
+      reporting.write_text(os.path.join(workdir, RUN_DEVICES_FILE),
+                           json.dumps(run_devices(), indent=2))
+    if config.train.get("init_from"):
+      source = init_source(config)
+      state = dict(state, params=_replicate(mesh, init_params(config, source)))
+      if lead:
+        print(f"Starting from the parameters of {source}", flush=True)
   best_dice, best_step = float(state["best_dice"]), int(state["best_step"])
   if lead:
     reporting.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
@@ -492,12 +548,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
     due = [(s, m) for s, m in pending if s <= upto]
     if not due:
       return
-    pending = pending[len(due):]
     fetched = jax.tree.map(np.asarray, [m for _, m in due])
-    now = time.perf_counter()
-    interval_s, timed = now - timer["tick"], timer["steps"] - len(pending)
-    train_s += interval_s
-    timer.update(tick=now, steps=len(pending))
     for (s, _), m in zip(due, fetched):
       if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
         last = latest.latest_step()
@@ -507,6 +558,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
             f"non-finite training loss {float(m['loss'])} / gradient norm "
             f"{float(m['grad_norm'])} at step {s}; training stopped. {kept}. Check the data "
             f"for NaN/Inf or lower config.train.learning_rate.")
+    # Out of `pending` only once checked: an interrupted fetch leaves them to the next flush.
+    pending = pending[len(due):]
+    now = time.perf_counter()
+    interval_s, timed = now - timer["tick"], timer["steps"] - len(pending)
+    train_s += interval_s
+    timer.update(tick=now, steps=len(pending))
     loss = float(np.mean([m["loss"] for m in fetched]))
     postfix["loss"] = f"{loss:.4f}"
     writer.write(due[-1][0], **{
@@ -523,8 +580,44 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
   done = start >= t.num_steps or _patience_exhausted(start, best_step, config)
   if done and lead:
     print(f"Training already finished at step {start}", flush=True)
+  elif start and lead:
+    warning = devices_warning(workdir)  # Other devices: not bit-identical (said, not refused).
+    if warning:
+      print(warning, file=sys.stderr, flush=True)
   last_step = t.num_steps if stop_after is None else max(start, min(t.num_steps, stop_after))
   feeder = None
+  evaluated = start  # The last step whose evaluation (and best checkpoint) is complete.
+
+  def save_on_interrupt() -> str:
+    """After Ctrl-C: saves the last completed step's state when it is consistent; says what
+    was done. The state's own step counts: dispatch is asynchronous, so `step` can lag it."""
+    last = latest.latest_step()
+    kept = (f"resuming starts again from step {last} ({latest.directory})" if last is not None
+            else "no checkpoint yet: the run starts again from step 0")
+    if jax.process_count() > 1:
+      return (f"interrupted after step {step}: no checkpoint saved (a multi-process run saves "
+              f"at its checkpoint steps only); {kept}")
+    leaves = jax.tree.leaves(state)
+    if any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves):
+      return (f"interrupted after step {step}: no checkpoint saved (the state was being "
+              f"updated); {kept}")
+    s = int(state["step"])
+    if s in latest.all_steps():
+      return f"interrupted at step {s}: checkpoint already in {latest.directory}"
+    if s == start:
+      return f"interrupted at step {s}: no step completed, nothing to save; {kept}"
+    if (s % t.eval_every == 0 or s == t.num_steps) and evaluated != s:
+      return (f"interrupted at step {s}: no checkpoint saved (its evaluation had not "
+              f"finished); {kept}")
+    try:
+      flush(s)  # Logs the metrics not fetched yet; raises on non-finite ones.
+    except TrainingError as e:
+      return f"interrupted at step {s}: no checkpoint saved ({e})"
+    if not _all_finite(state):
+      return f"interrupted at step {s}: no checkpoint saved (the state is not finite); {kept}"
+    checkpoints.save(latest, s, state)  # Synchronous: complete on disk when it returns.
+    return f"interrupted at step {s}: checkpoint saved in {latest.directory}"
+
   try:
     feeder = BatchFeeder(mesh, {"image": x_train, "mask": y_train}, config.seed, t.batch_size,
                          start, start if done else last_step)
@@ -566,6 +659,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
         postfix.update(dice=f"{dice:.3f}", best=f"{best_dice:.3f}")
         bar.set_postfix(postfix, refresh=False)
         stopped_early = _patience_exhausted(step, best_step, config) and step < t.num_steps
+        evaluated = step
       if is_ckpt or stopped_early:
         checkpoints.save(latest, step, state)
       if is_eval or is_ckpt:
@@ -576,6 +670,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
                 f"evaluations (best {best_dice:.4f} at step {best_step})", flush=True)
         break
     flush(step)
+  except KeyboardInterrupt:
+    bar.close()
+    try:
+      message = save_on_interrupt()
+    except Exception as e:  # pylint: disable=broad-except  (the interrupt is what is raised)
+      message = f"interrupted: no checkpoint saved ({type(e).__name__}: {e})"
+    if lead:
+      print(message, file=sys.stderr, flush=True)
+    raise
   finally:
     if feeder is not None:
       feeder.close()

@@ -30,6 +30,19 @@ def pytest_configure(config):
       "(deselect with -m \"not slow\")")
 
 
+# The expensive session runs below, and the tests that use them. With pytest-xdist
+# (`-n 2`, and `--dist loadgroup` from pyproject.toml) each group runs on one worker, so a
+# run is made once per suite, not once per worker.
+SHARED_RUNS = ("tiny_run", "tiny_reproduction")
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+    if shared and not item.get_closest_marker("xdist_group"):
+      item.add_marker(pytest.mark.xdist_group(shared[0]))
+
+
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):
   """A TFDS data_dir holding the `synthetic_small` dataset, built once per session."""

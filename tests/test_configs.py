@@ -31,7 +31,7 @@ def get(config, path):
 
 
 @pytest.mark.parametrize("name", ["patch3", "patch2"])
-@pytest.mark.parametrize("variant", [None, "", "paper", "tiny"])
+@pytest.mark.parametrize("variant", [None, "", "paper", "tiny", "release", "release_cpu"])
 def test_every_variant_has_every_field(name, variant):
   config = load(name).get_config() if variant is None else load(name).get_config(variant)
   for path in FIELDS:
@@ -44,7 +44,7 @@ def test_every_variant_has_every_field(name, variant):
 
 
 def test_patch2_differs_from_patch3_only_in_input():
-  for variant in ("", "paper", "tiny"):
+  for variant in ("", "paper", "tiny", "release", "release_cpu"):
     p3, p2 = load("patch3").get_config(variant), load("patch2").get_config(variant)
     p2.input = "patch3"
     assert p2.to_dict() == p3.to_dict()

@@ -73,7 +73,8 @@ def test_network_configs():
   assert ft.train.num_steps == 400 and ft.train.learning_rate == 5e-4
   assert ft.train.eval_every == 50
   from perfjax import train  # pylint: disable=g-import-not-at-top
-  params = train.init_params(ft, train.init_source(ft))  # the released model fits the config
+  # train() builds the released model's architecture (train.with_source_model) and loads it.
+  params = train.init_params(train.with_source_model(ft), train.init_source(ft))
   assert params
   with pytest.raises(InputError, match="unknown network"):
     crossval.network_config(config, "patch4_advanced")

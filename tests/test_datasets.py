@@ -1,11 +1,14 @@
 """The perfusion_cmr TFDS dataset: round trip, splits by study, determinism, manual data."""
+import concurrent.futures
+import fcntl
 import json
+import time
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from perfjax.data import datasets, io, phantom
+from perfjax.data import datasets, io, phantom, schema
 from perfjax.errors import InputError
 
 CONFIG = "synthetic_small"
@@ -43,6 +46,24 @@ def test_round_trip_equals_the_phantom(splits):
     assert np.all(got["has_mask"])
 
 
+def test_features_are_the_schema_record(tmp_path):
+  """The TFDS features are schema.RECORD: names, dtypes, shapes, encodings (no build needed)."""
+  features = datasets.builder(CONFIG, tmp_path).info.features
+  assert sorted(features.keys()) == sorted(f.name for f in schema.RECORD)
+  for f in schema.RECORD:
+    feat = features[f.name]
+    if f.kind == "text":
+      assert isinstance(feat, tfds.features.Text), f.name
+      continue
+    assert isinstance(feat, tfds.features.Tensor), f.name
+    assert feat.shape == f.shape and np.dtype(feat.np_dtype) == np.dtype(f.dtype), f.name
+    want = tfds.features.Encoding.BYTES if f.kind == "array" else tfds.features.Encoding.NONE
+    assert feat._encoding == want, f.name  # pylint: disable=protected-access
+  # A synthetic record takes every shared non-text field from the phantom.
+  assert set(datasets._FROM_PHANTOM) == {  # pylint: disable=protected-access
+      f.name for f in schema.PHANTOM if f.where == schema.BOTH and f.kind != "text"}
+
+
 def test_shapes_and_types(splits):
   d = splits["train"]
   assert d["image"].shape == (6, 128, 128, 30) and d["image"].dtype == np.float32
@@ -72,12 +93,34 @@ def test_splits_are_disjoint_by_study_and_sized(splits):
   assert paper["test"].protocol == "bssfp" and paper["test"].motion_fraction == 0.2
 
 
-def test_build_is_deterministic(data_dir, tmp_path):
-  again = datasets.load_split(CONFIG, "validation", tmp_path, keys=["image", "mask", "study_id"])
-  first = datasets.load_split(CONFIG, "validation", data_dir, keys=["image", "mask", "study_id"])
-  assert sorted(again) == ["image", "mask", "study_id"]
-  for k in again:
+def _lock_is_held(path) -> bool:
+  if not path.exists():
+    return False
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return True
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def test_build_is_deterministic_and_concurrent_first_uses_wait(data_dir, tmp_path):
+  keys = ["image", "mask", "study_id"]
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    building = pool.submit(datasets.load_split, CONFIG, "validation", tmp_path, keys)
+    lock = tmp_path / "perfusion_cmr" / CONFIG / ".build.lock"
+    deadline = time.monotonic() + 60
+    while not _lock_is_held(lock) and not building.done() and time.monotonic() < deadline:
+      time.sleep(0.01)
+    # A second first use while the build runs: it waits, then reads the finished build.
+    waiting = datasets.load_split(CONFIG, "validation", tmp_path, keys)
+    again = building.result()
+  first = datasets.load_split(CONFIG, "validation", data_dir, keys)
+  assert sorted(again) == sorted(waiting) == keys
+  for k in keys:
     np.testing.assert_array_equal(again[k], first[k])
+    np.testing.assert_array_equal(waiting[k], first[k])
 
 
 def test_data_source_random_access(data_dir):

@@ -97,11 +97,23 @@ def test_fine_tuning_starts_from_the_source_parameters(tmp_path, capsys):
   assert "Starting from" not in capsys.readouterr().out
 
 
-def test_fine_tuning_refuses_another_model_and_a_missing_source(tmp_path):
+def test_fine_tuning_takes_the_source_model_and_refuses_a_missing_source(tmp_path, capsys):
   with pytest.raises(InputError, match="no such workdir"):
     train.init_source(_config(init_from=str(tmp_path / "nowhere")))
   assert train.init_source(_config(init_from="released")).endswith("released/patch3")
+  # The tiny config (width 4, depth 2) fine-tunes the released model as that model is built;
+  # the training settings and the computation dtype stay the caller's.
+  tiny = _config(init_from="released", num_steps=7)
+  tiny.model.dtype = "bfloat16"
+  tuned = train.with_source_model(tiny)
+  released = checkpoints.load_workdir_config(train.init_source(tiny))
+  assert (tuned.model.features, tuned.model.depth) == (released.model.features,
+                                                        released.model.depth)
+  assert tuned.model.dtype == "bfloat16" and tuned.train.num_steps == 7
+  assert tuned.data.dataset == tiny.data.dataset and tuned.seed == tiny.seed
+  assert "using the trained model's model" in capsys.readouterr().out
+  assert train.with_source_model(_config()).model.features == 4  # no init_from: unchanged
+  # The safety net behind it: parameters of another architecture are refused.
   wider = _config(init_from="released")
-  wider.model.features = 8
   with pytest.raises(InputError, match="set the same model"):
     train.init_params(wider, train.init_source(wider))

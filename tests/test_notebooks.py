@@ -30,8 +30,14 @@ def _use_shared_run(nb, name, request):
   cells[0].source = cells[0].source.replace(line, f"{line.split(' = ')[0]} = {workdir!r}")
 
 
+def _params():
+  """One parameter a notebook; those that read a shared run go to that run's xdist group."""
+  return [pytest.param(p, id=p.name, marks=[pytest.mark.xdist_group(_SHARED_RUNS[p.stem][1])]
+                       if p.stem in _SHARED_RUNS else []) for p in NOTEBOOKS]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", _params())
 def test_notebook_runs(path, tmp_path, monkeypatch, request):
   home = tmp_path / "home"
   home.mkdir()

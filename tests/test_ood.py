@@ -77,3 +77,22 @@ def test_primary_result_scores_the_named_score():
   assert not res["flagged"].any() and len(res["flagged"]) == 8
   with pytest.raises(InputError, match="not computed"):
     ood.primary_result(scores, LABELS, np.ones(8), "tta")
+
+
+def test_failure_table_gives_each_type_its_counts_and_auc_ci():
+  def by_score(n_pos, auc):
+    return {"U": dict(score="U", auc=auc, auc_ci=[auc - 0.1, auc + 0.05], n_positive=n_pos,
+                      n_negative=12),
+            "entropy": dict(score="entropy", auc=float("nan"), auc_ci=[float("nan")] * 2,
+                            n_positive=n_pos, n_negative=12)}
+  out = dict(seed=0, n_slices=12, protocol="bssfp", ood_score="entropy", n_clean=12,
+             scores=["U", "entropy"], by_type={"motion_8px": by_score(12, 0.9)},
+             by_group={"motion": by_score(12, 0.9)}, all=by_score(12, 0.9))
+  table = ood.failure_table(out).splitlines()
+  assert table[0] == "| failures | n+/n- | U | entropy (recommended) |"
+  assert table[2:] == ["| motion_8px | 12+/12- | 0.900 [0.800, 0.950] | n/a [n/a, n/a] |",
+                       "| group: motion | 12+/12- | 0.900 [0.800, 0.950] | n/a [n/a, n/a] |",
+                       "| all failures | 12+/12- | 0.900 [0.800, 0.950] | n/a [n/a, n/a] |"]
+  text = ood.failure_markdown(out, "runs/x")
+  assert text.startswith("# OOD failure benchmark: runs/x")
+  assert "(`eval.ood_score`): entropy" in text

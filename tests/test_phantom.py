@@ -4,7 +4,7 @@ import pytest
 from scipy import ndimage
 
 from perfjax import physics, sectors
-from perfjax.data import phantom
+from perfjax.data import phantom, schema
 from perfjax.errors import InputError
 
 N = 6  # two studies of basal, mid, apical
@@ -32,21 +32,38 @@ def _curves(d, i, key="raw"):
   return {c: d[key][i][m == c].mean(axis=0) for c in (1, 2, 3)}
 
 
-def test_keys_shapes_dtypes(flash):
-  spec = dict(image=((N, 128, 128, 30), np.float32), raw=((N, 128, 128, 30), np.float32),
-              mask=((N, 128, 128), np.int32), times=((N, 30), np.float32),
-              mbf=((N, 128, 128), np.float32), motion=((N,), bool),
-              peak_lv_frame=((N,), np.int32), rvip=((N, 2, 2), np.float32),
-              slice_level=((N,), np.int32), study_id=((N,), np.int32), aif=((N, 30), np.float32),
-              fermi=((N, 3), np.float32), mbf_sector6=((N, 6), np.float32),
-              mbf_sector48=((N, 48), np.float32), stress=((N,), bool), defect=((N,), bool),
-              seq_ts=((N,), np.float32), seq_tr=((N,), np.float32),
-              seq_flip_deg=((N,), np.float32), seq_n_pulses=((N,), np.int32),
-              t1_blood_s=((N,), np.float32))
-  for key, (shape, dtype) in spec.items():
-    assert flash[key].shape == shape, key
-    assert flash[key].dtype == dtype, key
+def test_keys_shapes_dtypes_are_the_schema(flash):
+  """simulate returns exactly the schema's phantom fields, each [N, *shape] of its dtype."""
+  assert list(flash) == [f.name for f in schema.PHANTOM]
+  for f in schema.PHANTOM:
+    if f.kind == "text":
+      assert flash[f.name].shape == (N,) and flash[f.name].dtype.kind == "U", f.name
+    else:
+      assert flash[f.name].shape == (N,) + f.shape, f.name
+      assert flash[f.name].dtype == f.dtype, f.name
+  assert flash["image"].shape == (N, 128, 128, 30) and flash["mask"].shape == (N, 128, 128)
+  assert schema.N_AIF_PARAMS == len(physics.AIF_PARAM_NAMES)
+  assert phantom.AIF_SIZE == schema.AIF_SIZE
   assert list(flash["protocol"]) == ["flash"] * N
+
+
+def test_schema_is_one_table_that_imports_only_conventions():
+  """Names unique, a one-line meaning each, fills of the field's dtype; imports point one way."""
+  import ast  # pylint: disable=g-import-not-at-top
+  names = [f.name for f in schema.FIELDS]
+  assert len(names) == len(set(names)) and schema.BY_NAME.keys() == set(names)
+  for f in schema.FIELDS:
+    assert f.meaning and "\n" not in f.meaning, f.name
+    assert f.where in (schema.BOTH, schema.PHANTOM_ONLY, schema.RECORD_ONLY), f.name
+    if f.fill is not None:
+      assert f.where != schema.PHANTOM_ONLY, f.name
+      np.testing.assert_equal(np.full(f.shape, f.fill, f.dtype), f.fill, err_msg=f.name)
+  tree = ast.parse(open(schema.__file__).read())
+  imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  assert {m for m in imported if m.startswith("perfjax")} <= {"perfjax"}
+  assert {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+          and n.module == "perfjax" for a in n.names} == {"conventions"}
 
 
 def test_ranges(flash):

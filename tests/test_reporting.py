@@ -80,18 +80,66 @@ def test_figures_take_their_options(tmp_path):
   reporting.panel(str(tmp_path / "p.png"), image, seg, um, seg,
                   reporting.panel_title("3-1", 0.9, 0.8, True, False), 2, um_vmax=0.1)
   fpr, tpr = np.array([0, 0.5, 1.0]), np.array([0, 0.8, 1.0])
-  reporting.roc_figure(str(tmp_path / "roc.png"), fpr, tpr, 0.7, (0.5, 0.8),
-                       others={"tta": (fpr, tpr, 0.6)}, labels="motion", n_ood=2, n_total=6)
+  curves = {"U": dict(fpr=fpr, tpr=tpr, auc=0.7, auc_ci=[0.5, 0.9], n_positive=2, n_negative=4),
+            "tta": dict(fpr=fpr, tpr=tpr, auc=0.6, auc_ci=[0.4, 0.8], n_positive=2,
+                        n_negative=4)}
+  reporting.roc_figure(str(tmp_path / "roc.png"), curves, recommended="tta",
+                       operating_point=(0.5, 0.8), labels="motion", n_total=6)
+  reporting.dice_vs_confidence(str(tmp_path / "dvc.png"), np.linspace(0.5, 0.9, 6),
+                               -np.linspace(0.1, 1.0, 6), np.array([1, 1, 0, 0, 0, 0], bool),
+                               -0.5, "motion", score="entropy")
   fig = figures.bullseye_grid([("study 1", {"auto": np.arange(16.0), "true": np.ones(16)}),
                                ("study 2", {"auto": np.full(16, np.nan)})])
   reporting.save_figure(fig, str(tmp_path / "grid.png"))
   reporting.save_figure(figures.scatter_plot(np.arange(5.0), np.arange(5.0) + 0.1,
                                              marked=[True, False, False, True, False]),
                         str(tmp_path / "s.png"))
-  for name in ("p.png", "roc.png", "grid.png", "s.png"):
+  for name in ("p.png", "roc.png", "dvc.png", "grid.png", "s.png"):
     assert (tmp_path / name).stat().st_size > 1000
   assert reporting.panel_title("3-1", 0.9, 0.8, True, False) == (
       "slice 3-1 | Dice 0.900 | 1 - U 0.800 | flagged OOD | no motion")
+
+
+def _summary(name, auc, ci, n_pos, n_neg, threshold=0.5):
+  return dict(score=name, auc=auc, auc_ci=ci, n_positive=n_pos, n_negative=n_neg, n_ood=n_pos,
+              threshold=threshold, sensitivity=0.75, specificity=0.8, dice_reliable=0.9,
+              dice_unreliable=0.7)
+
+
+def test_roc_legend_gives_the_auc_its_ci_and_the_class_sizes():
+  assert reporting.roc_legend("U", _summary("U", 0.7241, [0.5712, 0.8588], 24, 36)) == (
+      "U: AUC 0.72 [0.57, 0.86], 24+/36-")
+  assert reporting.auc_ci_text(dict(auc=float("nan"), auc_ci=[None, None])) == "n/a [n/a, n/a]"
+  assert reporting.counts_text(dict(n_ood=3)) == "3+/?-"  # a results.json from before the CI
+  assert reporting.score_label("U") == "1 - U" and reporting.score_label("entropy") == "entropy"
+
+
+@pytest.mark.parametrize("recommended", ["U", "entropy"])
+def test_report_gives_every_auc_its_ci_and_counts_and_names_the_recommended_score(recommended):
+  results = _results()
+  scores = {"U": _summary("U", 0.65, [0.5, 0.79], 24, 36),
+            "entropy": _summary("entropy", 0.95, [0.89, 0.98], 24, 36, threshold=-0.3)}
+  results["ood"] = dict(scores[recommended], labels="motion")
+  results["ood_all"] = {"motion": dict(scores["U"], baselines={"entropy": scores["entropy"]})}
+  results["slices"][0]["ood_scores"] = {"U": 0.9, "entropy": -0.125}
+  text = reporting.report_markdown(results, "/nonexistent", dict(mbf=[], bullseye=[], slices=[]))
+  assert f"Recommended score (`ood.score`, config `eval.ood_score`): **{recommended}**" in text
+  headline = {"U": "AUC 0.650 [0.500, 0.790], 24+/36-",
+              "entropy": "AUC 0.950 [0.890, 0.980], 24+/36-"}
+  assert f"With the labels 'motion': {headline[recommended]}" in text
+  assert "| motion | U" + (" (recommended)" if recommended == "U" else "") + \
+      " | 24+/36- | 0.650 [0.500, 0.790] | 0.500 |" in text
+  assert "| motion | entropy" + (" (recommended)" if recommended == "entropy" else "") + \
+      " | 24+/36- | 0.950 [0.890, 0.980] | -0.300 |" in text
+  assert f"OOD flag ({recommended}) |" in text
+  # The recommended score's value is in the slice table when it is not 1 - U (already there).
+  assert ("| 3-1 | 0.500 | 0.900 | -0.125 |" in text) == (recommended == "entropy")
+
+
+def test_report_without_ood_labels_says_so():
+  text = reporting.report_markdown(_results(), "/nonexistent", dict(mbf=[], bullseye=[],
+                                                                    slices=[]))
+  assert "No OOD labels for this split" in text and "**U** (the paper's 1 - U)" in text
 
 
 def test_panel_of_a_segmentation_outside_the_zoom(tmp_path):

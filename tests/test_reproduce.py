@@ -1,6 +1,7 @@
 """The four-network reproduction: verdicts on hand-made differences, then a tiny real run."""
 import json
 import os
+import shutil
 
 import pytest
 
@@ -58,11 +59,13 @@ def test_claims_and_spread_on_known_runs():
 
 
 @pytest.mark.slow
-def test_tiny_reproduction_runs_resumes_and_reports(tmp_path, monkeypatch, capsys, small_data_dir):
+def test_tiny_reproduction_runs_resumes_and_reports(tmp_path, monkeypatch, capsys, small_data_dir,
+                                                     tiny_reproduction):
   monkeypatch.setenv("PERFJAX_DATA_DIR", str(small_data_dir))
   config = paper_experiments.get_config("tiny")
+  shared, summary = tiny_reproduction  # reproduce.run_all of this config, made once (conftest)
   workdir = tmp_path / "paper"
-  summary = reproduce.run_all(config, str(workdir))
+  shutil.copytree(shared, workdir)  # the shared run stays read-only
   assert summary["seeds"] == [0, 1] and len(summary["networks"]) == 4
   for name in ("reproduce.md", "reproduce.html", "reproduce.json", "figures/table1.png",
                "figures/mbf_bland_altman.png", "figures/dice_vs_confidence.png"):

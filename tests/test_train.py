@@ -229,10 +229,43 @@ def _params(workdir, config, which="latest"):
   return jax.tree.map(np.asarray, variables["params"])
 
 
-@pytest.mark.slow
-def test_resume_is_bit_identical_and_skips_an_incomplete_save(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """(config, workdir, summary): an uninterrupted 4-step run (evaluations and checkpoints at
+  2 and 4), the reference of the resume tests. Read only."""
   config = _config("conventional", num_steps=4, eval_every=2, checkpoint_every=2)
-  straight = train.train(config, tmp_path / "straight", data=_toy_data())
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  return config, workdir, train.train(config, workdir, data=_toy_data())
+
+
+def _assert_same_run(straight_run, workdir, summary):
+  """`workdir`'s run ended with the parameters, best Dice and step log of the straight run."""
+  config, straight_dir, straight = straight_run
+  assert summary["step"] == 4
+  jax.tree.map(np.testing.assert_array_equal, _params(straight_dir, config),
+               _params(workdir, config))
+  jax.tree.map(np.testing.assert_array_equal, _params(straight_dir, config, "best"),
+               _params(workdir, config, "best"))
+  assert (summary["best_val_dice"], summary["best_step"]) == (straight["best_val_dice"],
+                                                               straight["best_step"])
+  assert [r["step"] for r in reporting.read_metrics(workdir) if "val/dice_myo" in r] == [2, 4]
+
+
+def _interrupt_on_call(monkeypatch, owner, name, n):
+  """Ctrl-C (KeyboardInterrupt) on the `n`-th call of `owner.name`, once."""
+  real, calls = getattr(owner, name), []
+
+  def wrapper(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == n:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+  monkeypatch.setattr(owner, name, wrapper)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_and_skips_an_incomplete_save(straight_run, tmp_path, capsys):
+  config, straight_dir, straight = straight_run
   assert straight["step"] == 4 and straight["start_step"] == 0
 
   resumed_dir = tmp_path / "resumed"
@@ -247,7 +280,7 @@ def test_resume_is_bit_identical_and_skips_an_incomplete_save(tmp_path, capsys):
   assert "Resuming from step 2" in capsys.readouterr().out
   assert second["step"] == 4 and second["start_step"] == 2
 
-  a, b = _params(tmp_path / "straight", config), _params(resumed_dir, config)
+  a, b = _params(straight_dir, config), _params(resumed_dir, config)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert straight["best_val_dice"] == second["best_val_dice"]
   assert straight["best_step"] == second["best_step"]
@@ -264,6 +297,67 @@ def test_resume_is_bit_identical_and_skips_an_incomplete_save(tmp_path, capsys):
   # Running a finished run again trains nothing.
   again = train.train(config, resumed_dir, data=_toy_data())
   assert again["step"] == 4 and again["start_step"] == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_last_completed_step_and_resume_is_bit_identical(
+    straight_run, tmp_path, monkeypatch, capsys):
+  config = straight_run[0]
+  # Ctrl-C while waiting for the batch of step 4: steps 1-3 are done, 3 is no checkpoint step.
+  _interrupt_on_call(monkeypatch, train.BatchFeeder, "get", 4)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, tmp_path, data=_toy_data())
+  ckpt_dir = tmp_path / checkpoints.LATEST_DIR
+  assert (f"interrupted at step 3: checkpoint saved in {ckpt_dir}"
+          in capsys.readouterr().err.splitlines())
+  assert checkpoints.manager(tmp_path, "latest", read_only=True).all_steps() == [2, 3]
+  monkeypatch.undo()
+  resumed = train.train(config, tmp_path, data=_toy_data())
+  assert "Resuming from step 3" in capsys.readouterr().out
+  assert resumed["start_step"] == 3
+  _assert_same_run(straight_run, tmp_path, resumed)
+  # The metrics of step 3, not fetched yet at the interrupt, were logged by it.
+  assert [r["step"] for r in reporting.read_metrics(tmp_path) if "train/loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_an_evaluation_keeps_the_previous_checkpoint(
+    straight_run, tmp_path, monkeypatch, capsys):
+  config = straight_run[0]
+  # Ctrl-C in the evaluation of step 4 (the second): step 4 is trained, not evaluated.
+  _interrupt_on_call(monkeypatch, train, "validation_dice", 2)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, tmp_path, data=_toy_data())
+  err = capsys.readouterr().err
+  assert ("interrupted at step 4: no checkpoint saved (its evaluation had not finished); "
+          "resuming starts again from step 2") in err
+  assert checkpoints.manager(tmp_path, "latest", read_only=True).all_steps() == [2]
+  monkeypatch.undo()
+  resumed = train.train(config, tmp_path, data=_toy_data())
+  assert resumed["start_step"] == 2
+  _assert_same_run(straight_run, tmp_path, resumed)
+
+
+@pytest.mark.slow
+def test_resume_on_other_devices_warns(straight_run, tmp_path, capsys):
+  config = straight_run[0]
+  train.train(config, tmp_path, data=_toy_data(), stop_after=1)
+  record = tmp_path / train.RUN_DEVICES_FILE
+  recorded = json.loads(record.read_text())
+  assert recorded == train.run_devices()
+  assert recorded["device_count"] == jax.device_count()
+  recorded["device_count"] += 7
+  record.write_text(json.dumps(recorded))
+  capsys.readouterr()
+  train.train(config, tmp_path, data=_toy_data(), stop_after=2)
+  err = capsys.readouterr().err
+  assert f"started on {jax.device_count() + 7} " in err
+  assert f"resumed on {jax.device_count()} " in err
+  assert "NOT be bit-identical" in err
+  # Same devices, or a run from before the record: no warning.
+  assert train.devices_warning(straight_run[1]) is None
+  record.unlink()
+  assert train.devices_warning(tmp_path) is None
 
 
 @pytest.mark.slow

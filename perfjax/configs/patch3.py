@@ -12,11 +12,16 @@ Variants (the text after ``:`` in ``--config``):
 
     python launch.py --config=configs/patch3.py:paper --workdir=runs/patch3_paper
 
-* ``release``: the released model for real images (``released/patch3``): the default model
-  trained longer (3000 steps) on ``synthetic_mixed`` (the wide phantom, each study FLASH or
-  bSSFP, rest or stress)::
+* ``release``: the released model's recipe (``released/patch3``): width 32, 4000 steps on
+  ``synthetic_mixed_large`` (the wide phantom, each study FLASH or bSSFP, rest or stress; 720
+  training slices), meant for a GPU (run times: benchmarks/RESULTS.md)::
 
     python launch.py --config=configs/patch3.py:release --workdir=runs/patch3_release
+
+* ``release_cpu``: the same at width 16 (as good on the real development set, a quarter of the
+  compute: benchmarks/RESULTS.md)::
+
+    python launch.py --config=configs/patch3.py:release_cpu --workdir=runs/patch3_release_cpu
 
 * ``tiny``: width 4, depth 2, ``synthetic_small``, a few steps (tests, seconds)::
 
@@ -37,7 +42,7 @@ import ml_collections
 from perfjax import augment
 from perfjax import conventions
 
-VARIANTS = ("", "paper", "tiny", "release")
+VARIANTS = ("", "paper", "tiny", "release", "release_cpu")
 
 
 def make_config(input_kind: str, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -118,9 +123,12 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
     config.train.max_to_keep = 3
     config.train.patience = 10
     config.eval.chunk_size = 64
-  elif variant == "release":
-    config.data.dataset = "synthetic_mixed"
-    config.train.num_steps = 3000
+  elif variant in ("release", "release_cpu"):
+    config.data.dataset = "synthetic_mixed_large"
+    config.model.features = 32 if variant == "release" else 16
+    config.train.num_steps = 4000
+    config.train.eval_every = 200
+    config.train.checkpoint_every = 200
     config.train.patience = 8
   elif variant == "tiny":
     config.data.dataset = "synthetic_small"

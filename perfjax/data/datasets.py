@@ -7,22 +7,23 @@ is in two splits; every split has its own fixed seed, so builds are deterministi
                   bSSFP test 40 studies with motion_fraction 0.2.
   synthetic_cpu   the default main job: FLASH train 60 + validation 10, bSSFP test 12
                   (motion_fraction 0.25).
-  synthetic_mixed the released real-image model: train 60 + validation 10 studies, each
+  synthetic_mixed real-image models on a CPU: train 60 + validation 10 studies, each
                   FLASH or bSSFP at random, rest or stress in turn; bSSFP stress test 12
                   (motion_fraction 0.25).
+  synthetic_mixed_large  the released real-image model: the same with train 240 +
+                  validation 30 studies (a 2.4 GB build).
   synthetic_small CI and tests: train 2, validation 1, test 2 (motion_fraction 0.5).
   manual          the user's own studies from `manual_dir`, through `perfjax.data.io`
                   and `perfjax.data.preprocess` (layout below).
 
-Every record holds the CONVENTIONS.md arrays of one slice and the phantom's truths
-(`ARRAYS`, `SCALARS`, `TEXTS` below: `image`, `raw`, `mask`, `times`, `mbf`, `aif`,
-`mbf_sector6/48`, `rvip`, `fermi`, `motion`, `peak_lv_frame` (the phantom's), sequence
-parameters, the study's AIF series (`aif_image`, `aif_pd`, `aif_seq_*`, ...)), `study_id`
-(int, unique across the splits of a config), `study_name`, `slice_id` (unique text, e.g.
-"flash-0003/1") and `protocol`. For manual data the unknown truths (`mbf`, `aif`, sector
-MBF, `rvip`, `fermi`, sequence parameters, the AIF series: `has_aif_series` False) are NaN,
-`has_truth` is False, `motion` is False (unknown), a slice without a mask has `mask` -1
-everywhere and `has_mask` False, and `peak_lv_frame` is the one detected from the images.
+Every record holds the fields of one slice that `perfjax.data.schema.RECORD` defines (names,
+shapes, dtypes, fills, meanings; `ARRAYS`, `SCALARS`, `TEXTS` below are its views): the
+CONVENTIONS.md arrays, the phantom's truths, sequence parameters, the study's AIF series,
+`study_id` (unique across the splits of a config), `study_name`, `slice_id` (e.g.
+"flash-0003/1") and `protocol`. For manual data a field the data does not know gets its
+schema `fill` (NaN truths, `has_truth`/`has_aif_series`/`motion` False, `mask` -1 and
+`has_mask` False for a slice without a mask), and `peak_lv_frame` is the one detected from
+the images.
 
 Manual layout (`manual_dir`): `MANUAL_LAYOUT` below.
 
@@ -43,50 +44,25 @@ import hashlib
 import json
 import os
 import pathlib
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from perfjax import conventions
 from perfjax.data import io
 from perfjax.data import preprocess
+from perfjax.data import schema
 from perfjax.errors import InputError
 
-H = W = conventions.IMAGE_SIZE
-T = conventions.NUM_FRAMES
 STUDIES_PER_CHUNK = 8  # phantom studies simulated at once while writing (bounds memory)
 SPLITS = ("train", "validation", "test")
-AIF = 32  # pixels a side of the phantom's AIF series (phantom.AIF_SIZE; _complete checks it)
 
-_F32, _I32, _BOOL = np.float32, np.int32, np.bool_
-# name -> (shape, dtype, value for manual data where the truth is unknown)
-ARRAYS = {
-    "image": ((H, W, T), _F32, None), "raw": ((H, W, T), _F32, None),
-    "mask": ((H, W), _I32, -1), "times": ((T,), _F32, None), "mbf": ((H, W), _F32, np.nan),
-    "aif": ((T,), _F32, np.nan), "aif_params": ((10,), _F32, np.nan),
-    "mbf_sector6": ((6,), _F32, np.nan), "mbf_sector48": ((48,), _F32, np.nan),
-    "rvip": ((2, 2), _F32, np.nan), "fermi": ((3,), _F32, np.nan),
-    # The study's separate AIF series (phantom.simulate's aif_* fields, AIF_SIZE 32; the
-    # dual-sequence acquisition by default): image, proton-density frame, truth mask.
-    "aif_image": ((AIF, AIF, T), _F32, np.nan), "aif_pd": ((AIF, AIF), _F32, np.nan),
-    "aif_mask": ((AIF, AIF), _I32, -1),
-}
-SCALARS = {
-    "motion": (_BOOL, False), "peak_lv_frame": (_I32, None), "slice_level": (_I32, -1),
-    "study_id": (_I32, None), "stress": (_BOOL, False), "defect": (_BOOL, False),
-    "has_truth": (_BOOL, False), "has_mask": (_BOOL, None), "pixel_mm": (_F32, None),
-    # Sequence parameters of the phantom (physics.concentration_from_signal).
-    "seq_ts": (_F32, np.nan), "seq_tr": (_F32, np.nan), "seq_flip_deg": (_F32, np.nan),
-    "seq_n_pulses": (_I32, -1), "t1_blood_s": (_F32, np.nan), "t2_blood_s": (_F32, np.nan),
-    "t1_myo_s": (_F32, np.nan), "t2_myo_s": (_F32, np.nan), "seq_sat_residual": (_F32, 0.0),
-    # The AIF series' sequence (perfusion.aif_series_from_record); has_aif_series False and
-    # NaN for data without one (manual data).
-    "has_aif_series": (_BOOL, False), "aif_seq_ts": (_F32, np.nan), "aif_seq_tr": (_F32, np.nan),
-    "aif_seq_flip_deg": (_F32, np.nan), "aif_seq_n_pulses": (_I32, -1),
-    "aif_dose_ratio": (_F32, np.nan),
-}
-TEXTS = ("study_name", "slice_id", "protocol")
+# The features of a record, by how TFDS stores them: views of `schema.RECORD` (one definition of
+# the fields, shared with the phantom). name -> (shape, dtype, fill) / (dtype, fill); texts.
+ARRAYS = {f.name: (f.shape, f.dtype, f.fill) for f in schema.RECORD if f.kind == "array"}
+SCALARS = {f.name: (f.dtype, f.fill) for f in schema.RECORD if f.kind == "scalar"}
+TEXTS = tuple(f.name for f in schema.RECORD if f.kind == "text")
 _MODULE_SUMMARY = ("The `perfusion_cmr` TFDS dataset (array_record, read without TensorFlow) and "
                    "its loaders.")
 MANUAL_LAYOUT = """Manual layout (`manual_dir`):
@@ -144,6 +120,10 @@ CONFIGS = (
     _synthetic("synthetic_mixed", 60, 10, 12, 0.25, 4000,
                "Real-image model: FLASH or bSSFP, rest or stress studies (at random) 60 + 10 "
                "x 3 slices; bSSFP stress test 12 x 3.", train="mixed", train_stress="mixed"),
+    _synthetic("synthetic_mixed_large", 240, 30, 12, 0.25, 5000,
+               "Real-image model, GPU size: the wide phantom as synthetic_mixed, 240 + 30 x 3 "
+               "training and validation slices; bSSFP stress test 12 x 3.", train="mixed",
+               train_stress="mixed"),
     _synthetic("synthetic_small", 2, 1, 2, 0.5, 3000,
                "CI and tests: FLASH 2 + 1 studies x 3 slices; bSSFP test 2 x 3."),
     PerfusionConfig(name="manual", description="The user's own studies from manual_dir."),
@@ -213,11 +193,8 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
         d = pending.result()
         if chunk + 1 < len(firsts):
           pending = pool.submit(simulate, chunk + 1)
-        missing = sorted((set(ARRAYS) | set(SCALARS)) - {"has_truth", "has_mask"} - set(d))
-        if missing:
-          raise KeyError(f"phantom.simulate no longer returns {missing}")
         for i in range(len(d["image"])):
-          rec = {k: d[k][i] for k in list(ARRAYS) + list(SCALARS) if k in d}
+          rec = {k: d[k][i] for k in _FROM_PHANTOM}
           sid = int(d["study_id"][i])
           name = f"{spec.protocol}-{sid:04d}"
           rec.update(has_truth=True, has_mask=True, study_name=name,
@@ -239,6 +216,11 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
                    study_id=sid, has_mask=has_mask, pixel_mm=pixel, study_name=study,
                    slice_id=f"{study}/{name}", protocol="unknown")
         yield f"{study}/{j:03d}", _complete(rec, io.level_from_name(name))
+
+
+# The features a synthetic record takes from phantom.simulate (the rest are set per record).
+_FROM_PHANTOM = tuple(f.name for f in schema.RECORD
+                      if f.where == schema.BOTH and f.kind != "text")
 
 
 def _complete(rec: dict[str, Any], level: int) -> dict[str, Any]:
@@ -333,6 +315,23 @@ def _lock(path: pathlib.Path, shared: bool = False) -> Iterator[None]:
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _shuffle_in_memory() -> Iterator[None]:
+  """Lets TFDS order a split of any size in memory while it is written.
+
+  Past `MAX_MEM_BUFFER_SIZE` (1 GB) TFDS spills to temporary files through `tf.io.gfile`,
+  which needs TensorFlow (not a perfjax dependency): a split over 1 GB (e.g.
+  `synthetic_mixed_large`'s 720 training slices, or a large manual data set) would fail.
+  """
+  from tensorflow_datasets.core import shuffle  # pylint: disable=g-import-not-at-top
+  limit = shuffle.MAX_MEM_BUFFER_SIZE
+  shuffle.MAX_MEM_BUFFER_SIZE = sys.maxsize
+  try:
+    yield
+  finally:
+    shuffle.MAX_MEM_BUFFER_SIZE = limit
+
+
 def _hash_files(files: Sequence[pathlib.Path], h=None) -> str:
   h = h or hashlib.sha256()
   for f in files:
@@ -342,12 +341,12 @@ def _hash_files(files: Sequence[pathlib.Path], h=None) -> str:
 
 
 def phantom_fingerprint() -> str:
-  """Hash of the source files the synthetic records depend on (phantom, physics, sectors)."""
+  """Hash of the sources of the synthetic records (phantom, schema, physics, sectors, this)."""
   import perfjax  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(perfjax.__file__).parent
   return _hash_files(sorted(root.glob("data/_*.py")) + [
-      root / "data" / "phantom.py", root / "physics.py", root / "sectors.py",
-      pathlib.Path(__file__)])
+      root / "data" / "phantom.py", root / "data" / "schema.py", root / "physics.py",
+      root / "sectors.py", pathlib.Path(__file__)])
 
 
 def manual_fingerprint(manual_dir: str | os.PathLike) -> str:
@@ -378,6 +377,9 @@ def prepare(config_name: str, data_dir: str | os.PathLike | None = None,
   if not synthetic and manual_dir is not None and not pathlib.Path(manual_dir).is_dir():
     raise InputError(manual_dir, "manual_dir not found")
   with _lock(pathlib.Path(b.data_dir).parent / ".build.lock"):
+    # A builder made before the lock would keep the (empty) info it read while another
+    # process was still building: read it again now.
+    b = builder(config_name, data_dir)
     stamp = pathlib.Path(b.data_dir) / "source_fingerprint.json"
     if synthetic:
       fingerprint = phantom_fingerprint()
@@ -391,7 +393,8 @@ def prepare(config_name: str, data_dir: str | os.PathLike | None = None,
       cfg = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None,
                                          download_mode=mode)
       b = builder(config_name, data_dir)
-      b.download_and_prepare(download_config=cfg)
+      with _shuffle_in_memory():
+        b.download_and_prepare(download_config=cfg)
       io.write_json(stamp, {"fingerprint": fingerprint})
   return b
 

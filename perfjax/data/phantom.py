@@ -25,6 +25,7 @@ from scipy import ndimage
 from perfjax import physics, sectors
 from perfjax.data import _anatomy as anat
 from perfjax.data import _imaging as img
+from perfjax.data import schema
 from perfjax.errors import InputError
 
 SIZE, FRAMES = img.SIZE, img.FRAMES
@@ -394,7 +395,7 @@ def _slice(seed, study, study_index, level, protocol, motion_p, opts, out, n):
     out[k][n] = v
 
 
-AIF_SIZE = 32  # dual-sequence AIF image: 32 x 32 pixels
+AIF_SIZE = schema.AIF_SIZE  # dual-sequence AIF image: 32 x 32 pixels
 AIF_STREAM = 202  # spawn-key element of the AIF series' draws (leaves every other draw alone)
 AIF_PROTOCOLS = ("dual_sequence", "dual_bolus")
 PARAM_STREAM = 303  # spawn-key element of the parameter-uncertainty draws
@@ -480,25 +481,6 @@ def _sector_means(mask, mbf):
   return sectors.sector_means(mbf, s6, 6), sectors.sector_means(mbf, s48, 48)
 
 
-_FIELDS = dict(  # key: (shape after N, dtype)
-    image=((SIZE, SIZE, FRAMES), np.float32), raw=((SIZE, SIZE, FRAMES), np.float32),
-    mask=((SIZE, SIZE), np.int32), times=((FRAMES,), np.float32),
-    mbf=((SIZE, SIZE), np.float32), motion=((), bool), peak_lv_frame=((), np.int32),
-    rvip=((2, 2), np.float32), slice_level=((), np.int32), study_id=((), np.int32),
-    stress=((), bool), defect=((), bool), aif=((FRAMES,), np.float32),
-    aif_params=((len(physics.AIF_PARAM_NAMES),), np.float32), fermi=((3,), np.float32),
-    mbf_sector6=((6,), np.float32), mbf_sector48=((48,), np.float32),
-    seq_ts=((), np.float32), seq_tr=((), np.float32), seq_flip_deg=((), np.float32),
-    seq_n_pulses=((), np.int32), seq_sat_residual=((), np.float32), t1_blood_s=((), np.float32), t2_blood_s=((), np.float32),
-    t1_myo_s=((), np.float32), t2_myo_s=((), np.float32),
-    motion_shift_px=((FRAMES, 2), np.float32), rotation_deg=((), np.float32),
-    pixel_mm=((), np.float32), b1=((), np.float32), t1_blood_true_s=((), np.float32),
-    aif_image=((AIF_SIZE, AIF_SIZE, FRAMES), np.float32), aif_pd=((AIF_SIZE, AIF_SIZE), np.float32),
-    aif_mask=((AIF_SIZE, AIF_SIZE), np.int32), has_aif_series=((), bool),
-    aif_seq_ts=((), np.float32), aif_seq_tr=((), np.float32), aif_seq_flip_deg=((), np.float32),
-    aif_seq_n_pulses=((), np.int32), aif_dose_ratio=((), np.float32))
-
-
 def simulate(seed, n_slices, protocol, motion_fraction=0.0, *, stress=True, defect_fraction=None,
              noise=1.0, dark_rim=None, banding=0.7, study_offset=0, slices_per_study=3,
              include_motion_deformation=True, rotation_deg=30.0, translation_mm=6.0, blur=True,
@@ -555,34 +537,15 @@ def simulate(seed, n_slices, protocol, motion_fraction=0.0, *, stress=True, defe
     workers: threads that simulate slices concurrently (the result does not depend on it).
 
   Returns:
-    dict of numpy arrays (N slices, T = 30 frames, 128 x 128 pixels):
-      image float32 [N,128,128,T] raw min-max normalised per slice to [0, 1];
-      raw float32 [N,128,128,T] magnitude signal (a.u.): gain x coil x M0 x signal + noise;
-      mask int32 [N,128,128] 0 bg, 1 myo, 2 LV (incl. papillary/trabeculae), 3 RV;
-      times float32 [N,T] s since the first frame (one frame per heartbeat);
-      mbf float32 [N,128,128] true MBF (ml/g/min) on mask == 1, else 0;
-      motion bool [N]; peak_lv_frame int32 [N] (argmax of the noise-free mean signal over
-      the LV label; the reference frame of the mask); rvip float32 [N,2,2] (row, col) of the
-      anterior then inferior RV insertion point; slice_level int32 [N] (0 basal, 1 mid,
-      2 apical);
-      study_id int32 [N]; protocol <U5 [N]; stress bool [N]; defect bool [N];
-      aif float32 [N,T] true LV blood Gd concentration (mM) at the frame times;
-      aif_params float32 [N,10] its continuous form (physics.aif_concentration);
-      fermi float32 [N,3] (w, k, tau_d) in s; tissue = aif (x) h with F from the MBF;
-      mbf_sector6 float32 [N,6], mbf_sector48 float32 [N,48] mean true MBF per sector of
-      perfjax.sectors.sector_map on the mask (NaN if a sector is empty);
-      sequence for signal -> concentration (physics.concentration_from_signal): seq_ts
-      (s, saturation to first readout pulse), seq_tr (s), seq_flip_deg, seq_n_pulses
-      (index of the k-space-centre pulse), seq_sat_residual (Mz left by the saturation, x M0;
-      0 in the narrow phantom) [N]; t1_blood_s, t2_blood_s, t1_myo_s, t2_myo_s [N];
-      extras: motion_shift_px float32 [N,T,2] (row, col shift of the heart per frame),
-      rotation_deg float32 [N], pixel_mm float32 [N]; b1 float32 [N] (true flip / recorded
-      flip), t1_blood_true_s float32 [N];
-      AIF series (the study's, repeated on its slices): aif_image float32 [N,32,32,T]
-      magnitude, aif_pd float32 [N,32,32] proton-density frame (M0), aif_mask int32 [N,32,32]
-      (2 blood, 1 myocardium at pixel centres; truth only), has_aif_series bool [N],
-      aif_seq_ts/_tr/_flip_deg/_n_pulses (nominal; protocol FLASH when aif_dose_ratio == 1,
-      else the slice's protocol), aif_dose_ratio float32 [N] (main dose / pre-bolus dose).
+    dict of numpy arrays, one row per slice: the fields of `perfjax.data.schema.PHANTOM`
+    (name, shape after N, dtype and meaning there; T = 30 frames), among them the
+    CONVENTIONS.md ones: image float32 [N,128,128,T] (min-max normalised per slice), raw,
+    mask int32 [N,128,128], times float32 [N,T], mbf float32 [N,128,128] (ml/g/min, 0 off the
+    myocardium), motion bool [N], peak_lv_frame int32 [N]; then the other truths, the
+    sequence as recorded (with parameter_error the true flip is b1 x seq_flip_deg and the
+    true blood T1 t1_blood_true_s) and the study's AIF series, repeated on its slices
+    (aif_series None: has_aif_series False, aif_image, aif_pd, aif_seq_* and aif_dose_ratio
+    NaN, aif_mask 0, aif_seq_n_pulses -1); and protocol <U5 [N] ("flash" or "bssfp").
   """
   mixed = isinstance(stress, str)
   if mixed and stress != "mixed":
@@ -601,7 +564,8 @@ def simulate(seed, n_slices, protocol, motion_fraction=0.0, *, stress=True, defe
   if variability not in VARIABILITIES:
     raise InputError("variability", f"must be one of {VARIABILITIES}, got {variability!r}")
   n_slices, per = int(n_slices), int(slices_per_study)
-  out = {k: np.empty((n_slices,) + shape, dtype) for k, (shape, dtype) in _FIELDS.items()}
+  out = {f.name: np.empty((n_slices,) + f.shape, f.dtype) for f in schema.PHANTOM
+         if f.kind != "text"}
   n_studies = (n_slices + per - 1) // per
   study_stress = [(index % 2 == 0) if mixed else bool(stress) for index in range(n_studies)]
   study_protocol = [_study_protocol(int(seed), index) if protocol == MIXED else protocol

@@ -1,0 +1,92 @@
+"""`predict` flags slices by the configured OOD score (eval.ood_score) against that score's
+threshold from results.json, and says which score and threshold flagged each slice; the default
+(the paper's U) flags exactly as before (1 - U < ood.threshold)."""
+import json
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from perfjax import checkpoints
+from perfjax import predict
+from perfjax import uncertainty
+from perfjax.data import io as data_io
+from perfjax.data import phantom
+
+
+def _write_results(workdir, payload):
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(payload, f)
+
+
+def test_threshold_of_each_score_comes_from_results_json(tmp_path):
+  assert predict.ood_threshold(str(tmp_path)) == (None, None)  # not evaluated yet
+  results = dict(ood=dict(score="entropy", labels="motion", threshold=0.8),
+                 ood_all=dict(motion=dict(score="U", threshold=0.9, baselines=dict(
+                     entropy=dict(score="entropy", threshold=0.8),
+                     tta=dict(score="tta", threshold=None)))))
+  _write_results(tmp_path, results)
+  t, where = predict.ood_threshold(str(tmp_path), "entropy")
+  assert t == 0.8 and where.endswith("ood.threshold (labels 'motion')")
+  t, where = predict.ood_threshold(str(tmp_path), "U")
+  assert t == 0.9 and "ood_all.motion.threshold" in where
+  assert predict.ood_threshold(str(tmp_path), "tta") == (None, None)  # no threshold (NaN)
+  assert predict.ood_threshold(str(tmp_path), "mc_dropout") == (None, None)  # not evaluated
+  # A results.json from before ood.score: its threshold is the paper's U's.
+  _write_results(tmp_path, dict(ood=dict(labels="motion", threshold=0.7)))
+  assert predict.ood_threshold(str(tmp_path))[0] == 0.7
+  assert predict.ood_threshold(str(tmp_path), "entropy") == (None, None)
+
+
+@pytest.mark.slow  # The session's tiny trained run; 2 slices predicted twice.
+def test_predict_flags_by_the_configured_score(tiny_run, tmp_path):
+  config, trained, _ = tiny_run
+  # A copy of the run (the shared one is read only) whose results.json has finite thresholds
+  # (the tiny run's own are infinite: it segments little), one per score.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(os.path.join(trained, "best"), os.path.join(workdir, "best"))
+  shutil.copy(os.path.join(trained, "config.json"), os.path.join(workdir, "config.json"))
+  results = dict(ood=dict(score="U", labels="motion", threshold=0.5),
+                 ood_all=dict(motion=dict(score="U", threshold=0.5, baselines=dict(
+                     entropy=dict(score="entropy", threshold=0.25)))))
+  _write_results(workdir, results)
+  sim = phantom.simulate(7, 2, "bssfp")
+  folder = tmp_path / "in"
+  for i in range(2):
+    data_io.write_nifti(folder / f"slice{i}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
+                        times=sim["times"][i])
+
+  rows = predict.predict(config, workdir, str(folder), str(tmp_path / "u"))
+  t_u = 0.5
+  for r in rows:  # The default: 1 - U against ood.threshold, as before.
+    assert r["status"] in ("ok", "warning") and r["ood_score"] == "U"
+    assert r["ood_score_value"] == r["one_minus_U"] and r["ood_threshold"] == t_u
+    assert r["ood_flag"] == bool(r["one_minus_U"] < t_u)
+  on_disk = json.loads((tmp_path / "u" / "slices.json").read_text())
+  assert on_disk["ood_score"] == "U" and on_disk["ood_threshold"] == t_u
+  header = (tmp_path / "u" / "slices.csv").read_text().splitlines()[0].split(",")
+  assert header[header.index("ood_flag") + 1:header.index("ood_flag") + 4] == [
+      "ood_score", "ood_score_value", "ood_threshold"]
+
+  entropy_config = ml_collections.ConfigDict(config.to_dict())
+  entropy_config.eval.ood_score = "entropy"
+  again = predict.predict(entropy_config, workdir, str(folder), str(tmp_path / "entropy"))
+  t_e = 0.25
+  model, variables = checkpoints.load_params(config, workdir, "best")
+  slices, _ = predict.read_inputs(str(folder))
+  for r, u_row, s in zip(again, rows, slices):
+    assert r["ood_score"] == "entropy" and r["ood_threshold"] == t_e
+    assert r["one_minus_U"] == u_row["one_minus_U"]  # U is still reported
+    pred = predict.predict_arrays(model, variables, s["image"][None],
+                                  np.array([s["peak_lv_frame"]]), config, with_um=False,
+                                  progress=False)
+    expected = uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"])[0]
+    np.testing.assert_allclose(r["ood_score_value"], expected, rtol=1e-6)
+    assert r["ood_flag"] == bool(r["ood_score_value"] < t_e)
+  on_disk = json.loads((tmp_path / "entropy" / "slices.json").read_text())
+  assert on_disk["ood_score"] == "entropy" and on_disk["ood_threshold"] == t_e
+  assert on_disk["ood_threshold_source"].endswith(
+      "ood_all.motion.baselines.entropy.threshold (labels 'motion')")
