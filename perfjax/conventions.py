@@ -32,3 +32,6 @@ PER_S_TO_ML_G_MIN = 60.0 / MYOCARDIAL_DENSITY_G_PER_ML
 # OOD labels `mbf_patch2` (paper III-D): a slice whose patch2-UNet MBF differs from the
 # ground-truth-mask MBF by more than this relative tolerance is out of distribution.
 MBF_OOD_TOLERANCE = 0.05
+
+# The paper's slice uncertainty U (eq. 1-2), the default OOD score; a slice's score is 1 - U.
+PAPER_OOD_SCORE = "U"

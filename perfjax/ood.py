@@ -23,7 +23,7 @@ from perfjax import perfusion
 from perfjax import reporting
 from perfjax import uncertainty
 from perfjax.data import failures
-from perfjax.conventions import MBF_OOD_TOLERANCE, PATCH
+from perfjax.conventions import MBF_OOD_TOLERANCE, PAPER_OOD_SCORE, PATCH
 from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inputs import model_inputs
@@ -71,7 +71,7 @@ def primary_labels(config, label_sets: dict) -> tuple[np.ndarray | None, str]:
 
 ROC_KEYS = ("auc", "threshold", "sensitivity", "specificity", "n_ood", "dice_reliable",
             "dice_unreliable")
-PAPER_SCORE = "U"  # The paper's slice uncertainty, scored as 1 - U (eq. 1-2).
+PAPER_SCORE = PAPER_OOD_SCORE  # The paper's U, scored as 1 - U (eq. 1-2).
 ENTROPY_SCORE = "entropy"  # uncertainty.entropy_score of the stride-32 segmentation.
 CI_LEVEL = 0.95  # Two-sided level of every AUC confidence interval (CONVENTIONS.md).
 BOOTSTRAP_SAMPLES = 2000  # Stratified bootstrap resamples per AUC interval.

@@ -119,7 +119,7 @@ _ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 100
 
 
-PAPER_SCORE = "U"  # perfjax.ood.PAPER_SCORE (not imported here: perfjax.ood imports this module)
+PAPER_SCORE = conventions.PAPER_OOD_SCORE
 
 
 def ood_threshold(workdir: str, score: str = PAPER_SCORE) -> tuple[float | None, str | None]:

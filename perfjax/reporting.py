@@ -24,7 +24,7 @@ from matplotlib.figure import Figure  # Not pyplot: no global backend or figure 
 import numpy as np
 
 from perfjax import sectors
-from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, RV_BLOOD_POOL
+from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, PAPER_OOD_SCORE, RV_BLOOD_POOL
 from perfjax.data import io as data_io
 from perfjax.errors import InputError
 
@@ -366,7 +366,7 @@ def panel_title(slice_id: str, dice: float, one_minus_u: float, flagged: bool | 
   return " | ".join(parts)
 
 
-PAPER_SCORE = "U"  # perfjax.ood.PAPER_SCORE: the paper's U, scored as 1 - U.
+PAPER_SCORE = PAPER_OOD_SCORE  # The paper's U, scored as 1 - U.
 
 
 def score_label(name: str | None) -> str:

@@ -106,7 +106,7 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   config.eval.keep_heart = True  # Segmentation: drop what is not connected to the LV's heart.
   config.eval.sectors_from = "gt"  # Sector geometry of the sector Dice: "gt" | "pred".
   config.eval.mbf_input = "auto"  # "concentration" | "signal" | "auto" (concentration if known).
-  config.eval.ood_score = "U"  # Score behind ood.*: "U" (paper eq. 1-2), "entropy", "tta", ...
+  config.eval.ood_score = conventions.PAPER_OOD_SCORE  # Score behind ood.*: "U" (paper eq. 1-2), "entropy", "tta", ...
   config.eval.baselines = ("tta",)  # Other uncertainties scored by the same ROC: tta, mc_dropout.
   config.eval.baseline_samples = 8  # Samples per baseline uncertainty map.
 
