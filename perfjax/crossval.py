@@ -11,7 +11,8 @@ Per slice (stride-32 segmentation): whole-slice myocardium and LV Dice; 6- and 1
 myocardium Dice only where the RV insertion points can be found from the prediction (the
 ground truth has no RV: both masks are divided by the prediction's septal angle, each about
 its own LV centre; other slices have no sector Dice, and the table says how many do); 1 - U
-from `perfjax.evaluate` (results.json) and the baseline scores of `config.eval.baselines`.
+from `perfjax.evaluate` (results.json), the softmax entropy score and the baseline scores of
+`config.eval.baselines`.
 
   WORKDIR/folds.json                      patients of every fold (checked on resume)
   WORKDIR/fold<k>/<network>/              the run: checkpoints, results.json, report
@@ -39,12 +40,14 @@ from perfjax import reporting
 from perfjax import reproduce
 from perfjax import sectors
 from perfjax import uncertainty
-from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM
+from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, PAPER_OOD_SCORE
 from perfjax.errors import InputError
 
 NETWORKS = ("patch2_conventional", "patch2_advanced", "patch3_conventional", "patch3_advanced",
             "patch3_finetuned")
 DICE_KEYS = ("dice_myo", "dice_lv", "sector6", "sector12")
+# Names of the OOD scores in crossval.md; any other is a baseline's 1 - U.
+SCORE_LABELS = {PAPER_OOD_SCORE: "1 - U (paper)", uncertainty.ENTROPY_SCORE: "1 - softmax entropy"}
 
 
 # ------------------------------------------------------------------------------------- folds
@@ -146,9 +149,10 @@ def prediction_sector_dice(pred: np.ndarray, gt: np.ndarray, n_radial: int
   return float(np.mean(per)), None
 
 
-def slice_rows(segmentation, split: dict, one_minus_u, baselines: dict) -> list[dict]:
+def slice_rows(segmentation, split: dict, one_minus_u, others: dict) -> list[dict]:
   """Per slice: id, patient, Dice (myocardium, LV, prediction-RVIP sectors) and the scores:
-  "U" is 1 - U of `perfjax.evaluate`, the others 1 - U of each baseline (low = uncertain)."""
+  "U" is 1 - U of `perfjax.evaluate`, the others by name (`perfjax.ood.other_scores`: the
+  entropy score and each baseline's 1 - U; low = uncertain)."""
   rows = []
   for i, (pred, gt) in enumerate(zip(segmentation, np.asarray(split["mask"]))):
     s6, problem = prediction_sector_dice(pred, gt, 1)
@@ -157,8 +161,8 @@ def slice_rows(segmentation, split: dict, one_minus_u, baselines: dict) -> list[
                      dice_myo=metrics.dice(pred, gt, MYOCARDIUM),
                      dice_lv=metrics.dice(pred, gt, LV_BLOOD_POOL), sector6=s6, sector12=s12,
                      sector_problem=problem,
-                     scores={"U": _score(one_minus_u[i]),
-                             **{k: _score(v[i]) for k, v in baselines.items()}}))
+                     scores={PAPER_OOD_SCORE: _score(one_minus_u[i]),
+                             **{k: _score(v[i]) for k, v in others.items()}}))
   return rows
 
 
@@ -173,12 +177,12 @@ def score_run(run_config: ml_collections.ConfigDict, run_dir: str, split: dict) 
   from perfjax import checkpoints, ood, predict  # pylint: disable=g-import-not-at-top
   trained = checkpoints.trained_config(run_config, run_dir)
   model, variables = checkpoints.load_params(trained, run_dir, "best")
-  seg = predict.predict_arrays(model, variables, split["image"], split["peak_lv_frame"],
-                               trained, with_um=False, desc="segment")["segmentation"]
+  pred = predict.predict_arrays(model, variables, split["image"], split["peak_lv_frame"],
+                                trained, with_um=False, desc="segment")
   with open(os.path.join(run_dir, "results.json")) as f:
     one_minus_u = [s["one_minus_U"] for s in json.load(f)["slices"]]
-  baselines = ood.baseline_scores(model, variables, split, trained)
-  return slice_rows(seg, split, one_minus_u, baselines)
+  others = ood.other_scores(model, variables, split, pred, trained)  # entropy and baselines
+  return slice_rows(pred["segmentation"], split, one_minus_u, others)
 
 
 def run_fold_network(config: ml_collections.ConfigDict, run_dir: str, network: str,
@@ -404,7 +408,7 @@ def report_markdown(summary: dict) -> str:
             "|---|---|---|---|---|"]
   for name, n in nets.items():
     for score, entry in n["ood"].items():
-      label = "1 - U" if score == "U" else f"1 - U of {score}"
+      label = SCORE_LABELS.get(score, f"1 - U of {score}")
       lines.append(f"| {name} | {label} | {entry['n']} | {entry['n_poor']} | {_auc(entry)} |")
   lines += ["", "## The paper's claims, judged over folds", "",
             "d = the per-fold paired difference (same test patients). *agrees*: mean(d) has the "

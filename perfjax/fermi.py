@@ -513,13 +513,14 @@ def _window_2d(window, n, t):
   return _as_2d(w, n, t, "window").astype(bool)
 
 
-def _aif_groups(aifs, tms, foot_frac, snr_min):
-  """Unique (AIF, times) rows and, per unique AIF, its checks, window and baseline length."""
-  key = np.concatenate([aifs, tms], axis=1)
+def _aif_groups(aifs, tms, leads, foot_frac, snr_min):
+  """Unique (AIF, times, lead) rows and, per unique AIF, its checks, window and baseline
+  length."""
+  key = np.concatenate([aifs, tms, leads[:, None]], axis=1)
   key = np.where(np.isfinite(key), key, np.inf)  # NaN rows compare equal to each other
   _, first, inv = np.unique(key, axis=0, return_index=True, return_inverse=True)
   inv = inv.ravel()
-  u_aif, u_t = aifs[first], tms[first]
+  u_aif, u_t, u_lead = aifs[first], tms[first], leads[first]
   u_n, t = u_aif.shape
   reason = np.zeros(u_n, np.int32)
   win = np.zeros((u_n, t), bool)
@@ -537,7 +538,8 @@ def _aif_groups(aifs, tms, foot_frac, snr_min):
       continue
     base[u] = b
     win[u] = first_pass_window(a, foot_frac=foot_frac)
-  return dict(inv=inv, aif=u_aif, t=u_t, reason=reason, window=win, n_baseline=base)
+  return dict(inv=inv, aif=u_aif, t=u_t, lead=u_lead, reason=reason, window=win,
+              n_baseline=base)
 
 
 def _curve_checks(curves, win, n_base, reason, snr_min):
@@ -557,23 +559,26 @@ def _curve_checks(curves, win, n_base, reason, snr_min):
 
 
 def _aifs_on_grid(g, v, origin, aif_model, foot_frac):
-  """Normalised (peak 1) AIFs of the valid groups at origin + v (v >= 0), and their peaks."""
+  """Normalised (peak 1) AIFs of the valid groups at origin + v (v >= 0), and their peaks.
+
+  A group's AIF samples belong to its times minus its lead (`fit_fermi`'s aif_lead)."""
   u_n = len(g["aif"])
+  t_aif = g["t"] - g["lead"][:, None]
   ok = g["reason"] == 0
   scale = np.ones(u_n)
   out = np.zeros((u_n, v.size))
   gq = {}
   if aif_model == "gamma" and ok.any():
     idx = np.nonzero(ok)[0]
-    q, q_ok = fit_aif_gamma(g["aif"][idx], g["t"][idx], foot_frac=foot_frac)
+    q, q_ok = fit_aif_gamma(g["aif"][idx], t_aif[idx], foot_frac=foot_frac)
     gq = {int(i): q[j] for j, i in enumerate(idx) if q_ok[j]}
   for u in np.nonzero(ok)[0]:
     scale[u] = np.max(g["aif"][u])
     if aif_model == "gamma":
       model = "gamma" if int(u) in gq else "cubic"
-      av = aif_on_grid(g["aif"][u], g["t"][u], origin[u] + v, model, gamma_params=gq.get(int(u)))
+      av = aif_on_grid(g["aif"][u], t_aif[u], origin[u] + v, model, gamma_params=gq.get(int(u)))
     else:
-      av = aif_on_grid(g["aif"][u], g["t"][u], origin[u] + v, aif_model)
+      av = aif_on_grid(g["aif"][u], t_aif[u], origin[u] + v, aif_model)
     out[u] = av / scale[u]
   return out, scale
 
@@ -593,7 +598,7 @@ def _pack(inv, values, fill):
 def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.1,
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
               min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
-              max_mbf: float = 10.0, retry_iter: int = 3) -> dict:
+              max_mbf: float = 10.0, retry_iter: int = 3, aif_lead=0.0) -> dict:
   """Fermi-constrained deconvolution of many tissue curves in one jitted, vmapped solve.
 
   Args:
@@ -619,6 +624,11 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       fitted again, each on its own, from where they stopped and from the two best grid
       starts, with ``retry_iter * n_iter`` iterations; the lower cost wins. Only curves that
       still move after that are NOT_CONVERGED (0 turns the second pass off).
+    aif_lead: scalar or [N] (s): the AIF was sampled this much earlier in each beat than the
+      curve (an AIF from a separate acquisition, e.g. a dual-sequence AIF series read out
+      before the slices); its samples are placed at ``times - aif_lead``. The fitted delay
+      tau_d >= 0 then absorbs ``aif_lead`` minus the true offset, so a lead at least as long
+      as the true offset keeps a tissue curve that seems to lead its AIF fittable.
 
   Returns:
     dict of numpy arrays, one value per curve: ``mbf`` (ml/g/min, NaN unless ok), ``ok``,
@@ -643,7 +653,12 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   win_user = _window_2d(window, n, t)
 
   # Curves that share (AIF, times) form a group with one convolution matrix (GEMMs).
-  g = _aif_groups(aifs, tms, foot_frac, snr_min)
+  leads = np.asarray(aif_lead, np.float64)
+  leads = np.full(n, float(leads)) if leads.ndim == 0 else leads
+  if leads.shape != (n,) or not np.all(np.isfinite(leads)):
+    raise InputError("aif_lead", f"expected finite seconds, a scalar or [{n}]; got shape "
+                     f"{leads.shape}")
+  g = _aif_groups(aifs, tms, leads, foot_frac, snr_min)
   inv = g["inv"]
   win = g["window"][inv] if win_user is None else win_user
   reason, peak_c = _curve_checks(curves, win, g["n_baseline"][inv], g["reason"][inv], snr_min)

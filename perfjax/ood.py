@@ -16,6 +16,7 @@ import os
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from perfjax import checkpoints
 from perfjax import metrics
@@ -72,7 +73,7 @@ def primary_labels(config, label_sets: dict) -> tuple[np.ndarray | None, str]:
 ROC_KEYS = ("auc", "threshold", "sensitivity", "specificity", "n_ood", "dice_reliable",
             "dice_unreliable")
 PAPER_SCORE = PAPER_OOD_SCORE  # The paper's U, scored as 1 - U (eq. 1-2).
-ENTROPY_SCORE = "entropy"  # uncertainty.entropy_score of the stride-32 segmentation.
+ENTROPY_SCORE = uncertainty.ENTROPY_SCORE
 CI_LEVEL = 0.95  # Two-sided level of every AUC confidence interval (CONVENTIONS.md).
 BOOTSTRAP_SAMPLES = 2000  # Stratified bootstrap resamples per AUC interval.
 BOOTSTRAP_SEED = 0  # Fixed: the same scores and labels always give the same interval.
@@ -176,23 +177,41 @@ def baseline_scores(model, variables, split: dict, config, names=None) -> dict[s
   inputs = model_inputs(split["image"], split["peak_lv_frame"], config.input)
   key = jax.random.key(config.seed)
   patch = int(config.model.get("patch", PATCH))
+  samples = config.eval.baseline_samples
   out = {}
   for name in (config.eval.baselines if names is None else names):
     if name == "tta":
-      res = uncertainty.tta_uncertainty(UNetPredictor(model), variables, inputs, key,
-                                        n_samples=config.eval.baseline_samples, patch=patch)
+      def run(chunk, first):
+        return uncertainty.tta_uncertainty(UNetPredictor(model), variables, chunk, key,
+                                           n_samples=samples, patch=patch, first_index=first)
     elif name == "mc_dropout":
       if not config.model.dropout_rate:
         continue  # A model trained without dropout has no dropout to sample.
-      res = uncertainty.mc_dropout_uncertainty(model, variables, inputs, key,
-                                               n_samples=config.eval.baseline_samples,
-                                               patch=patch)
+      def run(chunk, _):
+        return uncertainty.mc_dropout_uncertainty(model, variables, chunk, key,
+                                                  n_samples=samples, patch=patch)
     else:
       raise InputError("eval.baselines", f"unknown baseline {name!r}; use 'tta', 'mc_dropout'")
+    res = _in_chunks(run, inputs, name)
     unc = uncertainty.batch_uncertainty(res["um"], res["segmentation"],
                                         dilation=config.eval.um_dilation)
     out[name] = unc["one_minus_U"]
   return out
+
+
+BASELINE_CHUNK = 32  # Slices per baseline call (x the samples): bounded memory, progress.
+
+
+def _in_chunks(run, inputs, name: str) -> dict[str, np.ndarray]:
+  """``run(chunk, first_index)`` (a baseline of `perfjax.uncertainty`) over chunks of slices,
+  with a progress bar. TTA's noise is keyed by the slice's index, so TTA in chunks equals one
+  call on all slices; MC dropout's masks depend on the windows batched together either way."""
+  parts = []
+  with tqdm(total=len(inputs), desc=name, unit="slice") as bar:
+    for lo in range(0, len(inputs), BASELINE_CHUNK):
+      parts.append(run(inputs[lo:lo + BASELINE_CHUNK], lo))
+      bar.update(len(parts[-1]["um"]))
+  return {k: np.concatenate([p[k] for p in parts]) for k in ("um", "segmentation")}
 
 
 def check_score_available(config, name: str) -> None:

@@ -12,7 +12,9 @@ AHA 16-segment flow (`studies.json`, `bullseyes.png`).
 OOD flag: the slice's value of the score named by eval.ood_score (`perfjax.ood.primary_score`;
 the paper's 1 - U by default) below that score's threshold t chosen by `evaluate` on labelled
 data (`ood_threshold`: results.json's ood.threshold, or the score's in ood_all); every row names
-the score (`ood_score`), its value (`ood_score_value`) and t (`ood_threshold`).
+the score (`ood_score`), its value (`ood_score_value`) and t (`ood_threshold`). When most of a
+batch is flagged, far more often than in-distribution slices were (`site_warning`), predict
+warns that the input as a whole looks unlike the training data (slices.json `batch_warning`).
 
 Flow: with the acquisition's sequence parameters (the sidecar's `"sequence"`,
 `perfjax.data.io.slice_metadata`) the curves are converted to concentration and MBF is in
@@ -41,6 +43,7 @@ import traceback
 
 import ml_collections
 import numpy as np
+from scipy import stats
 from tqdm.auto import tqdm
 
 from perfjax import checkpoints
@@ -122,6 +125,24 @@ MAX_ID_LENGTH = 100
 PAPER_SCORE = conventions.PAPER_OOD_SCORE
 
 
+def _ood_summary(workdir: str, score: str) -> tuple[dict, str, str | None]:
+  """The ROC summary of ``score`` in the workdir's results.json, where it sits, the labels."""
+  path = os.path.join(workdir, "results.json")
+  if not os.path.isfile(path):
+    return {}, "", None
+  with open(path) as f:
+    results = json.load(f)
+  o = results.get("ood") or {}
+  if (o.get("score") or PAPER_SCORE) == score:
+    return o, f"{path}: ood", o.get("labels")
+  labels = o.get("labels")
+  summary = (results.get("ood_all") or {}).get(labels) or {}
+  if score != PAPER_SCORE:
+    summary = (summary.get("baselines") or {}).get(score) or {}
+  where = f"ood_all.{labels}" + ("" if score == PAPER_SCORE else f".baselines.{score}")
+  return summary, f"{path}: {where}", labels
+
+
 def ood_threshold(workdir: str, score: str = PAPER_SCORE) -> tuple[float | None, str | None]:
   """The threshold t of the OOD score ``score`` chosen on labelled data by `evaluate`
   (results.json), and where in results.json it was read; (None, None) without one.
@@ -129,25 +150,47 @@ def ood_threshold(workdir: str, score: str = PAPER_SCORE) -> tuple[float | None,
   ``ood.threshold`` when ``ood.score`` is ``score`` (a results.json without ``ood.score`` is
   the paper's U), else the threshold of ``score`` against the same labels in ``ood_all``.
   """
-  path = os.path.join(workdir, "results.json")
-  if not os.path.isfile(path):
-    return None, None
-  with open(path) as f:
-    results = json.load(f)
-  o = results.get("ood") or {}
-  if (o.get("score") or PAPER_SCORE) == score:
-    t, where = o.get("threshold"), "ood.threshold"
-  else:
-    labels = o.get("labels")
-    summary = (results.get("ood_all") or {}).get(labels) or {}
-    if score != PAPER_SCORE:
-      summary = (summary.get("baselines") or {}).get(score) or {}
-    t = summary.get("threshold")
-    where = f"ood_all.{labels}" + ("" if score == PAPER_SCORE else f".baselines.{score}") + \
-        ".threshold"
+  summary, where, labels = _ood_summary(workdir, score)
+  t = summary.get("threshold")
   if t is None:
     return None, None
-  return float(t), f"{path}: {where} (labels '{o.get('labels')}')"
+  return float(t), f"{where}.threshold (labels '{labels}')"
+
+
+def in_distribution_flag_rate(workdir: str, score: str = PAPER_SCORE) -> float | None:
+  """The share of in-distribution slices of the labelled data that the threshold flagged:
+  1 - specificity of ``score``'s ROC in results.json (None when unknown)."""
+  spec = _ood_summary(workdir, score)[0].get("specificity")
+  return None if spec is None or not np.isfinite(spec) else float(1.0 - spec)
+
+
+SITE_MIN_SLICES = 5  # A batch-level warning needs at least this many predicted slices,
+SITE_MIN_SHARE = 0.5  # at least this share of them flagged, and
+SITE_P_VALUE = 0.01  # a binomial p-value below this against the in-distribution flag rate.
+
+
+def site_warning(n_flagged: int, n: int, flag_rate: float | None) -> str | None:
+  """A plain warning when a batch as a whole looks unlike the training data, else None.
+
+  Rule: at least SITE_MIN_SLICES predicted slices, at least SITE_MIN_SHARE of them flagged,
+  and (when the labelled data's in-distribution flag rate is known) so many that
+  in-distribution slices would be flagged this often with probability < SITE_P_VALUE
+  (binomial). One flagged slice is a slice to check; most of a batch flagged means another
+  scanner, sequence or site (the paper's U works best as such a warning, README).
+  """
+  if n < SITE_MIN_SLICES or n_flagged < SITE_MIN_SHARE * n:
+    return None
+  against = ""
+  if flag_rate is not None:
+    p_value = float(stats.binom.sf(n_flagged - 1, n, min(max(flag_rate, 1e-3), 1.0)))
+    if p_value >= SITE_P_VALUE:
+      return None
+    against = (f", against {flag_rate:.0%} of in-distribution slices of the labelled data "
+               f"(binomial p = {p_value:.1g})")
+  return (f"{n_flagged} of {n} slices ({n_flagged / n:.0%}) are flagged OOD{against}: the input "
+          "as a whole looks unlike the training data (another scanner, sequence or site?). "
+          "Check the segmentations before using their numbers; fine-tuning on a few labelled "
+          "slices of this site helps (README, 'Real images').")
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -537,18 +580,20 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   rows.sort(key=lambda r: r["id"])
   studies, study_notes = study_outputs(rows, flows, output)
   notes += study_notes
+  n_failed = sum(r["status"] == "failed" for r in rows)
+  n_flagged = sum(bool(r["ood_flag"]) for r in rows)
+  batch_warning = None if threshold is None else site_warning(
+      n_flagged, len(rows) - n_failed, in_distribution_flag_rate(workdir, score))
   reporting.write_json(os.path.join(output, "slices.json"),
                        dict(ood_threshold=threshold, ood_score=score,
-                            ood_threshold_source=threshold_source, input=display_name(input),
-                            slices=rows))
+                            ood_threshold_source=threshold_source, batch_warning=batch_warning,
+                            input=display_name(input), slices=rows))
   _write_csv(os.path.join(output, "slices.csv"), rows)
   if log:
     reporting.write_text(os.path.join(output, "predict.log"), "\n".join(log))
   for note in notes:
     print(f"note: {note}")
-  n_failed = sum(r["status"] == "failed" for r in rows)
   n_warn = sum(r["status"] == "warning" for r in rows)
-  n_flagged = sum(bool(r["ood_flag"]) for r in rows)
   label = reporting.score_label(score)
   print(f"predicted {len(rows) - n_failed} of {len(rows)} slices into {output}" +
         (f"; {n_failed} failed (errors in slices.csv, tracebacks in predict.log)" if n_failed else "") +
@@ -558,6 +603,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
          if threshold is not None else
          "; no OOD threshold " + ("" if score == PAPER_SCORE else f"of {score} ") +
          "yet (run --mode=evaluate on labelled data first), ood_flag left empty"), flush=True)
+  if batch_warning:
+    print(f"warning: {batch_warning}", flush=True)
   return rows
 
 

@@ -122,7 +122,7 @@ def test_summary_over_folds_and_verdicts():
   text = crossval.report_markdown(summary)
   assert "| patch3_advanced | 0.750 ± 0.010 | 0.800 ± 0.010 |" in text
   assert "| 9 of 12 | 0.86 / 0.83 / 0.71 |" in text
-  assert "| patch3_advanced | 1 - U | 12 | 6 | 1.000 [1.000, 1.000] |" in text
+  assert "| patch3_advanced | 1 - U (paper) | 12 | 6 | 1.000 [1.000, 1.000] |" in text
 
 
 def test_bootstrap_interval_contains_the_auc():
@@ -179,11 +179,11 @@ def test_tiny_cross_validation_runs_resumes_and_reports(tmp_path, capsys):
     run = json.loads((workdir / name / "patch3_advanced" / "crossval.json").read_text())
     assert sorted({s["patient"] for s in run["slices"]}) == split["test"]
     assert len(run["slices"]) == 2 * len(split["test"])  # stress and rest together
-    assert set(run["slices"][0]["scores"]) == {"U", "tta"}
+    assert set(run["slices"][0]["scores"]) == {"U", "entropy", "tta"}
   assert set(summary["networks"]) == set(config.crossval.networks)
   for n in summary["networks"].values():
     assert n["dice_myo"]["n"] == 2 and n["n_slices"] == 8
-    assert set(n["ood"]) == {"U", "tta"} and n["ood"]["U"]["n"] == 8
+    assert set(n["ood"]) == {"U", "entropy", "tta"} and n["ood"]["U"]["n"] == 8
   assert len(summary["claims"]) == 16
   assert summary["setup"]["patients"] == 4 and summary["setup"]["slices"] == 8
   text = (workdir / "crossval.md").read_text()

@@ -96,3 +96,30 @@ def test_failure_table_gives_each_type_its_counts_and_auc_ci():
   text = ood.failure_markdown(out, "runs/x")
   assert text.startswith("# OOD failure benchmark: runs/x")
   assert "(`eval.ood_score`): entropy" in text
+
+
+def test_tta_in_chunks_equals_one_call(monkeypatch):
+  """The baselines run over chunks of slices (bounded memory, a progress bar); TTA's noise is
+  keyed by each slice's index, so its maps equal those of one call on every slice."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def pointwise(params, patches_bhwc):  # p_myo = sigmoid(4 x - 2) of channel 0
+    del params
+    a = jax.nn.sigmoid(4.0 * patches_bhwc[..., :1] - 2.0)
+    return jnp.concatenate([1.0 - a, a, jnp.zeros_like(a), jnp.zeros_like(a)], axis=-1)
+
+  images = np.random.default_rng(0).uniform(size=(5, 16, 16, 2)).astype(np.float32)
+  key = jax.random.key(3)
+
+  def run(chunk, first):
+    return uncertainty.tta_uncertainty(pointwise, None, chunk, key, n_samples=4, noise_std=0.1,
+                                       patch=8, stride=4, first_index=first)
+
+  whole = run(images, 0)
+  monkeypatch.setattr(ood, "BASELINE_CHUNK", 2)
+  chunked = ood._in_chunks(run, images, "tta")  # pylint: disable=protected-access
+  assert whole["um"].shape == (5, 16, 16) and whole["um"].min() > 0.0  # the noise is on
+  np.testing.assert_allclose(chunked["um"], whole["um"], rtol=1e-6)
+  np.testing.assert_array_equal(chunked["segmentation"], whole["segmentation"])
+  assert not np.allclose(run(images[2:4], 0)["um"], whole["um"][2:4])  # other slices' noise

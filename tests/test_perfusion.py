@@ -95,6 +95,23 @@ def test_recovers_true_mbf_within_one_percent(batch):
   assert np.all(out["mbf_se"][:4] < 0.01 * TRUE[:, 0])  # noise-free: tiny uncertainty
 
 
+def test_an_aif_read_out_earlier_in_the_beat_needs_its_lead():
+  """An AIF sampled 0.4 s earlier in each beat than the tissue (a separate AIF series): on the
+  shared frame clock the tissue seems to lead it, which tau_d >= 0 cannot fit; with a lead of
+  one beat (>= the offset) the delay absorbs the difference (the AIF between its own samples
+  stays an interpolation: 2 % here, against +94 % without the lead)."""
+  mbf, w, k, tau = 2.5, 2.0, 0.3, 0.1
+  curve = _tissue(mbf, w, k, tau)[None]
+  early = physics.aif_concentration(TIMES - 0.4, AIF_P)
+  plain = perfusion.fit_fermi(early, curve, TIMES)
+  led = perfusion.fit_fermi(early, curve, TIMES, aif_lead=0.9)
+  assert not abs(plain["mbf"][0] / mbf - 1.0) < 0.05  # biased (or failed) without the lead
+  np.testing.assert_allclose(led["mbf"], [mbf], rtol=0.03)
+  np.testing.assert_allclose(led["tau_d"], [tau + 0.9 - 0.4], atol=0.1)
+  with pytest.raises(InputError, match="aif_lead"):
+    perfusion.fit_fermi(early, curve, TIMES, aif_lead=[0.1, 0.2])
+
+
 def test_failed_fits_are_nan_with_reasons(batch):
   out, _ = batch
   r = perfusion
@@ -331,8 +348,9 @@ def test_aif_series_is_far_from_saturation_and_recovers_the_aif():
 @pytest.mark.slow
 def test_golden_mbf_on_a_noise_free_rest_and_stress_set():
   """Noise-free rest + stress (mixed) studies, ground-truth masks, AIF series: slice MBF within
-  10 % of the truth, median within 4 %, truth spanning rest and stress. On the narrow phantom:
-  the wide one's k-space truncation and frame jitter add error (max 13 % here)."""
+  4 % of the truth, median within 2.5 % (measured: 3.1 % and 1.8 %; before the series' lead
+  10 % and 4 %), truth spanning rest and stress. On the narrow phantom: the wide one's k-space
+  truncation and frame jitter add error (RESULTS.md)."""
   from perfjax.data import phantom
   rec = phantom.simulate(2, 6, "bssfp", noise=0.0, stress="mixed", variability="narrow")
   truth = perfusion.slice_mbf(rec["mbf_sector48"].astype(np.float64))
@@ -340,7 +358,7 @@ def test_golden_mbf_on_a_noise_free_rest_and_stress_set():
   r = perfusion.mbf_of_masks(rec, [rec["mask"]], "concentration")[0]
   err = np.abs(r["slice"] / truth - 1.0)
   assert set(r["aif_source"]) == {"series"}
-  assert np.median(err) < 0.04 and err.max() < 0.10, err
+  assert np.median(err) < 0.025 and err.max() < 0.04, err
   # What evaluate reports of it: the AIF's source and MBF's sensitivity to a 10 % flip error.
   from perfjax import evaluate  # pylint: disable=g-import-not-at-top
   _, summary = evaluate.mbf_details(dict(gt_mask=r))

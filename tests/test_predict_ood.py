@@ -41,6 +41,27 @@ def test_threshold_of_each_score_comes_from_results_json(tmp_path):
   assert predict.ood_threshold(str(tmp_path), "entropy") == (None, None)
 
 
+def test_site_warning_only_when_most_of_a_batch_is_flagged_beyond_chance(tmp_path):
+  # 6 of 8 flagged where 10 % of in-distribution slices were: binomial p = 2e-5.
+  text = predict.site_warning(6, 8, 0.1)
+  assert text.startswith("6 of 8 slices (75%) are flagged OOD, against 10% of in-distribution "
+                         "slices of the labelled data (binomial p = 2e-05): the input as a whole")
+  assert predict.site_warning(3, 8, 0.1) is None  # under half: slices to check, not a site
+  assert predict.site_warning(4, 4, 0.1) is None  # too few slices to say
+  assert predict.site_warning(5, 8, 0.6) is None  # as often as in-distribution slices
+  assert predict.site_warning(5, 8, None).startswith("5 of 8 slices (62%) are flagged OOD: ")
+  assert predict.site_warning(8, 8, 0.0) is not None  # a rate of 0 is floored, not divided by
+  # The in-distribution rate: 1 - specificity of the score's ROC in results.json.
+  assert predict.in_distribution_flag_rate(str(tmp_path)) is None
+  _write_results(tmp_path, dict(ood=dict(score="U", labels="motion", threshold=0.8,
+                                         specificity=0.9),
+                                ood_all=dict(motion=dict(baselines=dict(
+                                    entropy=dict(threshold=0.5, specificity=0.75))))))
+  assert predict.in_distribution_flag_rate(str(tmp_path)) == pytest.approx(0.1)
+  assert predict.in_distribution_flag_rate(str(tmp_path), "entropy") == pytest.approx(0.25)
+  assert predict.in_distribution_flag_rate(str(tmp_path), "tta") is None
+
+
 @pytest.mark.slow  # The session's tiny trained run; 2 slices predicted twice.
 def test_predict_flags_by_the_configured_score(tiny_run, tmp_path):
   config, trained, _ = tiny_run
@@ -67,6 +88,7 @@ def test_predict_flags_by_the_configured_score(tiny_run, tmp_path):
     assert r["ood_flag"] == bool(r["one_minus_U"] < t_u)
   on_disk = json.loads((tmp_path / "u" / "slices.json").read_text())
   assert on_disk["ood_score"] == "U" and on_disk["ood_threshold"] == t_u
+  assert on_disk["batch_warning"] is None  # 2 slices: too few for a batch-level warning
   header = (tmp_path / "u" / "slices.csv").read_text().splitlines()[0].split(",")
   assert header[header.index("ood_flag") + 1:header.index("ood_flag") + 4] == [
       "ood_score", "ood_score_value", "ood_threshold"]

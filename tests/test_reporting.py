@@ -26,6 +26,17 @@ def test_outputs_get_the_umask_permissions_not_0600(tmp_path):
     assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
+def test_a_metrics_line_cut_short_by_a_crash_is_skipped_and_resume_writes_clean_lines(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/loss": 0.4}\n{"step": 3, "tr')
+  assert [r["step"] for r in reporting.read_metrics(tmp_path)] == [1, 2]
+  writer = reporting.MetricWriter(str(tmp_path), resume_step=1)  # resumed from step 1
+  writer.write(2, **{"train/loss": 0.3})
+  writer.close()
+  assert path.read_text().splitlines() == ['{"step": 1, "train/loss": 0.5}',
+                                           '{"step": 2, "train/loss": 0.3}']
+
+
 def test_a_fresh_figures_folder_replaces_the_old_one(tmp_path):
   (tmp_path / "figures" / "slices").mkdir(parents=True)
   (tmp_path / "figures" / "slices" / "stale.png").write_text("old")
