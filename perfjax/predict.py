@@ -18,7 +18,7 @@ warns that the input as a whole looks unlike the training data (slices.json `bat
 
 Flow: with the acquisition's sequence parameters (the sidecar's `"sequence"`,
 `perfjax.data.io.slice_metadata`) the curves are converted to concentration and MBF is in
-ml/g/min (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %); without
+ml/g/min (the AIF from the sidecar's `"aif_series"` when given) (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %); without
 them the Fermi fit of the raw signal is a relative flow (`flow_relative`,
 `flow_relative_sector48`, `flow_units` = `RELATIVE_UNITS`), never reported as MBF.
 
@@ -297,6 +297,14 @@ def _read_one(slice_id: str, path: pathlib.Path, mask_path) -> dict:
   meta = data_io.slice_metadata(path, rec.get("grid"))
   pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
                                     rec.get("pixel_mm"), source=display_name(path))
+  series = meta["aif_series"]
+  if series is not None:  # the slice's frames, kept as preprocessing kept them
+    n_in, n_kept = rec["image"].shape[-1], pre["times"].shape[0]
+    if series["image"].shape[-1] != n_in:
+      raise InputError(display_name(path), f"its AIF series has {series['image'].shape[-1]} "
+                                           f"frames, the slice {n_in}")
+    start = pre["frame_start"]
+    meta["aif_series"] = dict(series, image=series["image"][..., start:start + n_kept])
   return dict(id=slice_id, file=display_name(path), info=pre, pixel_mm=rec.get("pixel_mm"),
               grid=rec.get("grid"), **meta, **{k: pre[k] for k in ("image", "raw", "times",
                                                                   "mask", "peak_lv_frame")})

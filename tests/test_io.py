@@ -399,7 +399,8 @@ def test_slice_metadata_study_level_and_sequence(tmp_path):
   study.mkdir()
   image, times = _series()
   path = io.write_nifti(study / "s_mid.nii.gz", image, times=times)
-  assert io.slice_metadata(path) == dict(study="patient3", slice_level=1, sequence=None)
+  assert io.slice_metadata(path) == dict(study="patient3", slice_level=1, sequence=None,
+                                          aif_series=None)
   side = io.sidecar_path(path)
   seq = dict(protocol="FLASH", ts=0.1, tr=0.0025, flip_deg=12, n_pulses=20)
   side.write_text(json.dumps(dict(times=list(times), study="P3", slice_level="apical",
@@ -415,7 +416,7 @@ def test_slice_metadata_study_level_and_sequence(tmp_path):
   _dicom_folder(study / "series.basal")
   grid = io.read_slice(study / "series.basal")["grid"]
   assert io.slice_metadata(study / "series.basal", grid) == dict(
-      study="patient3", slice_level=0, sequence=None)  # the test files carry no study UID
+      study="patient3", slice_level=0, sequence=None, aif_series=None)  # no study UID in the files
   grid = dict(grid, study="1.2.3")
   assert io.slice_metadata(study / "series.basal", grid)["study"] == "1.2.3"
   (study / "series.basal.json").write_text(json.dumps(dict(study="P3b", sequence=seq)))

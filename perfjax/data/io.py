@@ -143,14 +143,71 @@ def parse_sequence(value: Any, source: Any) -> dict[str, Any]:
   return out
 
 
+AIF_SERIES_FIELDS = ("file", "sequence")  # required; optional: pd_file, dose_ratio, lead_s
+
+
+def _series_array(value: Any, side: pathlib.Path, key: str, ndim: int) -> np.ndarray:
+  """A NIfTI file named by the sidecar's "aif_series" (relative to the sidecar's folder) as a
+  float64 array of ``ndim`` dimensions (a singleton third axis dropped)."""
+  if not isinstance(value, str) or not value:
+    raise InputError(side, f'"aif_series" {key} must be a file name')
+  path = (side.parent / value) if not pathlib.Path(value).is_absolute() else pathlib.Path(value)
+  data, _ = _load_nifti(path)
+  data = _from_nifti_axes(np.asarray(data, np.float64))
+  if data.ndim == ndim + 1 and data.shape[2] == 1:
+    data = data[:, :, 0]
+  if data.ndim != ndim or not np.all(np.isfinite(data)):
+    raise InputError(path, f"the AIF series' {key} must be a finite {ndim}-D image, got shape "
+                           f"{list(data.shape)}")
+  return data
+
+
+def parse_aif_series(value: Any, side: pathlib.Path) -> dict[str, Any]:
+  """A sidecar's `"aif_series"` object -> the series dict of `perfjax.perfusion`.
+
+  `{"file": "aif.nii.gz", "sequence": {...}}` (`parse_sequence`; the series' own, e.g. the
+  short-saturation FLASH of a dual-sequence AIF) with optional `"pd_file"` (the series'
+  proton-density frame, [X, Y]), `"dose_ratio"` (main / pre-bolus dose of a dual bolus;
+  default 1) and `"lead_s"` (how much earlier in each beat the series is read out than this
+  slice, e.g. from the trigger times; default one beat). The series has the slice's frames,
+  beat for beat ([X, Y, T] or [X, Y, 1, T]); its files are relative to the sidecar's folder.
+  """
+  if not isinstance(value, dict):
+    raise InputError(side, '"aif_series" must be an object with ' + ", ".join(AIF_SERIES_FIELDS))
+  missing = [k for k in AIF_SERIES_FIELDS if k not in value]
+  unknown = sorted(set(value) - set(AIF_SERIES_FIELDS) - {"pd_file", "dose_ratio", "lead_s"})
+  if missing or unknown:
+    raise InputError(side, f'"aif_series" lacks {missing} or has unknown fields {unknown} '
+                           '(needs file, sequence; optional pd_file, dose_ratio, lead_s)')
+  out: dict[str, Any] = dict(image=_series_array(value["file"], side, "file", 3),
+                             sequence=dict(parse_sequence(value["sequence"], side),
+                                           sat_residual=0.0))
+  out["pd"] = (None if value.get("pd_file") is None
+               else _series_array(value["pd_file"], side, "pd_file", 2))
+  if out["pd"] is not None and out["pd"].shape != out["image"].shape[:2]:
+    raise InputError(side, f'"aif_series" pd_file is {list(out["pd"].shape)}, its file '
+                           f'{list(out["image"].shape[:2])}')
+  for key, lo, hi in (("dose_ratio", 1.0, 100.0), ("lead_s", -2.0, 5.0)):
+    if key in value:
+      try:
+        number = float(value[key])
+      except (TypeError, ValueError):
+        raise InputError(side, f'"aif_series" {key} {value[key]!r} is not a number') from None
+      if not (np.isfinite(number) and lo <= number <= hi):
+        raise InputError(side, f'"aif_series" {key} = {number:g} is outside [{lo:g}, {hi:g}]')
+      out[key] = number
+  return out
+
+
 def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None) -> dict[str, Any]:
   """What predict needs beyond the pixels: study, slice level and acquisition sequence.
 
   From the JSON sidecar (`name.json` beside a NIfTI/.npz file `name.nii.gz`/`name.npz` or a
   DICOM folder `name/`), all optional: `"study"` (text), `"slice_level"` (0/1/2 or
-  "basal"/"mid"/"apical"), `"sequence"` (`parse_sequence`). Defaults: the study is the DICOM StudyInstanceUID, else
-  the folder that holds the file; the level comes from the name (`level_from_name`); no
-  sequence (None). Returns dict(study, slice_level, sequence).
+  "basal"/"mid"/"apical"), `"sequence"` (`parse_sequence`), `"aif_series"` (`parse_aif_series`,
+  only with a sequence). Defaults: the study is the DICOM StudyInstanceUID, else the folder
+  that holds the file; the level comes from the name (`level_from_name`); no sequence, no AIF
+  series (None). Returns dict(study, slice_level, sequence, aif_series).
   """
   path = pathlib.Path(path)
   meta = _sidecar(path)
@@ -169,8 +226,13 @@ def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None) 
     raise InputError(side, f'"slice_level" must be 0, 1, 2 or one of {list(LEVEL_NAMES)}, got '
                            f"{level!r}")
   sequence = meta.get("sequence")
+  series = meta.get("aif_series")
+  if series is not None and sequence is None:
+    raise InputError(side, '"aif_series" needs the slice\'s own "sequence" too (the tissue '
+                           "curves are converted with it)")
   return dict(study=str(study), slice_level=int(level),
-              sequence=None if sequence is None else parse_sequence(sequence, side))
+              sequence=None if sequence is None else parse_sequence(sequence, side),
+              aif_series=None if series is None else parse_aif_series(series, side))
 
 
 def _exists(path: pathlib.Path) -> None:
