@@ -177,8 +177,10 @@ def parse_aif_series(value: Any, side: pathlib.Path) -> dict[str, Any]:
   missing = [k for k in AIF_SERIES_FIELDS if k not in value]
   unknown = sorted(set(value) - set(AIF_SERIES_FIELDS) - {"pd_file", "dose_ratio", "lead_s"})
   if missing or unknown:
-    raise InputError(side, f'"aif_series" lacks {missing} or has unknown fields {unknown} '
-                           '(needs file, sequence; optional pd_file, dose_ratio, lead_s)')
+    problem = " and ".join(([f"lacks {', '.join(missing)}"] if missing else []) +
+                           ([f"has unknown fields {unknown}"] if unknown else []))
+    raise InputError(side, f'"aif_series" {problem} (needs file, sequence; optional pd_file, '
+                           "dose_ratio, lead_s)")
   out: dict[str, Any] = dict(image=_series_array(value["file"], side, "file", 3),
                              sequence=dict(parse_sequence(value["sequence"], side),
                                            sat_residual=0.0))
