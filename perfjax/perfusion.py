@@ -292,9 +292,9 @@ def series_lead(times) -> float:
 
   The series and the slices are read out in the same beats at offsets the records do not
   carry; a slice read out after the series sees the bolus "earlier" on the shared frame
-  clock, which a Fermi delay tau_d >= 0 cannot fit (on the phantom: up to +19 % MBF). Placing
-  the series' samples one beat earlier makes every within-beat offset a delay >= 0 that
-  tau_d absorbs (slice MBF error on the narrow phantom: p95 13 % -> 3 %, RESULTS.md).
+  clock, which a Fermi delay tau_d >= 0 cannot fit (MBF too high). Placing the series'
+  samples one beat earlier makes every within-beat offset a delay >= 0 that tau_d absorbs
+  (the figures: benchmarks/RESULTS.md, issue 13).
   """
   return float(np.median(np.diff(np.asarray(times, np.float64))))
 

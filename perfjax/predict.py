@@ -18,7 +18,8 @@ warns that the input as a whole looks unlike the training data (slices.json `bat
 
 Flow: with the acquisition's sequence parameters (the sidecar's `"sequence"`,
 `perfjax.data.io.slice_metadata`) the curves are converted to concentration and MBF is in
-ml/g/min (the AIF from the sidecar's `"aif_series"` when given) (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %); without
+ml/g/min (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %; the AIF
+from the sidecar's `"aif_series"` when given); without
 them the Fermi fit of the raw signal is a relative flow (`flow_relative`,
 `flow_relative_sector48`, `flow_units` = `RELATIVE_UNITS`), never reported as MBF.
 
