@@ -17,6 +17,10 @@ NUM_CLASSES = 4
 # scores it by the probability of the two together (nnU-Net's ignore label, for one merge).
 BACKGROUND_OR_RV = 4
 
+# Orientation: the septal centre theta_s (degrees) of the standard short-axis display (RV on the
+# image's left). U's sectors fall back to it when a segmentation has no RV insertion points.
+STANDARD_SEPTAL_ANGLE = 180.0
+
 # Sliding window (paper II-B, III-A): 64 x 64 patches; training windows and the segmentation at
 # stride 32 (3 x 3 = 9 windows of a 128 x 128 slice), the uncertainty map UM at stride 2 (1089).
 PATCH = 64

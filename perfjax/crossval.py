@@ -40,7 +40,7 @@ from perfjax import reporting
 from perfjax import reproduce
 from perfjax import sectors
 from perfjax import uncertainty
-from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, PAPER_OOD_SCORE
+from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, PAPER_OOD_SCORE, STANDARD_SEPTAL_ANGLE
 from perfjax.errors import InputError
 
 NETWORKS = ("patch2_conventional", "patch2_advanced", "patch3_conventional", "patch3_advanced",
@@ -116,6 +116,8 @@ def network_config(config: ml_collections.ConfigDict, network: str) -> ml_collec
   run = ml_collections.ConfigDict(config.base.to_dict())
   run.input = input_kind
   run.eval.ood_labels, run.eval.patch2_workdir = "motion", None
+  # Masks without RV: a network may predict no RV, so U's sectors need a fallback orientation.
+  run.eval.u_fallback_septal_angle = STANDARD_SEPTAL_ANGLE
   if kind == "finetuned":
     cv = config.crossval
     run.augment.mode = "advanced"
@@ -149,10 +151,13 @@ def prediction_sector_dice(pred: np.ndarray, gt: np.ndarray, n_radial: int
   return float(np.mean(per)), None
 
 
-def slice_rows(segmentation, split: dict, one_minus_u, others: dict) -> list[dict]:
+def slice_rows(segmentation, split: dict, one_minus_u, others: dict,
+               u_sectors_from=None) -> list[dict]:
   """Per slice: id, patient, Dice (myocardium, LV, prediction-RVIP sectors) and the scores:
   "U" is 1 - U of `perfjax.evaluate`, the others by name (`perfjax.ood.other_scores`: the
-  entropy score and each baseline's 1 - U; low = uncertain)."""
+  entropy score and each baseline's 1 - U; low = uncertain); where U's sectors came from
+  (`uncertainty.slice_uncertainty`'s sectors_from)."""
+  u_sectors_from = u_sectors_from or [None] * len(segmentation)
   rows = []
   for i, (pred, gt) in enumerate(zip(segmentation, np.asarray(split["mask"]))):
     s6, problem = prediction_sector_dice(pred, gt, 1)
@@ -160,7 +165,7 @@ def slice_rows(segmentation, split: dict, one_minus_u, others: dict) -> list[dic
     rows.append(dict(id=str(split["slice_id"][i]), patient=str(split["study_name"][i]),
                      dice_myo=metrics.dice(pred, gt, MYOCARDIUM),
                      dice_lv=metrics.dice(pred, gt, LV_BLOOD_POOL), sector6=s6, sector12=s12,
-                     sector_problem=problem,
+                     sector_problem=problem, u_sectors_from=u_sectors_from[i],
                      scores={PAPER_OOD_SCORE: _score(one_minus_u[i]),
                              **{k: _score(v[i]) for k, v in others.items()}}))
   return rows
@@ -180,9 +185,10 @@ def score_run(run_config: ml_collections.ConfigDict, run_dir: str, split: dict) 
   pred = predict.predict_arrays(model, variables, split["image"], split["peak_lv_frame"],
                                 trained, with_um=False, desc="segment")
   with open(os.path.join(run_dir, "results.json")) as f:
-    one_minus_u = [s["one_minus_U"] for s in json.load(f)["slices"]]
+    evaluated = json.load(f)["slices"]
   others = ood.other_scores(model, variables, split, pred, trained)  # entropy and baselines
-  return slice_rows(pred["segmentation"], split, one_minus_u, others)
+  return slice_rows(pred["segmentation"], split, [s["one_minus_U"] for s in evaluated], others,
+                    [s.get("u_sectors_from") for s in evaluated])
 
 
 def run_fold_network(config: ml_collections.ConfigDict, run_dir: str, network: str,
@@ -341,6 +347,7 @@ def summarize(runs: dict, poor_dice: float = 0.7, n_boot: int = 2000, seed: int 
     networks[network] = dict(
         input=inp, augment=kind, folds=sorted(by_key["dice_myo"]), n_slices=len(slices),
         n_sectors=int(sum(s["sector_problem"] is None for s in slices)),
+        n_u_fallback=int(sum(s.get("u_sectors_from") == "fallback" for s in slices)),
         paper=dict(zip(reproduce.DICE_COLUMNS, reproduce.PAPER_TABLE1.get((inp, kind), ()))),
         ood=ood_table(runs, network, poor_dice, n_boot, seed),
         **{key: reproduce.spread(list(by_key[key].values())) for key in DICE_KEYS})
@@ -410,6 +417,12 @@ def report_markdown(summary: dict) -> str:
     for score, entry in n["ood"].items():
       label = SCORE_LABELS.get(score, f"1 - U of {score}")
       lines.append(f"| {name} | {label} | {entry['n']} | {entry['n_poor']} | {_auc(entry)} |")
+  fallback = [f"{name} {n['n_u_fallback']} of {n['n_slices']}" for name, n in nets.items()
+              if n.get("n_u_fallback")]
+  if fallback:
+    lines += ["", "U's six sectors need RV insertion points; where the prediction has none, "
+              f"they are placed at the standard display orientation (septum at {STANDARD_SEPTAL_ANGLE:g} deg, "
+              "CONVENTIONS.md): " + ", ".join(fallback) + " slices."]
   lines += ["", "## The paper's claims, judged over folds", "",
             "d = the per-fold paired difference (same test patients). *agrees*: mean(d) has the "
             "claimed sign and exceeds sd(d); *contradicted*: the opposite sign beyond sd(d); "

@@ -69,7 +69,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   dice_by_geometry = {g: {k: v for k, v in (
       dice if g == config.eval.sectors_from else metrics.dice_table(seg, gt, geometry=g)
   )["mean"].items() if k != "whole"} for g in ("gt", "pred")}
-  unc = uncertainty.batch_uncertainty(um, seg, dilation=config.eval.um_dilation)
+  unc = uncertainty.configured_uncertainty(um, seg, config.eval)
   mbf_kind = perfusion.mbf_input_kind(config, split)
   with reporting.step(f"{split_name}: MBF of {len(seg)} slices, automatic and ground-truth "
                       f"masks ({mbf_kind})"):
@@ -101,6 +101,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
         ood_scores={name: float(score[i]) for name, score in scores.items()},
         ood_labels={name: bool(lab[i]) for name, lab in label_sets.items()},
         uncertain_sector=int(unc["uncertain_sector"][i]) or None,
+        u_sectors_from=unc["sectors_from"][i],
         mbf_auto=mbf["mbf_auto"][i], mbf_gt_mask=mbf["mbf_gt"][i],
         mbf_true=None if mbf_true is None else mbf_true[i], **mbf_slices[i],
         motion=None if motion is None else bool(motion[i]),

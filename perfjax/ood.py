@@ -193,8 +193,7 @@ def baseline_scores(model, variables, split: dict, config, names=None) -> dict[s
     else:
       raise InputError("eval.baselines", f"unknown baseline {name!r}; use 'tta', 'mc_dropout'")
     res = _in_chunks(run, inputs, name)
-    unc = uncertainty.batch_uncertainty(res["um"], res["segmentation"],
-                                        dilation=config.eval.um_dilation)
+    unc = uncertainty.configured_uncertainty(res["um"], res["segmentation"], config.eval)
     out[name] = unc["one_minus_U"]
   return out
 
@@ -227,8 +226,8 @@ def slice_scores(name: str, model, variables, split: dict, pred: dict, config) -
   peak_lv_frame) given their `predict_arrays` output ``pred`` (with um for U): computed exactly
   as the evaluation computes it, so the evaluation's threshold applies."""
   if name == PAPER_SCORE:
-    return uncertainty.batch_uncertainty(pred["um"], pred["segmentation"],
-                                         dilation=config.eval.um_dilation)["one_minus_U"]
+    return uncertainty.configured_uncertainty(pred["um"], pred["segmentation"],
+                                              config.eval)["one_minus_U"]
   if name == ENTROPY_SCORE:
     dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
     return uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"], dilation)
@@ -255,8 +254,8 @@ def failure_evaluation(model, variables, config, data: dict, with_u: bool = True
                         with_u, desc="failure set")
   scores = {}
   if with_u:
-    scores[PAPER_SCORE] = uncertainty.batch_uncertainty(
-        pred["um"], pred["segmentation"], dilation=config.eval.um_dilation)["one_minus_U"]
+    scores[PAPER_SCORE] = uncertainty.configured_uncertainty(
+        pred["um"], pred["segmentation"], config.eval)["one_minus_U"]
   scores.update(other_scores(model, variables, data, pred, config))
   failure = np.asarray(data["failure"])
   clean = failure == failures.CLEAN

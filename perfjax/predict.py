@@ -459,8 +459,7 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str,
   U) is below ``threshold``."""
   peak = np.array([s["peak_lv_frame"]], np.int32)
   pred = predict_arrays(model, variables, s["image"][None], peak, config, progress=False)
-  unc = uncertainty.batch_uncertainty(pred["um"], pred["segmentation"],
-                                      dilation=config.eval.um_dilation)
+  unc = uncertainty.configured_uncertainty(pred["um"], pred["segmentation"], config.eval)
   flow = slice_flow(s, pred["segmentation"][0])
   seg, um, probs = pred["segmentation"][0].astype(np.int32), pred["um"][0], pred["probs"][0]
   one_minus_u = float(unc["one_minus_U"][0])
@@ -482,7 +481,10 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str,
     shutil.rmtree(folder, ignore_errors=True)  # a failed slice leaves no outputs
     raise
   error = flow.pop("_error")
-  warnings = [w for w in (unc["problems"][0], error) if w] + png_warnings
+  fallback = (f"U's sectors placed at theta_s = {config.eval.u_fallback_septal_angle:g} deg (no RV "
+              "insertion points in the segmentation)" if unc["sectors_from"][0] == "fallback"
+              else None)
+  warnings = [w for w in (unc["problems"][0], fallback, error) if w] + png_warnings
   failures = flow["sector_failures"] or {}
   if not warnings and failures:
     why = sorted(set(failures.values()))

@@ -70,11 +70,11 @@ def dilate(binary, pixels: int) -> np.ndarray:
 def _flagged(problem: str) -> dict:
   return dict(U=float("inf"), one_minus_U=float("-inf"), per_sector=np.full(N_SECTORS, np.nan),
               area=np.zeros(N_SECTORS, np.int64), tv=np.full(N_SECTORS, np.nan),
-              uncertain_sector=0, ok=False, problem=problem)
+              uncertain_sector=0, ok=False, problem=problem, sectors_from=None)
 
 
 def slice_uncertainty(um, seg, dilation: int = 0, theta_s: float | None = None,
-                      center=None) -> dict:
+                      center=None, fallback_theta_s: float | None = None) -> dict:
   """U of one slice from its uncertainty map and predicted segmentation.
 
   Args:
@@ -83,10 +83,13 @@ def slice_uncertainty(um, seg, dilation: int = 0, theta_s: float | None = None,
       and RV insertion points place the sectors unless ``theta_s``/``center`` are given.
     dilation: pixels by which the segmented myocardium is dilated to form M_k.
     theta_s, center: sector geometry to use instead of the segmentation's own.
+    fallback_theta_s: theta_s when the segmentation has no RV insertion points (a network
+      trained without RV labels predicts no RV); None flags such a slice uncertain (paper).
 
   Returns:
     dict(U, one_minus_U, per_sector [6] (sum UM over M_k / A_k), area [6] (A_k), tv [6],
-    uncertain_sector (1..6, by TV; 0 when the sectors cannot be placed), ok, problem).
+    uncertain_sector (1..6, by TV; 0 when the sectors cannot be placed), ok, problem,
+    sectors_from: "rv_insertion_points", "given" or "fallback").
   """
   um = np.asarray(um, np.float64)
   seg = np.asarray(seg)
@@ -99,11 +102,17 @@ def slice_uncertainty(um, seg, dilation: int = 0, theta_s: float | None = None,
   myo = seg == MYOCARDIUM
   if not myo.any():
     return _flagged("seg: no segmented myocardium")
+  sectors_from = "given" if theta_s is not None else "rv_insertion_points"
   try:
     if center is None:
       center = sectors.lv_centroid(seg, "seg")
     if theta_s is None:
-      theta_s = sectors.septal_angle(seg, center=center, source="seg")
+      try:
+        theta_s = sectors.septal_angle(seg, center=center, source="seg")
+      except InputError:
+        if fallback_theta_s is None:
+          raise
+        theta_s, sectors_from = float(fallback_theta_s), "fallback"
     wedge = sectors.angular_index(seg.shape, center, theta_s, N_SECTORS)
   except InputError as err:
     return _flagged(str(err))
@@ -113,7 +122,8 @@ def slice_uncertainty(um, seg, dilation: int = 0, theta_s: float | None = None,
   tv = np.array([total_variation(um, region & (wedge == k)) for k in range(1, N_SECTORS + 1)])
   with np.errstate(invalid="ignore", divide="ignore"):
     per = np.where(area > 0, sums / np.maximum(area, 1), np.nan)
-  out = dict(per_sector=per, area=area, tv=tv, uncertain_sector=int(np.argmax(tv)) + 1)
+  out = dict(per_sector=per, area=area, tv=tv, uncertain_sector=int(np.argmax(tv)) + 1,
+             sectors_from=sectors_from)
   if (area == 0).any():
     empty = [int(k) + 1 for k in np.nonzero(area == 0)[0]]
     out.update(U=float("inf"), one_minus_U=float("-inf"), ok=False,
@@ -124,23 +134,33 @@ def slice_uncertainty(um, seg, dilation: int = 0, theta_s: float | None = None,
   return out
 
 
-def batch_uncertainty(um_nhw, seg_nhw, dilation: int = 0, theta_s=None, centers=None) -> dict:
+def batch_uncertainty(um_nhw, seg_nhw, dilation: int = 0, theta_s=None, centers=None,
+                      fallback_theta_s: float | None = None) -> dict:
   """``slice_uncertainty`` of N slices; theta_s [N] and centers [N, 2] optional.
 
   Returns dict(U [N], one_minus_U [N], per_sector [N, 6], uncertain_sector [N] int,
-  ok [N] bool, problems [N] (str or None)).
+  ok [N] bool, problems [N] (str or None), sectors_from [N] (str or None)).
   """
   um_nhw, seg_nhw = np.asarray(um_nhw), np.asarray(seg_nhw)
   if um_nhw.ndim != 3 or um_nhw.shape != seg_nhw.shape:
     raise InputError("um", f"expected [N, H, W] matching seg {seg_nhw.shape}, got {um_nhw.shape}")
   rs = [slice_uncertainty(um_nhw[i], seg_nhw[i], dilation,
                           None if theta_s is None else theta_s[i],
-                          None if centers is None else centers[i]) for i in range(len(um_nhw))]
+                          None if centers is None else centers[i], fallback_theta_s)
+        for i in range(len(um_nhw))]
   return dict(U=np.array([r["U"] for r in rs]),
               one_minus_U=np.array([r["one_minus_U"] for r in rs]),
               per_sector=np.stack([r["per_sector"] for r in rs]),
               uncertain_sector=np.array([r["uncertain_sector"] for r in rs], np.int32),
-              ok=np.array([r["ok"] for r in rs]), problems=[r["problem"] for r in rs])
+              ok=np.array([r["ok"] for r in rs]), problems=[r["problem"] for r in rs],
+              sectors_from=[r["sectors_from"] for r in rs])
+
+
+def configured_uncertainty(um_nhw, seg_nhw, eval_config) -> dict:
+  """``batch_uncertainty`` with the evaluation config's dilation (``um_dilation``) and sector
+  fallback (``u_fallback_septal_angle``): U computed the same way wherever it is scored."""
+  return batch_uncertainty(um_nhw, seg_nhw, dilation=eval_config.um_dilation,
+                           fallback_theta_s=eval_config.get("u_fallback_septal_angle"))
 
 
 # ----------------------------------------------------------------------------------------------

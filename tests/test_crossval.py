@@ -87,6 +87,7 @@ def _fake_run(network, fold, dice, scores_good=True):
                      dice_lv=d + 0.05, sector6=d - 0.1 if i else None,
                      sector12=d - 0.2 if i else None,
                      sector_problem=None if i else "no RV blood pool",
+                     u_sectors_from="fallback" if i == 0 else "rv_insertion_points",
                      scores={"U": d if scores_good else -d, "tta": 0.5}))
   return dict(network=network, slices=rows, seconds=10.0)
 
@@ -106,6 +107,7 @@ def test_summary_over_folds_and_verdicts():
   assert p3["dice_myo"]["sd"] == pytest.approx(0.01)
   assert p3["sector6"]["mean"] == pytest.approx((0.6 + 0.8 + 0.9) / 3 + 0.05 - 0.1)  # measurable
   assert p3["n_sectors"] == 9 and p3["n_slices"] == 12  # the first slice of each fold has none
+  assert p3["n_u_fallback"] == 3  # ... so U's sectors fell back to the standard orientation
   assert set(p3) >= {"dice_myo", "dice_lv", "sector6", "sector12", "ood", "paper", "folds"}
   assert p3["paper"]["whole"] == 0.86
   ood = p3["ood"]
@@ -123,6 +125,8 @@ def test_summary_over_folds_and_verdicts():
   assert "| patch3_advanced | 0.750 ± 0.010 | 0.800 ± 0.010 |" in text
   assert "| 9 of 12 | 0.86 / 0.83 / 0.71 |" in text
   assert "| patch3_advanced | 1 - U (paper) | 12 | 6 | 1.000 [1.000, 1.000] |" in text
+  assert "standard display orientation (septum at 180 deg" in text
+  assert "patch3_advanced 3 of 12" in text
 
 
 def test_bootstrap_interval_contains_the_auc():
@@ -166,6 +170,7 @@ def _manual_dir(root: pathlib.Path, n_patients: int = 4) -> None:
 def test_tiny_cross_validation_runs_resumes_and_reports(tmp_path, capsys):
   _manual_dir(tmp_path / "manual")
   config = paper_experiments.get_config("crossval_tiny")
+  config.crossval.networks = ("patch2_advanced", "patch3_advanced")  # two of four: test time
   config.base.data.manual_dir = str(tmp_path / "manual")
   config.base.data.data_dir = str(tmp_path / "tfds")
   workdir = tmp_path / "cv"
@@ -180,11 +185,14 @@ def test_tiny_cross_validation_runs_resumes_and_reports(tmp_path, capsys):
     assert sorted({s["patient"] for s in run["slices"]}) == split["test"]
     assert len(run["slices"]) == 2 * len(split["test"])  # stress and rest together
     assert set(run["slices"][0]["scores"]) == {"U", "entropy", "tta"}
+    # Masks without RV: U's sectors come from the fallback orientation where none is predicted.
+    assert {s["u_sectors_from"] for s in run["slices"]} <= {
+        "rv_insertion_points", "fallback", None}
   assert set(summary["networks"]) == set(config.crossval.networks)
   for n in summary["networks"].values():
     assert n["dice_myo"]["n"] == 2 and n["n_slices"] == 8
     assert set(n["ood"]) == {"U", "entropy", "tta"} and n["ood"]["U"]["n"] == 8
-  assert len(summary["claims"]) == 16
+  assert len(summary["claims"]) == 16  # every claim listed, unrun pairs "not a finding"
   assert summary["setup"]["patients"] == 4 and summary["setup"]["slices"] == 8
   text = (workdir / "crossval.md").read_text()
   assert text.count("| patch") >= 4 and "verdict" in text

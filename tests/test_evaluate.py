@@ -19,8 +19,8 @@ RESULT_KEYS = ["dice.whole", "dice.sector6", "dice.sector12", "ood.auc", "ood.th
                "ood.sensitivity", "ood.specificity", "ood.labels", "ood.score", "ood.n_positive",
                "ood.n_negative", "ood.auc_ci", "mbf.r2",
                "mbf.bland_altman.mean", "mbf.bland_altman.loa_low", "mbf.bland_altman.loa_high"]
-SLICE_KEYS = ["id", "dice", "U", "ood_flag", "uncertain_sector", "mbf_auto", "mbf_gt_mask",
-              "mbf_true", "motion"]
+SLICE_KEYS = ["id", "dice", "U", "ood_flag", "uncertain_sector", "u_sectors_from", "mbf_auto",
+              "mbf_gt_mask", "mbf_true", "motion"]
 
 
 pytestmark = pytest.mark.slow  # A tiny training run, evaluated.

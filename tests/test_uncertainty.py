@@ -80,6 +80,28 @@ def test_empty_sector_and_degenerate_segmentation_are_uncertain():
     uncertainty.slice_uncertainty(um, seg, dilation=-1)
 
 
+def test_fallback_orientation_only_where_the_segmentation_has_no_rv_insertion_points():
+  seg = ring_mask()
+  rng = np.random.default_rng(0)
+  um = rng.uniform(0.0, 0.3, seg.shape)
+  with_rv = uncertainty.slice_uncertainty(um, seg, fallback_theta_s=0.0)
+  assert with_rv["sectors_from"] == "rv_insertion_points"  # the fallback is not used
+  assert with_rv["U"] == uncertainty.slice_uncertainty(um, seg)["U"]
+  theta_s = sectors.septal_angle(seg)
+  no_rv = np.where(seg == 3, 0, seg)
+  r = uncertainty.slice_uncertainty(um, no_rv, fallback_theta_s=theta_s)
+  assert r["ok"] and r["sectors_from"] == "fallback" and r["problem"] is None
+  # Same myocardium, same wedges: the U of the slice with its RV.
+  assert r["U"] == pytest.approx(with_rv["U"])
+  np.testing.assert_allclose(r["per_sector"], with_rv["per_sector"])
+  no_lv = np.where(seg == 2, 0, seg)  # no LV centre: flagged with or without a fallback
+  r = uncertainty.slice_uncertainty(um, no_lv, fallback_theta_s=180.0)
+  assert not r["ok"] and r["sectors_from"] is None
+  b = uncertainty.batch_uncertainty(np.stack([um, um]), np.stack([seg, no_rv]),
+                                    fallback_theta_s=180.0)
+  assert b["sectors_from"] == ["rv_insertion_points", "fallback"] and b["ok"].all()
+
+
 def test_batch_uncertainty():
   seg = ring_mask()
   segs = np.stack([seg, np.where(seg == 3, 0, seg)])

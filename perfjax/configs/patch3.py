@@ -100,6 +100,9 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   config.eval.gaussian_weighting = False  # nnU-Net Gaussian importance weighting of the mean.
   config.eval.mirror_tta = False  # Each window's probabilities averaged over its 4 mirrorings.
   config.eval.um_dilation = 0  # Pixels the segmented myocardium is dilated by for U (eq. 1).
+  # theta_s of U's sectors where the segmentation has no RV insertion points (a network trained
+  # without RV labels): conventions.STANDARD_SEPTAL_ANGLE; None flags such slices (the paper).
+  config.eval.u_fallback_septal_angle = ml_collections.config_dict.placeholder(float)
   config.eval.ood_labels = "motion"  # "motion" | "mbf_patch2".
   config.eval.patch2_workdir = ml_collections.config_dict.placeholder(str)  # For mbf_patch2.
   config.eval.ood_tolerance = conventions.MBF_OOD_TOLERANCE  # mbf_patch2: > 5 % MBF difference.
