@@ -134,7 +134,15 @@ def trained_config(config: ml_collections.ConfigDict, workdir: str,
   merged = ml_collections.ConfigDict(config.to_dict())
   for name in fields:
     if name in saved and plain(saved[name]) != plain(config[name]):
-      print(f"{workdir}: using the trained model's {name} from {CONFIG_FILE}: {saved[name]} "
-            f"(the config says {config[name]})")
+      print(f"{workdir}: using the trained model's {name} from {CONFIG_FILE}: "
+            f"{_differences(name, plain(saved[name]), plain(config[name]))}")
       merged[name] = saved[name]
   return merged
+
+
+def _differences(name: str, saved, mine) -> str:
+  """One line: `name.key saved (the config says mine)` for each differing key."""
+  if not (isinstance(saved, dict) and isinstance(mine, dict)):
+    return f"{name} {saved} (the config says {mine})"
+  keys = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+  return ", ".join(f"{name}.{k} {saved.get(k)} (the config says {mine.get(k)})" for k in keys)

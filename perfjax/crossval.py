@@ -47,7 +47,9 @@ NETWORKS = ("patch2_conventional", "patch2_advanced", "patch3_conventional", "pa
             "patch3_finetuned")
 DICE_KEYS = ("dice_myo", "dice_lv", "sector6", "sector12")
 # Names of the OOD scores in crossval.md; any other is a baseline's 1 - U.
-SCORE_LABELS = {PAPER_OOD_SCORE: "1 - U (paper)", uncertainty.ENTROPY_SCORE: "1 - softmax entropy"}
+SCORE_LABELS = {PAPER_OOD_SCORE: "1 - U (paper)", uncertainty.ENTROPY_SCORE: "1 - softmax entropy",
+                uncertainty.ENSEMBLE_ENTROPY_SCORE: "1 - ensemble entropy",
+                uncertainty.ENSEMBLE_MI_SCORE: "1 - ensemble mutual information"}
 
 
 # ------------------------------------------------------------------------------------- folds

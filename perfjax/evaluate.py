@@ -53,6 +53,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   requested_config = config  # Its fingerprint marks results.json as current (perfjax.cli).
   config = checkpoints.trained_config(config, workdir)
   model, variables = checkpoints.load_params(config, workdir, "best")
+  ood.check_ensemble(config)
   if split is None:
     split = datasets.load_split(config.data.dataset, split_name, config.data.data_dir,
                                 manual_dir=config.data.get("manual_dir"))

@@ -3,10 +3,10 @@
 The label sets a split supports (`label_sets`: the phantom's motion record, or the paper's
 `mbf_patch2`, which runs a second, patch2 model), the one named by the config
 (`primary_labels`), the scores beside the paper's 1 - U (`other_scores`: the softmax entropy
-of the stride-32 segmentation in the dilated myocardium, and the field's usual uncertainties,
-TTA and MC dropout), the score named by eval.ood_score (`primary_score`) and the ROC figures
-of every score with n and a stratified bootstrap 95 % CI of the AUC (`score_summary`,
-`ood_summary`).
+of the stride-32 segmentation in the dilated myocardium, the field's usual uncertainties, TTA
+and MC dropout, and a deep ensemble with other trained workdirs), the score named by
+eval.ood_score (`primary_score`) and the ROC figures of every score with n and a stratified
+bootstrap 95 % CI of the AUC (`score_summary`, `ood_summary`).
 
 Every score is "higher = more reliable" (like 1 - U): a slice is flagged when score < t.
 """
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from perfjax import checkpoints
 from perfjax import metrics
 from perfjax import perfusion
+from perfjax import postprocess
 from perfjax import reporting
 from perfjax import uncertainty
 from perfjax.data import failures
@@ -74,6 +75,7 @@ ROC_KEYS = ("auc", "threshold", "sensitivity", "specificity", "n_ood", "dice_rel
             "dice_unreliable")
 PAPER_SCORE = PAPER_OOD_SCORE  # The paper's U, scored as 1 - U (eq. 1-2).
 ENTROPY_SCORE = uncertainty.ENTROPY_SCORE
+ENSEMBLE_SCORES = (uncertainty.ENSEMBLE_ENTROPY_SCORE, uncertainty.ENSEMBLE_MI_SCORE)
 CI_LEVEL = 0.95  # Two-sided level of every AUC confidence interval (CONVENTIONS.md).
 BOOTSTRAP_SAMPLES = 2000  # Stratified bootstrap resamples per AUC interval.
 BOOTSTRAP_SEED = 0  # Fixed: the same scores and labels always give the same interval.
@@ -131,7 +133,8 @@ def ood_summary(one_minus_u: np.ndarray, labels: np.ndarray, dice_whole: np.ndar
 def primary_score(config) -> str:
   """The score named by eval.ood_score ("U", the paper's, unless set), validated."""
   name = config.eval.get("ood_score", PAPER_SCORE) or PAPER_SCORE
-  known = (PAPER_SCORE, ENTROPY_SCORE, *config.eval.get("baselines", ()))
+  known = (PAPER_SCORE, ENTROPY_SCORE, *config.eval.get("baselines", ()),
+           *(ENSEMBLE_SCORES if config.eval.get("ensemble_workdirs") else ()))
   if name not in known:
     raise InputError("eval.ood_score", f"unknown score {name!r}; use one of {list(known)}")
   return name
@@ -158,12 +161,43 @@ def primary_result(scores: dict[str, np.ndarray], labels: np.ndarray | None,
 
 def other_scores(model, variables, split: dict, pred: dict, config) -> dict[str, np.ndarray]:
   """Every score beside 1 - U, by name: the entropy score of the segmentation ``pred``
-  (`perfjax.predict.predict_arrays`: probs, segmentation) and the baselines of eval.baselines."""
+  (`perfjax.predict.predict_arrays`: probs, segmentation), the baselines of eval.baselines and,
+  with eval.ensemble_workdirs, the deep ensemble's two scores (`ensemble_scores`)."""
   dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
   out = {ENTROPY_SCORE: uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
                                                         dilation)}
   out.update(baseline_scores(model, variables, split, config))
+  if config.eval.get("ensemble_workdirs"):
+    out.update(ensemble_scores(split, pred, config))
   return out
+
+
+def check_ensemble(config) -> None:
+  """Raises InputError, before any compute, for a member of eval.ensemble_workdirs without a
+  best checkpoint."""
+  for workdir in config.eval.get("ensemble_workdirs") or ():
+    if not os.path.isdir(os.path.join(str(workdir), checkpoints.BEST_DIR)):
+      raise InputError("eval.ensemble_workdirs", f"{workdir}: no trained model there (its "
+                       f"{checkpoints.BEST_DIR}/ checkpoint is missing)")
+
+
+def ensemble_scores(split: dict, pred: dict, config) -> dict[str, np.ndarray]:
+  """`uncertainty.ensemble_scores` of the evaluated model (its `predict_arrays` output
+  ``pred``) and the members of eval.ensemble_workdirs, each with its own input and model."""
+  check_ensemble(config)
+  probs = [pred["probs"]]
+  for workdir in config.eval.ensemble_workdirs:
+    member = checkpoints.trained_config(config, str(workdir))
+    model, variables = checkpoints.load_params(member, str(workdir), "best")
+    probs.append(predict_arrays(model, variables, split["image"], split["peak_lv_frame"],
+                                member, with_um=False,
+                                desc=f"ensemble: {os.path.basename(str(workdir))}")["probs"])
+  stacked = np.stack(probs)
+  seg = np.argmax(stacked.mean(axis=0), axis=-1).astype(np.int32)
+  if config.eval.get("keep_heart", False):
+    seg = postprocess.keep_heart_batch(seg)
+  dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
+  return uncertainty.ensemble_scores(stacked, seg, dilation)
 
 
 def baseline_scores(model, variables, split: dict, config, names=None) -> dict[str, np.ndarray]:
@@ -231,6 +265,8 @@ def slice_scores(name: str, model, variables, split: dict, pred: dict, config) -
   if name == ENTROPY_SCORE:
     dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
     return uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"], dilation)
+  if name in ENSEMBLE_SCORES:
+    return ensemble_scores(split, pred, config)[name]
   check_score_available(config, name)
   return baseline_scores(model, variables, split, config, names=(name,))[name]
 

@@ -630,6 +630,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
         jax.block_until_ready(step_metrics)
         first_step_s = time.perf_counter() - t0
         restart_timer()
+        bar.unpause()  # The ETA leaves compilation out (after a resume it read hours).
       else:
         state, step_metrics = step_fn(state, batch)
         timer["steps"] += 1

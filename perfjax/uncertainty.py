@@ -213,6 +213,38 @@ def batch_entropy_score(probs_nhwk, seg_nhw, dilation: int = ENTROPY_DILATION) -
 
 
 # ----------------------------------------------------------------------------------------------
+# A deep ensemble (Lakshminarayanan et al. 2017): the same slices through M independently
+# trained networks (e.g. the reproduction's seeds).
+
+ENSEMBLE_ENTROPY_SCORE = "ensemble_entropy"  # 1 - entropy of the members' mean (total)
+ENSEMBLE_MI_SCORE = "ensemble_mi"  # 1 - mutual information (the members' disagreement)
+
+
+def ensemble_scores(probs_mnhwk, seg_nhw, dilation: int = ENTROPY_DILATION
+                    ) -> dict[str, np.ndarray]:
+  """Two slice scores of M members' mean softmax [M, N, H, W, K] over the ensemble's predicted
+  myocardium ``seg_nhw`` dilated by ``dilation``, both "higher = more reliable".
+
+  ``ensemble_entropy``: `entropy_score` of the members' mean. ``ensemble_mi``: 1 - the mean
+  normalised mutual information H(mean) - mean_m H(member m), which is 0 where the members
+  agree however soft they are. No predicted myocardium: -inf, as for `entropy_score`.
+  """
+  probs, seg = np.asarray(probs_mnhwk, np.float64), np.asarray(seg_nhw)
+  if probs.ndim != 5 or probs.shape[1:4] != seg.shape or probs.shape[0] < 2:
+    raise InputError("probs", f"expected [M >= 2, N, H, W, K] matching seg {seg.shape}, got "
+                     f"{probs.shape}")
+  mean = probs.mean(axis=0)
+  information = pixel_entropy(mean) - pixel_entropy(probs).mean(axis=0)  # [N, H, W], >= 0
+  mi = np.full(len(seg), float("-inf"))
+  for i, s in enumerate(seg):
+    region = dilate(s == MYOCARDIUM, int(dilation))
+    if region.any():
+      mi[i] = 1.0 - information[i][region].mean()
+  return {ENSEMBLE_ENTROPY_SCORE: batch_entropy_score(mean, seg, dilation),
+          ENSEMBLE_MI_SCORE: mi}
+
+
+# ----------------------------------------------------------------------------------------------
 # ROC of 1 - U against OOD labels.
 
 

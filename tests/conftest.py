@@ -20,6 +20,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 _HOME = tempfile.mkdtemp(prefix="perfjax-test-home-")
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_HOME, "matplotlib"))
 os.environ.setdefault("IPYTHONDIR", os.path.join(_HOME, "ipython"))
+# One persistent XLA compilation cache for the session: pytest-xdist's workers and every
+# subprocess (the CLI, notebook kernels, the two-process runs) inherit this environment from
+# the first process, so the same tiny programs are compiled once, not once per process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_HOME, "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 SMALL_DATASET = "synthetic_small"
 

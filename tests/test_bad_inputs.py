@@ -28,8 +28,7 @@ CONFIG = "configs/patch3.py:tiny"
 
 
 def _tiny_config():
-  sys.path.insert(0, str(ROOT))
-  from configs import patch3  # pylint: disable=g-import-not-at-top
+  from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
   return patch3.get_config("tiny")
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import paper_experiments
+from perfjax.configs import paper_experiments
 from perfjax import crossval
 from perfjax.errors import InputError
 

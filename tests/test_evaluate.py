@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import patch2
-from configs import patch3
+from perfjax.configs import patch2
+from perfjax.configs import patch3
 from perfjax import evaluate
 from perfjax import predict
 from perfjax.data import io as data_io

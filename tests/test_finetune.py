@@ -111,7 +111,10 @@ def test_fine_tuning_takes_the_source_model_and_refuses_a_missing_source(tmp_pat
                                                         released.model.depth)
   assert tuned.model.dtype == "bfloat16" and tuned.train.num_steps == 7
   assert tuned.data.dataset == tiny.data.dataset and tuned.seed == tiny.seed
-  assert "using the trained model's model" in capsys.readouterr().out
+  out = capsys.readouterr().out  # one line naming what differs, not the whole model config
+  assert "using the trained model's model from config.json: " in out and len(out.splitlines()) == 1
+  assert f"model.features {released.model.features} (the config says 4)" in out
+  assert "dtype" not in out  # a runtime field, the caller's
   assert train.with_source_model(_config()).model.features == 4  # no init_from: unchanged
   # The safety net behind it: parameters of another architecture are refused.
   wider = _config(init_from="released")

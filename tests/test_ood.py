@@ -123,3 +123,34 @@ def test_tta_in_chunks_equals_one_call(monkeypatch):
   np.testing.assert_allclose(chunked["um"], whole["um"], rtol=1e-6)
   np.testing.assert_array_equal(chunked["segmentation"], whole["segmentation"])
   assert not np.allclose(run(images[2:4], 0)["um"], whole["um"][2:4])  # other slices' noise
+
+
+def test_a_missing_ensemble_member_is_one_clear_error(tmp_path):
+  config = _config(ensemble_workdirs=(str(tmp_path),))
+  with pytest.raises(InputError, match="no trained model there"):
+    ood.check_ensemble(config)
+  assert ood.primary_score(_config(ood_score="ensemble_mi", ensemble_workdirs=("w",))) == (
+      "ensemble_mi")
+  with pytest.raises(InputError, match="unknown score"):
+    ood.primary_score(_config(ood_score="ensemble_mi"))  # no ensemble configured
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_a_model_with_itself_has_no_disagreement(tiny_run, small_data_dir):
+  from perfjax import checkpoints, predict  # pylint: disable=g-import-not-at-top
+  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = tiny_run
+  trained = checkpoints.trained_config(config, workdir)
+  trained.eval.baselines = ()
+  split = datasets.load_split(trained.data.dataset, "test", str(small_data_dir))
+  three = {k: np.asarray(split[k])[:3] for k in ("image", "peak_lv_frame")}
+  model, variables = checkpoints.load_params(trained, workdir, "best")
+  pred = predict.predict_arrays(model, variables, three["image"], three["peak_lv_frame"],
+                                trained, with_um=False, progress=False)
+  assert set(ood.other_scores(model, variables, three, pred, trained)) == {"entropy"}
+  trained.eval.ensemble_workdirs = (workdir,)
+  scores = ood.other_scores(model, variables, three, pred, trained)
+  assert set(scores) == {"entropy", "ensemble_entropy", "ensemble_mi"}
+  np.testing.assert_allclose(scores["ensemble_entropy"], scores["entropy"])
+  finite = np.isfinite(scores["entropy"])
+  np.testing.assert_allclose(scores["ensemble_mi"][finite], 1.0, atol=1e-12)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import patch3
+from perfjax.configs import patch3
 from perfjax import ood
 from perfjax.data import failures
 from perfjax.errors import InputError

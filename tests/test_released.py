@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from configs import patch3
+from perfjax.configs import patch3
 from perfjax import checkpoints, evaluate
 
 RELEASED = pathlib.Path(__file__).resolve().parents[1] / "released" / "patch3"

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from configs import paper_experiments
+from perfjax.configs import paper_experiments
 from perfjax import reproduce
 
 

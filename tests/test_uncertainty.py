@@ -247,3 +247,25 @@ def test_entropy_score_extremes_and_bad_input():
     uncertainty.entropy_score(uniform[:10], seg)
   with pytest.raises(InputError):
     uncertainty.entropy_score(uniform, seg, dilation=-1)
+
+
+def test_ensemble_scores_golden_values():
+  seg = ring_mask()
+  n_classes = 4
+  agree = np.zeros(seg.shape + (n_classes,))
+  agree[..., 0] = 0.9
+  agree[..., 1] = 0.1
+  swapped = agree[..., [1, 0, 2, 3]]
+  h_member = -(0.9 * np.log(0.9) + 0.1 * np.log(0.1)) / np.log(4)  # 0.2345
+  same = uncertainty.ensemble_scores(np.stack([agree, agree])[:, None], seg[None], dilation=0)
+  assert same["ensemble_mi"][0] == pytest.approx(1.0)  # soft but unanimous: no disagreement
+  assert same["ensemble_entropy"][0] == pytest.approx(1.0 - h_member)
+  split = uncertainty.ensemble_scores(np.stack([agree, swapped])[:, None], seg[None], dilation=0)
+  # The mean is (0.5, 0.5): entropy log 2 / log 4 = 0.5; MI = 0.5 - h_member.
+  assert split["ensemble_entropy"][0] == pytest.approx(0.5)
+  assert split["ensemble_mi"][0] == pytest.approx(1.0 - (0.5 - h_member))
+  empty = uncertainty.ensemble_scores(np.stack([agree, agree])[:, None],
+                                      np.zeros_like(seg)[None])
+  assert empty["ensemble_mi"][0] == -np.inf and empty["ensemble_entropy"][0] == -np.inf
+  with pytest.raises(InputError, match="M >= 2"):
+    uncertainty.ensemble_scores(agree[None, None], seg[None])

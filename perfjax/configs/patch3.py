@@ -112,6 +112,9 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   config.eval.ood_score = conventions.PAPER_OOD_SCORE  # Score behind ood.*: "U" (paper eq. 1-2), "entropy", "tta", ...
   config.eval.baselines = ("tta",)  # Other uncertainties scored by the same ROC: tta, mc_dropout.
   config.eval.baseline_samples = 8  # Samples per baseline uncertainty map.
+  # Other trained workdirs (e.g. the other seeds of a reproduction) that form a deep ensemble with
+  # the evaluated model: scores ensemble_entropy and ensemble_mi (perfjax.ood.ensemble_scores).
+  config.eval.ensemble_workdirs = ()
 
   if variant == "paper":
     config.data.dataset = "synthetic"
