@@ -101,6 +101,7 @@ def test_summary_over_folds_and_verdicts():
     runs[(fold, "patch3_advanced")] = _fake_run("patch3_advanced", fold, base + 0.05)
     runs[(fold, "patch2_conventional")] = _fake_run("patch2_conventional", fold,
                                                     base + noise * 3)
+    runs[(fold, "patch3_finetuned")] = _fake_run("patch3_finetuned", fold, base + 0.1 + noise)
   summary = crossval.summarize(runs, poor_dice=0.7, n_boot=100)
   p3 = summary["networks"]["patch3_advanced"]
   assert p3["dice_myo"]["mean"] == pytest.approx(0.75) and p3["dice_myo"]["n"] == 3
@@ -121,6 +122,8 @@ def test_summary_over_folds_and_verdicts():
       "not a finding (within the fold spread)")
   assert verdicts["advanced > conventional (patch3), dice_myo"]["verdict"] == (
       "not a finding (fewer than 2 folds)")  # patch3 conventional was not run
+  c = verdicts["fine-tuned released > patch3 advanced from scratch, dice_myo"]
+  assert c["verdict"] == "agrees" and c["mean"] == pytest.approx(0.05)
   text = crossval.report_markdown(summary)
   assert "| patch3_advanced | 0.750 ± 0.010 | 0.800 ± 0.010 |" in text
   assert "| 9 of 12 | 0.86 / 0.83 / 0.71 |" in text
@@ -192,7 +195,7 @@ def test_tiny_cross_validation_runs_resumes_and_reports(tmp_path, capsys):
   for n in summary["networks"].values():
     assert n["dice_myo"]["n"] == 2 and n["n_slices"] == 8
     assert set(n["ood"]) == {"U", "entropy", "tta"} and n["ood"]["U"]["n"] == 8
-  assert len(summary["claims"]) == 16  # every claim listed, unrun pairs "not a finding"
+  assert len(summary["claims"]) == 20  # every claim listed, unrun pairs "not a finding"
   assert summary["setup"]["patients"] == 4 and summary["setup"]["slices"] == 8
   text = (workdir / "crossval.md").read_text()
   assert text.count("| patch") >= 4 and "verdict" in text
