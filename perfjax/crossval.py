@@ -428,8 +428,9 @@ def report_markdown(summary: dict) -> str:
               if n.get("n_u_fallback")]
   if fallback:
     lines += ["", "U's six sectors need RV insertion points; where the prediction has none, "
-              f"they are placed at the standard display orientation (septum at {STANDARD_SEPTAL_ANGLE:g} deg, "
-              "CONVENTIONS.md): " + ", ".join(fallback) + " slices."]
+              "they are placed at the standard display orientation (septum at "
+              f"{STANDARD_SEPTAL_ANGLE:g} deg, CONVENTIONS.md): " + ", ".join(fallback)
+              + " slices."]
   lines += ["", "## The paper's claims (and fine-tuning against training from scratch), judged "
             "over folds", "",
             "d = the per-fold paired difference (same test patients). *agrees*: mean(d) has the "
