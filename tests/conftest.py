@@ -41,6 +41,7 @@ def pytest_configure(config):
 SHARED_RUNS = ("tiny_run", "tiny_reproduction")
 
 
+@pytest.hookimpl(tryfirst=True)  # Before pytest-xdist's own, which reads the group marks.
 def pytest_collection_modifyitems(items):
   for item in items:
     shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
