@@ -331,7 +331,8 @@ def ood_table(runs: dict, network: str, poor_dice: float, n_boot: int, seed: int
   patients = [r["patient"] for r in rows]
   out = {}
   for name in rows[0]["scores"]:
-    scores = np.array([r["scores"][name] for r in rows], np.float64)
+    # -inf (uncertain by definition) reads back from JSON as null: _score restores it.
+    scores = np.array([_score(r["scores"][name]) for r in rows], np.float64)
     entry = dict(n=len(rows), n_poor=int(poor.sum()), auc=float("nan"),
                  ci95=[float("nan"), float("nan")])
     if 0 < poor.sum() < poor.size:

@@ -115,6 +115,10 @@ def test_summary_over_folds_and_verdicts():
   assert ood["U"]["auc"] == pytest.approx(1.0) and ood["U"]["n"] == 12
   assert ood["U"]["n_poor"] == 6 and ood["U"]["ci95"] == pytest.approx([1.0, 1.0])
   assert ood["tta"]["auc"] == pytest.approx(0.5)  # a constant score knows nothing
+  # A crossval.json read back: -inf (no sectors for U) was written as null.
+  runs[("fold0", "patch3_advanced")]["slices"][0]["scores"]["U"] = None
+  again = crossval.summarize(runs, poor_dice=0.7, n_boot=100)["networks"]["patch3_advanced"]
+  assert again["ood"]["U"]["auc"] == pytest.approx(1.0)  # that slice (Dice 0.5) is poor anyway
   verdicts = {c["claim"]: c for c in summary["claims"]}
   c = verdicts["patch3 > patch2 (advanced augmentation), dice_myo"]
   assert c["verdict"] == "agrees" and c["mean"] == pytest.approx(0.05) and c["n"] == 3
