@@ -163,13 +163,18 @@ def other_scores(model, variables, split: dict, pred: dict, config) -> dict[str,
   """Every score beside 1 - U, by name: the entropy score of the segmentation ``pred``
   (`perfjax.predict.predict_arrays`: probs, segmentation), the baselines of eval.baselines and,
   with eval.ensemble_workdirs, the deep ensemble's two scores (`ensemble_scores`)."""
-  dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
   out = {ENTROPY_SCORE: uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
-                                                        dilation)}
+                                                        _entropy_dilation(config))}
   out.update(baseline_scores(model, variables, split, config))
   if config.eval.get("ensemble_workdirs"):
     out.update(ensemble_scores(split, pred, config))
   return out
+
+
+def _entropy_dilation(config) -> int:
+  """Pixels the predicted myocardium is dilated by for the entropy scores (single model and
+  ensemble alike)."""
+  return int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
 
 
 def check_ensemble(config) -> None:
@@ -196,8 +201,7 @@ def ensemble_scores(split: dict, pred: dict, config) -> dict[str, np.ndarray]:
   seg = np.argmax(stacked.mean(axis=0), axis=-1).astype(np.int32)
   if config.eval.get("keep_heart", False):
     seg = postprocess.keep_heart_batch(seg)
-  dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
-  return uncertainty.ensemble_scores(stacked, seg, dilation)
+  return uncertainty.ensemble_scores(stacked, seg, _entropy_dilation(config))
 
 
 def baseline_scores(model, variables, split: dict, config, names=None) -> dict[str, np.ndarray]:
@@ -263,8 +267,8 @@ def slice_scores(name: str, model, variables, split: dict, pred: dict, config) -
     return uncertainty.configured_uncertainty(pred["um"], pred["segmentation"],
                                               config.eval)["one_minus_U"]
   if name == ENTROPY_SCORE:
-    dilation = int(config.eval.get("entropy_dilation", uncertainty.ENTROPY_DILATION))
-    return uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"], dilation)
+    return uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
+                                           _entropy_dilation(config))
   if name in ENSEMBLE_SCORES:
     return ensemble_scores(split, pred, config)[name]
   check_score_available(config, name)

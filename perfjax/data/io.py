@@ -130,17 +130,23 @@ def parse_sequence(value: Any, source: Any) -> dict[str, Any]:
                              f'{value["protocol"]!r}')
   out: dict[str, Any] = dict(protocol=protocol)
   for key in SEQUENCE_FIELDS[1:] + tuple(SEQUENCE_DEFAULTS):
-    raw = value.get(key, SEQUENCE_DEFAULTS.get(key))
-    try:
-      number = float(raw)
-    except (TypeError, ValueError):
-      raise InputError(source, f'"sequence" {key} {raw!r} is not a number') from None
-    lo, hi = _SEQUENCE_BOUNDS[key]
-    if not (np.isfinite(number) and lo <= number <= hi):
-      raise InputError(source, f'"sequence" {key} = {number:g} is outside [{lo:g}, {hi:g}] '
-                               "(seconds; the flip angle in degrees)")
-    out[key] = number
+    out[key] = _bounded_number(value.get(key, SEQUENCE_DEFAULTS.get(key)), source,
+                               f'"sequence" {key}', _SEQUENCE_BOUNDS[key],
+                               " (seconds; the flip angle in degrees)")
   return out
+
+
+def _bounded_number(raw: Any, source: Any, what: str, bounds: tuple[float, float],
+                    units: str = "") -> float:
+  """``raw`` as a finite float within ``bounds``, else the sidecar's one-line InputError."""
+  try:
+    number = float(raw)
+  except (TypeError, ValueError):
+    raise InputError(source, f"{what} {raw!r} is not a number") from None
+  lo, hi = bounds
+  if not (np.isfinite(number) and lo <= number <= hi):
+    raise InputError(source, f"{what} = {number:g} is outside [{lo:g}, {hi:g}]{units}")
+  return number
 
 
 AIF_SERIES_FIELDS = ("file", "sequence")  # required; optional: pd_file, dose_ratio, lead_s
@@ -189,15 +195,9 @@ def parse_aif_series(value: Any, side: pathlib.Path) -> dict[str, Any]:
   if out["pd"] is not None and out["pd"].shape != out["image"].shape[:2]:
     raise InputError(side, f'"aif_series" pd_file is {list(out["pd"].shape)}, its file '
                            f'{list(out["image"].shape[:2])}')
-  for key, lo, hi in (("dose_ratio", 1.0, 100.0), ("lead_s", -2.0, 5.0)):
+  for key, bounds in (("dose_ratio", (1.0, 100.0)), ("lead_s", (-2.0, 5.0))):
     if key in value:
-      try:
-        number = float(value[key])
-      except (TypeError, ValueError):
-        raise InputError(side, f'"aif_series" {key} {value[key]!r} is not a number') from None
-      if not (np.isfinite(number) and lo <= number <= hi):
-        raise InputError(side, f'"aif_series" {key} = {number:g} is outside [{lo:g}, {hi:g}]')
-      out[key] = number
+      out[key] = _bounded_number(value[key], side, f'"aif_series" {key}', bounds)
   return out
 
 
