@@ -8,9 +8,12 @@ r"""Issue 16's table in one command: perfjax and the PyTorch peer side by side, 
 Rows (one JSON object per line, `row` names it; seconds are wall-clock medians):
   env             device, versions, date (one per framework process).
   sliding_window  stride-2 UM (mean + std of 1089 windows per 128 x 128 x 30 slice, random
-                  weights) of --slices slices after a compiling warm-up: f=64 float32 with chunk
-                  1089 (plain and fast path) and chunk 64; f=64 bfloat16 with slices_per_call 8
-                  and 30; f=16 float32 (plain and fast). TFLOP/s from the analytic FLOPs.
+                  weights) of --slices slices after a compiling warm-up, fast path, "matmul"
+                  accumulation (the accelerators' default): f=64 bfloat16 with slices_per_call
+                  8 and 30, f=16 float32 with 8, 30 and all slices, f=64 float32; then the
+                  CPU's "loop" accumulation for f=64 bfloat16 and f=16 beside them, and f=16
+                  bfloat16. TFLOP/s from the analytic FLOPs. (--sections=sliding: these rows
+                  and the peer's only.)
   train_step      the real `perfjax.train` step (augment + fwd/bwd + Adam, state donated): paper
                   (f=64, batch 32, advanced augmentation) and default (f=16, batch 16), float32
                   and bfloat16; `ms` blocks after every step, `ms_pipelined` after --steps steps.
@@ -56,9 +59,9 @@ def sizes(tiny: bool) -> dict:
   if tiny:
     # One width and batch: the paper and default rows share their compiled programs.
     return dict(slices=1, stride=32, wide=4, narrow=4, paper_batch=4, default_batch=4,
-                steps=3, windows=64, chunk_full=9, chunk_small=4, spc=(1,))
+                steps=3, windows=64, chunk_full=9, spc=(1,))
   return dict(slices=120, stride=2, wide=64, narrow=16, paper_batch=32, default_batch=16,
-              steps=50, windows=4096, chunk_full=1089, chunk_small=64, spc=(8, 30))
+              steps=50, windows=4096, chunk_full=1089, spc=(8, 30))
 
 
 def median_s(fn, reps: int) -> float:
@@ -107,31 +110,37 @@ def jax_rows(args) -> None:
   images = rng.random((z["slices"], IMAGE, IMAGE, FRAMES), dtype=np.float32)
   n_windows = len(windows.grid(IMAGE, IMAGE, PATCH, z["stride"]))
 
-  def sliding(features, dtype, fast, chunk, spc):
+  def sliding(features, dtype, fast, chunk, spc, accumulate="matmul"):
     model = UNet(features=features, depth=4, dtype=compute_dtype(dtype))
     params = numpy_params(model, FRAMES)
     run = lambda x: inference.sliding_window(  # noqa: E731
         UNetPredictor(model, fast=fast), params, x, stride=z["stride"], chunk_size=chunk,
-        slices_per_call=spc)
+        slices_per_call=spc, accumulate=accumulate)
     t0 = time.perf_counter()
     run(images[:spc])
     compile_s = time.perf_counter() - t0
     seconds = median_s(lambda: run(images), args.reps)
     tflop = flops_per_patch(features) * n_windows * len(images) / 1e12
     emit(row="sliding_window", f=features, dtype=dtype, fast=fast, chunk=chunk,
-         slices_per_call=spc, slices=len(images), stride=z["stride"], seconds=round(seconds, 3),
+         slices_per_call=spc, accumulate=accumulate, slices=len(images), stride=z["stride"], seconds=round(seconds, 3),
          slices_per_s=round(len(images) / seconds, 2), tflop_per_s=round(tflop / seconds, 3),
          first_call_s=round(compile_s, 2))
 
   # The rows of the issue's targets first: a time-boxed run keeps them (the lines stream out).
-  spc0 = z["spc"][0]
-  for fast in (False, True):
-    sliding(z["wide"], "float32", fast, z["chunk_full"], spc0)
-  for spc in z["spc"]:
-    sliding(z["wide"], "bfloat16", True, z["chunk_full"], spc)
-  for fast in (False, True):
-    sliding(z["narrow"], "float32", fast, z["chunk_full"], spc0)
-  sliding(z["wide"], "float32", False, z["chunk_small"], spc0)
+  # "matmul" is the accelerators' default accumulation; "loop" (the CPU's) beside it.
+  spc0, spc1 = z["spc"][0], z["spc"][-1]
+  if "sliding" in args.sections:
+    for spc in z["spc"]:
+      sliding(z["wide"], "bfloat16", True, z["chunk_full"], spc)
+    sliding(z["narrow"], "float32", True, z["chunk_full"], spc0)
+    sliding(z["narrow"], "float32", True, z["chunk_full"], spc1)
+    sliding(z["narrow"], "float32", True, z["chunk_full"], z["slices"])
+    sliding(z["wide"], "float32", True, z["chunk_full"], spc0)
+    sliding(z["wide"], "bfloat16", True, z["chunk_full"], spc1, accumulate="loop")
+    sliding(z["narrow"], "float32", True, z["chunk_full"], spc0, accumulate="loop")
+    sliding(z["narrow"], "bfloat16", True, z["chunk_full"], spc1)
+  if "train" not in args.sections:
+    return
 
   mesh = train.make_mesh()
 
@@ -320,8 +329,8 @@ def torch_rows(args) -> None:
     return mean, var.clamp_min(0).sqrt()
 
   n_windows = ((IMAGE - PATCH) // z["stride"] + 1) ** 2
-  for features, dtype, chunk in ((z["wide"], "float32", z["chunk_full"]),
-                                 (z["wide"], "float32", z["chunk_small"]),
+  for features, dtype, chunk in () if "sliding" not in args.sections else (
+                                 (z["wide"], "float32", z["chunk_full"]),
                                  (z["wide"], "bfloat16", z["chunk_full"]),
                                  (z["narrow"], "float32", z["chunk_full"])):
     model = UNet(features).to(dev).eval().to(memory_format=torch.channels_last)
@@ -338,8 +347,8 @@ def torch_rows(args) -> None:
          slices=len(images), stride=z["stride"], windows_per_slice=n_windows,
          seconds=round(seconds, 3), slices_per_s=round(len(images) / seconds, 2))
 
-  for name, features, batch in (("paper", z["wide"], z["paper_batch"]),
-                                ("default", z["narrow"], z["default_batch"])):
+  for name, features, batch in () if "train" not in args.sections else (
+      ("paper", z["wide"], z["paper_batch"]), ("default", z["narrow"], z["default_batch"])):
     for dtype in ("float32", "bfloat16"):
       torch.manual_seed(0)
       model = UNet(features).to(dev).train().to(memory_format=torch.channels_last)
@@ -380,6 +389,8 @@ def main() -> None:
   parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke test)")
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--only", choices=("jax", "torch", "precision"), default=None)
+  parser.add_argument("--sections", default="sliding,train",
+                      help="comma-separated: sliding (the UM rows), train (steps and the loop)")
   parser.add_argument("--accuracy", default=None, metavar="DATASET",
                       help="also measure bfloat16's accuracy cost on this dataset's test split "
                       "(e.g. synthetic; synthetic_small for a quick check)")
@@ -390,6 +401,9 @@ def main() -> None:
                       help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args()
+  args.sections = tuple(x for x in args.sections.split(",") if x)
+  if set(args.sections) - {"sliding", "train"}:
+    parser.error(f"--sections: expected sliding and/or train, got {args.sections}")
   if "precision" in (args.only, args.worker) and not args.accuracy:
     parser.error("precision rows need --accuracy=DATASET")
   if args.worker:
@@ -401,7 +415,8 @@ def main() -> None:
     frameworks.append("precision")
   rows = []
   for framework in frameworks:
-    argv = [sys.executable, __file__, f"--worker={framework}", f"--reps={args.reps}"] + (
+    argv = [sys.executable, __file__, f"--worker={framework}", f"--reps={args.reps}",
+            f"--sections={','.join(args.sections)}"] + (
         ["--tiny"] if args.tiny else []) + [f"--{k}={v}" for k, v in (
             ("accuracy", args.accuracy), ("accuracy_stride", args.accuracy_stride),
             ("workdir", args.workdir)) if v is not None]

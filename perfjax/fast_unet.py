@@ -72,7 +72,8 @@ _YNN_MIN_KERNEL = 257
 
 def _conv3x3(x_bhwc, kernel, bias=None):
   ci, co = kernel.shape[2], kernel.shape[3]
-  extra = max(0, -(-_YNN_MIN_KERNEL // ci) - co)
+  # Only for XLA:CPU: on a GPU an odd channel count would leave the tensor cores' tiles.
+  extra = max(0, -(-_YNN_MIN_KERNEL // ci) - co) if jax.default_backend() == "cpu" else 0
   k = jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else kernel
   y = jax.lax.conv_general_dilated(x_bhwc, k, (1, 1), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -67,10 +67,12 @@ def _reference(img, patch, stride, fn):
   return mean, std, cnt
 
 
+@pytest.mark.parametrize("accumulate", inf.ACCUMULATIONS)
 @pytest.mark.parametrize("h,w,patch,stride", [(24, 20, 8, 2), (24, 20, 8, 5), (16, 16, 8, 8)])
-def test_mean_std_closed_form(h, w, patch, stride):
+def test_mean_std_closed_form(h, w, patch, stride, accumulate):
   img = _position_image(2, h, w)
-  out = inf.sliding_window(_closed_form_apply, None, img, patch=patch, stride=stride, chunk_size=16)
+  out = inf.sliding_window(_closed_form_apply, None, img, patch=patch, stride=stride, chunk_size=16,
+                           accumulate=accumulate)
   mean, std, cnt = _reference(img, patch, stride, _closed_form_apply)
   np.testing.assert_array_equal(out["count"], cnt)
   np.testing.assert_allclose(out["mean"], mean, atol=2e-6)
@@ -80,12 +82,38 @@ def test_mean_std_closed_form(h, w, patch, stride):
 
 
 def test_chunked_equals_unchunked():
+  """Any chunking, either accumulation: the same statistics (matmul chunks are whole window
+  rows: 1 and 7 windows give one row of 5, 12 two rows, 10000 all five)."""
   img = _position_image(3, 20, 20)
   outs = [inf.sliding_window(_closed_form_apply, None, img, patch=8, stride=3, chunk_size=c,
-                             slices_per_call=s) for c, s in ((1, 3), (7, 2), (10_000, 3))]
-  for o in outs[1:]:
+                             slices_per_call=s, accumulate=a)
+          for a in inf.ACCUMULATIONS for c, s in ((1, 3), (7, 2), (12, 3), (10_000, 3))]
+  for o in outs[1:]:  # Each within ~1e-6 of the float64 truth (test_mean_std_closed_form).
     np.testing.assert_allclose(o["mean"], outs[0]["mean"], atol=1e-6)
-    np.testing.assert_allclose(o["std"], outs[0]["std"], atol=1e-6)
+    np.testing.assert_allclose(o["std"], outs[0]["std"], atol=2e-6)
+
+
+def test_row_plan_hand_computed():
+  """20 x 20 image, patch 8, stride 3: row starts 0 3 6 9 12 (5 rows of 5 windows); 12 windows
+  per chunk = 2 rows, so 3 chunks per slice, the last half padding; 2 slices over 2 devices."""
+  plan = inf.row_plan(2, 20, 20, 8, 3, chunk_size=12, n_parts=2)
+  assert plan["rows_per_chunk"] == 2
+  np.testing.assert_array_equal(plan["row_origin"], [0, 3, 6, 9, 12, 12])
+  np.testing.assert_array_equal(plan["row_valid"], [1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(plan["item"], [[[0, 0], [0, 2], [0, 4]], [[1, 0], [1, 2], [1, 4]]])
+  np.testing.assert_array_equal(plan["valid"], np.ones((2, 3)))
+  uneven = inf.row_plan(1, 20, 20, 8, 3, chunk_size=1, n_parts=2)  # 5 one-row chunks, 2 devices
+  assert uneven["rows_per_chunk"] == 1 and uneven["item"].shape == (2, 3, 2)
+  np.testing.assert_array_equal(uneven["valid"], [[1, 1, 1], [1, 1, 0]])
+  place = np.asarray(inf.placement(np.array([0, 3]), 2, 6))
+  np.testing.assert_array_equal(place, [[[1, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 0]],
+                                        [[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0]]])
+
+
+def test_default_accumulation_and_chunk_per_platform():
+  assert inf.default_accumulation("cpu") == "loop" and inf.default_chunk_size("cpu") == 8
+  assert inf.default_accumulation("gpu") == "matmul" == inf.default_accumulation("tpu")
+  assert inf.default_chunk_size("gpu") == 1089 == len(windows.grid(128, 128, 64, 2))
 
 
 def test_stride_equal_patch_is_plain_tiling():
@@ -107,14 +135,16 @@ def test_std_accurate_when_tiny_next_to_mean():
     eps = jnp.broadcast_to(eps, x[..., :1].shape)
     return jnp.concatenate([1.0 - eps, eps], -1)
 
-  out = inf.sliding_window(fn, None, img, patch=8, stride=1, chunk_size=64)
   grid = windows.grid(24, 24, 8, 1)
   vals = 1e-4 + 1e-5 * np.sin(11.0 * grid[:, 0] / 24 + 5.0 * grid[:, 1] / 24)
   inside = (grid[:, 0] <= 12) & (grid[:, 0] > 4) & (grid[:, 1] <= 12) & (grid[:, 1] > 4)
   expected = np.std(vals[inside], ddof=1)  # pixel (12, 12) is covered by starts 5..12
-  assert out["count"][12, 12] == inside.sum() == 64
-  np.testing.assert_allclose(out["std"][0, 12, 12, 1], expected, rtol=1e-3)
-  np.testing.assert_allclose(out["std"][0, 12, 12, 0], expected, rtol=2e-2)
+  for accumulate in inf.ACCUMULATIONS:
+    out = inf.sliding_window(fn, None, img, patch=8, stride=1, chunk_size=64,
+                             accumulate=accumulate)
+    assert out["count"][12, 12] == inside.sum() == 64
+    np.testing.assert_allclose(out["std"][0, 12, 12, 1], expected, rtol=1e-3)
+    np.testing.assert_allclose(out["std"][0, 12, 12, 0], expected, rtol=2e-2)
 
 
 def test_gaussian_weighting():
@@ -171,6 +201,8 @@ def test_bad_inputs():
     inf.sliding_window("not a function", None, img, patch=8)
   with pytest.raises(InputError):
     inf.sliding_window(fn, None, img, patch=8, chunk_size=0)
+  with pytest.raises(InputError, match="accumulate"):
+    inf.sliding_window(fn, None, img, patch=8, accumulate="scatter")
   bad = img.copy()
   bad[0, 3, 3, 0] = np.nan
   with pytest.raises(InputError, match="NaN"):
@@ -205,14 +237,17 @@ rng = np.random.default_rng(0)
 img = rng.random((2, 24, 20, 3), dtype=np.float32)
 unet = UNetPredictor(UNet(features=4, depth=2), fast=True)
 unet_params = numpy_params(UNet(features=4, depth=2), 3)
-for fn, params, kw in ((closed, None, dict(stride=2, chunk_size=7)),
-                       (closed, None, dict(stride=3, mirror_tta=True)),
-                       (closed, None, dict(stride=2, gaussian_weighting=True)),
-                       (unet, unet_params, dict(stride=2, chunk_size=16))):
-  one = inf.sliding_window(fn, params, img, patch=8, devices=jax.devices()[:1], **kw)
-  three = inf.sliding_window(fn, params, img, patch=8, devices=jax.devices(), **kw)
-  for name in one:
-    np.testing.assert_allclose(three[name], one[name], atol=2e-6, err_msg=name)
+cases = ((closed, None, dict(stride=2, chunk_size=7)),
+         (closed, None, dict(stride=3, mirror_tta=True)),
+         (closed, None, dict(stride=2, gaussian_weighting=True)),
+         (unet, unet_params, dict(stride=2, chunk_size=16)))
+for accumulate in inf.ACCUMULATIONS:
+  for fn, params, kw in cases:
+    kw = dict(kw, accumulate=accumulate)
+    one = inf.sliding_window(fn, params, img, patch=8, devices=jax.devices()[:1], **kw)
+    three = inf.sliding_window(fn, params, img, patch=8, devices=jax.devices(), **kw)
+    for name in one:
+      np.testing.assert_allclose(three[name], one[name], atol=2e-6, err_msg=name)
 print("ok")
 """
 
