@@ -143,8 +143,11 @@ def window_plan(n: int, h: int, w: int, patch: int, stride: int, chunk_size: int
   tile_origins = _with_slices(tiles, n)
   rest_parts = np.array_split(_with_slices(rest, n), n_parts)
   n_tiles = len(tile_origins)
-  chunk = min(chunk_size, n_tiles + max(len(r) for r in rest_parts))
-  n_chunks = max(-(-(n_tiles + len(r)) // chunk) for r in rest_parts)
+  longest = n_tiles + max(len(r) for r in rest_parts)
+  n_chunks = -(-longest // min(chunk_size, longest))
+  # As many calls as chunk_size asks for, each as small as they can be (9 windows in chunks of
+  # at most 8: 2 calls of 5, not 2 of 8 with 7 padding windows).
+  chunk = -(-longest // n_chunks)
   org = np.zeros((n_parts, n_chunks * chunk, 3), np.int32)
   valid = np.zeros((n_parts, n_chunks * chunk), np.float32)
   for i, part in enumerate(rest_parts):

@@ -110,6 +110,19 @@ def test_row_plan_hand_computed():
                                         [[0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0]]])
 
 
+def test_window_plan_even_chunks():
+  """9 windows (stride 32) in chunks of at most 8: two calls of 5 windows (one padding), the
+  4 tiles first; 2 devices: tiles on both, the other 5 windows split 3 + 2."""
+  plan = inf.window_plan(1, 128, 128, 64, 32, chunk_size=8, n_parts=1)
+  assert plan["org"].shape == (1, 2, 5, 3) and plan["n_tile_chunks"] == 1
+  assert plan["valid"].sum() == 9 and plan["tile_weight"].sum() == 4
+  np.testing.assert_array_equal(plan["org"][0, 0, :4, 1:], windows.grid(128, 128, 64, 64))
+  split = inf.window_plan(1, 128, 128, 64, 32, chunk_size=8, n_parts=2)
+  assert split["org"].shape == (2, 1, 7, 3)
+  np.testing.assert_array_equal(split["valid"].sum(-1), [[7], [6]])
+  np.testing.assert_array_equal(split["tile_weight"].sum(-1), [[4], [0]])
+
+
 def test_default_accumulation_and_chunk_per_platform():
   assert inf.default_accumulation("cpu") == "loop" and inf.default_chunk_size("cpu") == 8
   assert inf.default_accumulation("gpu") == "matmul" == inf.default_accumulation("tpu")
