@@ -35,6 +35,7 @@ import time
 import ml_collections
 import numpy as np
 
+from perfjax import frame_motion
 from perfjax import metrics
 from perfjax import reporting
 from perfjax import reproduce
@@ -49,7 +50,8 @@ DICE_KEYS = ("dice_myo", "dice_lv", "sector6", "sector12")
 # Names of the OOD scores in crossval.md; any other is a baseline's 1 - U.
 SCORE_LABELS = {PAPER_OOD_SCORE: "1 - U (paper)", uncertainty.ENTROPY_SCORE: "1 - softmax entropy",
                 uncertainty.ENSEMBLE_ENTROPY_SCORE: "1 - ensemble entropy",
-                uncertainty.ENSEMBLE_MI_SCORE: "1 - ensemble mutual information"}
+                uncertainty.ENSEMBLE_MI_SCORE: "1 - ensemble mutual information",
+                frame_motion.FRAME_MOTION_SCORE: "- frame-to-frame motion (px)"}
 
 
 # ------------------------------------------------------------------------------------- folds
@@ -330,7 +332,8 @@ def ood_table(runs: dict, network: str, poor_dice: float, n_boot: int, seed: int
   poor = np.array([r["dice_myo"] < poor_dice for r in rows])
   patients = [r["patient"] for r in rows]
   out = {}
-  for name in rows[0]["scores"]:
+  # Scores every run has (runs evaluated by an older perfjax lack the newer scores).
+  for name in [n for n in rows[0]["scores"] if all(n in r["scores"] for r in rows)]:
     # -inf (uncertain by definition) reads back from JSON as null: _score restores it.
     scores = np.array([_score(r["scores"][name]) for r in rows], np.float64)
     entry = dict(n=len(rows), n_poor=int(poor.sum()), auc=float("nan"),

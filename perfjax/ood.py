@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from perfjax import checkpoints
+from perfjax import frame_motion
 from perfjax import metrics
 from perfjax import perfusion
 from perfjax import postprocess
@@ -75,6 +76,7 @@ ROC_KEYS = ("auc", "threshold", "sensitivity", "specificity", "n_ood", "dice_rel
             "dice_unreliable")
 PAPER_SCORE = PAPER_OOD_SCORE  # The paper's U, scored as 1 - U (eq. 1-2).
 ENTROPY_SCORE = uncertainty.ENTROPY_SCORE
+FRAME_MOTION_SCORE = frame_motion.FRAME_MOTION_SCORE
 ENSEMBLE_SCORES = (uncertainty.ENSEMBLE_ENTROPY_SCORE, uncertainty.ENSEMBLE_MI_SCORE)
 CI_LEVEL = 0.95  # Two-sided level of every AUC confidence interval (CONVENTIONS.md).
 BOOTSTRAP_SAMPLES = 2000  # Stratified bootstrap resamples per AUC interval.
@@ -133,7 +135,7 @@ def ood_summary(one_minus_u: np.ndarray, labels: np.ndarray, dice_whole: np.ndar
 def primary_score(config) -> str:
   """The score named by eval.ood_score ("U", the paper's, unless set), validated."""
   name = config.eval.get("ood_score", PAPER_SCORE) or PAPER_SCORE
-  known = (PAPER_SCORE, ENTROPY_SCORE, *config.eval.get("baselines", ()),
+  known = (PAPER_SCORE, ENTROPY_SCORE, FRAME_MOTION_SCORE, *config.eval.get("baselines", ()),
            *(ENSEMBLE_SCORES if config.eval.get("ensemble_workdirs") else ()))
   if name not in known:
     raise InputError("eval.ood_score", f"unknown score {name!r}; use one of {list(known)}")
@@ -161,10 +163,12 @@ def primary_result(scores: dict[str, np.ndarray], labels: np.ndarray | None,
 
 def other_scores(model, variables, split: dict, pred: dict, config) -> dict[str, np.ndarray]:
   """Every score beside 1 - U, by name: the entropy score of the segmentation ``pred``
-  (`perfjax.predict.predict_arrays`: probs, segmentation), the baselines of eval.baselines and,
-  with eval.ensemble_workdirs, the deep ensemble's two scores (`ensemble_scores`)."""
+  (`perfjax.predict.predict_arrays`: probs, segmentation), the images' frame-to-frame motion
+  (`perfjax.frame_motion`, no network), the baselines of eval.baselines and, with
+  eval.ensemble_workdirs, the deep ensemble's two scores (`ensemble_scores`)."""
   out = {ENTROPY_SCORE: uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
-                                                        _entropy_dilation(config))}
+                                                        _entropy_dilation(config)),
+         FRAME_MOTION_SCORE: frame_motion.frame_motion_score(split["image"])}
   out.update(baseline_scores(model, variables, split, config))
   if config.eval.get("ensemble_workdirs"):
     out.update(ensemble_scores(split, pred, config))
@@ -269,6 +273,8 @@ def slice_scores(name: str, model, variables, split: dict, pred: dict, config) -
   if name == ENTROPY_SCORE:
     return uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
                                            _entropy_dilation(config))
+  if name == FRAME_MOTION_SCORE:
+    return frame_motion.frame_motion_score(split["image"])
   if name in ENSEMBLE_SCORES:
     return ensemble_scores(split, pred, config)[name]
   check_score_available(config, name)

@@ -191,14 +191,14 @@ def test_tiny_cross_validation_runs_resumes_and_reports(tmp_path, capsys):
     run = json.loads((workdir / name / "patch3_advanced" / "crossval.json").read_text())
     assert sorted({s["patient"] for s in run["slices"]}) == split["test"]
     assert len(run["slices"]) == 2 * len(split["test"])  # stress and rest together
-    assert set(run["slices"][0]["scores"]) == {"U", "entropy", "tta"}
+    assert set(run["slices"][0]["scores"]) == {"U", "entropy", "frame_motion", "tta"}
     # Masks without RV: U's sectors come from the fallback orientation where none is predicted.
     assert {s["u_sectors_from"] for s in run["slices"]} <= {
         "rv_insertion_points", "fallback", None}
   assert set(summary["networks"]) == set(config.crossval.networks)
   for n in summary["networks"].values():
     assert n["dice_myo"]["n"] == 2 and n["n_slices"] == 8
-    assert set(n["ood"]) == {"U", "entropy", "tta"} and n["ood"]["U"]["n"] == 8
+    assert set(n["ood"]) == {"U", "entropy", "frame_motion", "tta"} and n["ood"]["U"]["n"] == 8
   assert len(summary["claims"]) == 20  # every claim listed, unrun pairs "not a finding"
   assert summary["setup"]["patients"] == 4 and summary["setup"]["slices"] == 8
   text = (workdir / "crossval.md").read_text()

@@ -147,10 +147,10 @@ def test_an_ensemble_of_a_model_with_itself_has_no_disagreement(tiny_run, small_
   model, variables = checkpoints.load_params(trained, workdir, "best")
   pred = predict.predict_arrays(model, variables, three["image"], three["peak_lv_frame"],
                                 trained, with_um=False, progress=False)
-  assert set(ood.other_scores(model, variables, three, pred, trained)) == {"entropy"}
+  assert set(ood.other_scores(model, variables, three, pred, trained)) == {"entropy", "frame_motion"}
   trained.eval.ensemble_workdirs = (workdir,)
   scores = ood.other_scores(model, variables, three, pred, trained)
-  assert set(scores) == {"entropy", "ensemble_entropy", "ensemble_mi"}
+  assert set(scores) == {"entropy", "frame_motion", "ensemble_entropy", "ensemble_mi"}
   np.testing.assert_allclose(scores["ensemble_entropy"], scores["entropy"])
   finite = np.isfinite(scores["entropy"])
   np.testing.assert_allclose(scores["ensemble_mi"][finite], 1.0, atol=1e-12)

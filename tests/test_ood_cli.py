@@ -30,12 +30,12 @@ def test_ood_failures_command_writes_the_json_and_the_table(tiny_run, tmp_path, 
   out = json.loads((workdir / "ood_failures.json").read_text())
   assert out["ood_score"] == "U" and out["n_clean"] == 2 and out["n_slices"] == 2
   assert set(out["by_type"]) == {"motion_8px", "ghosting"}
-  assert out["scores"] == ["U", "entropy", "tta"]
+  assert out["scores"] == ["U", "entropy", "frame_motion", "tta"]
   for summary in out["by_type"]["ghosting"].values():
     assert (summary["n_positive"], summary["n_negative"]) == (2, 2)
     assert len(summary["auc_ci"]) == 2
   table = (workdir / "ood_failures.md").read_text()
-  assert "| failures | n+/n- | U (recommended) | entropy | tta |" in table
+  assert "| failures | n+/n- | U (recommended) | entropy | frame_motion | tta |" in table
   assert "| motion_8px | 2+/2- |" in table and "| all failures | 4+/2- |" in table
   assert (workdir / "ood_failures.html").is_file()
   printed = capsys.readouterr().out

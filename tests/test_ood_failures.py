@@ -126,7 +126,7 @@ def test_failure_evaluation_scores_every_type_and_group():
                                     jnp.zeros((1, 64, 64, 30), jnp.float32))["params"]}
   data = failures.failure_set(3, 1, "bssfp", ("motion_8px", "ghosting"))
   res = ood.failure_evaluation(model, variables, config, data)
-  assert res["n_clean"] == 1 and res["scores"] == ["U", "entropy", "tta"]
+  assert res["n_clean"] == 1 and res["scores"] == ["U", "entropy", "frame_motion", "tta"]
   assert set(res["by_type"]) == {"motion_8px", "ghosting"}
   assert set(res["by_group"]) == {"motion", "artefact"}
   for by_score in [res["all"], *res["by_type"].values(), *res["by_group"].values()]:
@@ -135,3 +135,5 @@ def test_failure_evaluation_scores_every_type_and_group():
       assert len(summary["auc_ci"]) == 2
   assert res["all"]["U"]["n_positive"] == 2 and res["by_type"]["ghosting"]["tta"]["n_positive"] == 1
   assert len(res["slices"]["entropy"]) == len(res["slices"]["failure"]) == 3
+  # 8 px of breathing moves the heart between frames; the clean phantom slice stands still.
+  assert res["by_type"]["motion_8px"]["frame_motion"]["auc"] == 1.0
