@@ -355,14 +355,14 @@ def _sliding_window_impl(predictor, params, images_nhwc, *, patch, stride, chunk
   sharded, replicated = PartitionSpec(WINDOW_AXIS), PartitionSpec()
   if accumulate == "loop":
     plan = window_plan(n, h, w, patch, stride, chunk_size, mesh.size)
-    chunk, n_tile_chunks = plan["org"].shape[2], plan["n_tile_chunks"]
+    chunk, n_tile_chunks = plan["org"].shape[2], plan["n_tile_chunks"]  # read by loop_sums
     ref, acc = jax.shard_map(
         loop_sums, mesh=mesh, in_specs=(replicated, replicated, sharded, sharded, sharded,
                                         replicated),
         out_specs=(replicated, replicated), check_vma=False)(
             params, images_nhwc, plan["org"], plan["valid"], plan["tile_weight"],
             plan["is_tile"])
-  elif accumulate == "matmul":
+  else:  # "matmul" (sliding_window checked the name)
     plan = row_plan(n, h, w, patch, stride, chunk_size, mesh.size)
     ref, acc = jax.shard_map(
         functools.partial(matmul_sums, rows_per_chunk=plan["rows_per_chunk"]), mesh=mesh,
@@ -370,8 +370,6 @@ def _sliding_window_impl(predictor, params, images_nhwc, *, patch, stride, chunk
         out_specs=(replicated, replicated), check_vma=False)(
             params, images_nhwc, plan["item"], plan["valid"], plan["row_origin"],
             plan["row_valid"])
-  else:  # sliding_window checked the name.
-    raise ValueError(accumulate)
 
   s1, s2 = acc[..., :k], acc[..., k:2 * k]
   mean = ref + s1 / count
