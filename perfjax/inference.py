@@ -167,7 +167,7 @@ def window_plan(n: int, h: int, w: int, patch: int, stride: int, chunk_size: int
 ACCUMULATIONS = ("loop", "matmul")
 # Windows per model call where none is asked for: on a CPU few (measured best: the activations
 # stay in cache); on an accelerator all windows of a stride-2 slice (1089 for 128 x 128).
-DEFAULT_CHUNK_SIZE = {"cpu": 8}
+CPU_CHUNK_SIZE = 8
 ACCELERATOR_CHUNK_SIZE = 1089
 
 
@@ -177,7 +177,7 @@ def default_accumulation(platform_name: str) -> str:
 
 
 def default_chunk_size(platform_name: str) -> int:
-  return DEFAULT_CHUNK_SIZE.get(platform_name, ACCELERATOR_CHUNK_SIZE)
+  return CPU_CHUNK_SIZE if platform_name == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
 def row_plan(n: int, h: int, w: int, patch: int, stride: int, chunk_size: int,
