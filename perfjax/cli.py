@@ -341,8 +341,9 @@ def _print_outputs(workdir: str, mode: str, output: str | None) -> None:
     out = output or os.path.join(workdir, "predictions")
     lines.append(f"  predictions: {os.path.abspath(out)}")
   if mode == "ood_failures":
-    for name in ("ood_failures.json", "ood_failures.md", "ood_failures.html"):
-      if os.path.isfile(os.path.join(workdir, name)):
+    for name in ("ood_failures.json", "ood_failures.md", "ood_failures.html",
+                 "ood_failures_figures"):
+      if os.path.exists(os.path.join(workdir, name)):
         lines.append(f"  {name}: {os.path.join(workdir, name)}")
   if lines:
     print("Written:\n" + "\n".join(lines), flush=True)

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from perfjax import checkpoints
+from perfjax import failure_figures
 from perfjax import frame_motion
 from perfjax import metrics
 from perfjax import perfusion
@@ -285,17 +286,21 @@ def slice_scores(name: str, model, variables, split: dict, pred: dict, config) -
 # Failure types: every score against clean slices, per failure type (perfjax.data.failures).
 
 
-def failure_evaluation(model, variables, config, data: dict, with_u: bool = True) -> dict:
+def failure_evaluation(model, variables, config, data: dict, with_u: bool = True,
+                       figure_dir: str | None = None) -> dict:
   """Every score of ``data`` (`perfjax.data.failures.failure_set`) against its clean slices.
 
   ``with_u=False`` leaves out the paper's U, whose stride-2 map runs 1089 windows a slice
-  against the segmentation's 9 (the other scores need only those).
+  against the segmentation's 9 (the other scores need only those). With ``figure_dir``, the
+  figures of `perfjax.failure_figures` are written there.
 
-  Returns dict(n_clean, scores: [names], all: {score: score_summary of every failed slice
-  against the clean ones}, by_type: {failure: {score: score_summary of that failure against
-  the clean ones}}, by_group: the same per `failures.FAILURE_GROUPS` present (motion of every
-  amplitude together, ...), slices: {score: [M] values, "failure": [M], "dice": [M]}).
+  Returns dict(ood_score: the recommended score (eval.ood_score), n_clean, scores: [names],
+  all: {score: score_summary of every failed slice against the clean ones}, by_type: {failure:
+  {score: score_summary of that failure against the clean ones}}, by_group: the same per
+  `failures.FAILURE_GROUPS` present (motion of every amplitude together, ...), slices: {score:
+  [M] values, "failure": [M], "dice": [M]}, figures: [file names in figure_dir]).
   """
+  name = primary_score(config)
   pred = predict_arrays(model, variables, data["image"], data["peak_lv_frame"], config,
                         with_u, desc="failure set")
   scores = {}
@@ -311,19 +316,25 @@ def failure_evaluation(model, variables, config, data: dict, with_u: bool = True
     return {name: score_summary(score[keep], ~clean[keep], None, name)
             for name, score in scores.items()}
 
-  return dict(n_clean=int(clean.sum()), scores=list(scores), all=summaries(np.ones_like(clean)),
-              by_type={f: summaries(clean | (failure == f))
-                       for f in dict.fromkeys(failure[~clean])},
-              by_group={g: summaries(clean | np.isin(failure, members))
-                        for g, members in failures.FAILURE_GROUPS.items()
-                        if np.isin(failure, members).any()},
-              slices=dict(failure=failure.tolist(), dice=dice.tolist(),
-                          **{name: np.asarray(s, np.float64).tolist()
-                             for name, s in scores.items()}))
+  out = dict(ood_score=name, n_clean=int(clean.sum()), scores=list(scores),
+             all=summaries(np.ones_like(clean)),
+             by_type={f: summaries(clean | (failure == f))
+                      for f in dict.fromkeys(failure[~clean])},
+             by_group={g: summaries(clean | np.isin(failure, members))
+                       for g, members in failures.FAILURE_GROUPS.items()
+                       if np.isin(failure, members).any()},
+             slices=dict(failure=failure.tolist(), dice=dice.tolist(),
+                         **{score_name: np.asarray(s, np.float64).tolist()
+                            for score_name, s in scores.items()}),
+             figures=[])
+  if figure_dir:
+    out["figures"] = failure_figures.write_figures(figure_dir, out, data, pred, scores)
+  return out
 
 
 FAILURES_JSON = "ood_failures.json"  # failure_benchmark's outputs in the workdir
 FAILURES_MARKDOWN = "ood_failures.md"  # (+ .html beside it)
+FAILURES_FIGURES = "ood_failures_figures"  # the figures of perfjax.failure_figures
 
 
 def failure_benchmark(config, workdir: str, seed: int = 0, n_slices: int = 12,
@@ -331,15 +342,18 @@ def failure_benchmark(config, workdir: str, seed: int = 0, n_slices: int = 12,
   """`failure_evaluation` of the best checkpoint in ``workdir`` on a fresh
   `failures.failure_set(seed, n_slices, protocol)`, with ``ood_score`` (eval.ood_score, the
   recommended score); writes ``workdir/ood_failures.json`` and the table of `failure_markdown`
-  as ``ood_failures.md`` / ``.html`` (``--mode=ood_failures``, ``perfjax ood-failures``)."""
+  as ``ood_failures.md`` / ``.html`` with the figures in ``ood_failures_figures/``
+  (``--mode=ood_failures``, ``perfjax ood-failures``)."""
   workdir = os.path.abspath(workdir)
   config = checkpoints.trained_config(config, workdir)
-  name = primary_score(config)
+  primary_score(config)  # An unknown eval.ood_score fails here, before any compute.
   model, variables = checkpoints.load_params(config, workdir, "best")
   data = failures.failure_set(seed, n_slices, protocol,
                               failure_types or failures.FAILURE_TYPES)
-  out = dict(seed=seed, n_slices=n_slices, protocol=protocol, ood_score=name,
-             **failure_evaluation(model, variables, config, data, with_u))
+  staged = reporting.fresh_dir(workdir, FAILURES_FIGURES)
+  out = dict(seed=seed, n_slices=n_slices, protocol=protocol,
+             **failure_evaluation(model, variables, config, data, with_u, figure_dir=staged))
+  reporting.replace_dir(staged, os.path.join(workdir, FAILURES_FIGURES))
   reporting.write_json(os.path.join(workdir, FAILURES_JSON), out)
   reporting.write_markdown(os.path.join(workdir, FAILURES_MARKDOWN),
                            failure_markdown(out, workdir))
@@ -365,7 +379,7 @@ def failure_table(out: dict) -> str:
 
 def failure_markdown(out: dict, workdir: str = "") -> str:
   """`failure_benchmark`'s ``out`` as a short Markdown page: what was scored, the recommended
-  score, and `failure_table`."""
+  score, `failure_table` and its figures."""
   recommended = out.get("ood_score")
   return "\n".join([
       f"# OOD failure benchmark{': ' + workdir if workdir else ''}", "",
@@ -375,4 +389,17 @@ def failure_markdown(out: dict, workdir: str = "") -> str:
       f"the {out['n_clean']} clean ones (negatives, n-); the AUC of each score (higher = more "
       "reliable: a slice is flagged when its score is low) with its stratified bootstrap 95 % "
       "CI. Recommended score (`eval.ood_score`): "
-      f"{recommended if recommended else 'n/a'}.", "", failure_table(out)])
+      f"{recommended if recommended else 'n/a'}.", "", failure_table(out),
+      *_figure_lines(out.get("figures") or ())])
+
+
+def _figure_lines(names) -> list[str]:
+  """Markdown of the failure benchmark's figures (`perfjax.failure_figures`), in its folder."""
+  captions = {failure_figures.DICE_FIGURE: "Dice against each score",
+              failure_figures.EXAMPLES_FIGURE: "one slice of each failure type, made from the "
+                                               "same clean heart (first row)"}
+  lines = []
+  for name in names:
+    caption = captions.get(name) or ("ROC, " + name[len("roc_"):-len(".png")].replace("_", " "))
+    lines += [f"![{caption}]({FAILURES_FIGURES}/{name})", ""]
+  return (["## Figures", ""] + lines) if lines else []

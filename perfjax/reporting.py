@@ -242,8 +242,9 @@ def enhancement_frames(image_hwt: np.ndarray, mask: np.ndarray | None) -> dict[s
           "myocardium": int(np.argmax(curve[MYOCARDIUM]))}
 
 
-def _contours(ax, mask: np.ndarray, style: str = "-", classes: Sequence[int] = FOREGROUND,
-              linewidth: float = 1.6):
+def draw_contours(ax, mask: np.ndarray, style: str = "-", classes: Sequence[int] = FOREGROUND,
+                  linewidth: float = 1.6):
+  """The outline of each class of ``mask`` in ``classes``, in its colour (CLASS_COLOURS)."""
   for c in classes:
     if (mask == c).any():
       ax.contour(mask == c, levels=[0.5], colors=CLASS_COLOURS[c], linewidths=linewidth,
@@ -318,9 +319,9 @@ def slice_panel(path: str, image_hwt: np.ndarray, seg: np.ndarray, um: np.ndarra
     ax.imshow(image_hwt[rs, cs, t], cmap="gray", vmin=0, vmax=1)
     ax.set_title(f"{name} enhancement (frame {t})", fontsize=8)
   axes[3].imshow(image_hwt[rs, cs, frames["myocardium"]], cmap="gray", vmin=0, vmax=1)
-  _contours(axes[3], seg[rs, cs], "-")
+  draw_contours(axes[3], seg[rs, cs], "-")
   if gt_mask is not None:
-    _contours(axes[3], gt_mask[rs, cs], "dashed", linewidth=1.2)
+    draw_contours(axes[3], gt_mask[rs, cs], "dashed", linewidth=1.2)
   axes[3].set_title("automatic (solid)" + (", truth (dashed)" if gt_mask is not None else ""),
                     fontsize=8)
   names = {MYOCARDIUM: "myocardium", LV_BLOOD_POOL: "LV blood pool", RV_BLOOD_POOL: "RV blood pool"}

@@ -38,5 +38,10 @@ def test_ood_failures_command_writes_the_json_and_the_table(tiny_run, tmp_path, 
   assert "| failures | n+/n- | U (recommended) | entropy | frame_motion | tta |" in table
   assert "| motion_8px | 2+/2- |" in table and "| all failures | 4+/2- |" in table
   assert (workdir / "ood_failures.html").is_file()
+  for name in out["figures"]:
+    assert (workdir / "ood_failures_figures" / name).is_file()
+    assert f"(ood_failures_figures/{name})" in table
+  assert not list(workdir.glob(".ood_failures_figures.*"))  # nothing half-written left behind
   printed = capsys.readouterr().out
+  assert str(workdir / "ood_failures_figures") in printed
   assert "| ghosting | 2+/2- |" in printed and str(workdir / "ood_failures.md") in printed

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from perfjax.configs import patch3
+from perfjax import failure_figures
 from perfjax import ood
 from perfjax.data import failures
 from perfjax.errors import InputError
@@ -119,13 +120,19 @@ def test_failure_set_layout_and_determinism():
 
 
 @pytest.mark.slow  # Compiles and runs a (tiny, untrained) UNet at two strides and under TTA.
-def test_failure_evaluation_scores_every_type_and_group():
+def test_failure_evaluation_scores_every_type_and_group(tmp_path):
   config = patch3.get_config("tiny")
   model = make_model(config)
   variables = {"params": model.init(jax.random.key(0),
                                     jnp.zeros((1, 64, 64, 30), jnp.float32))["params"]}
   data = failures.failure_set(3, 1, "bssfp", ("motion_8px", "ghosting"))
-  res = ood.failure_evaluation(model, variables, config, data)
+  res = ood.failure_evaluation(model, variables, config, data, figure_dir=str(tmp_path))
+  assert res["ood_score"] == "U"
+  assert res["figures"] == ["roc_motion.png", "roc_artefact.png", "roc_all.png",
+                            "dice_vs_scores.png", "examples.png"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(res["figures"])
+  page = ood.failure_markdown(dict(seed=3, n_slices=1, protocol="bssfp", **res))
+  assert "](ood_failures_figures/roc_motion.png)" in page and "## Figures" in page
   assert res["n_clean"] == 1 and res["scores"] == ["U", "entropy", "frame_motion", "tta"]
   assert set(res["by_type"]) == {"motion_8px", "ghosting"}
   assert set(res["by_group"]) == {"motion", "artefact"}
@@ -137,3 +144,21 @@ def test_failure_evaluation_scores_every_type_and_group():
   assert len(res["slices"]["entropy"]) == len(res["slices"]["failure"]) == 3
   # 8 px of breathing moves the heart between frames; the clean phantom slice stands still.
   assert res["by_type"]["motion_8px"]["frame_motion"]["auc"] == 1.0
+
+
+def test_example_indices_pick_the_same_heart_once_per_type():
+  data = dict(failure=np.array(["none", "none", "motion_2px", "motion_2px", "banding",
+                                "banding"]),
+              source=np.array([0, 1, 0, 1, 1, 0]))
+  assert failure_figures.example_indices(data) == [0, 2, 5]
+  assert failure_figures.example_indices(data, source=1) == [1, 3, 4]
+
+
+def test_group_of_every_failure_type():
+  assert failure_figures.group_of(failures.CLEAN) == failure_figures.CLEAN_GROUP
+  assert failure_figures.group_of("motion_phantom") == "motion"
+  assert failure_figures.group_of("beyond_apex") == "slice_level"
+  assert set(map(failure_figures.group_of, failures.FAILURE_TYPES)) == set(
+      failures.FAILURE_GROUPS)
+  with pytest.raises(InputError):
+    failure_figures.group_of("earthquake")
