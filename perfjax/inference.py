@@ -218,7 +218,7 @@ def placement(origins: np.ndarray, patch: int, size: int):
 
 
 def _sliding_window_impl(predictor, params, images_nhwc, *, patch, stride, chunk_size, gaussian,
-                         mirror, accumulate, mesh):
+                         mirror, votes, accumulate, mesh):
   """One compiled computation: all windows of all slices -> per-pixel statistics.
 
   The windows are split over the devices of `mesh` (`window_plan`); each device sums its
@@ -237,14 +237,17 @@ def _sliding_window_impl(predictor, params, images_nhwc, *, patch, stride, chunk
   k = jax.eval_shape(lambda x: predictor(params, x), probe).shape[-1]
   weight_pp1 = jnp.asarray(gaussian_weights(patch))[:, :, None]
   n_windows = len(windows.grid(h, w, patch, stride))
-  n_channels = 2 * k + (k if gaussian else 0)
+  n_channels = 2 * k + (k if gaussian else 0) + (k if votes else 0)
 
   def window_terms(probs, ref_windows, weight_b):
-    """Per-window summands [B, P, P, channels]: p - ref, (p - ref)^2, [w p]."""
+    """Per-window summands [B, P, P, channels]: p - ref, (p - ref)^2, [w p], [one-hot of the
+    window's class]."""
     d = probs - ref_windows
     terms = [d, d * d]
     if gaussian:
       terms.append(weight_pp1 * probs)
+    if votes:
+      terms.append(jax.nn.one_hot(jnp.argmax(probs, -1), k, dtype=probs.dtype))
     return jnp.concatenate(terms, -1) * weight_b[:, None, None, None]
 
   def add_windows(acc, terms, org):
@@ -379,6 +382,8 @@ def _sliding_window_impl(predictor, params, images_nhwc, *, patch, stride, chunk
   if gaussian:
     wcount = windows.coverage(h, w, patch, stride, gaussian_weights(patch))
     out["mean"] = acc[..., 2 * k:3 * k] / jnp.asarray(wcount, jnp.float32)[None, :, :, None]
+  if votes:
+    out["votes"] = acc[..., n_channels - k:] / count
   out["segmentation"] = jnp.argmax(out["mean"], -1).astype(jnp.int32)
   return out
 
@@ -388,7 +393,7 @@ def _compiled(platform_name: str):
   """`_sliding_window_impl` jitted, with the CPU fusion options on a CPU."""
   return jax.jit(_sliding_window_impl,
                  static_argnames=("predictor", "patch", "stride", "chunk_size", "gaussian",
-                                  "mirror", "accumulate", "mesh"),
+                                  "mirror", "votes", "accumulate", "mesh"),
                  compiler_options=platform.compiler_options_for(platform_name,
                                                                 platform.UNET_CPU_OPTIONS))
 
@@ -398,7 +403,7 @@ def _compiled(platform_name: str):
 def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int = UM_STRIDE,
                    chunk_size: int | None = None, gaussian_weighting: bool = False,
                    mirror_tta: bool = False, slices_per_call: int = 8, devices=None,
-                   accumulate: str | None = None) -> dict:
+                   accumulate: str | None = None, votes: bool = False) -> dict:
   """Dense sliding-window prediction of every slice, per CONVENTIONS.md.
 
   Args:
@@ -423,11 +428,13 @@ def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int =
     accumulate: how the windows' terms are added up, "loop" (in-place updates window by
       window) or "matmul" (0/1 placement products per chunk of window rows); None: the
       platform's `default_accumulation`. Results agree to float32 rounding.
+    votes: also return each class's share of the windows covering a pixel that label it so
+    (their argmax): the hard-label agreement behind `vote_disagreement`.
 
   Returns:
     dict of numpy arrays: mean [N,H,W,K] (segmentation = its argmax), std [N,H,W,K] (ddof=1
     across the windows covering a pixel, 0 where one window covers it), count [H,W] int32,
-    segmentation [N,H,W] int32.
+    segmentation [N,H,W] int32 and, with `votes`, votes [N,H,W,K] (sums to 1 over K).
   """
   predictor = as_predictor(predict_fn)
   if np.ndim(images) != 4:
@@ -463,7 +470,14 @@ def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int =
     parts.append(run(predictor, params, jax.device_put(images[lo:lo + slices_per_call], on_mesh),
                      patch=patch, stride=stride, chunk_size=chunk_size,
                      gaussian=bool(gaussian_weighting), mirror=bool(mirror_tta),
-                     accumulate=accumulate, mesh=mesh))
+                     votes=bool(votes), accumulate=accumulate, mesh=mesh))
   out = {name: np.concatenate([np.asarray(p[name]) for p in parts]) for name in parts[0]}
   out["count"] = count
   return out
+
+
+def vote_disagreement(votes_nhwk) -> np.ndarray:
+  """[N, H, W] share of the covering windows that disagree with the pixel's majority label
+  (1 - the largest class share of `sliding_window(..., votes=True)`): 0 where every window
+  labels the pixel alike, up to 1 - 1/K."""
+  return 1.0 - np.max(np.asarray(votes_nhwk), axis=-1)

@@ -77,6 +77,7 @@ ROC_KEYS = ("auc", "threshold", "sensitivity", "specificity", "n_ood", "dice_rel
             "dice_unreliable")
 PAPER_SCORE = PAPER_OOD_SCORE  # The paper's U, scored as 1 - U (eq. 1-2).
 ENTROPY_SCORE = uncertainty.ENTROPY_SCORE
+VOTE_SCORE = uncertainty.VOTE_SCORE
 FRAME_MOTION_SCORE = frame_motion.FRAME_MOTION_SCORE
 ENSEMBLE_SCORES = (uncertainty.ENSEMBLE_ENTROPY_SCORE, uncertainty.ENSEMBLE_MI_SCORE)
 CI_LEVEL = 0.95  # Two-sided level of every AUC confidence interval (CONVENTIONS.md).
@@ -137,6 +138,7 @@ def primary_score(config) -> str:
   """The score named by eval.ood_score ("U", the paper's, unless set), validated."""
   name = config.eval.get("ood_score", PAPER_SCORE) or PAPER_SCORE
   known = (PAPER_SCORE, ENTROPY_SCORE, FRAME_MOTION_SCORE, *config.eval.get("baselines", ()),
+           *((VOTE_SCORE,) if config.eval.get("vote_map") else ()),
            *(ENSEMBLE_SCORES if config.eval.get("ensemble_workdirs") else ()))
   if name not in known:
     raise InputError("eval.ood_score", f"unknown score {name!r}; use one of {list(known)}")
@@ -165,11 +167,15 @@ def primary_result(scores: dict[str, np.ndarray], labels: np.ndarray | None,
 def other_scores(model, variables, split: dict, pred: dict, config) -> dict[str, np.ndarray]:
   """Every score beside 1 - U, by name: the entropy score of the segmentation ``pred``
   (`perfjax.predict.predict_arrays`: probs, segmentation), the images' frame-to-frame motion
-  (`perfjax.frame_motion`, no network), the baselines of eval.baselines and, with
-  eval.ensemble_workdirs, the deep ensemble's two scores (`ensemble_scores`)."""
+  (`perfjax.frame_motion`, no network), U of the windows' label disagreement where ``pred``
+  has it (eval.vote_map), the baselines of eval.baselines and, with eval.ensemble_workdirs,
+  the deep ensemble's two scores (`ensemble_scores`)."""
   out = {ENTROPY_SCORE: uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
                                                         _entropy_dilation(config)),
          FRAME_MOTION_SCORE: frame_motion.frame_motion_score(split["image"])}
+  if "um_vote" in pred:
+    out[VOTE_SCORE] = uncertainty.configured_uncertainty(pred["um_vote"], pred["segmentation"],
+                                                         config.eval)["one_minus_U"]
   out.update(baseline_scores(model, variables, split, config))
   if config.eval.get("ensemble_workdirs"):
     out.update(ensemble_scores(split, pred, config))
@@ -268,8 +274,9 @@ def slice_scores(name: str, model, variables, split: dict, pred: dict, config) -
   """[N] values of the one score ``name`` (`primary_score`) for the slices of ``split`` (image,
   peak_lv_frame) given their `predict_arrays` output ``pred`` (with um for U): computed exactly
   as the evaluation computes it, so the evaluation's threshold applies."""
-  if name == PAPER_SCORE:
-    return uncertainty.configured_uncertainty(pred["um"], pred["segmentation"],
+  if name in (PAPER_SCORE, VOTE_SCORE):
+    um = pred["um" if name == PAPER_SCORE else "um_vote"]
+    return uncertainty.configured_uncertainty(um, pred["segmentation"],
                                               config.eval)["one_minus_U"]
   if name == ENTROPY_SCORE:
     return uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],

@@ -80,7 +80,9 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
 
   Returns probs [N,H,W,4] (mean softmax), segmentation [N,H,W] int32 (one heart per slice
   when config.eval.keep_heart: `perfjax.postprocess.keep_heart`) and, with `with_um`,
-  um [N,H,W] (std of the myocardium probability across the stride-2 windows).
+  um [N,H,W] (std of the myocardium probability across the stride-2 windows) and, when
+  config.eval.vote_map, um_vote [N,H,W] (the share of those windows whose label disagrees
+  with the pixel's majority: `inference.vote_disagreement`), from the same pass.
   """
   inputs = model_inputs(images_nhwt, peak_lv_frame, config.input)
   predictor = UNetPredictor(model, fast=True)
@@ -96,9 +98,12 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
     parts["segmentation"].append(postprocess.keep_heart_batch(labels)
                                  if config.eval.get("keep_heart", False) else labels)
     if with_um:
+      with_votes = bool(config.eval.get("vote_map", False))
       dense = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_um,
-                                       **options)
+                                       votes=with_votes, **options)
       parts["um"].append(dense["std"][..., MYOCARDIUM])
+      if with_votes:
+        parts.setdefault("um_vote", []).append(inference.vote_disagreement(dense["votes"]))
     progress.update(len(batch))
   progress.close()
   return {k: np.concatenate(v) for k, v in parts.items() if v}

@@ -181,6 +181,8 @@ def pixel_entropy(probs_hwk) -> np.ndarray:
 
 
 ENTROPY_SCORE = "entropy"  # The name of `entropy_score` among the OOD scores.
+# 1 - U with UM replaced by the windows' label disagreement (eval.vote_map; a variant of U).
+VOTE_SCORE = "U_vote"
 
 
 def entropy_score(probs_hwk, seg, dilation: int = ENTROPY_DILATION) -> float:

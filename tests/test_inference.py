@@ -81,6 +81,38 @@ def test_mean_std_closed_form(h, w, patch, stride, accumulate):
   assert out["segmentation"].dtype == np.int32 and out["count"].dtype == np.int32
 
 
+@pytest.mark.parametrize("accumulate", inf.ACCUMULATIONS)
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_votes_count_each_windows_label(accumulate, gaussian):
+  """votes = each class's share of the covering windows that label the pixel so (brute force:
+  the argmax of every window), with the tiling windows counted once; the other outputs are
+  unchanged by asking for them."""
+  img = _position_image(2, 24, 20)
+  out = inf.sliding_window(_closed_form_apply, None, img, patch=8, stride=2, chunk_size=16,
+                           accumulate=accumulate, gaussian_weighting=gaussian, votes=True)
+  plain = inf.sliding_window(_closed_form_apply, None, img, patch=8, stride=2, chunk_size=16,
+                             accumulate=accumulate, gaussian_weighting=gaussian)
+  grid = windows.grid(24, 20, 8, 2)
+  ones = np.zeros((2, 24, 20, 2))
+  for r, c in grid:
+    label = np.argmax(np.asarray(_closed_form_apply(None, img[:, r:r + 8, c:c + 8])), -1)
+    ones[:, r:r + 8, c:c + 8] += np.eye(2)[label]
+  np.testing.assert_allclose(out["votes"], ones / out["count"][None, :, :, None], atol=1e-6)
+  np.testing.assert_allclose(out["votes"].sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(out["mean"], plain["mean"], atol=1e-6)
+  np.testing.assert_allclose(out["std"], plain["std"], atol=1e-6)
+  np.testing.assert_array_equal(out["segmentation"], plain["segmentation"])
+  assert "votes" not in plain
+  disagreement = inf.vote_disagreement(out["votes"])
+  np.testing.assert_allclose(disagreement, 1.0 - out["votes"].max(-1))
+  assert disagreement.min() >= 0.0 and disagreement.max() <= 0.5 and disagreement.max() > 0.0
+
+
+def test_vote_disagreement_hand():
+  votes = np.array([[[[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.5, 0.0]]]])  # [1, 1, 2, 4]
+  np.testing.assert_allclose(inf.vote_disagreement(votes), [[[0.0, 0.5]]])
+
+
 def test_chunked_equals_unchunked():
   """Any chunking, either accumulation: the same statistics (matmul chunks are whole window
   rows: 1 and 7 windows give one row of 5, 12 two rows, 10000 all five)."""

@@ -63,6 +63,9 @@ def test_primary_score_is_u_unless_configured():
   assert ood.primary_score(_config(ood_score="tta")) == "tta"
   with pytest.raises(InputError, match="ood_score"):
     ood.primary_score(_config(ood_score="mc_dropout"))  # not among eval.baselines
+  assert ood.primary_score(_config(ood_score="U_vote", vote_map=True)) == "U_vote"
+  with pytest.raises(InputError, match="ood_score"):
+    ood.primary_score(_config(ood_score="U_vote"))  # the vote map is not computed
 
 
 def test_primary_result_scores_the_named_score():
@@ -154,3 +157,28 @@ def test_an_ensemble_of_a_model_with_itself_has_no_disagreement(tiny_run, small_
   np.testing.assert_allclose(scores["ensemble_entropy"], scores["entropy"])
   finite = np.isfinite(scores["entropy"])
   np.testing.assert_allclose(scores["ensemble_mi"][finite], 1.0, atol=1e-12)
+
+
+def test_u_of_the_vote_map_comes_from_the_same_pass(tiny_run, small_data_dir):
+  """eval.vote_map: predict_arrays adds um_vote (the windows' label disagreement) beside UM,
+  and U_vote joins the scores, computed as U is from its map."""
+  from perfjax import checkpoints, predict  # pylint: disable=g-import-not-at-top
+  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = tiny_run
+  trained = checkpoints.trained_config(config, workdir)
+  trained.eval.baselines = ()
+  trained.eval.vote_map = True
+  split = datasets.load_split(trained.data.dataset, "test", str(small_data_dir))
+  two = {k: np.asarray(split[k])[:2] for k in ("image", "peak_lv_frame")}
+  model, variables = checkpoints.load_params(trained, workdir, "best")
+  pred = predict.predict_arrays(model, variables, two["image"], two["peak_lv_frame"], trained,
+                                progress=False)
+  assert pred["um_vote"].shape == pred["um"].shape == (2, 128, 128)
+  assert 0.0 <= pred["um_vote"].min() and pred["um_vote"].max() <= 0.75
+  scores = ood.other_scores(model, variables, two, pred, trained)
+  assert set(scores) == {"entropy", "frame_motion", "U_vote"}
+  expected = uncertainty.configured_uncertainty(pred["um_vote"], pred["segmentation"],
+                                                trained.eval)["one_minus_U"]
+  np.testing.assert_array_equal(scores["U_vote"], expected)
+  np.testing.assert_array_equal(
+      ood.slice_scores("U_vote", model, variables, two, pred, trained), expected)

@@ -102,6 +102,8 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   config.eval.gaussian_weighting = False  # nnU-Net Gaussian importance weighting of the mean.
   config.eval.mirror_tta = False  # Each window's probabilities averaged over its 4 mirrorings.
   config.eval.um_dilation = 0  # Pixels the segmented myocardium is dilated by for U (eq. 1).
+  # Also U of the windows' label disagreement (score "U_vote", same stride-2 pass) in the ROCs.
+  config.eval.vote_map = False
   # theta_s of U's sectors where the segmentation has no RV insertion points (a network trained
   # without RV labels): conventions.STANDARD_SEPTAL_ANGLE; None flags such slices (the paper).
   config.eval.u_fallback_septal_angle = ml_collections.config_dict.placeholder(float)
