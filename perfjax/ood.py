@@ -307,7 +307,7 @@ def failure_evaluation(model, variables, config, data: dict, with_u: bool = True
   `failures.FAILURE_GROUPS` present (motion of every amplitude together, ...), slices: {score:
   [M] values, "failure": [M], "dice": [M]}, figures: [file names in figure_dir]).
   """
-  name = primary_score(config)
+  recommended = primary_score(config)
   pred = predict_arrays(model, variables, data["image"], data["peak_lv_frame"], config,
                         with_u, desc="failure set")
   scores = {}
@@ -323,7 +323,7 @@ def failure_evaluation(model, variables, config, data: dict, with_u: bool = True
     return {name: score_summary(score[keep], ~clean[keep], None, name)
             for name, score in scores.items()}
 
-  out = dict(ood_score=name, n_clean=int(clean.sum()), scores=list(scores),
+  out = dict(ood_score=recommended, n_clean=int(clean.sum()), scores=list(scores),
              all=summaries(np.ones_like(clean)),
              by_type={f: summaries(clean | (failure == f))
                       for f in dict.fromkeys(failure[~clean])},
