@@ -87,14 +87,14 @@ def dice_figure(path: str, out: dict) -> None:
       if shown.any():
         ax.scatter(values[shown], dice[shown], s=10, c=colour, alpha=0.7)
     hidden = int((~finite).sum())
-    ax.set_xlabel(reporting.score_label(name) + (f" ({hidden} undefined not shown)"
-                                                  if hidden else ""), fontsize=8)
+    ax.set_xlabel("score" + (f" ({hidden} undefined not shown)" if hidden else ""), fontsize=8)
     ax.set_ylabel("myocardium Dice", fontsize=8)
     ax.set_title(reporting.score_label(name) + (" (recommended)"
                                                 if name == out.get("ood_score") else ""),
                  fontsize=9)
   for ax in axes[len(names):]:
     ax.set_axis_off()
+  fig.subplots_adjust(hspace=0.4)
   present = [g for g in GROUP_COLOURS if (groups == g).any()]
   fig.legend(handles=[Line2D([], [], ls="", marker="o", ms=4, color=GROUP_COLOURS[g],
                              label=f"{g} ({int((groups == g).sum())})") for g in present],
@@ -147,7 +147,9 @@ def examples_figure(path: str, data: dict, pred: dict, scores: dict[str, np.ndar
     reporting.draw_contours(ax_row[2], data["mask"][i][rs, cs], "dashed", linewidth=1.0)
     score_text = ""
     if recommended in scores:
-      score_text = f", {reporting.score_label(recommended)} {scores[recommended][i]:.3f}"
+      value = float(scores[recommended][i])
+      score_text = (f", {reporting.score_label(recommended)} "
+                    + (f"{value:.3f}" if np.isfinite(value) else "undefined (flagged)"))
     ax_row[2].set_title(f"automatic (solid), truth (dashed){score_text}", fontsize=8)
     shown = ax_row[3].imshow(map_hw[rs, cs], cmap="inferno", vmin=0, vmax=vmax)
     fig.colorbar(shown, ax=ax_row[3], fraction=0.046)
