@@ -66,7 +66,8 @@ def held_out_aucs(failure: np.ndarray, scores: dict[str, np.ndarray], members: t
     order = rng.permutation(clean_index)
     calibration, held_out = order[:len(order) // 2], order[len(order) // 2:]
     combined = np.min([robust_z(scores[m], scores[m][calibration]) for m in members], axis=0)
-    combined = np.nan_to_num(combined, nan=-np.inf)  # -inf - median stays -inf, not NaN
+    # NaN only where a member's calibration half has no finite value: read as unreliable.
+    combined = np.nan_to_num(combined, nan=-np.inf)
     negatives = np.isin(np.arange(len(failure)), held_out)
     for g, kinds in groups.items():
       keep = negatives | np.isin(failure, kinds)

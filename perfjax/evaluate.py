@@ -257,15 +257,10 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
     best = int(np.argmax(ood_res["tpr"] - ood_res["fpr"]))
     summaries = summaries or {}
     by_name = {ood.PAPER_SCORE: summaries, **(summaries.get("baselines") or {})}
-    curves = {}
-    for score_name, score in scores.items():
-      roc = uncertainty.ood_analysis(score, labels, dice["whole"])
-      if roc.get("ok"):
-        summary = by_name.get(score_name) or ood.score_summary(score, labels, None, score_name)
-        curves[score_name] = dict(fpr=roc["fpr"], tpr=roc["tpr"], auc=roc["auc"],
-                                  auc_ci=summary.get("auc_ci"),
-                                  n_positive=summary.get("n_positive"),
-                                  n_negative=summary.get("n_negative"))
+    curves = uncertainty.roc_curves(
+        scores, labels, {score_name: by_name.get(score_name)
+                         or ood.score_summary(score, labels, None, score_name)
+                         for score_name, score in scores.items()})
     reporting.roc_figure(os.path.join(fig_dir, "roc.png"), curves, recommended=name,
                          operating_point=(ood_res["fpr"][best], ood_res["tpr"][best]),
                          labels=label_name, n_total=len(labels))

@@ -49,15 +49,9 @@ def roc_figures(fig_dir: str, out: dict) -> list[str]:
   rows.append((ROC_ALL, out["all"], np.ones_like(clean)))
   written = []
   for group, by_score, keep in rows:
-    curves = {}
-    for name in out["scores"]:
-      try:
-        roc = uncertainty.roc_curve(np.asarray(out["slices"][name], np.float64)[keep],
-                                    ~clean[keep])
-      except InputError:  # NaN scores or one class only: no curve to draw.
-        continue
-      curves[name] = dict(fpr=roc["fpr"], tpr=roc["tpr"], **{
-          k: by_score[name].get(k) for k in ("auc", "auc_ci", "n_positive", "n_negative")})
+    curves = uncertainty.roc_curves(
+        {name: np.asarray(out["slices"][name], np.float64)[keep] for name in out["scores"]},
+        ~clean[keep], by_score)
     if curves:
       name = f"roc_{group}.png"
       reporting.roc_figure(os.path.join(fig_dir, name), curves,

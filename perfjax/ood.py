@@ -170,12 +170,8 @@ def other_scores(model, variables, split: dict, pred: dict, config) -> dict[str,
   (`perfjax.frame_motion`, no network), U of the windows' label disagreement where ``pred``
   has it (eval.vote_map), the baselines of eval.baselines and, with eval.ensemble_workdirs,
   the deep ensemble's two scores (`ensemble_scores`)."""
-  out = {ENTROPY_SCORE: uncertainty.batch_entropy_score(pred["probs"], pred["segmentation"],
-                                                        _entropy_dilation(config)),
-         FRAME_MOTION_SCORE: frame_motion.frame_motion_score(split["image"])}
-  if "um_vote" in pred:
-    out[VOTE_SCORE] = uncertainty.configured_uncertainty(pred["um_vote"], pred["segmentation"],
-                                                         config.eval)["one_minus_U"]
+  names = [ENTROPY_SCORE, FRAME_MOTION_SCORE, *([VOTE_SCORE] if "um_vote" in pred else [])]
+  out = {name: slice_scores(name, model, variables, split, pred, config) for name in names}
   out.update(baseline_scores(model, variables, split, config))
   if config.eval.get("ensemble_workdirs"):
     out.update(ensemble_scores(split, pred, config))
@@ -312,8 +308,7 @@ def failure_evaluation(model, variables, config, data: dict, with_u: bool = True
                         with_u, desc="failure set")
   scores = {}
   if with_u:
-    scores[PAPER_SCORE] = uncertainty.configured_uncertainty(
-        pred["um"], pred["segmentation"], config.eval)["one_minus_U"]
+    scores[PAPER_SCORE] = slice_scores(PAPER_SCORE, model, variables, data, pred, config)
   scores.update(other_scores(model, variables, data, pred, config))
   failure = np.asarray(data["failure"])
   clean = failure == failures.CLEAN

@@ -291,6 +291,22 @@ def roc_curve(scores, labels) -> dict:
   return dict(fpr=fpr, tpr=tpr, thresholds=thresholds, auc=auc)
 
 
+def roc_curves(scores: dict[str, np.ndarray], labels, summaries: dict[str, dict]) -> dict:
+  """What `perfjax.reporting.roc_figure` draws: name -> dict(fpr, tpr, auc, auc_ci,
+  n_positive, n_negative), the ROC of each score against ``labels`` with the AUC, CI and class
+  sizes of its summary (``summaries[name]``, `perfjax.ood.score_summary`). A score without a
+  ROC (one class only, NaN values) is left out."""
+  curves = {}
+  for name, score in scores.items():
+    try:
+      roc = roc_curve(score, labels)
+    except InputError:
+      continue
+    curves[name] = dict(fpr=roc["fpr"], tpr=roc["tpr"], **{
+        k: summaries[name].get(k) for k in ("auc", "auc_ci", "n_positive", "n_negative")})
+  return curves
+
+
 def auc(scores, labels) -> float:
   """Area under ``roc_curve`` (positives expected to score lower)."""
   return roc_curve(scores, labels)["auc"]
