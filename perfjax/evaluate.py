@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
