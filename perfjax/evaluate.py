@@ -154,6 +154,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
 _AIF_KINDS = ("series", "study slice", "own")
 
 
+def frame_gain_summary(r: dict) -> dict:
+  """dict(applied, slices, median_sd_percent) of one mask set's per-frame gain correction
+  (`perfusion.mbf_of_masks`' frame_gain, frame_gain_reason): on how many slices a gain was
+  applied and the median sd (%) of those gains."""
+  applied = np.array([not str(x) for x in r["frame_gain_reason"]], bool)
+  sd = 100.0 * np.std(np.log(np.asarray(r["frame_gain"], np.float64)[applied]), axis=-1)
+  return dict(applied=int(applied.sum()), slices=int(applied.size),
+              median_sd_percent=float(np.median(sd)) if sd.size else float("nan"))
+
+
 def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
   """The AIF's source and the flip-angle sensitivity of each mask set's MBF
   (`perfusion.mbf_of_masks` results by name: auto, gt_mask).
@@ -164,7 +174,7 @@ def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
   else `predict.RELATIVE_UNITS`), ``aif_sources`` {set: {series/study slice/own/none: count}}
   and ``flip_sensitivity`` {set: dict(flip_scale, median_change, max_abs_change)}: the
   median (over slices) relative change of slice MBF at each flip scale and the largest
-  absolute one, in %.
+  absolute one, in %; ``frame_gain`` {set: :func:`frame_gain_summary`} when measured.
   """
   first = next(iter(sets.values()))
   n = len(first["slice"])
@@ -190,6 +200,9 @@ def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
                         max_abs_change=float(max((np.abs(c).max() for c in ok if c.size),
                                                  default=float("nan"))))
   summary = dict(units="ml/g/min" if absolute else RELATIVE_UNITS, aif_sources=sources)
+  gains = {name: frame_gain_summary(r) for name, r in sets.items() if "frame_gain_reason" in r}
+  if gains:
+    summary["frame_gain"] = gains
   if absolute:
     summary["flip_sensitivity"] = flip
   return per_slice, summary

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from perfjax import sectors as sectors_lib
 from perfjax.errors import InputError
+from perfjax.frame_gain import frame_gain as measure_frame_gain
 from perfjax.fermi import _check_1d, _foot_and_peak, baseline_frames, fit_fermi
 # fit_fermi's units and codes, part of the perfusion API (CONVENTIONS.md: perfusion.fit_fermi).
 from perfjax.fermi import (  # noqa: F401  pylint: disable=unused-import
@@ -302,7 +303,8 @@ def series_lead(times) -> float:
 def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, centers=None,
                     sequences=None, erosion: int = 2, study_ids=None, exclude=None,
                     aif_series=None, min_aif_pixels: int = MIN_AIF_PIXELS,
-                    flip_sensitivity: float = FLIP_SENSITIVITY, **fit_kwargs) -> dict:
+                    flip_sensitivity: float = FLIP_SENSITIVITY, frame_gain: bool = True,
+                    **fit_kwargs) -> dict:
   """48-sector and slice MBF of N slices with ONE batched fit_fermi call (N x 48 curves).
 
   Args:
@@ -322,6 +324,9 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     min_aif_pixels: a slice AIF from fewer pure blood pixels never serves its study.
     flip_sensitivity: with sequences, MBF is also fitted with the flip angle of every
       conversion scaled by (1 -/+ flip_sensitivity) in the same solve (0 turns it off).
+    frame_gain: divide each slice's frames by its per-frame gain, measured on its
+      non-enhancing tissue outside the heart (perfjax.frame_gain), before the curves are
+      extracted (the AIF series, its own acquisition, is left as it is).
     **fit_kwargs: passed to :func:`fit_fermi`.
 
   AIF choice (``aif_source`` [N], a reason per slice): "series" (the AIF series, read out
@@ -335,8 +340,10 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     dict: mbf48 [N, 48] (ml/g/min with sequences, else relative), ok48, reason48, mbf_se48,
     slice_mbf [N], slice_mbf_flip_lo / _hi [N] (NaN without sequences), aif [N, T], curves
     [N, 48, T], counts [N, 48], n_aif_pixels [N], aif_source [N] (str), units ("mM" or
-    "signal"), error [N] (str, "" when the slice's curves could be extracted; a slice with a
-    degenerate mask gets NaN and its message, never an exception).
+    "signal"), frame_gain [N, T] (ones where not measured or not asked for),
+    frame_gain_reason [N] (str, "" when measured), error [N] (str, "" when the slice's
+    curves could be extracted; a slice with a degenerate mask gets NaN and its message, never
+    an exception).
   """
   raw = np.asarray(raw)
   masks = np.asarray(masks)
@@ -354,10 +361,17 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   n_px = np.zeros(n, np.int64)
   errors = [""] * n
   source = [""] * n
+  gains = np.ones((n, t))
+  gain_reason = ["not asked for"] * n
   for i in range(n):
     try:
+      raw_i = raw[i]
+      if frame_gain:
+        fg = measure_frame_gain(raw_i, masks[i], times[i])
+        gains[i], gain_reason[i] = fg["gain"], fg["reason"]
+        raw_i = raw_i / fg["gain"]
       for v, sc in enumerate(scales):
-        ex = extract_curves(raw[i], masks[i], times[i],
+        ex = extract_curves(raw_i, masks[i], times[i],
                             None if sector_maps is None else sector_maps[i],
                             theta_s=None if theta_s is None else theta_s[i],
                             center=None if centers is None else centers[i], erosion=erosion,
@@ -415,7 +429,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
               slice_mbf_flip_hi=slice_mbf(mbf_all[2]) if n_v > 1 else nan,
               aif=aifs[0], curves=curves[0], counts=counts, n_aif_pixels=n_px,
               aif_source=np.array(source), units="signal" if sequences is None else "mM",
-              error=np.array(errors))
+              frame_gain=gains, frame_gain_reason=np.array(gain_reason), error=np.array(errors))
 
 
 def slice_mbf(mbf48, min_valid: int = 1) -> np.ndarray:
@@ -508,7 +522,8 @@ def aif_series_from_record(record: dict, i: int) -> dict | None:
 
 
 def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
-                 use_aif_series: bool = True) -> list[dict[str, np.ndarray]]:
+                 use_aif_series: bool = True, frame_gain: bool = True
+                 ) -> list[dict[str, np.ndarray]]:
   """Slice MBF of the split's slices for each set of masks, all in ONE batched Fermi solve.
 
   Each mask is divided into 48 sectors by its own RV insertion points (for predicted masks,
@@ -537,9 +552,10 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
                         np.concatenate([split["times"]] * m), sequences=sequences,
                         study_ids=np.concatenate([study + j * offset for j in range(m)]),
                         exclude=None if exclude is None else np.concatenate([exclude] * m),
-                        aif_series=series)
+                        aif_series=series, frame_gain=frame_gain)
   sl = lambda key, j: res[key][j * n:(j + 1) * n]  # noqa: E731
   return [dict(slice=sl("slice_mbf", j), sector48=sl("mbf48", j), error=sl("error", j),
                aif_source=sl("aif_source", j), flip_lo=sl("slice_mbf_flip_lo", j),
                flip_hi=sl("slice_mbf_flip_hi", j), reason48=sl("reason48", j),
+               frame_gain=sl("frame_gain", j), frame_gain_reason=sl("frame_gain_reason", j),
                units=res["units"]) for j in range(m)]

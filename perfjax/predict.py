@@ -409,7 +409,7 @@ def _row(s: dict, **values) -> dict:
              ood_threshold=None, uncertain_sector=None, dice=None, flow_units=None,
              flow_relative=None, flow_relative_sector48=None, mbf=None, mbf_sector48=None,
              mbf_flip_lo=None, mbf_flip_hi=None, aif_source=None, sector_failures=None,
-             error=None, geometry=None)
+             frame_gain_sd_percent=None, frame_gain_note=None, error=None, geometry=None)
   row.update(values)
   return row
 
@@ -429,7 +429,9 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   record) the curves are converted to concentration and the result is MBF in ml/g/min, with
   MBF at the flip angle -/+ 10 % beside it, and the AIF series when one is given; without it
   the fit of the raw signal is a RELATIVE flow (`RELATIVE_UNITS`), which is never put in an
-  MBF field. Returns the row's flow fields and, under "_study", what the study bullseye needs.
+  MBF field. The frames are first divided by their gain measured on non-enhancing tissue
+  (`perfjax.frame_gain`): its sd in % or, when it was not applied, why. Returns the row's
+  flow fields and, under "_study", what the study bullseye needs.
   """
   sequence = s.get("sequence")
   series = s.get("aif_series")
@@ -446,6 +448,7 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   out = dict(flow_units=ABSOLUTE_UNITS if absolute else RELATIVE_UNITS,
              aif_source=str(res["aif_source"][0]) or None,
              sector_failures=failures or None, _error=str(res["error"][0]),
+             **frame_gain_fields(res["frame_gain"][0], str(res["frame_gain_reason"][0])),
              _study=dict(values48=v48, counts48=np.asarray(res["counts"][0]), absolute=absolute))
   if absolute:
     out.update(mbf=_finite(res["slice_mbf"][0]), mbf_sector48=_floats(v48),
@@ -454,6 +457,15 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   else:
     out.update(flow_relative=_finite(res["slice_mbf"][0]), flow_relative_sector48=_floats(v48))
   return out
+
+
+def frame_gain_fields(gain, reason: str) -> dict:
+  """slices.json's frame_gain_sd_percent (the sd of the applied per-frame gain, in %) and
+  frame_gain_note (why no gain was applied; None when one was)."""
+  if reason:
+    return dict(frame_gain_sd_percent=None, frame_gain_note=reason)
+  return dict(frame_gain_sd_percent=round(float(100.0 * np.std(np.log(gain))), 3),
+              frame_gain_note=None)
 
 
 def _predict_one(s: dict, model, variables, config, threshold, output: str,

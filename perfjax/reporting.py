@@ -514,8 +514,8 @@ _MASK_SETS = {"auto": "automatic masks", "gt_mask": "ground-truth masks"}
 
 
 def _mbf_notes(m: dict) -> list[str]:
-  """The AIF's sources and the flip-angle sensitivity of results.json's `mbf` (evaluate's
-  `mbf_details`), as report lines."""
+  """The AIF's sources, the frame gain and the flip-angle sensitivity of results.json's `mbf`
+  (evaluate's `mbf_details`), as report lines."""
   lines = []
   sources = m.get("aif_sources") or {}
   if sources:
@@ -524,6 +524,12 @@ def _mbf_notes(m: dict) -> list[str]:
         for name, counts in sources.items()) + " slices (series: the study's AIF series; study "
         "slice: the study's slice with the largest clean blood pool, never a motion slice; "
         "own: the slice's own pool)."]
+  gains = m.get("frame_gain") or {}
+  if gains:
+    lines += ["", "Frame gain (perfjax.frame_gain): " + "; ".join(
+        f"{_MASK_SETS.get(name, name)}: applied to {g['applied']} of {g['slices']} slices "
+        f"(median sd {_num(g['median_sd_percent'], '.2f')} %)" for name, g in gains.items())
+        + "; elsewhere the tissue outside the heart enhanced or was too small to measure it."]
   for name, f in (m.get("flip_sensitivity") or {}).items():
     lo, hi = f["flip_scale"]
     lines += ["", f"Flip-angle sensitivity ({_MASK_SETS.get(name, name)}): slice MBF changes by "

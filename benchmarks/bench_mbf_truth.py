@@ -1,0 +1,104 @@
+"""Slice MBF against the phantom's truth (issue 13's targets), with and without the frame-gain
+correction, over several phantom seeds: rest + stress, motion-free, AIF series, concentration.
+
+  python benchmarks/bench_mbf_truth.py --seeds 5 11 12 --slices 48 \
+      --protocols bssfp flash --parameter-error both [--auto released/patch3]
+
+Prints one JSON line per (variability, protocol, parameter error, masks, frame gain): the
+number of slices, median |error|, median bias, 95th percentile of |error| and R^2 (Pearson),
+each with a 95 % interval from resampling studies (errors are slice MBF / truth - 1). With
+``--auto WORKDIR`` the model's stride-32 segmentation is scored beside the ground-truth masks,
+both in one batched solve (each mask divided by its own RV insertion points).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from perfjax import perfusion
+from perfjax.data import phantom
+
+N_BOOT = 2000
+
+
+def _figures(err: np.ndarray, est: np.ndarray, truth: np.ndarray) -> dict:
+  ok = np.isfinite(err)
+  e, a = err[ok], np.abs(err[ok])
+  return dict(median_abs=float(np.median(a)), bias=float(np.median(e)),
+              p95=float(np.percentile(a, 95)),
+              r2=float(np.corrcoef(est[ok], truth[ok])[0, 1] ** 2))
+
+
+def summarize(est, truth, study, seed: int = 0) -> dict:
+  """The four figures and their study-bootstrap 95 % intervals; n counts finite slices."""
+  est, truth, study = (np.asarray(x) for x in (est, truth, study))
+  err = est / truth - 1.0
+  out = dict(n=int(np.isfinite(err).sum()), n_studies=int(np.unique(study).size),
+             **_figures(err, est, truth))
+  rng = np.random.default_rng(seed)
+  ids = np.unique(study)
+  rows = [np.nonzero(study == s)[0] for s in ids]
+  boots = []
+  for _ in range(N_BOOT):
+    pick = np.concatenate([rows[j] for j in rng.integers(0, len(ids), len(ids))])
+    if np.isfinite(err[pick]).sum() >= 3:
+      boots.append(_figures(err[pick], est[pick], truth[pick]))
+  for key in ("median_abs", "bias", "p95", "r2"):
+    vals = np.array([b[key] for b in boots])
+    out[key + "_ci95"] = [float(np.nanpercentile(vals, 2.5)), float(np.nanpercentile(vals, 97.5))]
+  return out
+
+
+def _segment(workdir: str, rec: dict) -> np.ndarray:
+  from perfjax import checkpoints, predict  # pylint: disable=g-import-not-at-top
+  from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
+  config = checkpoints.trained_config(patch3.get_config(), workdir)
+  model, variables = checkpoints.load_params(config, workdir)
+  return predict.predict_arrays(model, variables, rec["image"], rec["peak_lv_frame"], config,
+                                with_um=False, desc="segment", progress=False)["segmentation"]
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--seeds", type=int, nargs="+", default=[5, 11, 12])
+  ap.add_argument("--slices", type=int, default=48, help="slices per seed (3 per study)")
+  ap.add_argument("--protocols", nargs="+", default=["bssfp"], choices=["bssfp", "flash"])
+  ap.add_argument("--variability", nargs="+", default=["wide"], choices=["wide", "narrow"])
+  ap.add_argument("--parameter-error", default="no", choices=["no", "yes", "both"])
+  ap.add_argument("--auto", default=None, help="workdir of a model to segment the slices")
+  args = ap.parse_args()
+  errors = {"no": [False], "yes": [True], "both": [False, True]}[args.parameter_error]
+  for variability in args.variability:
+    for protocol in args.protocols:
+      for p_err in errors:
+        rows: dict[tuple, list] = {}
+        t0 = time.perf_counter()
+        for seed in args.seeds:
+          rec = phantom.simulate(seed, args.slices, protocol, 0.0, stress="mixed",
+                                 variability=variability, parameter_error=p_err)
+          truth = perfusion.slice_mbf(rec["mbf_sector48"].astype(np.float64))
+          masks = {"ground truth": rec["mask"]}
+          if args.auto:
+            masks["automatic"] = _segment(args.auto, rec)
+          for gain in (False, True):
+            res = perfusion.mbf_of_masks(rec, list(masks.values()), "concentration",
+                                         frame_gain=gain)
+            for name, r in zip(masks, res):
+              acc = rows.setdefault((name, gain), [[], [], []])
+              acc[0].append(r["slice"])
+              acc[1].append(truth)
+              acc[2].append(seed * 100000 + rec["study_id"])
+        for (name, gain), (est, truth, study) in rows.items():
+          line = dict(variability=variability, protocol=protocol, parameter_error=p_err,
+                      masks=name, frame_gain=gain, seeds=args.seeds,
+                      **summarize(np.concatenate(est), np.concatenate(truth),
+                                  np.concatenate(study)),
+                      seconds=round(time.perf_counter() - t0, 1))
+          print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,115 @@
+"""Per-frame signal gain of a perfusion series, measured on tissue that does not enhance.
+
+A frame-to-frame change of the whole image's gain (receiver or coil loading drift, saturation
+that varies with the heart rate) multiplies every tissue curve of a slice by the same factor
+g_t. The 48 sector curves cannot average it out (they share it), and the Fermi fit reads it as
+flow: on the wide phantom, whose frames jitter by up to 4 % (sd), it is the largest error of
+slice MBF (benchmarks/RESULTS.md, issue 13). An image-only estimate that assumes smooth tissue
+curves recovers only about half of it (any smooth part of g_t looks like enhancement).
+
+Rule: g_t is the median, over the body pixels whose curves enhance least, of each pixel's
+signal relative to its first frames. Body pixels lie outside the heart (mask > 0 dilated by
+``HEART_MARGIN_PX``) and have a pre-contrast signal of at least ``BODY_LEVEL`` x the 90th
+percentile of the region (lung, air and zero-filled borders carry no gain). A pixel's
+enhancement is the largest excursion of a low-order polynomial in time fitted to its log
+signal once the current g_t is divided out; the ``FLAT_FRACTION`` with the smallest one (fat,
+non-enhancing soft tissue) set g_t, and the choice is refined ``N_ROUNDS`` times, starting from
+a smooth-residual estimate. Only relative gains matter (each curve is read against its own
+baseline), so g is scaled to a geometric mean of 1.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from perfjax import conventions
+from perfjax.errors import InputError
+
+HEART_MARGIN_PX = 6
+BODY_LEVEL = 0.05
+FLAT_FRACTION = 0.1
+UPTAKE_Z_MAX = 3.0
+MIN_BODY_PIXELS = 100
+N_BASELINE = 3  # frames each pixel is compared with (before any arrival that matters here)
+TREND_ORDER = 4  # degree of the per-pixel polynomial trend
+N_ROUNDS = 3
+
+
+def _trend_projection(times: np.ndarray) -> np.ndarray:
+  """[T, T] least-squares projection onto polynomials of degree TREND_ORDER in time."""
+  x = (times - times[0]) / max(times[-1] - times[0], 1e-12) * 2.0 - 1.0
+  basis = np.polynomial.legendre.legvander(x, TREND_ORDER)
+  return basis @ np.linalg.pinv(basis)
+
+
+def frame_gain(raw_hwt, mask_hw, times) -> dict:
+  """Per-frame gain [T] of one slice (geometric mean 1), from its non-enhancing tissue.
+
+  Args:
+    raw_hwt: [H, W, T] signal (not min-max normalised); mask_hw: int [H, W], > 0 on the heart
+      (ground truth or predicted); times: [T] frame times (s).
+
+  Returns:
+    dict(gain [T] (ones when it cannot be measured), n_pixels (the pixels that set it),
+    reason: "" when measured, else why not).
+  """
+  raw = np.asarray(raw_hwt, np.float64)
+  mask = np.asarray(mask_hw)
+  times = np.asarray(times, np.float64)
+  if raw.ndim != 3 or mask.shape != raw.shape[:2] or times.shape != raw.shape[2:]:
+    raise InputError("raw", f"expected raw [H, W, T], mask [H, W], times [T]; got {raw.shape}, "
+                     f"{mask.shape}, {times.shape}")
+  n_t = raw.shape[2]
+  ones = np.ones(n_t)
+  if n_t <= TREND_ORDER + N_BASELINE:
+    return dict(gain=ones, n_pixels=0, reason=f"too few frames ({n_t})")
+  outside = ~ndimage.binary_dilation(mask > 0, iterations=HEART_MARGIN_PX)
+  finite = np.all(np.isfinite(raw), axis=-1)
+  base = np.where(finite, raw[..., :N_BASELINE].mean(axis=-1), 0.0)
+  region = outside & finite
+  if region.sum() < MIN_BODY_PIXELS:
+    return dict(gain=ones, n_pixels=0, reason="too little image outside the heart")
+  body = region & (base > BODY_LEVEL * np.percentile(base[region], 90))
+  if body.sum() < MIN_BODY_PIXELS:
+    return dict(gain=ones, n_pixels=int(body.sum()),
+                reason=f"fewer than {MIN_BODY_PIXELS} body pixels outside the heart")
+  log_px = np.log(np.maximum(raw[body], 1e-12))  # [P, T]
+  log_rel = log_px - log_px[:, :N_BASELINE].mean(axis=1, keepdims=True)
+  proj = _trend_projection(times)
+  log_g = np.zeros(n_t)
+  for _ in range(N_ROUNDS):  # start: the common part of what no smooth trend explains
+    resid = (log_px - log_g) @ (np.eye(n_t) - proj).T
+    log_g = log_g + np.median(resid, axis=0)
+  for _ in range(N_ROUNDS):
+    trend = (log_rel - log_g) @ proj.T
+    excursion = np.abs(trend - trend[:, :N_BASELINE].mean(axis=1, keepdims=True)).max(axis=1)
+    flat = excursion <= np.quantile(excursion, FLAT_FRACTION)
+    log_g = np.median(log_rel[flat], axis=0)
+  z = _uptake_z(log_g, raw[mask == conventions.LV_BLOOD_POOL], times, proj)
+  if not z <= UPTAKE_Z_MAX:
+    return dict(gain=ones, n_pixels=int(flat.sum()),
+                reason=f"the least enhancing tissue outside the heart follows the contrast "
+                       f"uptake (z = {z:.1f}): enhancement, not gain")
+  return dict(gain=np.exp(log_g - log_g.mean()), n_pixels=int(flat.sum()), reason="")
+
+
+def _uptake_z(log_g, lv_pixels, times, proj) -> float:
+  """How far log g follows the contrast uptake, in units of its own frame-to-frame scatter.
+
+  The uptake template is the running integral of the LV blood's enhancement (the course of
+  a tissue taking up contrast); a gain has no reason to follow it. z is log g's component
+  along the (centred, unit) template over the sd of log g about its smooth trend; NaN without
+  an LV blood pool."""
+  if lv_pixels.shape[0] == 0:
+    return float("nan")
+  lv = lv_pixels.mean(axis=0)
+  enh = np.maximum(lv - lv[:N_BASELINE].mean(), 0.0)
+  uptake = np.concatenate([[0.0], np.cumsum(0.5 * (enh[1:] + enh[:-1]) * np.diff(times))])
+  uptake = uptake - uptake.mean()
+  norm = np.linalg.norm(uptake)
+  rough = log_g - proj @ log_g
+  dof = len(log_g) - TREND_ORDER - 1
+  scatter = max(float(np.sqrt(np.sum(rough ** 2) / dof)), 1e-4)
+  if norm == 0:
+    return float("nan")
+  return float(uptake @ (log_g - log_g.mean()) / norm / scatter)

@@ -1,0 +1,90 @@
+"""perfjax.frame_gain: the per-frame gain from non-enhancing tissue, and its use in MBF."""
+import numpy as np
+import pytest
+
+from perfjax import frame_gain as fg
+from perfjax import perfusion
+from perfjax.errors import InputError
+
+T = 30
+TIMES = np.arange(T, dtype=np.float64)
+
+
+def _uptake(delay: float, tau: float) -> np.ndarray:
+  """A smooth contrast uptake, 0 before ``delay`` and rising with time constant ``tau``."""
+  return np.where(TIMES > delay, 1.0 - np.exp(-(TIMES - delay) / tau), 0.0)
+
+
+def _slice(rng, enhance_body: bool = False):
+  """64 x 64 slice: heart (LV pool + ring of myocardium) in the centre, a non-enhancing body
+  (left half) and an enhancing organ (right half); [H, W, T], mask, LV curve."""
+  rows, cols = np.indices((64, 64)) - 31.5
+  r = np.hypot(rows, cols)
+  mask = np.where(r < 8, 2, np.where(r < 12, 1, 0))
+  lv = 1.0 + 3.0 * np.exp(-0.5 * ((TIMES - 10.0) / 2.0) ** 2) + 0.8 * _uptake(12, 6)
+  raw = np.empty((64, 64, T))
+  body = 1.0 + (0.3 * _uptake(9, 8) if enhance_body else 0.0)
+  raw[:] = body * rng.uniform(0.5, 2.0, (64, 64, 1))  # tissue of many proton densities
+  raw[:, 40:] *= 1.0 + 0.6 * _uptake(9, 5)  # an organ that enhances
+  raw[mask == 2] = lv
+  raw[mask == 1] = 0.8 * (1.0 + 0.4 * _uptake(10, 3))
+  return raw, mask
+
+
+def test_recovers_a_frame_gain_from_the_tissue_that_does_not_enhance():
+  rng = np.random.default_rng(0)
+  raw, mask = _slice(rng)
+  gain = np.exp(0.03 * rng.standard_normal(T))
+  noisy = raw * gain + 0.005 * rng.standard_normal(raw.shape)
+  out = fg.frame_gain(noisy, mask, TIMES)
+  assert out["reason"] == "" and out["n_pixels"] >= fg.MIN_BODY_PIXELS
+  truth = gain / np.exp(np.log(gain).mean())
+  np.testing.assert_allclose(out["gain"], truth, rtol=2e-3)
+  # Without a gain change it stays at 1: the enhancing organ does not leak into it.
+  flat = fg.frame_gain(raw + 0.005 * rng.standard_normal(raw.shape), mask, TIMES)
+  assert flat["reason"] == "" and np.abs(np.log(flat["gain"])).max() < 2e-3
+
+
+def test_tissue_that_follows_the_uptake_is_not_taken_for_gain():
+  rng = np.random.default_rng(1)
+  raw, mask = _slice(rng, enhance_body=True)
+  out = fg.frame_gain(raw + 0.005 * rng.standard_normal(raw.shape), mask, TIMES)
+  assert "follows the contrast uptake" in out["reason"]
+  np.testing.assert_array_equal(out["gain"], np.ones(T))
+
+
+def test_no_gain_without_tissue_outside_the_heart_and_bad_shapes_raise():
+  rng = np.random.default_rng(2)
+  raw, _ = _slice(rng)
+  out = fg.frame_gain(raw, np.ones((64, 64), int), TIMES)
+  assert out["reason"] == "too little image outside the heart"
+  np.testing.assert_array_equal(out["gain"], np.ones(T))
+  assert fg.frame_gain(raw[..., :6], np.zeros((64, 64), int), TIMES[:6])["reason"] == \
+      "too few frames (6)"
+  with pytest.raises(InputError, match="expected raw"):
+    fg.frame_gain(raw, np.zeros((32, 32), int), TIMES)
+
+
+def test_mbf_of_a_slice_with_a_frame_gain_equals_that_of_the_same_slice_without():
+  from perfjax.data import phantom
+  rec = phantom.simulate(3, 3, "bssfp", noise=0.0, stress="mixed", variability="narrow")
+  i = 1
+  raw, mask, times = rec["raw"][i].astype(np.float64), rec["mask"][i], rec["times"][i]
+  outside = ~np.isin(np.arange(128), np.arange(20, 108))
+  raw[outside, :, :] = 1.5 * raw[..., :2].mean()  # non-enhancing tissue at the top and bottom
+  gain = np.exp(0.03 * np.random.default_rng(3).standard_normal(raw.shape[-1]))
+  seq = perfusion.sequence_from_record(rec, i)
+  series = perfusion.aif_series_from_record(rec, i)
+
+  def slice_mbf(frame_gain):
+    return perfusion.mbf_from_slices(np.stack([raw, raw * gain]), np.stack([mask, mask]),
+                                     np.stack([times, times]), sequences=[seq, seq],
+                                     aif_series=[series, series], flip_sensitivity=0,
+                                     frame_gain=frame_gain)
+  on, off = slice_mbf(True), slice_mbf(False)
+  assert list(on["frame_gain_reason"]) == ["", ""]
+  np.testing.assert_allclose(on["frame_gain"][1] / on["frame_gain"][0],
+                             gain / np.exp(np.log(gain).mean()), rtol=1e-4)
+  assert on["slice_mbf"][1] == pytest.approx(on["slice_mbf"][0], rel=1e-3)
+  assert abs(off["slice_mbf"][1] / off["slice_mbf"][0] - 1.0) > 0.01
+  assert list(off["frame_gain_reason"]) == ["not asked for"] * 2
