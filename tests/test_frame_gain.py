@@ -61,6 +61,10 @@ def test_no_gain_without_tissue_outside_the_heart_and_bad_shapes_raise():
   np.testing.assert_array_equal(out["gain"], np.ones(T))
   assert fg.frame_gain(raw[..., :6], np.zeros((64, 64), int), TIMES[:6])["reason"] == \
       "too few frames (6)"
+  no_lv = np.zeros((64, 64), int)  # a heart without an LV blood pool
+  no_lv[28:36, 28:36] = 1
+  assert fg.frame_gain(raw, no_lv, TIMES)["reason"] == \
+      "no LV blood pool curve to tell gain from enhancement"
   with pytest.raises(InputError, match="expected raw"):
     fg.frame_gain(raw, np.zeros((32, 32), int), TIMES)
 
