@@ -20,6 +20,7 @@ import numpy as np
 
 from perfjax import perfusion
 from perfjax.data import phantom
+from real_data import segment  # benchmarks/real_data.py, beside this script
 
 N_BOOT = 2000
 
@@ -52,15 +53,6 @@ def summarize(est, truth, study, seed: int = 0) -> dict:
   return out
 
 
-def _segment(workdir: str, rec: dict) -> np.ndarray:
-  from perfjax import checkpoints, predict  # pylint: disable=g-import-not-at-top
-  from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
-  config = checkpoints.trained_config(patch3.get_config(), workdir)
-  model, variables = checkpoints.load_params(config, workdir)
-  return predict.predict_arrays(model, variables, rec["image"], rec["peak_lv_frame"], config,
-                                with_um=False, desc="segment", progress=False)["segmentation"]
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--seeds", type=int, nargs="+", default=[5, 11, 12])
@@ -82,7 +74,7 @@ def main() -> None:
           truth = perfusion.slice_mbf(rec["mbf_sector48"].astype(np.float64))
           masks = {"ground truth": rec["mask"]}
           if args.auto:
-            masks["automatic"] = _segment(args.auto, rec)
+            masks["automatic"] = segment(args.auto, rec["image"], rec["peak_lv_frame"])
           for gain in (False, True):
             res = perfusion.mbf_of_masks(rec, list(masks.values()), "concentration",
                                          frame_gain=gain)

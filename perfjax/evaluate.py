@@ -17,6 +17,7 @@ import numpy as np
 
 from perfjax import checkpoints
 from perfjax import figures
+from perfjax import frame_gain
 from perfjax import metrics
 from perfjax import ood
 from perfjax import perfusion
@@ -159,7 +160,7 @@ def frame_gain_summary(r: dict) -> dict:
   (`perfusion.mbf_of_masks`' frame_gain, frame_gain_reason): on how many slices a gain was
   applied and the median sd (%) of those gains."""
   applied = np.array([not str(x) for x in r["frame_gain_reason"]], bool)
-  sd = 100.0 * np.std(np.log(np.asarray(r["frame_gain"], np.float64)[applied]), axis=-1)
+  sd = frame_gain.sd_percent(np.asarray(r["frame_gain"], np.float64)[applied])
   return dict(applied=int(applied.sum()), slices=int(applied.size),
               median_sd_percent=float(np.median(sd)) if sd.size else float("nan"))
 

@@ -102,6 +102,11 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
   return dict(gain=np.exp(log_g - log_g.mean()), n_pixels=int(flat.sum()), reason="")
 
 
+def sd_percent(gain) -> np.ndarray:
+  """The sd (%) of log gain over the frames, [..., T] -> [...]: how much a gain moved."""
+  return 100.0 * np.std(np.log(np.asarray(gain, np.float64)), axis=-1)
+
+
 def _uptake_z(log_g, lv_pixels, times, proj) -> float:
   """How far log g follows the contrast uptake, in units of its own frame-to-frame scatter.
 
@@ -116,9 +121,9 @@ def _uptake_z(log_g, lv_pixels, times, proj) -> float:
   uptake = np.concatenate([[0.0], np.cumsum(0.5 * (enh[1:] + enh[:-1]) * np.diff(times))])
   uptake = uptake - uptake.mean()
   norm = np.linalg.norm(uptake)
+  if norm == 0:
+    return float("nan")
   rough = log_g - proj @ log_g
   dof = len(log_g) - TREND_ORDER - 1
   scatter = max(float(np.sqrt(np.sum(rough ** 2) / dof)), 1e-4)
-  if norm == 0:
-    return float("nan")
   return float(uptake @ (log_g - log_g.mean()) / norm / scatter)

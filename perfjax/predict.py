@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from perfjax import checkpoints
 from perfjax import conventions
 from perfjax import figures
+from perfjax import frame_gain
 from perfjax import inference
 from perfjax import metrics
 from perfjax import perfusion
@@ -464,7 +465,7 @@ def frame_gain_fields(gain, reason: str) -> dict:
   frame_gain_note (why no gain was applied; None when one was)."""
   if reason:
     return dict(frame_gain_sd_percent=None, frame_gain_note=reason)
-  return dict(frame_gain_sd_percent=round(float(100.0 * np.std(np.log(gain))), 3),
+  return dict(frame_gain_sd_percent=round(float(frame_gain.sd_percent(gain)), 3),
               frame_gain_note=None)
 
 
