@@ -4,7 +4,8 @@ correction, over several phantom seeds: rest + stress, motion-free, AIF series, 
   python benchmarks/bench_mbf_truth.py --seeds 5 11 12 --slices 48 \
       --protocols bssfp flash --parameter-error both [--auto released/patch3]
 
-Prints one JSON line per (variability, protocol, parameter error, masks, frame gain): the
+Prints one JSON line per (variability, protocol, parameter error, masks, frame gain,
+spill-over term): the
 number of slices, median |error|, median bias, 95th percentile of |error| and R^2 (Pearson),
 each with a 95 % interval from resampling studies (errors are slice MBF / truth - 1). With
 ``--auto WORKDIR`` the model's stride-32 segmentation is scored beside the ground-truth masks,
@@ -61,8 +62,12 @@ def main() -> None:
   ap.add_argument("--variability", nargs="+", default=["wide"], choices=["wide", "narrow"])
   ap.add_argument("--parameter-error", default="no", choices=["no", "yes", "both"])
   ap.add_argument("--auto", default=None, help="workdir of a model to segment the slices")
+  ap.add_argument("--frame-gain", default="both", choices=["no", "yes", "both"])
+  ap.add_argument("--spill-over", default="yes", choices=["no", "yes", "both"])
   args = ap.parse_args()
-  errors = {"no": [False], "yes": [True], "both": [False, True]}[args.parameter_error]
+  choice = {"no": [False], "yes": [True], "both": [False, True]}
+  errors = choice[args.parameter_error]
+  options = [(g, s) for g in choice[args.frame_gain] for s in choice[args.spill_over]]
   for variability in args.variability:
     for protocol in args.protocols:
       for p_err in errors:
@@ -75,17 +80,17 @@ def main() -> None:
           masks = {"ground truth": rec["mask"]}
           if args.auto:
             masks["automatic"] = segment(args.auto, rec["image"], rec["peak_lv_frame"])
-          for gain in (False, True):
+          for gain, spill in options:
             res = perfusion.mbf_of_masks(rec, list(masks.values()), "concentration",
-                                         frame_gain=gain)
+                                         frame_gain=gain, spill_over=spill)
             for name, r in zip(masks, res):
-              acc = rows.setdefault((name, gain), [[], [], []])
+              acc = rows.setdefault((name, gain, spill), [[], [], []])
               acc[0].append(r["slice"])
               acc[1].append(truth)
               acc[2].append(seed * 100000 + rec["study_id"])
-        for (name, gain), (est, truth, study) in rows.items():
+        for (name, gain, spill), (est, truth, study) in rows.items():
           line = dict(variability=variability, protocol=protocol, parameter_error=p_err,
-                      masks=name, frame_gain=gain, seeds=args.seeds,
+                      masks=name, frame_gain=gain, spill_over=spill, seeds=args.seeds,
                       **summarize(np.concatenate(est), np.concatenate(truth),
                                   np.concatenate(study)),
                       seconds=round(time.perf_counter() - t0, 1))

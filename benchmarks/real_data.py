@@ -172,24 +172,27 @@ def load_slices(data: pathlib.Path, centre: str = "mask", split: str | None = No
   return {k: np.asarray(v) for k, v in rows.items()}
 
 
-def segment(workdir: str, images_nhwt: np.ndarray, peak_lv_frame: np.ndarray) -> np.ndarray:
-  """Stride-32 segmentation [N, H, W] by the best checkpoint of ``workdir``."""
+def segment(workdir: str, images_nhwt: np.ndarray, peak_lv_frame: np.ndarray,
+            mirror_tta: bool = False) -> np.ndarray:
+  """Stride-32 segmentation [N, H, W] by the best checkpoint of ``workdir`` (``mirror_tta``:
+  each window's probabilities averaged over its four mirrorings)."""
   from perfjax import checkpoints, predict  # pylint: disable=g-import-not-at-top
   from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
   config = checkpoints.trained_config(patch3.get_config(), workdir)
+  config.eval.mirror_tta = bool(mirror_tta)
   model, variables = checkpoints.load_params(config, workdir)
   out = predict.predict_arrays(model, variables, images_nhwt, peak_lv_frame, config,
                                with_um=False, desc="segment")
   return out["segmentation"]
 
 
-def score(data: pathlib.Path, workdir: str, centre: str = "mask", split_name: str | None = None
-          ) -> dict:
+def score(data: pathlib.Path, workdir: str, centre: str = "mask", split_name: str | None = None,
+          mirror_tta: bool = False) -> dict:
   """Dice of the model of ``workdir`` on every converted slice (of a split), with summaries."""
   from perfjax import metrics  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   split = load_slices(data, centre, split_name)
-  seg = segment(workdir, split["image"], split["peak_lv_frame"])
+  seg = segment(workdir, split["image"], split["peak_lv_frame"], mirror_tta)
   rows = []
   for i, slice_id in enumerate(split["id"]):
     gt, pred = split["mask"][i], seg[i]
@@ -197,7 +200,7 @@ def score(data: pathlib.Path, workdir: str, centre: str = "mask", split_name: st
     rows.append(dict(id=slice_id, dice_myo=metrics.dice(pred, gt, 1),
                      dice_lv=metrics.dice(pred, gt, 2),
                      lv_as_rv=bool(np.mean(pred[lv] == 3) > 0.5) if lv.any() else False))
-  return dict(workdir=workdir, centre=centre, split=split_name, n=len(rows),
+  return dict(workdir=workdir, centre=centre, split=split_name, mirror_tta=mirror_tta, n=len(rows),
               seconds=time.time() - t0,
               summary=summarise(rows), slices=rows)
 
@@ -263,6 +266,8 @@ def main(argv=None) -> int:
                  help="crop centre: the mask's LV centroid, or the LV found from the images")
   s.add_argument("--split", choices=("train", "validation", "test"),
                  help="score only the patients of this split of DATA/splits.json")
+  s.add_argument("--mirror-tta", action="store_true",
+                 help="average each window over its four mirrorings (config.eval.mirror_tta)")
   s.add_argument("--json", type=pathlib.Path, help="per-slice rows (keep it outside the repo)")
   args = parser.parse_args(argv)
   if args.command == "convert":
@@ -277,7 +282,7 @@ def main(argv=None) -> int:
     splits = split_patients(args.data, args.train, args.validation, args.seed)
     print({k: len(v) for k, v in splits.items()}, "patients; written to", args.data / "splits.json")
     return 0
-  results = [score(args.data, w, args.centre, args.split) for w in args.workdir]
+  results = [score(args.data, w, args.centre, args.split, args.mirror_tta) for w in args.workdir]
   for r in results:
     a = r["summary"]["all"]
     print(f"{r['workdir']}: n={a['n']} myocardium Dice median {a['dice_myo']['median']:.3f} "

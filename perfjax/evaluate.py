@@ -165,6 +165,14 @@ def frame_gain_summary(r: dict) -> dict:
               median_sd_percent=float(np.median(sd)) if sd.size else float("nan"))
 
 
+def spill_summary(r: dict) -> dict:
+  """dict(sectors_with_term, sectors_fitted) of one mask set's spill-over term
+  (`perfusion.mbf_of_masks`' spill48: > 0 where a sector's fit kept it, 0 where not, NaN where
+  the sector has no value)."""
+  v = np.asarray(r["spill48"], np.float64)
+  return dict(sectors_with_term=int(np.sum(v > 0)), sectors_fitted=int(np.isfinite(v).sum()))
+
+
 def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
   """The AIF's source and the flip-angle sensitivity of each mask set's MBF
   (`perfusion.mbf_of_masks` results by name: auto, gt_mask).
@@ -175,7 +183,8 @@ def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
   else `predict.RELATIVE_UNITS`), ``aif_sources`` {set: {series/study slice/own/none: count}}
   and ``flip_sensitivity`` {set: dict(flip_scale, median_change, max_abs_change)}: the
   median (over slices) relative change of slice MBF at each flip scale and the largest
-  absolute one, in %; ``frame_gain`` {set: :func:`frame_gain_summary`} when measured.
+  absolute one, in %; ``frame_gain`` {set: :func:`frame_gain_summary`} when measured;
+  ``spill_over`` {set: :func:`spill_summary`} when fitted.
   """
   first = next(iter(sets.values()))
   n = len(first["slice"])
@@ -204,6 +213,9 @@ def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
   gains = {name: frame_gain_summary(r) for name, r in sets.items() if "frame_gain_reason" in r}
   if gains:
     summary["frame_gain"] = gains
+  spills = {name: spill_summary(r) for name, r in sets.items() if "spill48" in r}
+  if spills:
+    summary["spill_over"] = spills
   if absolute:
     summary["flip_sensitivity"] = flip
   return per_slice, summary

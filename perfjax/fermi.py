@@ -67,7 +67,7 @@ MIN_WINDOW = 6
 SOLVER_COMPILER_OPTIONS = platform.cpu_fusion_options("dot", "reduce")
 
 K_MIN = 0.05  # s, smallest Fermi k (k = K_MIN + softplus(raw)); below it h is a step on the grid.
-N_PARAMS = 4  # raw parameters: F, w, k, tau_d
+N_PARAMS = 4  # raw parameters: F, w, k, tau_d (a fifth, the spill-over v, with `spill`)
 
 
 def softplus_inv(x):
@@ -97,6 +97,11 @@ def raw_from_params(f, w, k, tau, tau_max: float):
   p = jnp.clip(tau / tau_max, 0.02, 0.98)
   return jnp.stack([softplus_inv(f), softplus_inv(w), softplus_inv(k),
                     jnp.log(p) - jnp.log1p(-p)], axis=-1)
+
+
+def spill_from_raw(raw):
+  """The spill-over fraction v = softplus(raw[4]) >= 0 (normalised units, see model_norm)."""
+  return jax.nn.softplus(raw[..., 4])
 
 
 def simpson_conv_matrix(aif_v, n_coarse: int, ratio: int, dv: float):
@@ -148,14 +153,19 @@ def unit_response(w, k, tau, conv, t, dv: float, ratio: int):
   return jnp.where(s > 2.0, val, 0.0)
 
 
-def model_norm(raw, conv, t, dv: float, ratio: int, tau_max: float):
-  """Normalised tissue curve [T] for raw parameters [4]."""
+def model_norm(raw, conv, t, dv: float, ratio: int, tau_max: float, spill=None):
+  """Normalised tissue curve [T] for raw parameters [4], or [5] with a spill-over curve.
+
+  spill [T] (normalised): a curve that enters the tissue curve unconvolved, ``+ v * spill``:
+  the blood signal a sector's partial-volume pixels carry (see fit_fermi).
+  """
   f, w, k, tau = params_from_raw(raw, tau_max)
-  return f * unit_response(w, k, tau, conv, t, dv, ratio)
+  out = f * unit_response(w, k, tau, conv, t, dv, ratio)
+  return out if spill is None else out + spill_from_raw(raw) * spill
 
 
-def model_and_jac(raw, conv, t, dv: float, ratio: int, tau_max: float):
-  """model_norm [T] and its Jacobian [T, 4] w.r.t. the raw parameters, analytically.
+def model_and_jac(raw, conv, t, dv: float, ratio: int, tau_max: float, spill=None):
+  """model_norm [T] and its Jacobian [T, 4] (or [T, 5] with spill) w.r.t. the raw parameters.
 
   One GEMM-friendly product conv @ [R, dR/dw, dR/dk] per evaluation (jax.jacfwd would carry
   five columns, two of them zero); d/dtau_d comes from the Catmull-Rom derivative.
@@ -175,19 +185,17 @@ def model_and_jac(raw, conv, t, dv: float, ratio: int, tau_max: float):
   der = jnp.where(pos, der, 0.0)
   sig = jax.nn.sigmoid(raw)
   dtau = tau_max * sig[3] * (1.0 - sig[3])
-  jac = jnp.stack([sig[0] * val[:, 0],
-                   f * sig[1] * val[:, 1],
-                   f * sig[2] * val[:, 2],
-                   -f * der[:, 0] * dtau / h], axis=1)
-  return f * val[:, 0], jac
+  cols = [sig[0] * val[:, 0], f * sig[1] * val[:, 1], f * sig[2] * val[:, 2],
+          -f * der[:, 0] * dtau / h]
+  m = f * val[:, 0]
+  if spill is not None:
+    cols.append(sig[4] * spill)
+    m = m + spill_from_raw(raw) * spill
+  return m, jnp.stack(cols, axis=1)
 
 
-def _residual(raw, conv, t, c, wts, dv, ratio, tau_max):
-  return wts * (model_norm(raw, conv, t, dv, ratio, tau_max) - c)
-
-
-def _residual_and_jac(raw, conv, t, c, wts, dv, ratio, tau_max):
-  m, jac = model_and_jac(raw, conv, t, dv, ratio, tau_max)
+def _residual_and_jac(raw, conv, t, c, wts, dv, ratio, tau_max, spill=None):
+  m, jac = model_and_jac(raw, conv, t, dv, ratio, tau_max, spill)
   return wts * (m - c), wts[:, None] * jac
 
 
@@ -237,34 +245,52 @@ def _start_grid(tau_max: float):
   return w.ravel(), k.ravel(), tau.ravel()
 
 
-def fit_one(conv, t, c, wts, x_init=None, *, dv: float, ratio: int, tau_max: float,
+def _nonneg_pair(u, b, c):
+  """Least squares of c ~ f u + v b with f, v >= 0 (u, b, c weighted [T] vectors)."""
+  uu, bb, ub = u @ u, jnp.maximum(b @ b, 1e-12), u @ b
+  uc, bc = u @ c, b @ c
+  det = jnp.maximum(uu * bb - ub * ub, 1e-12 * uu * bb)
+  f2, v2 = (bb * uc - ub * bc) / det, (uu * bc - ub * uc) / det
+  f_only = jnp.maximum(uc / jnp.maximum(uu, 1e-12), 0.0)
+  both = (f2 >= 0) & (v2 >= 0)
+  f = jnp.where(both, f2, f_only)
+  v = jnp.where(both, v2, 0.0)
+  return f, v
+
+
+def fit_one(conv, t, c, wts, x_init=None, spill=None, *, dv: float, ratio: int, tau_max: float,
             n_iter: int, n_starts: int):
   """Fit one normalised curve; returns a dict of scalars (raw params, cost, diagnostics).
 
-  Starts: the best ``n_starts`` points of the (w, k, tau_d) grid (F by linear least squares at
-  each) and, when given, ``x_init`` (raw parameters, e.g. an earlier pass's solution); the
-  solution is the start whose LM run ends lowest.
+  Starts: the best ``n_starts`` points of the (w, k, tau_d) grid (F, and the spill-over v when
+  ``spill`` [T] is given, by non-negative linear least squares at each) and, when given,
+  ``x_init`` (raw parameters, e.g. an earlier pass's solution); the solution is the start
+  whose LM run ends lowest.
   """
   gw, gk, gt = _start_grid(tau_max)
+  b = jnp.zeros_like(c) if spill is None else wts * spill
 
   def grid_cost(w, k, tau):
     u = wts * unit_response(w, k, tau, conv, t, dv, ratio)
-    f = jnp.maximum((u @ (wts * c)) / jnp.maximum(u @ u, 1e-12), 1e-4)
-    res = u * f - wts * c
-    return 0.5 * res @ res, f
+    f, v = _nonneg_pair(u, b, wts * c)
+    f = jnp.maximum(f, 1e-4)
+    res = u * f + v * b - wts * c
+    return 0.5 * res @ res, f, v
 
-  costs, fs = jax.vmap(grid_cost)(gw, gk, gt)
+  costs, fs, vs = jax.vmap(grid_cost)(gw, gk, gt)
   costs = jnp.where(jnp.isfinite(costs), costs, jnp.inf)
   order = jnp.argsort(costs)[:n_starts]
   x0s = raw_from_params(fs[order], gw[order], gk[order], gt[order], tau_max)
+  if spill is not None:
+    x0s = jnp.concatenate([x0s, softplus_inv(jnp.maximum(vs[order], 1e-3))[:, None]], axis=1)
   if x_init is not None:
     x0s = jnp.concatenate([x_init[None].astype(x0s.dtype), x0s], axis=0)
   lin = functools.partial(_residual_and_jac, conv=conv, t=t, c=c, wts=wts, dv=dv, ratio=ratio,
-                          tau_max=tau_max)
+                          tau_max=tau_max, spill=spill)
   xs, cs, chs, nits, xhs = jax.vmap(lambda x0: lm_solve(lin, x0, n_iter))(x0s)
   best = jnp.argmin(jnp.where(jnp.isfinite(cs), cs, jnp.inf))
   x, cost, cost_hist, nit, x_hist = xs[best], cs[best], chs[best], nits[best], xhs[best]
-  r, jac = _residual_and_jac(x, conv, t, c, wts, dv, ratio, tau_max)
+  r, jac = _residual_and_jac(x, conv, t, c, wts, dv, ratio, tau_max, spill)
 
   def mbf_norm(raw):
     f, w, k, _ = params_from_raw(raw, tau_max)
@@ -272,7 +298,7 @@ def fit_one(conv, t, c, wts, x_init=None, *, dv: float, ratio: int, tau_max: flo
 
   grad = jax.grad(mbf_norm)(x)
   n = jnp.sum(wts > 0)
-  s2 = (r @ r) / jnp.maximum(n - N_PARAMS, 1)
+  s2 = (r @ r) / jnp.maximum(n - x.shape[0], 1)
   # pseudo-inverse of J^T J after diagonal scaling (robust to parameters that a sigmoid/softplus
   # has pinned at a bound: their direction carries ~0 gradient and is cut off).
   jtj = jac.T @ jac
@@ -285,6 +311,7 @@ def fit_one(conv, t, c, wts, x_init=None, *, dv: float, ratio: int, tau_max: flo
   mean_c = jnp.sum(cw) / jnp.maximum(n, 1)
   ss_tot = jnp.sum(wts * (c - mean_c) ** 2)
   return dict(raw=x, cost=cost, cost_hist=cost_hist, n_iter=nit,
+              spill=jnp.zeros(()) if spill is None else spill_from_raw(x),
               mbf_norm=mbf_norm(x), mbf_norm_hist=mbf_norm(x_hist),
               mbf_se_norm=jnp.sqrt(jnp.maximum(mbf_var, 0.0)),
               r2=1.0 - (r @ r) / jnp.maximum(ss_tot, 1e-30),
@@ -294,23 +321,26 @@ def fit_one(conv, t, c, wts, x_init=None, *, dv: float, ratio: int, tau_max: flo
 @functools.partial(jax.jit, static_argnames=("n_coarse", "dv", "ratio", "tau_max", "n_iter",
                                              "n_starts"),
                    compiler_options=SOLVER_COMPILER_OPTIONS)
-def fit_groups(aif_v, t_g, curves, wts, x_init=None, *, n_coarse: int, dv: float, ratio: int,
-               tau_max: float, n_iter: int, n_starts: int):
+def fit_groups(aif_v, t_g, curves, wts, x_init=None, spill=None, *, n_coarse: int, dv: float,
+               ratio: int, tau_max: float, n_iter: int, n_starts: int):
   """All curves in one jitted, vmapped solve, in groups that share an AIF.
 
   aif_v [G, Nv] normalised AIFs on the fine grid, t_g [G, T] frame times, curves [G, B, T]
   normalised, wts [G, B, T] window weights (0/1; padding curves are all 0), x_init None or
-  [G, B, 4] raw warm starts (see :func:`fit_one`). The per-group convolution matrix is shared
-  by the B curves, so the model's matrix products are GEMMs.
+  [G, B, 4 or 5] raw warm starts (see :func:`fit_one`), spill None or [G, B, T] normalised
+  spill-over curves (a fifth parameter). The per-group convolution matrix is shared by the B
+  curves, so the model's matrix products are GEMMs.
   """
-  def group(a, t, cs, ws, xi):
+  def group(a, t, cs, ws, xi, sp):
     conv = simpson_conv_matrix(a, n_coarse, ratio, dv)
-    return jax.vmap(lambda c, wt, x0: fit_one(conv, t, c, wt, x0, dv=dv, ratio=ratio,
-                                              tau_max=tau_max, n_iter=n_iter,
-                                              n_starts=n_starts),
-                    in_axes=(0, 0, None if xi is None else 0))(cs, ws, xi)
-  return jax.vmap(group, in_axes=(0, 0, 0, 0, None if x_init is None else 0))(
-      aif_v, t_g, curves, wts, x_init)
+    return jax.vmap(lambda c, wt, x0, s: fit_one(conv, t, c, wt, x0, s, dv=dv, ratio=ratio,
+                                                 tau_max=tau_max, n_iter=n_iter,
+                                                 n_starts=n_starts),
+                    in_axes=(0, 0, None if xi is None else 0, None if sp is None else 0))(
+                        cs, ws, xi, sp)
+  return jax.vmap(group, in_axes=(0, 0, 0, 0, None if x_init is None else 0,
+                                  None if spill is None else 0))(
+      aif_v, t_g, curves, wts, x_init, spill)
 
 
 # ----------------------------------------------------------------------------- curve timing
@@ -598,7 +628,7 @@ def _pack(inv, values, fill):
 def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.1,
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
               min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
-              max_mbf: float = 10.0, retry_iter: int = 3, aif_lead=0.0) -> dict:
+              max_mbf: float = 10.0, retry_iter: int = 3, aif_lead=0.0, spill=None) -> dict:
   """Fermi-constrained deconvolution of many tissue curves in one jitted, vmapped solve.
 
   Args:
@@ -629,12 +659,23 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       before the slices); its samples are placed at ``times - aif_lead``. The fitted delay
       tau_d >= 0 then absorbs ``aif_lead`` minus the true offset, so a lead at least as long
       as the true offset keeps a tissue curve that seems to lead its AIF fittable.
+    spill: None or [N, T] baseline-subtracted curves that reach each tissue curve without
+      passing through the tissue: the model becomes ``AIF (x) h + v * spill`` with v >= 0
+      fitted (a fifth parameter). Given the slice's own LV blood curve, v is the blood signal
+      of a sector's partial-volume pixels (endocardial pixels of a thin wall, blurred by a
+      low acquired resolution), which the Fermi response would otherwise read as flow. Each
+      curve is fitted with and without the term, and keeps the term only where it lowers the
+      Bayesian information criterion (``spill_used``): the term trades off against the
+      Fermi shape, so on a curve it does not explain it only adds variance. Rows that are
+      NaN or never rise above 0 in the window are fitted without it.
 
   Returns:
     dict of numpy arrays, one value per curve: ``mbf`` (ml/g/min, NaN unless ok), ``ok``,
     ``reason`` (int, see ``REASONS``), ``F`` (1/s), ``w``, ``k``, ``tau_d`` (s), ``mbf_se``
     (ml/g/min, standard error by the delta method: gradient of MBF times
-    s^2 (J^T J)^+ with s^2 = RSS / (n - 4), J the Jacobian at the solution), ``r2``,
+    s^2 (J^T J)^+ with s^2 = RSS / (n - p), J the Jacobian at the solution, p the number of
+    parameters), ``spill`` (v in curve units per spill unit; 0 where the term was not kept,
+    NaN without ``spill``), ``spill_used`` (bool), ``r2``,
     ``rmse`` (curve units), ``window`` [N, T], ``reasons`` (the code table), ``n_retried``
     (curves that needed the second pass) and ``timing``
     (total_s, solve_s: wall time of the whole call and of the jitted solve, compile included
@@ -684,36 +725,65 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   g_wts, _ = _pack(inv, fitted.astype(np.float32), 0.0)
   g_t = np.where(np.isfinite(g["t"]), g["t"] - origin[:, None], 0.0)
   t_solve = time.perf_counter()
-  out = fit_groups(jnp.asarray(aif_v, jnp.float32), jnp.asarray(g_t, jnp.float32),
-                   jnp.asarray(g_curves), jnp.asarray(g_wts), n_coarse=n_coarse, dv=dv,
-                   ratio=ratio, tau_max=float(tau_max), n_iter=int(n_iter),
-                   n_starts=int(n_starts))
-  out = jax.block_until_ready(out)
-  out = {k: np.array(x)[inv, slot] for k, x in out.items()}
-  converged = _converged(out, win)
-  retry = np.nonzero((reason == 0) & ~converged)[0]
-  n_retried = int(retry.size)
-  if retry.size and retry_iter > 0:
-    # Second pass for the curves still moving: each alone (its group's AIF), from where the
-    # first pass stopped and from the next-best grid starts, with retry_iter x the iterations.
-    m = retry.size
-    pad = max(8, 1 << int(np.ceil(np.log2(m))))  # few distinct shapes, few compiles
-    sel = np.concatenate([retry, np.full(pad - m, retry[0])])
-    valid = np.arange(pad) < m
-    r_wts = np.where(valid[:, None], fitted[sel], False).astype(np.float32)
-    r_out = fit_groups(jnp.asarray(aif_v[inv[sel]], jnp.float32),
-                       jnp.asarray(g_t[inv[sel]], jnp.float32),
-                       jnp.asarray(np.where(r_wts > 0, curves[sel] / c_scale[sel, None],
-                                            0.0)[:, None], jnp.float32),
-                       jnp.asarray(r_wts[:, None]),
-                       jnp.asarray(out["raw"][sel][:, None], jnp.float32),
-                       n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
-                       n_iter=int(retry_iter) * int(n_iter), n_starts=int(n_starts))
-    r_out = {k: np.array(x)[:m, 0] for k, x in jax.block_until_ready(r_out).items()}
-    better = np.isfinite(r_out["cost"]) & ~(r_out["cost"] > out["cost"][retry])
+
+  def solve(sp_n):
+    """The batched solve (with spill-over curves sp_n [N, T] or without) and its retry pass."""
+    out = fit_groups(jnp.asarray(aif_v, jnp.float32), jnp.asarray(g_t, jnp.float32),
+                     jnp.asarray(g_curves), jnp.asarray(g_wts), None,
+                     None if sp_n is None else jnp.asarray(_pack(inv, sp_n, 0.0)[0]),
+                     n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
+                     n_iter=int(n_iter), n_starts=int(n_starts))
+    out = {k: np.array(x)[inv, slot] for k, x in jax.block_until_ready(out).items()}
+    converged = _converged(out, win)
+    retry = np.nonzero((reason == 0) & ~converged)[0]
+    if retry.size and retry_iter > 0:
+      # Second pass for the curves still moving: each alone (its group's AIF), from where the
+      # first pass stopped and from the next-best grid starts, with retry_iter x the iterations.
+      m = retry.size
+      pad = max(8, 1 << int(np.ceil(np.log2(m))))  # few distinct shapes, few compiles
+      sel = np.concatenate([retry, np.full(pad - m, retry[0])])
+      valid = np.arange(pad) < m
+      r_wts = np.where(valid[:, None], fitted[sel], False).astype(np.float32)
+      r_out = fit_groups(jnp.asarray(aif_v[inv[sel]], jnp.float32),
+                         jnp.asarray(g_t[inv[sel]], jnp.float32),
+                         jnp.asarray(np.where(r_wts > 0, curves[sel] / c_scale[sel, None],
+                                              0.0)[:, None], jnp.float32),
+                         jnp.asarray(r_wts[:, None]),
+                         jnp.asarray(out["raw"][sel][:, None], jnp.float32),
+                         None if sp_n is None else jnp.asarray(sp_n[sel][:, None], jnp.float32),
+                         n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
+                         n_iter=int(retry_iter) * int(n_iter), n_starts=int(n_starts))
+      r_out = {k: np.array(x)[:m, 0] for k, x in jax.block_until_ready(r_out).items()}
+      better = np.isfinite(r_out["cost"]) & ~(r_out["cost"] > out["cost"][retry])
+      for k in out:
+        out[k][retry[better]] = r_out[k][better]
+      converged[retry[better]] = _converged(r_out, win[retry])[better]
+    return out, converged, int(retry.size)
+
+  out, converged, n_retried = solve(None)
+  spill_used = np.zeros(n, bool)
+  sp_scale = np.ones(n)
+  if spill is not None:
+    # The model with the spill-over term where it explains the curve better than its extra
+    # parameter costs (Bayesian information criterion, per curve); elsewhere the Fermi model.
+    sp = _as_2d(spill, n, t, "spill")
+    with _quiet():
+      sp_peak = np.nanmax(np.where(win, sp, np.nan), axis=1)
+    usable = np.isfinite(sp_peak) & (sp_peak > 0) & np.all(np.isfinite(sp) | ~win, axis=1)
+    sp_scale = np.where(usable, sp_peak, 1.0)
+    out_s, conv_s, n_retried_s = solve(
+        np.where(usable[:, None] & fitted, np.nan_to_num(sp) / sp_scale[:, None], 0.0))
+    n_fit = np.maximum(fitted.sum(axis=1), 1)
+    floor = n_fit * SPILL_RSS_FLOOR
+    with np.errstate(invalid="ignore", divide="ignore"):
+      bic_gain = (n_fit * np.log((2.0 * out_s["cost"] + floor) / (2.0 * out["cost"] + floor))
+                  + np.log(n_fit))
+    spill_used = usable & (reason == 0) & conv_s & (bic_gain < 0)
+    out["raw"] = np.concatenate([out["raw"], np.full((n, 1), -30.0, np.float32)], axis=1)
     for k in out:
-      out[k][retry[better]] = r_out[k][better]
-    converged[retry[better]] = _converged(r_out, win[retry])[better]
+      out[k][spill_used] = out_s[k][spill_used]
+    converged = np.where(spill_used, conv_s, converged)
+    n_retried += n_retried_s
   t_solve = time.perf_counter() - t_solve
 
   f_n, w, k, tau = (np.asarray(p, np.float64) for p in params_from_raw(out["raw"], tau_max))
@@ -727,12 +797,16 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   reason = np.where((reason == 0) & ~(mbf <= max_mbf), IMPLAUSIBLE, reason)
   ok = reason == 0
   pick = lambda x: np.where(ok, x, np.nan)  # noqa: E731
+  v = out["spill"].astype(np.float64) * c_scale / sp_scale if spill is not None else np.nan
   return dict(mbf=pick(mbf), ok=ok, reason=reason.astype(np.int32), F=pick(big_f), w=pick(w),
               k=pick(k), tau_d=pick(tau), mbf_se=pick(mbf_se), r2=pick(r2),
+              spill=pick(np.broadcast_to(v, (n,))), spill_used=spill_used & ok,
               rmse=pick(out["rmse_norm"] * c_scale), window=win, reasons=dict(REASONS),
               n_retried=n_retried,
               timing=dict(total_s=time.perf_counter() - t_start, solve_s=t_solve))
 
+
+SPILL_RSS_FLOOR = 1e-6  # per fitted frame (normalised units): keeps noise-free fits' ratio finite
 
 # Convergence rule (judged over the last 5 LM iterations of a curve's best start):
 COST_RTOL = 1e-3  # the cost fell by at most 0.1 % (plus a float32 floor per fitted frame), or

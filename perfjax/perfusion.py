@@ -222,7 +222,8 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
 
   Returns:
     dict: aif [T], curves [K, T] (NaN rows for empty sectors), signal_curves [K, T] (the
-    sector means before conversion), counts [K] (pixels),
+    sector means before conversion), blood_signal [T] (the AIF's pixels' mean signal,
+    baseline-subtracted, never converted: the regressor of spill-over), counts [K] (pixels),
     n_baseline (pre-contrast frames, :func:`baseline_frames` on the AIF), window [T]
     (:func:`first_pass_window`), sector_map [H, W], units ("mM" or "signal"), n_aif_pixels.
   """
@@ -259,6 +260,7 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
       px = np.sqrt(np.maximum(px ** 2 - sigma2, 0.0))
     px = signal_to_concentration(px, b, sequence, "blood")
   pure = blood_purity(px, blood_frac, foot_frac)
+  blood = raw[lv][pure].mean(axis=0)  # the pool's signal: what partial volume adds to tissue
   aif = np.nanmean(px[pure], axis=0)
   if sequence is None and sigma2 > 0:  # signal: the floor of the pool's mean curve
     aif = np.sqrt(np.maximum(aif ** 2 - sigma2, 0.0))
@@ -267,6 +269,7 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
   curves = sectors_lib.sector_means(raw, tissue_map, n_sec)
   if sigma2 > 0:
     curves = np.sqrt(np.maximum(curves ** 2 - sigma2, 0.0))
+    blood = np.sqrt(np.maximum(blood ** 2 - sigma2, 0.0))
   counts = np.bincount(tissue_map.ravel(), minlength=n_sec + 1)[1:n_sec + 1]
   units = "signal"
   signal_curves = curves
@@ -276,6 +279,7 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
   aif = aif - aif[:b].mean()
   curves = curves - curves[:, :b].mean(axis=1, keepdims=True)
   return dict(aif=aif, curves=curves, counts=counts, n_baseline=b, n_aif_pixels=n_aif,
+              blood_signal=blood - blood[:b].mean(),
               signal_curves=signal_curves,
               window=first_pass_window(aif, foot_frac), sector_map=sector_map, units=units)
 
@@ -304,7 +308,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                     sequences=None, erosion: int = 2, study_ids=None, exclude=None,
                     aif_series=None, min_aif_pixels: int = MIN_AIF_PIXELS,
                     flip_sensitivity: float = FLIP_SENSITIVITY, frame_gain: bool = True,
-                    **fit_kwargs) -> dict:
+                    spill_over: bool = True, **fit_kwargs) -> dict:
   """48-sector and slice MBF of N slices with ONE batched fit_fermi call (N x 48 curves).
 
   Args:
@@ -327,6 +331,9 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     frame_gain: divide each slice's frames by its per-frame gain, measured on its
       non-enhancing tissue outside the heart (perfjax.frame_gain), before the curves are
       extracted (the AIF series, its own acquisition, is left as it is).
+    spill_over: fit each sector as ``AIF (x) h + v * blood`` with v >= 0, ``blood`` the
+      slice's own LV pool signal (fermi.fit_fermi's ``spill``): the pool signal that partial
+      volume puts into endocardial pixels is not read as flow.
     **fit_kwargs: passed to :func:`fit_fermi`.
 
   AIF choice (``aif_source`` [N], a reason per slice): "series" (the AIF series, read out
@@ -338,6 +345,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
 
   Returns:
     dict: mbf48 [N, 48] (ml/g/min with sequences, else relative), ok48, reason48, mbf_se48,
+    spill48 [N, 48] (the fitted fraction of the pool's signal enhancement in each sector's
+    curve, in curve units per signal unit; NaN without spill_over),
     slice_mbf [N], slice_mbf_flip_lo / _hi [N] (NaN without sequences), aif [N, T], curves
     [N, 48, T], counts [N, 48], n_aif_pixels [N], aif_source [N] (str), units ("mM" or
     "signal"), frame_gain [N, T] (ones where not measured or not asked for),
@@ -357,6 +366,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   n_v = len(scales)
   aifs = np.full((n_v, n, t), np.nan)
   curves = np.full((n_v, n, 48, t), np.nan)
+  blood = np.full((n, t), np.nan)
   counts = np.zeros((n, 48), np.int64)
   n_px = np.zeros(n, np.int64)
   errors = [""] * n
@@ -377,6 +387,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                             center=None if centers is None else centers[i], erosion=erosion,
                             sequence=None if sequences is None else _with_flip(sequences[i], sc))
         aifs[v, i], curves[v, i] = ex["aif"], ex["curves"]
+      blood[i] = ex["blood_signal"]
     except InputError as e:
       errors[i] = str(e)
       continue
@@ -418,7 +429,9 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   fit = fit_fermi(np.repeat(aifs.reshape(n_v * n, t), 48, axis=0),
                   curves.reshape(n_v * n * 48, t),
                   np.repeat(np.tile(times, (n_v, 1)), 48, axis=0),
-                  aif_lead=np.repeat(np.tile(lead, n_v), 48), **fit_kwargs)
+                  aif_lead=np.repeat(np.tile(lead, n_v), 48),
+                  spill=np.repeat(np.tile(blood, (n_v, 1)), 48, axis=0) if spill_over else None,
+                  **fit_kwargs)
   mbf_all = fit["mbf"].reshape(n_v, n, 48)
   mbf48 = mbf_all[0]
   nan = np.full(n, np.nan)
@@ -427,6 +440,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
               mbf_se48=fit["mbf_se"].reshape(n_v, n, 48)[0], slice_mbf=slice_mbf(mbf48),
               slice_mbf_flip_lo=slice_mbf(mbf_all[1]) if n_v > 1 else nan,
               slice_mbf_flip_hi=slice_mbf(mbf_all[2]) if n_v > 1 else nan,
+              spill48=fit["spill"].reshape(n_v, n, 48)[0],
               aif=aifs[0], curves=curves[0], counts=counts, n_aif_pixels=n_px,
               aif_source=np.array(source), units="signal" if sequences is None else "mM",
               frame_gain=gains, frame_gain_reason=np.array(gain_reason), error=np.array(errors))
@@ -522,7 +536,7 @@ def aif_series_from_record(record: dict, i: int) -> dict | None:
 
 
 def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
-                 use_aif_series: bool = True, frame_gain: bool = True
+                 use_aif_series: bool = True, frame_gain: bool = True, spill_over: bool = True
                  ) -> list[dict[str, np.ndarray]]:
   """Slice MBF of the split's slices for each set of masks, all in ONE batched Fermi solve.
 
@@ -530,7 +544,8 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
   the fully automatic pipeline). AIF (see :func:`mbf_from_slices`): the study's AIF series
   when the split has one (concentration only), else the study slice with the largest clean
   pool of pure blood, never a slice flagged for motion. Returns per mask set dict(slice [N],
-  sector48 [N, 48], error [N], aif_source [N], flip_lo [N], flip_hi [N], reason48 [N, 48]).
+  sector48 [N, 48], error [N], aif_source [N], flip_lo [N], flip_hi [N], reason48 [N, 48],
+  frame_gain [N, T], frame_gain_reason [N], spill48 [N, 48], units).
   """
   n, m = len(split["raw"]), len(mask_sets)
   sequences = series = None
@@ -552,10 +567,10 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
                         np.concatenate([split["times"]] * m), sequences=sequences,
                         study_ids=np.concatenate([study + j * offset for j in range(m)]),
                         exclude=None if exclude is None else np.concatenate([exclude] * m),
-                        aif_series=series, frame_gain=frame_gain)
+                        aif_series=series, frame_gain=frame_gain, spill_over=spill_over)
   sl = lambda key, j: res[key][j * n:(j + 1) * n]  # noqa: E731
   return [dict(slice=sl("slice_mbf", j), sector48=sl("mbf48", j), error=sl("error", j),
                aif_source=sl("aif_source", j), flip_lo=sl("slice_mbf_flip_lo", j),
                flip_hi=sl("slice_mbf_flip_hi", j), reason48=sl("reason48", j),
                frame_gain=sl("frame_gain", j), frame_gain_reason=sl("frame_gain_reason", j),
-               units=res["units"]) for j in range(m)]
+               spill48=sl("spill48", j), units=res["units"]) for j in range(m)]

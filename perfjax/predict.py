@@ -410,7 +410,8 @@ def _row(s: dict, **values) -> dict:
              ood_threshold=None, uncertain_sector=None, dice=None, flow_units=None,
              flow_relative=None, flow_relative_sector48=None, mbf=None, mbf_sector48=None,
              mbf_flip_lo=None, mbf_flip_hi=None, aif_source=None, sector_failures=None,
-             frame_gain_sd_percent=None, frame_gain_note=None, error=None, geometry=None)
+             frame_gain_sd_percent=None, frame_gain_note=None, spill_sectors=None, error=None,
+             geometry=None)
   row.update(values)
   return row
 
@@ -431,7 +432,9 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   MBF at the flip angle -/+ 10 % beside it, and the AIF series when one is given; without it
   the fit of the raw signal is a RELATIVE flow (`RELATIVE_UNITS`), which is never put in an
   MBF field. The frames are first divided by their gain measured on non-enhancing tissue
-  (`perfjax.frame_gain`): its sd in % or, when it was not applied, why. Returns the row's
+  (`perfjax.frame_gain`): its sd in % or, when it was not applied, why; ``spill_sectors``
+  counts the sectors whose fit kept the spill-over term (the LV pool's signal, partial
+  volume). Returns the row's
   flow fields and, under "_study", what the study bullseye needs.
   """
   sequence = s.get("sequence")
@@ -450,6 +453,7 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
              aif_source=str(res["aif_source"][0]) or None,
              sector_failures=failures or None, _error=str(res["error"][0]),
              **frame_gain_fields(res["frame_gain"][0], str(res["frame_gain_reason"][0])),
+             spill_sectors=int(np.sum(np.asarray(res["spill48"][0], np.float64) > 0)),
              _study=dict(values48=v48, counts48=np.asarray(res["counts"][0]), absolute=absolute))
   if absolute:
     out.update(mbf=_finite(res["slice_mbf"][0]), mbf_sector48=_floats(v48),

@@ -530,6 +530,12 @@ def _mbf_notes(m: dict) -> list[str]:
         f"{_MASK_SETS.get(name, name)}: applied to {g['applied']} of {g['slices']} slices "
         f"(median sd {_num(g['median_sd_percent'], '.2f')} %)" for name, g in gains.items())
         + "; elsewhere the tissue outside the heart enhanced or was too small to measure it."]
+  spills = m.get("spill_over") or {}
+  if spills:
+    lines += ["", "Spill-over term (the LV pool's signal in a sector's curve, fitted where it "
+              "pays by BIC): " + "; ".join(
+                  f"{_MASK_SETS.get(name, name)}: {s['sectors_with_term']} of "
+                  f"{s['sectors_fitted']} sectors" for name, s in spills.items()) + "."]
   for name, f in (m.get("flip_sensitivity") or {}).items():
     lo, hi = f["flip_scale"]
     lines += ["", f"Flip-angle sensitivity ({_MASK_SETS.get(name, name)}): slice MBF changes by "

@@ -74,6 +74,21 @@ def test_analytic_jacobian_matches_autodiff():
   np.testing.assert_allclose(m, m_ad, atol=1e-6)
   np.testing.assert_allclose(jac, jac_ad, atol=1e-4 * float(jnp.max(jnp.abs(jac_ad))))
 
+  # With a spill-over curve: a fifth parameter, its column the curve itself.
+  spill = jnp.asarray(AIF / AIF.max(), jnp.float32)
+  raws5 = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5)), jnp.float32)
+
+  @jax.jit
+  def both5(raw):
+    m, jac = fermi.model_and_jac(raw, conv, t, 0.2, 2, 4.0, spill)
+    return m, jac, fermi.model_norm(raw, conv, t, 0.2, 2, 4.0, spill), jax.jacfwd(
+        fermi.model_norm)(raw, conv, t, 0.2, 2, 4.0, spill)
+
+  m, jac, m_ad, jac_ad = jax.vmap(both5)(raws5)
+  assert jac.shape == (3, t.size, 5)
+  np.testing.assert_allclose(m, m_ad, atol=1e-6)
+  np.testing.assert_allclose(jac, jac_ad, atol=1e-4 * float(jnp.max(jnp.abs(jac_ad))))
+
 
 def test_bounds_hold_for_any_raw_parameter():
   raw = jnp.asarray(np.random.default_rng(1).normal(0, 30, (2000, 4)) *
@@ -287,6 +302,25 @@ def test_every_plausible_curve_converges_with_the_retry_pass():
   assert both["ok"].all()
   err = np.abs(both["mbf"] / truth - 1.0)
   assert np.median(err) < 0.15
+
+
+def test_spill_over_term_recovers_mbf_of_a_partial_volume_curve():
+  """A sector curve carrying 15 % of the blood curve (partial volume): the Fermi model alone
+  reads it as flow (+280 %); with the spill-over term MBF and the fraction come back exactly.
+  A clean curve keeps its Fermi fit (the extra parameter does not pay: BIC), and a row whose
+  spill curve is NaN is fitted without the term."""
+  clean = _tissue(2.0, 6.0, 0.8, 0.5)
+  dirty = clean + 0.15 * AIF
+  curves = np.stack([dirty, clean, dirty])
+  spill = np.stack([AIF, AIF, np.full_like(AIF, np.nan)])
+  without = perfusion.fit_fermi(AIF, curves, TIMES)
+  out = perfusion.fit_fermi(AIF, curves, TIMES, spill=spill)
+  assert without["mbf"][0] > 3.0 * 2.0
+  np.testing.assert_allclose(out["mbf"][:2], 2.0, rtol=1e-3)
+  np.testing.assert_allclose(out["spill"][:2], [0.15, 0.0], atol=1e-3)
+  assert list(out["spill_used"]) == [True, False, False]
+  assert out["mbf"][1] == without["mbf"][1] and out["mbf"][2] == without["mbf"][2]
+  assert np.isnan(without["spill"]).all() and not without["spill_used"].any()
 
 
 def test_blood_purity_rule_on_a_hand_made_pool():
