@@ -210,7 +210,8 @@ def section_speed(rec, res, scipy_n):
     key = (aifs[i].tobytes(), times[i].tobytes())
     if key not in fitters:
       fitters[key] = ScipyFermi(aifs[i], times[i], jx["window"][i])
-    if not jx["reason"][i] in (perfusion.OK, perfusion.NOT_CONVERGED, perfusion.POOR_FIT):
+    if not jx["reason"][i] in (perfusion.OK, perfusion.NOT_CONVERGED, perfusion.POOR_FIT,
+                               perfusion.UNCERTAIN):
       continue  # the pre-fit checks reject it for both
     sp_mbf[j], sp_ok[j] = fitters[key].fit(curves[i])
   t_sp = time.perf_counter() - t0

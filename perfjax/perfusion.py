@@ -26,7 +26,7 @@ from perfjax.fermi import _check_1d, _foot_and_peak, baseline_frames, fit_fermi
 # fit_fermi's units and codes, part of the perfusion API (CONVENTIONS.md: perfusion.fit_fermi).
 from perfjax.fermi import (  # noqa: F401  pylint: disable=unused-import
     FLAT_AIF, IMPLAUSIBLE, ML_G_MIN_PER_S, NO_ENHANCEMENT, NONFINITE, NOT_CONVERGED, OK,
-    POOR_FIT, REASONS, SHORT_WINDOW, first_pass_window)
+    POOR_FIT, REASONS, SHORT_WINDOW, UNCERTAIN, first_pass_window)
 
 # ----------------------------------------------------------------------------- curves
 SEQUENCE_KEYS = ("protocol", "ts", "tr", "flip_deg", "n_pulses", "t1_blood", "t2_blood",

@@ -446,8 +446,11 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   v48 = np.asarray(res["mbf48"][0], np.float64)
   ok48 = np.asarray(res["ok48"][0], bool) & np.isfinite(v48)
   reasons = np.asarray(res["reason48"][0])
+  counts = np.asarray(res["counts"][0])
   failures = {} if str(res["error"][0]) else {
-      str(k + 1): (str(reasons[k]) or "no value") for k in np.nonzero(~ok48)[0]}
+      str(k + 1): "no myocardium pixels in the sector" if counts[k] == 0
+      else perfusion.REASONS.get(int(reasons[k]), f"fit failed (code {int(reasons[k])})")
+      for k in np.nonzero(~ok48)[0]}
   absolute = sequence is not None
   out = dict(flow_units=ABSOLUTE_UNITS if absolute else RELATIVE_UNITS,
              aif_source=str(res["aif_source"][0]) or None,

@@ -323,6 +323,21 @@ def test_spill_over_term_recovers_mbf_of_a_partial_volume_curve():
   assert np.isnan(without["spill"]).all() and not without["spill_used"].any()
 
 
+def test_a_fit_the_curve_does_not_determine_is_uncertain_not_a_value():
+  """max_rel_se: a fit whose MBF standard error exceeds that fraction of the MBF fails with
+  UNCERTAIN (NaN, reason recorded); None keeps every value."""
+  rng = np.random.default_rng(5)
+  clean = _tissue(0.8, 6.0, 0.8, 0.5)
+  noisy = np.stack([clean + rng.normal(0, s * clean.max(), clean.size) for s in (0.01, 0.1)])
+  kept = perfusion.fit_fermi(AIF, noisy, TIMES, max_rel_se=None)
+  rel = kept["mbf_se"] / kept["mbf"]
+  assert kept["ok"].all() and rel[0] < 0.05 < 0.1 < rel[1]
+  out = perfusion.fit_fermi(AIF, noisy, TIMES, max_rel_se=0.1)
+  assert list(out["reason"]) == [perfusion.OK, perfusion.UNCERTAIN]
+  assert out["mbf"][0] == kept["mbf"][0] and np.isnan(out["mbf"][1])
+  assert "standard error" in perfusion.REASONS[perfusion.UNCERTAIN]
+
+
 def test_blood_purity_rule_on_a_hand_made_pool():
   """Pure blood pixels pass; 70 % blood / 30 % myocardium partial-volume pixels and a
   papillary muscle do not."""
