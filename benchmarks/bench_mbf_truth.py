@@ -9,7 +9,8 @@ spill-over term): the
 number of slices, median |error|, median bias, 95th percentile of |error| and R^2 (Pearson),
 each with a 95 % interval from resampling studies (errors are slice MBF / truth - 1). With
 ``--auto WORKDIR`` the model's stride-32 segmentation is scored beside the ground-truth masks,
-both in one batched solve (each mask divided by its own RV insertion points).
+both in one batched solve (each mask divided by its own RV insertion points). ``--plot PNG``
+draws each line's slices: MBF against the truth and a Bland-Altman plot.
 """
 from __future__ import annotations
 
@@ -64,7 +65,10 @@ def main() -> None:
   ap.add_argument("--auto", default=None, help="workdir of a model to segment the slices")
   ap.add_argument("--frame-gain", default="both", choices=["no", "yes", "both"])
   ap.add_argument("--spill-over", default="yes", choices=["no", "yes", "both"])
+  ap.add_argument("--plot", default=None,
+                  help="PNG: slice MBF against the truth and Bland-Altman, one column per line")
   args = ap.parse_args()
+  panels = []
   choice = {"no": [False], "yes": [True], "both": [False, True]}
   errors = choice[args.parameter_error]
   options = [(g, s) for g in choice[args.frame_gain] for s in choice[args.spill_over]]
@@ -95,6 +99,27 @@ def main() -> None:
                                   np.concatenate(study)),
                       seconds=round(time.perf_counter() - t0, 1))
           print(json.dumps(line), flush=True)
+          panels.append((f"{variability} {protocol}{', params off' if p_err else ''}, {name}, "
+                         f"gain {'on' if gain else 'off'}, spill {'on' if spill else 'off'}",
+                         np.concatenate(est), np.concatenate(truth)))
+  if args.plot:
+    plot(panels, args.plot)
+
+
+def plot(panels, path: str) -> None:
+  """One column per (set, options): estimate against truth above, Bland-Altman below."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from perfjax import figures  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 7.0), squeeze=False)
+  for j, (title, est, truth) in enumerate(panels):
+    figures.scatter_plot(truth, est, ax=axes[0, j], label_x="true MBF", label_y="slice MBF")
+    axes[0, j].set_title(title + "\n" + axes[0, j].get_title(), fontsize=8)
+    figures.bland_altman_plot(est, truth, ax=axes[1, j], label_a="MBF", label_b="truth")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f"figure: {path}", flush=True)
 
 
 if __name__ == "__main__":

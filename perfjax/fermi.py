@@ -299,7 +299,8 @@ def fit_one(conv, t, c, wts, x_init=None, spill=None, *, dv: float, ratio: int, 
 
   grad = jax.grad(mbf_norm)(x)
   n = jnp.sum(wts > 0)
-  s2 = (r @ r) / jnp.maximum(n - x.shape[0], 1)
+  n_par = N_PARAMS if spill is None else N_PARAMS + jnp.any(spill != 0).astype(jnp.int32)
+  s2 = (r @ r) / jnp.maximum(n - n_par, 1)
   # pseudo-inverse of J^T J after diagonal scaling (robust to parameters that a sigmoid/softplus
   # has pinned at a bound: their direction carries ~0 gradient and is cut off).
   jtj = jac.T @ jac
@@ -653,7 +654,7 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       IMPLAUSIBLE rather than dominate a slice mean.
     max_rel_se: fits whose MBF standard error (``mbf_se``) exceeds this fraction of the MBF
       fail with UNCERTAIN: small, noisy sectors (a few pixels of a thin wall at low
-      contrast) give MBF errors skewed upwards, by +25-45 % in the median once the standard
+      contrast) give MBF errors skewed upwards, by +24-45 % in the median once the standard
       error passes 40 % (benchmarks/RESULTS.md, issue 13), which a slice mean would carry.
       None turns the rule off.
     retry_iter: curves that have not converged after ``n_iter`` iterations (see the rule at
@@ -728,69 +729,75 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   good = reason == 0
   c_scale = np.where(good, peak_c, 1.0)
   fitted = good[:, None] & win
-  g_curves, slot = _pack(inv, np.where(fitted, curves / c_scale[:, None], 0.0), 0.0)
-  g_wts, _ = _pack(inv, fitted.astype(np.float32), 0.0)
+  c_norm = np.where(fitted, curves / c_scale[:, None], 0.0)
   g_t = np.where(np.isfinite(g["t"]), g["t"] - origin[:, None], 0.0)
-  t_solve = time.perf_counter()
-
-  def solve(sp_n):
-    """The batched solve (with spill-over curves sp_n [N, T] or without) and its retry pass."""
-    out = fit_groups(jnp.asarray(aif_v, jnp.float32), jnp.asarray(g_t, jnp.float32),
-                     jnp.asarray(g_curves), jnp.asarray(g_wts), None,
-                     None if sp_n is None else jnp.asarray(_pack(inv, sp_n, 0.0)[0]),
-                     n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
-                     n_iter=int(n_iter), n_starts=int(n_starts))
-    out = {k: np.array(x)[inv, slot] for k, x in jax.block_until_ready(out).items()}
-    converged = _converged(out, win)
-    retry = np.nonzero((reason == 0) & ~converged)[0]
-    if retry.size and retry_iter > 0:
-      # Second pass for the curves still moving: each alone (its group's AIF), from where the
-      # first pass stopped and from the next-best grid starts, with retry_iter x the iterations.
-      m = retry.size
-      pad = max(8, 1 << int(np.ceil(np.log2(m))))  # few distinct shapes, few compiles
-      sel = np.concatenate([retry, np.full(pad - m, retry[0])])
-      valid = np.arange(pad) < m
-      r_wts = np.where(valid[:, None], fitted[sel], False).astype(np.float32)
-      r_out = fit_groups(jnp.asarray(aif_v[inv[sel]], jnp.float32),
-                         jnp.asarray(g_t[inv[sel]], jnp.float32),
-                         jnp.asarray(np.where(r_wts > 0, curves[sel] / c_scale[sel, None],
-                                              0.0)[:, None], jnp.float32),
-                         jnp.asarray(r_wts[:, None]),
-                         jnp.asarray(out["raw"][sel][:, None], jnp.float32),
-                         None if sp_n is None else jnp.asarray(sp_n[sel][:, None], jnp.float32),
-                         n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
-                         n_iter=int(retry_iter) * int(n_iter), n_starts=int(n_starts))
-      r_out = {k: np.array(x)[:m, 0] for k, x in jax.block_until_ready(r_out).items()}
-      better = np.isfinite(r_out["cost"]) & ~(r_out["cost"] > out["cost"][retry])
-      for k in out:
-        out[k][retry[better]] = r_out[k][better]
-      converged[retry[better]] = _converged(r_out, win[retry])[better]
-    return out, converged, int(retry.size)
-
-  out, converged, n_retried = solve(None)
-  spill_used = np.zeros(n, bool)
-  sp_scale = np.ones(n)
+  # With spill, every curve is fitted twice in ONE batched solve: rows [0, n) with an all-zero
+  # spill curve (v stays inert: the Fermi model), rows [n, 2n) with the spill curve.
+  sp_scale, sp_norm, usable = np.ones(n), None, np.zeros(n, bool)
   if spill is not None:
-    # The model with the spill-over term where it explains the curve better than its extra
-    # parameter costs (Bayesian information criterion, per curve); elsewhere the Fermi model.
     sp = _as_2d(spill, n, t, "spill")
     with _quiet():
       sp_peak = np.nanmax(np.where(win, sp, np.nan), axis=1)
     usable = np.isfinite(sp_peak) & (sp_peak > 0) & np.all(np.isfinite(sp) | ~win, axis=1)
     sp_scale = np.where(usable, sp_peak, 1.0)
-    out_s, conv_s, n_retried_s = solve(
-        np.where(usable[:, None] & fitted, np.nan_to_num(sp) / sp_scale[:, None], 0.0))
+    sp_norm = np.where(usable[:, None] & fitted, np.nan_to_num(sp) / sp_scale[:, None], 0.0)
+  copies = 1 if spill is None else 2
+  rows = np.tile(np.arange(n), copies)  # the curve of each solved row
+  r_inv = inv[rows]
+  r_spill = None if spill is None else np.concatenate([np.zeros((n, t)), sp_norm])
+  g_curves, slot = _pack(r_inv, c_norm[rows], 0.0)
+  g_wts, _ = _pack(r_inv, fitted[rows].astype(np.float32), 0.0)
+  t_solve = time.perf_counter()
+  out = fit_groups(jnp.asarray(aif_v, jnp.float32), jnp.asarray(g_t, jnp.float32),
+                   jnp.asarray(g_curves), jnp.asarray(g_wts), None,
+                   None if r_spill is None else jnp.asarray(_pack(r_inv, r_spill, 0.0)[0]),
+                   n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
+                   n_iter=int(n_iter), n_starts=int(n_starts))
+  out = {k: np.array(x)[r_inv, slot] for k, x in jax.block_until_ready(out).items()}
+  converged = _converged(out, win[rows])
+  retry = np.nonzero((reason[rows] == 0) & ~converged)[0]
+  n_retried = int(np.unique(rows[retry]).size)
+  if retry.size and retry_iter > 0:
+    # Second pass for the curves still moving: each alone (its group's AIF), from where the
+    # first pass stopped and from the next-best grid starts, with retry_iter x the iterations.
+    m = retry.size
+    pad = max(8, 1 << int(np.ceil(np.log2(m))))  # few distinct shapes, few compiles
+    sel = np.concatenate([retry, np.full(pad - m, retry[0])])
+    valid = np.arange(pad) < m
+    r_wts = np.where(valid[:, None], fitted[rows[sel]], False).astype(np.float32)
+    r_out = fit_groups(jnp.asarray(aif_v[r_inv[sel]], jnp.float32),
+                       jnp.asarray(g_t[r_inv[sel]], jnp.float32),
+                       jnp.asarray(np.where(r_wts > 0, c_norm[rows[sel]], 0.0)[:, None],
+                                   jnp.float32),
+                       jnp.asarray(r_wts[:, None]),
+                       jnp.asarray(out["raw"][sel][:, None], jnp.float32),
+                       None if r_spill is None else jnp.asarray(r_spill[sel][:, None],
+                                                                jnp.float32),
+                       n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
+                       n_iter=int(retry_iter) * int(n_iter), n_starts=int(n_starts))
+    r_out = {k: np.array(x)[:m, 0] for k, x in jax.block_until_ready(r_out).items()}
+    better = np.isfinite(r_out["cost"]) & ~(r_out["cost"] > out["cost"][retry])
+    for k in out:
+      out[k][retry[better]] = r_out[k][better]
+    converged[retry[better]] = _converged(r_out, win[rows[retry]])[better]
+
+  spill_used = np.zeros(n, bool)
+  if spill is not None:
+    # The model with the spill-over term where it explains the curve better than its extra
+    # parameter costs (Bayesian information criterion, per curve); elsewhere the Fermi model.
+    out_s = {k: x[n:] for k, x in out.items()}
+    out = {k: x[:n] for k, x in out.items()}
+    conv_s, converged = converged[n:], converged[:n]
     n_fit = np.maximum(fitted.sum(axis=1), 1)
     floor = n_fit * SPILL_RSS_FLOOR
     with np.errstate(invalid="ignore", divide="ignore"):
       bic_gain = (n_fit * np.log((2.0 * out_s["cost"] + floor) / (2.0 * out["cost"] + floor))
                   + np.log(n_fit))
     spill_used = usable & (reason == 0) & conv_s & (bic_gain < 0)
-    out["raw"] = np.concatenate([out["raw"], np.full((n, 1), -30.0, np.float32)], axis=1)
+    out["spill"] = np.zeros(n, np.float32)
     for k in out:
       out[k][spill_used] = out_s[k][spill_used]
     converged = np.where(spill_used, conv_s, converged)
-    n_retried += n_retried_s
   t_solve = time.perf_counter() - t_solve
 
   f_n, w, k, tau = (np.asarray(p, np.float64) for p in params_from_raw(out["raw"], tau_max))

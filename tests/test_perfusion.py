@@ -136,7 +136,7 @@ def test_failed_fits_are_nan_with_reasons(batch):
   assert not out["ok"][bad].any()
   for key in ("mbf", "F", "w", "k", "tau_d", "mbf_se", "r2"):
     assert np.all(np.isnan(out[key][bad])), key
-  assert set(out["reasons"]) == set(range(8))
+  assert set(out["reasons"]) == set(range(9))
 
 
 def test_implausible_mbf_is_a_failed_fit_not_a_value(batch):
@@ -319,7 +319,7 @@ def test_spill_over_term_recovers_mbf_of_a_partial_volume_curve():
   np.testing.assert_allclose(out["mbf"][:2], 2.0, rtol=1e-3)
   np.testing.assert_allclose(out["spill"][:2], [0.15, 0.0], atol=1e-3)
   assert list(out["spill_used"]) == [True, False, False]
-  assert out["mbf"][1] == without["mbf"][1] and out["mbf"][2] == without["mbf"][2]
+  np.testing.assert_allclose(out["mbf"][1:], without["mbf"][1:], rtol=1e-5)
   assert np.isnan(without["spill"]).all() and not without["spill_used"].any()
 
 
