@@ -200,8 +200,8 @@ def score(data: pathlib.Path, workdir: str, centre: str = "mask", split_name: st
     rows.append(dict(id=slice_id, dice_myo=metrics.dice(pred, gt, 1),
                      dice_lv=metrics.dice(pred, gt, 2),
                      lv_as_rv=bool(np.mean(pred[lv] == 3) > 0.5) if lv.any() else False))
-  return dict(workdir=workdir, centre=centre, split=split_name, mirror_tta=mirror_tta, n=len(rows),
-              seconds=time.time() - t0,
+  return dict(workdir=workdir, centre=centre, split=split_name, mirror_tta=mirror_tta,
+              n=len(rows), seconds=time.time() - t0,
               summary=summarise(rows), slices=rows)
 
 

@@ -434,8 +434,7 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   MBF field. The frames are first divided by their gain measured on non-enhancing tissue
   (`perfjax.frame_gain`): its sd in % or, when it was not applied, why; ``spill_sectors``
   counts the sectors whose fit kept the spill-over term (the LV pool's signal, partial
-  volume). Returns the row's
-  flow fields and, under "_study", what the study bullseye needs.
+  volume). Returns the row's flow fields and, under "_study", what the study bullseye needs.
   """
   sequence = s.get("sequence")
   series = s.get("aif_series")
@@ -457,7 +456,7 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
              sector_failures=failures or None, _error=str(res["error"][0]),
              **frame_gain_fields(res["frame_gain"][0], str(res["frame_gain_reason"][0])),
              spill_sectors=int(np.sum(np.asarray(res["spill48"][0], np.float64) > 0)),
-             _study=dict(values48=v48, counts48=np.asarray(res["counts"][0]), absolute=absolute))
+             _study=dict(values48=v48, counts48=counts, absolute=absolute))
   if absolute:
     out.update(mbf=_finite(res["slice_mbf"][0]), mbf_sector48=_floats(v48),
                mbf_flip_lo=_finite(res["slice_mbf_flip_lo"][0]),

@@ -411,5 +411,7 @@ def test_golden_mbf_on_a_noise_free_rest_and_stress_set():
   from perfjax import evaluate  # pylint: disable=g-import-not-at-top
   _, summary = evaluate.mbf_details(dict(gt_mask=r))
   assert summary["units"] == "ml/g/min" and summary["aif_sources"] == {"gt_mask": {"series": 6}}
+  spill = summary["spill_over"]["gt_mask"]
+  assert 0 <= spill["sectors_with_term"] <= spill["sectors_fitted"] <= 6 * 48
   change = summary["flip_sensitivity"]["gt_mask"]["median_change"]
   assert np.isfinite(change).all() and change[0] != 0.0 and np.sign(change[0]) != np.sign(change[1])
