@@ -304,6 +304,7 @@ def test_every_plausible_curve_converges_with_the_retry_pass():
   assert np.median(err) < 0.15
 
 
+@pytest.mark.xdist_group("fermi_three_curves")  # one worker: the same compiled solves
 def test_spill_over_term_recovers_mbf_of_a_partial_volume_curve():
   """A sector curve carrying 15 % of the blood curve (partial volume): the Fermi model alone
   reads it as flow (+280 %); with the spill-over term MBF and the fraction come back exactly.
@@ -323,18 +324,20 @@ def test_spill_over_term_recovers_mbf_of_a_partial_volume_curve():
   assert np.isnan(without["spill"]).all() and not without["spill_used"].any()
 
 
+@pytest.mark.xdist_group("fermi_three_curves")
 def test_a_fit_the_curve_does_not_determine_is_uncertain_not_a_value():
   """max_rel_se: a fit whose MBF standard error exceeds that fraction of the MBF fails with
   UNCERTAIN (NaN, reason recorded); None keeps every value."""
   rng = np.random.default_rng(5)
   clean = _tissue(0.8, 6.0, 0.8, 0.5)
-  noisy = np.stack([clean + rng.normal(0, s * clean.max(), clean.size) for s in (0.01, 0.1)])
+  noisy = np.stack([clean + rng.normal(0, s * clean.max(), clean.size)
+                    for s in (0.01, 0.1, 0.2)])
   kept = perfusion.fit_fermi(AIF, noisy, TIMES, max_rel_se=None)
   rel = kept["mbf_se"] / kept["mbf"]
-  assert kept["ok"].all() and rel[0] < 0.05 < 0.1 < rel[1]
+  assert kept["ok"].all() and rel[0] < 0.05 < 0.1 < rel[1:].min()
   out = perfusion.fit_fermi(AIF, noisy, TIMES, max_rel_se=0.1)
-  assert list(out["reason"]) == [perfusion.OK, perfusion.UNCERTAIN]
-  assert out["mbf"][0] == kept["mbf"][0] and np.isnan(out["mbf"][1])
+  assert list(out["reason"]) == [perfusion.OK, perfusion.UNCERTAIN, perfusion.UNCERTAIN]
+  assert out["mbf"][0] == kept["mbf"][0] and np.isnan(out["mbf"][1:]).all()
   assert "standard error" in perfusion.REASONS[perfusion.UNCERTAIN]
 
 
