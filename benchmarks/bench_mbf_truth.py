@@ -92,16 +92,16 @@ def main() -> None:
               acc[0].append(r["slice"])
               acc[1].append(truth)
               acc[2].append(seed * 100000 + rec["study_id"])
-        for (name, gain, spill), (est, truth, study) in rows.items():
+        for (name, gain, spill), acc in rows.items():
+          est, truth, study = (np.concatenate(x) for x in acc)
           line = dict(variability=variability, protocol=protocol, parameter_error=p_err,
                       masks=name, frame_gain=gain, spill_over=spill, seeds=args.seeds,
-                      **summarize(np.concatenate(est), np.concatenate(truth),
-                                  np.concatenate(study)),
+                      **summarize(est, truth, study),
                       seconds=round(time.perf_counter() - t0, 1))
           print(json.dumps(line), flush=True)
           panels.append((f"{variability} {protocol}{', params off' if p_err else ''}, {name}, "
                          f"gain {'on' if gain else 'off'}, spill {'on' if spill else 'off'}",
-                         np.concatenate(est), np.concatenate(truth)))
+                         est, truth))
   if args.plot:
     plot(panels, args.plot)
 

@@ -244,7 +244,8 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
   lv = _eroded_lv(mask, erosion)
   if not lv.any():
     raise InputError("mask", "no LV blood pool (label 2): no AIF")
-  px = raw[lv]  # [P, T] the eroded pool's pixels
+  pool = raw[lv]  # [P, T] the eroded pool's pixels (signal)
+  px = pool
   if not np.all(np.isfinite(px)):
     raise InputError("raw", "NaN or Inf in the LV blood pool signal")
   if rician is None:
@@ -260,7 +261,7 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
       px = np.sqrt(np.maximum(px ** 2 - sigma2, 0.0))
     px = signal_to_concentration(px, b, sequence, "blood")
   pure = blood_purity(px, blood_frac, foot_frac)
-  blood = raw[lv][pure].mean(axis=0)  # the pool's signal: what partial volume adds to tissue
+  blood = pool[pure].mean(axis=0)  # the pool's signal: what partial volume adds to tissue
   aif = np.nanmean(px[pure], axis=0)
   if sequence is None and sigma2 > 0:  # signal: the floor of the pool's mean curve
     aif = np.sqrt(np.maximum(aif ** 2 - sigma2, 0.0))
