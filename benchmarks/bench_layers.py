@@ -53,7 +53,29 @@ def conv_taps(x, k):
   return sum(yp[:, i:i + h, j:j + w, i, j] for i in range(3) for j in range(3))
 
 
-VARIANTS = {"xla": conv_xla, "im2col": conv_im2col, "rows": conv_rows, "taps": conv_taps}
+def conv_winograd(x, k):
+  """Winograd F(2x2, 3x3): 16 channel matmuls per 2x2 output tile instead of 36."""
+  b, h, w, c = x.shape
+  co = k.shape[-1]
+  g = jnp.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], k.dtype)
+  u = jnp.einsum("ay,yxio,bx->abio", g, k, g).reshape(16, c, co)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  r = [xp[:, i:i + h:2] for i in range(4)]
+  t = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]]
+  v = []
+  for ta in t:
+    cc = [ta[:, :, j:j + w:2] for j in range(4)]
+    v += [cc[0] - cc[2], cc[1] + cc[2], cc[2] - cc[1], cc[1] - cc[3]]
+  v = jnp.stack(v).reshape(16, -1, c)
+  m = jnp.einsum("tnc,tco->tno", v, u).reshape(4, 4, b, h // 2, w // 2, co)
+  s = [m[:, 0] + m[:, 1] + m[:, 2], m[:, 1] - m[:, 2] - m[:, 3]]  # columns' inverse
+  y = [[sb[0] + sb[1] + sb[2], sb[1] - sb[2] - sb[3]] for sb in s]  # [col][row]
+  y = jnp.stack([jnp.stack([y[0][0], y[1][0]], -2), jnp.stack([y[0][1], y[1][1]], -2)], 2)
+  return y.reshape(b, h, w, co)
+
+
+VARIANTS = {"xla": conv_xla, "im2col": conv_im2col, "rows": conv_rows, "taps": conv_taps,
+            "winograd": conv_winograd}
 
 
 def timeit(fn, reps):
@@ -72,7 +94,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--reps", type=int, default=7)
-  ap.add_argument("--variants", default="xla,im2col,rows,taps")
+  ap.add_argument("--variants", default="xla,im2col,rows,taps,winograd")
   ap.add_argument("--layers", default="", help="indices into LAYERS, comma-separated")
   args = ap.parse_args()
   idx = [int(i) for i in args.layers.split(",")] if args.layers else range(len(LAYERS))

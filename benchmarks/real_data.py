@@ -13,16 +13,28 @@ only into the folder you name.
       --json /tmp/real_scores.json
   python benchmarks/real_data.py embedded --dataset synthetic_mixed --workdir released/patch3
 
-Fine-tuning the released model on 10 patients (8 to train, 2 to select the checkpoint) and
-scoring it on the other 30 (the masks have no RV: training treats their background as
-background-or-RV, ``config.train.rv_unlabelled="auto"``)::
+Fine-tuning the released model on 10 patients and scoring it on the other 30 (the masks have
+no RV: training treats their background as background-or-RV,
+``config.train.rv_unlabelled="auto"``). The recipe of benchmarks/RESULTS.md (fifth pass): all
+10 patients train for 400 steps at a constant 5e-4, the step count chosen by 5-fold
+cross-validation inside the 10 (``folds`` writes the fold folders and the final one)::
 
   python benchmarks/real_data.py split --data ~/perfusion_real --train 8 --validation 2
-  PERFJAX_DATA_DIR=~/perfusion_real_tfds python launch.py --config=configs/patch3.py \
+  python benchmarks/real_data.py folds --data ~/perfusion_real --out ~/perfusion_folds
+  for k in 0 1 2 3 4; do   # the recipe's choice: the step of the best mean validation Dice
+    PERFJAX_DATA_DIR=~/folds_tfds/$k python launch.py --config=configs/patch3.py --mode=train \
+        --workdir=runs/fold$k --config.data.dataset=manual \
+        --config.data.manual_dir=$HOME/perfusion_folds/fold$k --config.train.init_from=released \
+        --config.train.num_steps=700 --config.train.learning_rate=5e-4 \
+        --config.train.schedule=constant --config.train.warmup_steps=0 \
+        --config.train.eval_every=50 --config.train.patience=100
+  done
+  PERFJAX_DATA_DIR=~/folds_tfds/final python launch.py --config=configs/patch3.py \
       --mode=train --workdir=runs/finetune --config.data.dataset=manual \
-      --config.data.manual_dir=$HOME/perfusion_real --config.train.init_from=released \
+      --config.data.manual_dir=$HOME/perfusion_folds/final --config.train.init_from=released \
       --config.train.num_steps=400 --config.train.learning_rate=5e-4 \
-      --config.train.warmup_steps=0 --config.train.eval_every=50
+      --config.train.schedule=constant --config.train.warmup_steps=0 \
+      --config.train.eval_every=400
   python benchmarks/real_data.py score --data ~/perfusion_real --workdir runs/finetune \
       --split test
 
@@ -52,6 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import random
 import re
 import sys
 import time
@@ -139,6 +152,41 @@ def split_patients(data: pathlib.Path, n_train: int, n_validation: int, seed: in
             "test": sorted(chosen[n_train + n_validation:])}
   (data / "splits.json").write_text(json.dumps(splits, indent=1))
   return splits
+
+
+def finetune_folds(data: pathlib.Path, out: pathlib.Path, n_folds: int = 5, seed: int = 0
+                   ) -> list[pathlib.Path]:
+  """Manual-dataset folders for choosing and training the fine-tuning recipe (RESULTS.md).
+
+  From the train + validation patients of ``data/splits.json`` (the fine-tuning patients),
+  writes ``out/fold<k>`` for k < ``n_folds``: every fine-tuning patient linked, the k-th share
+  (shuffled with ``seed``) as validation, the rest as train; and ``out/final``: all of them as
+  train and the first test patient as validation. The training loop needs a validation split;
+  with ``eval_every = num_steps`` that patient is evaluated once, at the last step, and
+  chooses nothing. The patients are symbolic links: nothing is copied.
+  """
+  splits = json.loads((data / "splits.json").read_text())
+  patients = sorted(splits.get("train", []) + splits.get("validation", []))
+  if len(patients) < n_folds or not splits.get("test"):
+    raise SystemExit(f"{data / 'splits.json'}: needs >= {n_folds} train + validation patients "
+                     "and a test patient (run `split` first)")
+  order = list(patients)
+  random.Random(seed).shuffle(order)
+  shares = [list(share) for share in np.array_split(np.array(order), n_folds)]
+  layouts = {f"fold{k}": {"train": sorted(set(patients) - set(share)),
+                          "validation": sorted(share)} for k, share in enumerate(shares)}
+  layouts["final"] = {"train": patients, "validation": sorted(splits["test"])[:1]}
+  written = []
+  for name, layout in layouts.items():
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for patient in layout["train"] + layout["validation"]:
+      link = folder / patient
+      if not link.exists():
+        link.symlink_to((data / patient).resolve(), target_is_directory=True)
+    (folder / "splits.json").write_text(json.dumps(layout, indent=1))
+    written.append(folder)
+  return written
 
 
 def slices_of(data: pathlib.Path, split: str | None = None
@@ -255,6 +303,12 @@ def main(argv=None) -> int:
   p.add_argument("--train", type=int, default=8)
   p.add_argument("--validation", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
+  f = sub.add_parser("folds", help="folders for the fine-tuning recipe's cross-validation "
+                     "and its final training (from DATA/splits.json)")
+  f.add_argument("--data", required=True, type=pathlib.Path)
+  f.add_argument("--out", required=True, type=pathlib.Path)
+  f.add_argument("--folds", type=int, default=5)
+  f.add_argument("--seed", type=int, default=0)
   e = sub.add_parser("embedded", help="Dice on the test split of an embedded dataset config")
   e.add_argument("--dataset", default="synthetic_mixed")
   e.add_argument("--workdir", action="append", required=True)
@@ -281,6 +335,10 @@ def main(argv=None) -> int:
   if args.command == "split":
     splits = split_patients(args.data, args.train, args.validation, args.seed)
     print({k: len(v) for k, v in splits.items()}, "patients; written to", args.data / "splits.json")
+    return 0
+  if args.command == "folds":
+    for folder in finetune_folds(args.data, args.out, args.folds, args.seed):
+      print(folder, json.loads((folder / "splits.json").read_text()))
     return 0
   results = [score(args.data, w, args.centre, args.split, args.mirror_tta) for w in args.workdir]
   for r in results:

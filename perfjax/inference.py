@@ -446,8 +446,12 @@ def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int =
   stride = windows.check_int("stride", stride, 1)
   slices_per_call = windows.check_int("slices_per_call", slices_per_call, 1)
   count = windows.coverage(h, w, patch, stride)  # also validates patch <= H, W
-  images = np.asarray(images, np.float32) if not isinstance(images, jax.Array) else images
-  if not bool(jnp.isfinite(images).all()):
+  if isinstance(images, jax.Array):
+    finite = bool(jnp.isfinite(images).all())
+  else:  # numpy's check, without a device round trip (a sizeable share of a stride-32 call)
+    images = np.asarray(images, np.float32)
+    finite = bool(np.isfinite(images).all())
+  if not finite:
     raise InputError("images", "contain NaN or Inf")
   if devices is None:
     devices = jax.local_devices()
@@ -463,7 +467,8 @@ def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int =
   if accumulate not in ACCUMULATIONS:
     raise InputError("accumulate", f"expected one of {ACCUMULATIONS}, got {accumulate!r}")
   on_mesh = NamedSharding(mesh, PartitionSpec())
-  params = jax.device_put(params, on_mesh)
+  if not all(getattr(leaf, "sharding", None) == on_mesh for leaf in jax.tree.leaves(params)):
+    params = jax.device_put(params, on_mesh)
   run = _compiled(platform_name)
   parts = []
   for lo in range(0, n, slices_per_call):

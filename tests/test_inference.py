@@ -251,6 +251,9 @@ def test_bad_inputs():
   bad[0, 3, 3, 0] = np.nan
   with pytest.raises(InputError, match="NaN"):
     inf.sliding_window(fn, None, bad, patch=8)
+  bad[0, 3, 3, 0] = np.inf  # the same check on a device array
+  with pytest.raises(InputError, match="Inf"):
+    inf.sliding_window(fn, None, jnp.asarray(bad), patch=8)
 
 
 def test_fast_path_equals_plain_path():
