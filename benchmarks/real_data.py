@@ -172,7 +172,7 @@ def finetune_folds(data: pathlib.Path, out: pathlib.Path, n_folds: int = 5, seed
                      "and a test patient (run `split` first)")
   order = list(patients)
   random.Random(seed).shuffle(order)
-  shares = [list(share) for share in np.array_split(np.array(order), n_folds)]
+  shares = np.array_split(np.array(order), n_folds)
   layouts = {f"fold{k}": {"train": sorted(set(patients) - set(share)),
                           "validation": sorted(share)} for k, share in enumerate(shares)}
   layouts["final"] = {"train": patients, "validation": sorted(splits["test"])[:1]}

@@ -120,6 +120,8 @@ ABSOLUTE_UNITS = "ml/g/min"
 # Flow fitted to the raw signal (no sequence parameters): proportional to MBF at best, with a
 # bias that depends on the sequence and the blood signal's saturation; never in an MBF field.
 RELATIVE_UNITS = "relative (uncalibrated signal; not ml/g/min)"
+# sector_failures text of a sector without segmented myocardium (no curve to fit).
+EMPTY_SECTOR = "no myocardium pixels in the sector"
 # Study bullseyes, one file (and one colour scale) per unit: (units, file, colour-bar label).
 BULLSEYE_FILES = ((ABSOLUTE_UNITS, "bullseyes.png", "MBF (ml/g/min)"),
                   (RELATIVE_UNITS, "bullseyes_relative.png", "relative flow (uncalibrated)"))
@@ -447,7 +449,7 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   reasons = np.asarray(res["reason48"][0])
   counts = np.asarray(res["counts"][0])
   failures = {} if str(res["error"][0]) else {
-      str(k + 1): "no myocardium pixels in the sector" if counts[k] == 0
+      str(k + 1): EMPTY_SECTOR if counts[k] == 0
       else perfusion.REASONS.get(int(reasons[k]), f"fit failed (code {int(reasons[k])})")
       for k in np.nonzero(~ok48)[0]}
   absolute = sequence is not None

@@ -483,6 +483,6 @@ def test_aif_series_from_the_sidecar(study_sim, tmp_path):
   assert flow["aif_source"] == "series" and flow["flow_units"] == "ml/g/min"
   assert flow["mbf"] == pytest.approx(truth, rel=0.05)
   assert isinstance(flow["spill_sectors"], int) and 0 <= flow["spill_sectors"] <= 48
-  known = set(perfusion.REASONS.values()) | {"no myocardium pixels in the sector"}
+  known = set(perfusion.REASONS.values()) | {predict.EMPTY_SECTOR}
   assert set((flow["sector_failures"] or {}).values()) <= known, flow["sector_failures"]
 
