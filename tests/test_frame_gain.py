@@ -92,3 +92,17 @@ def test_mbf_of_a_slice_with_a_frame_gain_equals_that_of_the_same_slice_without(
   assert on["slice_mbf"][1] == pytest.approx(on["slice_mbf"][0], rel=1e-3)
   assert abs(off["slice_mbf"][1] / off["slice_mbf"][0] - 1.0) > 0.01
   assert list(off["frame_gain_reason"]) == ["not asked for"] * 2
+
+
+def test_what_the_outputs_say_about_a_gain_applied_and_one_not_measured():
+  from perfjax import evaluate, predict
+  gain = np.exp(0.02 * np.random.default_rng(5).standard_normal(T))
+  why = "too little image outside the heart"
+  summary = evaluate.frame_gain_summary(dict(frame_gain=np.stack([gain, np.ones(T)]),
+                                             frame_gain_reason=np.array(["", why])))
+  assert summary == dict(applied=1, slices=2,
+                         median_sd_percent=pytest.approx(fg.sd_percent(gain)))
+  assert predict.frame_gain_fields(gain, "") == dict(
+      frame_gain_sd_percent=round(float(fg.sd_percent(gain)), 3), frame_gain_note=None)
+  assert predict.frame_gain_fields(np.ones(T), why) == dict(frame_gain_sd_percent=None,
+                                                            frame_gain_note=why)
