@@ -155,7 +155,7 @@ def split_patients(data: pathlib.Path, n_train: int, n_validation: int, seed: in
 
 
 def finetune_folds(data: pathlib.Path, out: pathlib.Path, n_folds: int = 5, seed: int = 0
-                   ) -> list[pathlib.Path]:
+                   ) -> dict[pathlib.Path, dict]:
   """Manual-dataset folders for choosing and training the fine-tuning recipe (RESULTS.md).
 
   From the train + validation patients of ``data/splits.json`` (the fine-tuning patients),
@@ -163,7 +163,8 @@ def finetune_folds(data: pathlib.Path, out: pathlib.Path, n_folds: int = 5, seed
   (shuffled with ``seed``) as validation, the rest as train; and ``out/final``: all of them as
   train and the first test patient as validation. The training loop needs a validation split;
   with ``eval_every = num_steps`` that patient is evaluated once, at the last step, and
-  chooses nothing. The patients are symbolic links: nothing is copied.
+  chooses nothing. The patients are symbolic links: nothing is copied. Returns {folder:
+  its splits}.
   """
   splits = json.loads((data / "splits.json").read_text())
   patients = sorted(splits.get("train", []) + splits.get("validation", []))
@@ -174,9 +175,9 @@ def finetune_folds(data: pathlib.Path, out: pathlib.Path, n_folds: int = 5, seed
   random.Random(seed).shuffle(order)
   shares = np.array_split(np.array(order), n_folds)
   layouts = {f"fold{k}": {"train": sorted(set(patients) - set(share)),
-                          "validation": sorted(share)} for k, share in enumerate(shares)}
+                          "validation": sorted(map(str, share))} for k, share in enumerate(shares)}
   layouts["final"] = {"train": patients, "validation": sorted(splits["test"])[:1]}
-  written = []
+  written = {}
   for name, layout in layouts.items():
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def finetune_folds(data: pathlib.Path, out: pathlib.Path, n_folds: int = 5, seed
       if not link.exists():
         link.symlink_to((data / patient).resolve(), target_is_directory=True)
     (folder / "splits.json").write_text(json.dumps(layout, indent=1))
-    written.append(folder)
+    written[folder] = layout
   return written
 
 
@@ -337,8 +338,8 @@ def main(argv=None) -> int:
     print({k: len(v) for k, v in splits.items()}, "patients; written to", args.data / "splits.json")
     return 0
   if args.command == "folds":
-    for folder in finetune_folds(args.data, args.out, args.folds, args.seed):
-      print(folder, json.loads((folder / "splits.json").read_text()))
+    for folder, layout in finetune_folds(args.data, args.out, args.folds, args.seed).items():
+      print(folder, layout)
     return 0
   results = [score(args.data, w, args.centre, args.split, args.mirror_tta) for w in args.workdir]
   for r in results:
