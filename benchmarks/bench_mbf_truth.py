@@ -3,6 +3,12 @@ correction, over several phantom seeds: rest + stress, motion-free, AIF series, 
 
   python benchmarks/bench_mbf_truth.py --seeds 5 11 12 --slices 48 \
       --protocols bssfp flash --parameter-error both [--auto released/patch3]
+  python benchmarks/bench_mbf_truth.py --seeds 41 42 --protocols flash --true-gain refused all
+
+``--true-gain`` and ``--noise`` take parts of the error away, to see what the rest is made of:
+the phantom's true per-frame gain (``frame_gain_true``) divided out of every slice ("all") or
+only where no measured gain was divided out ("refused"; the measured one elsewhere), and the
+images' noise scaled (0: noise-free slices and AIF series).
 
 Prints one JSON line per (variability, protocol, parameter error, masks, frame gain,
 spill-over term): the
@@ -65,6 +71,9 @@ def main() -> None:
   ap.add_argument("--auto", default=None, help="workdir of a model to segment the slices")
   ap.add_argument("--frame-gain", default="both", choices=["no", "yes", "both"])
   ap.add_argument("--spill-over", default="yes", choices=["no", "yes", "both"])
+  ap.add_argument("--true-gain", nargs="+", default=[], choices=["refused", "all"],
+                  help="also score with the phantom's true frame gain divided out")
+  ap.add_argument("--noise", type=float, default=1.0, help="the phantom's noise scale")
   ap.add_argument("--plot", default=None,
                   help="PNG: slice MBF against the truth and Bland-Altman, one column per line")
   args = ap.parse_args()
@@ -79,7 +88,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for seed in args.seeds:
           rec = phantom.simulate(seed, args.slices, protocol, 0.0, stress="mixed",
-                                 variability=variability, parameter_error=p_err)
+                                 variability=variability, parameter_error=p_err,
+                                 noise=args.noise)
           truth = perfusion.slice_mbf(rec["mbf_sector48"].astype(np.float64))
           masks = {"ground truth": rec["mask"]}
           if args.auto:
@@ -88,22 +98,41 @@ def main() -> None:
             res = perfusion.mbf_of_masks(rec, list(masks.values()), "concentration",
                                          frame_gain=gain, spill_over=spill)
             for name, r in zip(masks, res):
-              acc = rows.setdefault((name, gain, spill), [[], [], []])
-              acc[0].append(r["slice"])
-              acc[1].append(truth)
-              acc[2].append(seed * 100000 + rec["study_id"])
+              scored = [(gain, r)]
+              for which in args.true_gain:
+                scored.append((f"true ({which})", perfusion.mbf_of_masks(
+                    with_true_gain(rec, r, which), [masks[name]], "concentration",
+                    frame_gain=False, spill_over=spill)[0]))
+              for label, r_label in scored:
+                acc = rows.setdefault((name, label, spill), [[], [], []])
+                acc[0].append(r_label["slice"])
+                acc[1].append(truth)
+                acc[2].append(seed * 100000 + rec["study_id"])
         for (name, gain, spill), acc in rows.items():
           est, truth, study = (np.concatenate(x) for x in acc)
           line = dict(variability=variability, protocol=protocol, parameter_error=p_err,
                       masks=name, frame_gain=gain, spill_over=spill, seeds=args.seeds,
+                      noise=args.noise,
                       **summarize(est, truth, study),
                       seconds=round(time.perf_counter() - t0, 1))
           print(json.dumps(line), flush=True)
           panels.append((f"{variability} {protocol}{', params off' if p_err else ''}, {name}, "
-                         f"gain {'on' if gain else 'off'}, spill {'on' if spill else 'off'}",
+                         f"gain {gain if isinstance(gain, str) else 'on' if gain else 'off'}, "
+                         f"spill {'on' if spill else 'off'}",
                          est, truth))
   if args.plot:
     plot(panels, args.plot)
+
+
+def with_true_gain(rec: dict, res: dict, which: str) -> dict:
+  """The record with the phantom's true frame gain divided out of its raw frames: on every
+  slice ("all"), or where ``res`` (an `mbf_of_masks` result) divided no measured gain out
+  ("refused"; the measured gain is divided out of the other slices)."""
+  gain = np.asarray(rec["frame_gain_true"], np.float64)
+  if which == "refused":
+    refused = np.array([reason != "" for reason in res["frame_gain_reason"]])
+    gain = np.where(refused[:, None], gain, np.asarray(res["frame_gain"], np.float64))
+  return dict(rec, raw=rec["raw"] / gain[:, None, None, :].astype(np.float32))
 
 
 def plot(panels, path: str) -> None:

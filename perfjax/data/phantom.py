@@ -372,8 +372,10 @@ def _slice(seed, study, study_index, level, protocol, motion_p, opts, out, n):
     sig, shifts = img.motion_warp(sig, study["times"], peak, motion_rng, centre_rc,
                                opts["include_motion_deformation"])
     sig *= coil[..., None]
+  frame_gain = np.ones(FRAMES, np.float32)
   if wide is not None:  # a coarser acquisition, zero-filled (blur and Gibbs ringing)
-    sig = img.lowres(sig, wide["kspace"]) * (1.0 + wide["frame_jitter"]).astype(np.float32)
+    frame_gain = (1.0 + wide["frame_jitter"]).astype(np.float32)
+    sig = img.lowres(sig, wide["kspace"]) * frame_gain
   sigma = opts["noise"] * 0.0016 * study["gain"] / study["snr"]
   img.magnitude(sig, sigma, noise_rng, out["raw"][n], out["image"][n])
   if wide is not None and wide["cutoff"][0]:  # the edge of the field of view, zero-filled
@@ -385,7 +387,7 @@ def _slice(seed, study, study_index, level, protocol, motion_p, opts, out, n):
       times=study["times"], motion=is_motion, peak_lv_frame=peak,
       rvip=img.to_pixel(heart.rvip_xy(), theta, shift, px), aif=conc[anat.LVBLOOD],
       aif_params=lv_p, fermi=fermi, defect=heart.defect is not None, motion_shift_px=shifts,
-      rotation_deg=theta, pixel_mm=px, seq_ts=sp["ts"], seq_tr=sp["tr"],
+      rotation_deg=theta, pixel_mm=px, frame_gain_true=frame_gain, seq_ts=sp["ts"], seq_tr=sp["tr"],
       seq_flip_deg=study["seq"]["flip"], seq_n_pulses=sp["n_pulses"],
       seq_sat_residual=sp["sat_residual"],
       t1_blood_s=study["t1_blood_nominal"], b1=study["b1"], t1_blood_true_s=study["t1_blood"],

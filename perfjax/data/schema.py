@@ -75,6 +75,9 @@ FIELDS = tuple(Field(*row) for row in (
      "aif (x) h, F from the MBF"),
     ("motion_shift_px", (T, 2), _F32, None, "(row, col) shift of the heart per frame "
      "(residual motion; 0 without)", PHANTOM_ONLY),
+    ("frame_gain_true", (T,), _F32, None, "the factor every pixel of each frame was "
+     "multiplied by (the wide phantom's frame-to-frame gain jitter; ones on the narrow one)",
+     PHANTOM_ONLY),
     # The study's separate AIF series (repeated on its slices; dual-sequence by default).
     ("aif_image", (AIF_SIZE, AIF_SIZE, T), _F32, NAN, "AIF series: magnitude images"),
     ("aif_pd", (AIF_SIZE, AIF_SIZE), _F32, NAN, "AIF series: proton-density frame (M0)"),
