@@ -118,8 +118,7 @@ def test_the_gain_measured_on_the_wide_phantom_is_the_one_it_applied():
     out = fg.frame_gain(raw, mask, times)
     if out["reason"]:
       continue
-    log_truth = np.log(truth.astype(np.float64))
-    errors.append(fg.sd_percent(out["gain"] / np.exp(log_truth - log_truth.mean())))
+    errors.append(fg.sd_percent(out["gain"] / truth))  # the sd ignores the gains' scales
     moved.append(fg.sd_percent(truth))
   # seed 5: errors 0.1-0.7 % where the gain moved by 0.6-4 %
   assert len(errors) >= 3 and max(errors) < 1.0 and np.median(errors) < np.median(moved) / 3
