@@ -130,7 +130,7 @@ def with_true_gain(rec: dict, res: dict, which: str) -> dict:
   ("refused"; the measured gain is divided out of the other slices)."""
   gain = np.asarray(rec["frame_gain_true"], np.float64)
   if which == "refused":
-    refused = np.array([reason != "" for reason in res["frame_gain_reason"]])
+    refused = np.asarray(res["frame_gain_reason"]) != ""
     gain = np.where(refused[:, None], gain, np.asarray(res["frame_gain"], np.float64))
   return dict(rec, raw=rec["raw"] / gain[:, None, None, :].astype(np.float32))
 

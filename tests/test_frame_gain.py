@@ -4,6 +4,7 @@ import pytest
 
 from perfjax import frame_gain as fg
 from perfjax import perfusion
+from perfjax.data import phantom
 from perfjax.errors import InputError
 
 T = 30
@@ -70,7 +71,6 @@ def test_no_gain_without_tissue_outside_the_heart_and_bad_shapes_raise():
 
 
 def test_mbf_of_a_slice_with_a_frame_gain_equals_that_of_the_same_slice_without():
-  from perfjax.data import phantom
   rec = phantom.simulate(3, 3, "bssfp", noise=0.0, stress="mixed", variability="narrow")
   i = 1
   raw, mask, times = rec["raw"][i].astype(np.float64), rec["mask"][i], rec["times"][i]
@@ -109,7 +109,6 @@ def test_what_the_outputs_say_about_a_gain_applied_and_one_not_measured():
 
 
 def test_the_gain_measured_on_the_wide_phantom_is_the_one_it_applied():
-  from perfjax.data import phantom
   assert np.all(phantom.simulate(5, 3, "flash", variability="narrow")["frame_gain_true"] == 1)
   rec = phantom.simulate(5, 6, "flash", stress="mixed", variability="wide")
   errors, moved = [], []  # sd (%) of the measured log gain's error, and of the true one

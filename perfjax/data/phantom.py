@@ -387,10 +387,9 @@ def _slice(seed, study, study_index, level, protocol, motion_p, opts, out, n):
       times=study["times"], motion=is_motion, peak_lv_frame=peak,
       rvip=img.to_pixel(heart.rvip_xy(), theta, shift, px), aif=conc[anat.LVBLOOD],
       aif_params=lv_p, fermi=fermi, defect=heart.defect is not None, motion_shift_px=shifts,
-      rotation_deg=theta, pixel_mm=px, frame_gain_true=frame_gain, seq_ts=sp["ts"],
-      seq_tr=sp["tr"],
-      seq_flip_deg=study["seq"]["flip"], seq_n_pulses=sp["n_pulses"],
-      seq_sat_residual=sp["sat_residual"],
+      rotation_deg=theta, pixel_mm=px, frame_gain_true=frame_gain,
+      seq_ts=sp["ts"], seq_tr=sp["tr"], seq_flip_deg=study["seq"]["flip"],
+      seq_n_pulses=sp["n_pulses"], seq_sat_residual=sp["sat_residual"],
       t1_blood_s=study["t1_blood_nominal"], b1=study["b1"], t1_blood_true_s=study["t1_blood"],
       t2_blood_s=physics.TISSUES_3T["blood_arterial"][1],
       t1_myo_s=physics.TISSUES_3T["myocardium"][0], t2_myo_s=physics.TISSUES_3T["myocardium"][1])
