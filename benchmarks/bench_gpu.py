@@ -17,10 +17,13 @@ Rows (one JSON object per line, `row` names it; seconds are wall-clock medians):
   train_step      the real `perfjax.train` step (augment + fwd/bwd + Adam, state donated): paper
                   (f=64, batch 32, advanced augmentation) and default (f=16, batch 16), float32
                   and bfloat16; `ms` blocks after every step, `ms_pipelined` after --steps steps.
-  train_loop      the paper variant's loop between evaluations: `perfjax.train.BatchFeeder`
-                  (windows on the device when they fit, else prefetched by a thread), the step,
-                  metrics fetched one step late; `ratio_to_step` = loop ms / pipelined step ms
-                  (issue target <= 1.15).
+  train_loop      the loop between evaluations, paper and default variants (float32):
+                  `perfjax.train.BatchFeeder` (windows on the device when they fit, else
+                  prefetched by a thread), the step, metrics fetched one step late;
+                  `ratio_to_step` = loop ms / pipelined step ms (issue target <= 1.15).
+                  --steps sets the pipelined steps (the loop runs twice as many) and --dtypes
+                  the step rows' precisions: on a CPU, e.g. `--only=jax --sections=train
+                  --steps=6 --reps=1 --dtypes=float32` (the paper step takes seconds there).
   torch_*         the same workloads for a hand-batched channels-last PyTorch UNet of the same
                   architecture (float32; bfloat16 under autocast), when torch imports.
   precision       with --accuracy=DATASET (needs the data stack: TFDS, orbax, ml_collections):
@@ -102,6 +105,8 @@ def jax_rows(args) -> None:
                              numpy_params)
 
   z = sizes(args.tiny)
+  if args.steps:
+    z["steps"] = args.steps
   device = jax.devices()[0]
   emit(row="env", framework="jax", jax=jax.__version__, device=device.device_kind,
        platform=device.platform, devices=jax.device_count(), tiny=args.tiny,
@@ -155,7 +160,7 @@ def jax_rows(args) -> None:
             "mask": rng.integers(0, CLASSES, (count, PATCH, PATCH)).astype(np.int32)}
 
   pipelined = {}
-  step_rows = [(name, features, batch, dtype) for dtype in ("float32", "bfloat16")
+  step_rows = [(name, features, batch, dtype) for dtype in args.dtypes
                for name, features, batch in (("paper", z["wide"], z["paper_batch"]),
                                              ("default", z["narrow"], z["default_batch"]))]
 
@@ -185,21 +190,20 @@ def jax_rows(args) -> None:
          augment="advanced", ms=round(ms, 3), ms_pipelined=round(ms_pipe, 3),
          steps_per_s=round(1e3 / ms_pipe, 1), first_step_s=round(compile_s, 2))
 
-  for row in step_rows[:2]:  # float32: the loop's reference
+  for row in step_rows:
     step_row(*row)
-  train_loop_row(z, mesh, step_setup, random_windows, pipelined[("paper", "float32")])
-  for row in step_rows[2:]:
-    step_row(*row)
+    if row[3] == "float32":  # The loop's reference step.
+      train_loop_row(z, mesh, step_setup, random_windows, *row[:3], pipelined[row[0], "float32"])
 
 
-def train_loop_row(z, mesh, step_setup, random_windows, step_ms) -> None:
-  """The paper variant's loop between evaluations, as perfjax.train.train runs it."""
+def train_loop_row(z, mesh, step_setup, random_windows, name, features, batch, step_ms) -> None:
+  """A variant's loop between evaluations, as perfjax.train.train runs it."""
   import jax  # pylint: disable=g-import-not-at-top
   from perfjax import train  # pylint: disable=g-import-not-at-top
-  _, step_fn, state = step_setup(z["wide"], z["paper_batch"], "float32", "advanced")
+  _, step_fn, state = step_setup(features, batch, "float32", "advanced")
   data = random_windows(z["windows"])
   n_steps = z["steps"] * 2
-  feeder = train.BatchFeeder(mesh, data, seed=0, batch_size=z["paper_batch"], start_step=0,
+  feeder = train.BatchFeeder(mesh, data, seed=0, batch_size=batch, start_step=0,
                              stop_step=n_steps + 1)
   try:
     state, m = step_fn(state, feeder.get(0))
@@ -215,7 +219,7 @@ def train_loop_row(z, mesh, step_setup, random_windows, step_ms) -> None:
     loop_ms = (time.perf_counter() - t0) * 1e3 / n_steps
   finally:
     feeder.close()
-  emit(row="train_loop", variant="paper", f=z["wide"], batch=z["paper_batch"],
+  emit(row="train_loop", variant=name, f=features, batch=batch,
        windows=z["windows"], windows_on_device=feeder.on_device, steps=n_steps,
        ms_per_step=round(loop_ms, 3), step_ms_pipelined=round(step_ms, 3),
        ratio_to_step=round(loop_ms / step_ms, 3))
@@ -388,6 +392,11 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke test)")
   parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=None,
+                      help="train: pipelined steps per timing (the loop runs twice as many; "
+                      "default 50, --tiny 3)")
+  parser.add_argument("--dtypes", default="float32,bfloat16",
+                      help="train: the step rows' precisions, comma-separated")
   parser.add_argument("--only", choices=("jax", "torch", "precision"), default=None)
   parser.add_argument("--sections", default="sliding,train",
                       help="comma-separated: sliding (the UM rows), train (steps and the loop)")
@@ -402,6 +411,9 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args()
   args.sections = tuple(x for x in args.sections.split(",") if x)
+  args.dtypes = tuple(x for x in args.dtypes.split(",") if x)
+  if not args.dtypes or set(args.dtypes) - {"float32", "bfloat16"}:
+    parser.error(f"--dtypes: expected float32 and/or bfloat16, got {args.dtypes}")
   if set(args.sections) - {"sliding", "train"}:
     parser.error(f"--sections: expected sliding and/or train, got {args.sections}")
   if "precision" in (args.only, args.worker) and not args.accuracy:
@@ -416,10 +428,11 @@ def main() -> None:
   rows = []
   for framework in frameworks:
     argv = [sys.executable, __file__, f"--worker={framework}", f"--reps={args.reps}",
-            f"--sections={','.join(args.sections)}"] + (
+            f"--sections={','.join(args.sections)}",
+            f"--dtypes={','.join(args.dtypes)}"] + (
         ["--tiny"] if args.tiny else []) + [f"--{k}={v}" for k, v in (
             ("accuracy", args.accuracy), ("accuracy_stride", args.accuracy_stride),
-            ("workdir", args.workdir)) if v is not None]
+            ("workdir", args.workdir), ("steps", args.steps)) if v is not None]
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT) as proc:
       for line in proc.stdout:
         print(line, end="", flush=True)
