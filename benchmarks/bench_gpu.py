@@ -57,14 +57,17 @@ def emit(**row) -> dict:
   return row
 
 
-def sizes(tiny: bool) -> dict:
-  """Workload sizes: the issue's, or tiny ones that run in seconds on a CPU."""
+def sizes(tiny: bool, steps: int | None = None) -> dict:
+  """Workload sizes: the issue's, or tiny ones that run in seconds on a CPU; `steps` overrides
+  the training rows' pipelined step count."""
   if tiny:
     # One width and batch: the paper and default rows share their compiled programs.
-    return dict(slices=1, stride=32, wide=4, narrow=4, paper_batch=4, default_batch=4,
-                steps=3, windows=64, chunk_full=9, spc=(1,))
-  return dict(slices=120, stride=2, wide=64, narrow=16, paper_batch=32, default_batch=16,
-              steps=50, windows=4096, chunk_full=1089, spc=(8, 30))
+    z = dict(slices=1, stride=32, wide=4, narrow=4, paper_batch=4, default_batch=4,
+             steps=3, windows=64, chunk_full=9, spc=(1,))
+  else:
+    z = dict(slices=120, stride=2, wide=64, narrow=16, paper_batch=32, default_batch=16,
+             steps=50, windows=4096, chunk_full=1089, spc=(8, 30))
+  return z if steps is None else dict(z, steps=steps)
 
 
 def median_s(fn, reps: int) -> float:
@@ -104,9 +107,7 @@ def jax_rows(args) -> None:
   from perfjax.model import (UNet, compute_dtype, flops_per_patch,  # pylint: disable=g-import-not-at-top
                              numpy_params)
 
-  z = sizes(args.tiny)
-  if args.steps:
-    z["steps"] = args.steps
+  z = sizes(args.tiny, args.steps)
   device = jax.devices()[0]
   emit(row="env", framework="jax", jax=jax.__version__, device=device.device_kind,
        platform=device.platform, devices=jax.device_count(), tiny=args.tiny,
@@ -278,7 +279,7 @@ def torch_rows(args) -> None:
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
-  z = sizes(args.tiny)
+  z = sizes(args.tiny, args.steps)
   dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   emit(row="env", framework="torch", torch=torch.__version__, device=(
       torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"), tiny=args.tiny,
@@ -353,7 +354,7 @@ def torch_rows(args) -> None:
 
   for name, features, batch in () if "train" not in args.sections else (
       ("paper", z["wide"], z["paper_batch"]), ("default", z["narrow"], z["default_batch"])):
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes:
       torch.manual_seed(0)
       model = UNet(features).to(dev).train().to(memory_format=torch.channels_last)
       opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -392,7 +393,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke test)")
   parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=None,
+  parser.add_argument("--steps", type=int, default=None, metavar="N",
                       help="train: pipelined steps per timing (the loop runs twice as many; "
                       "default 50, --tiny 3)")
   parser.add_argument("--dtypes", default="float32,bfloat16",
@@ -411,6 +412,8 @@ def main() -> None:
   parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
   args = parser.parse_args()
   args.sections = tuple(x for x in args.sections.split(",") if x)
+  if args.steps is not None and args.steps < 1:
+    parser.error(f"--steps: expected a positive step count, got {args.steps}")
   args.dtypes = tuple(x for x in args.dtypes.split(",") if x)
   if not args.dtypes or set(args.dtypes) - {"float32", "bfloat16"}:
     parser.error(f"--dtypes: expected float32 and/or bfloat16, got {args.dtypes}")
