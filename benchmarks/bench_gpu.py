@@ -15,14 +15,14 @@ Rows (one JSON object per line, `row` names it; seconds are wall-clock medians):
                   bfloat16. TFLOP/s from the analytic FLOPs. (--sections=sliding: these rows
                   and the peer's only.)
   train_step      the real `perfjax.train` step (augment + fwd/bwd + Adam, state donated): paper
-                  (f=64, batch 32, advanced augmentation) and default (f=16, batch 16), float32
-                  and bfloat16; `ms` blocks after every step, `ms_pipelined` after --steps steps.
+                  (f=64, batch 32, advanced augmentation) and default (f=16, batch 16), in each
+                  of --dtypes (float32 and bfloat16); `ms` blocks after every step,
+                  `ms_pipelined` after --steps steps.
   train_loop      the loop between evaluations, paper and default variants (float32):
                   `perfjax.train.BatchFeeder` (windows on the device when they fit, else
                   prefetched by a thread), the step, metrics fetched one step late;
-                  `ratio_to_step` = loop ms / pipelined step ms (issue target <= 1.15).
-                  --steps sets the pipelined steps (the loop runs twice as many) and --dtypes
-                  the step rows' precisions: on a CPU, e.g. `--only=jax --sections=train
+                  `ratio_to_step` = loop ms / pipelined step ms (issue target <= 1.15); the
+                  loop runs twice --steps steps. On a CPU, e.g. `--only=jax --sections=train
                   --steps=6 --reps=1 --dtypes=float32` (the paper step takes seconds there).
   torch_*         the same workloads for a hand-batched channels-last PyTorch UNet of the same
                   architecture (float32; bfloat16 under autocast), when torch imports.
