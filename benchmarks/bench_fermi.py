@@ -8,10 +8,13 @@ Sections (one JSON line each, plus a summary):
   curves_noise_free  5760 = n_slices x 48 concentration curves built from the phantom's own
                      kinetics (sample AIF at the frames, physics.tissue_concentration of the
                      true sector MBF): error of fit_fermi MBF vs mbf_sector48 for each AIF model.
-  images             the whole pipeline (mbf_from_slices: AIF/tissue curves from the images and
-                     the ground-truth masks, one batched fit) on noise-free and noisy phantom
-                     images, from raw signal (the paper) and from concentration (the remedy):
-                     sector and slice MBF error vs truth.
+  images             mbf_from_slices with each slice's OWN blood pool as the AIF (no AIF
+                     series; ground-truth masks, one batched fit) on noise-free and noisy FLASH
+                     phantom images, from raw signal (the paper) and from concentration with the
+                     recorded (nominal) sequence: sector and slice MBF error vs truth. The
+                     phantom's B1 and T1 differ from the recorded values and its stress AIF
+                     nears saturation, so this path is far off; the pipeline's own figures
+                     (AIF series, frame gain, spill-over) are bench_mbf_truth.py's.
   speed              the same 5760 noisy image curves, side by side in one run: the batched JAX
                      LM solve (compile reported separately) vs scipy.optimize.least_squares
                      (trf, analytic Jacobian, bounds) fitting the SAME model (same AIF on the
@@ -35,6 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from scipy.optimize import least_squares  # noqa: E402
 
+from perfjax import bolus  # noqa: E402
 from perfjax import fermi as core  # noqa: E402
 from perfjax import perfusion, physics, stats  # noqa: E402
 from perfjax.data import phantom  # noqa: E402
@@ -75,7 +79,7 @@ def noise_free_curves(rec):
 
 
 class ScipyFermi:
-  """scipy least_squares on exactly the model of perfjax._fermi_core (physical parameters)."""
+  """scipy least_squares on exactly the model of perfjax.fermi (physical parameters)."""
 
   def __init__(self, aif, times, window, dv=0.1, ratio=2, tau_max=4.0, aif_model="gamma"):
     self.t = np.asarray(times, np.float64)
@@ -85,7 +89,7 @@ class ScipyFermi:
     nv = (n_coarse - 3) * ratio + 1
     self.v = np.arange(nv) * dv
     self.a_scale = float(np.max(aif))
-    av = core.aif_on_grid(aif, times, self.v, aif_model) / self.a_scale
+    av = bolus.aif_on_grid(aif, times, self.v, aif_model) / self.a_scale
     self.conv = np.asarray(core.simpson_conv_matrix(jnp.asarray(av), n_coarse, ratio, dv),
                            np.float64)
     self.wts = window.astype(np.float64)

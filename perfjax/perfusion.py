@@ -19,14 +19,16 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from perfjax import physics
 from perfjax import sectors as sectors_lib
 from perfjax.errors import InputError
 from perfjax.frame_gain import frame_gain as measure_frame_gain
-from perfjax.fermi import _check_1d, _foot_and_peak, baseline_frames, fit_fermi
+from perfjax.bolus import baseline_frames, check_curve, first_pass_window, foot_and_peak
+from perfjax.fermi import fit_fermi
 # fit_fermi's units and codes, part of the perfusion API (CONVENTIONS.md: perfusion.fit_fermi).
 from perfjax.fermi import (  # noqa: F401  pylint: disable=unused-import
     FLAT_AIF, IMPLAUSIBLE, ML_G_MIN_PER_S, NO_ENHANCEMENT, NONFINITE, NOT_CONVERGED, OK,
-    POOR_FIT, REASONS, SHORT_WINDOW, UNCERTAIN, first_pass_window)
+    POOR_FIT, REASONS, SHORT_WINDOW, UNCERTAIN)
 
 # ----------------------------------------------------------------------------- curves
 SEQUENCE_KEYS = ("protocol", "ts", "tr", "flip_deg", "n_pulses", "t1_blood", "t2_blood",
@@ -63,8 +65,6 @@ def signal_to_concentration(signal, n_baseline: int, sequence: dict, tissue: str
   so baseline noise stays zero-mean instead of being clipped to 0. Curves with NaN/Inf or a
   non-positive baseline give NaN rows (never raises for them).
   """
-  from perfjax import physics  # local: physics is numpy-only and cheap, but optional here
-
   if tissue not in ("blood", "myo"):
     raise InputError("tissue", f"must be 'blood' or 'myo', got {tissue!r}")
   missing = [k for k in SEQUENCE_KEYS if k not in sequence]
@@ -82,7 +82,6 @@ def signal_to_concentration(signal, n_baseline: int, sequence: dict, tissue: str
 
 def _convert(flat, base, sequence, tissue):
   """[P, T] signal with pre-contrast level ``base`` [P] -> concentration (odd reflection)."""
-  from perfjax import physics
   good = np.all(np.isfinite(flat), axis=1) & (base > 0)
   out = np.full(flat.shape, np.nan)
   if good.any():
@@ -140,7 +139,7 @@ def blood_purity(curves, purity: float = AIF_PURITY, foot_frac: float = 0.1) -> 
   curve = np.nanmean(c, axis=0)
   if c.shape[0] < 4 or not np.all(np.isfinite(curve)):
     return np.ones(c.shape[0], bool)
-  foot, peak, _ = _foot_and_peak(curve, foot_frac)
+  foot, peak, _ = foot_and_peak(curve, foot_frac)
   b = max(foot, 1)
   enh = c[:, peak] - c[:, :b].mean(axis=1)
   ref = np.nanpercentile(enh, 90)
@@ -160,7 +159,6 @@ def aif_from_series(image, pd, sequence: dict, pool=None, *, purity: float = AIF
   mean times ``dose_ratio`` (dual bolus: main / pre-bolus dose). Baseline-subtracted.
   Returns dict(aif [T], n_pixels, pixels bool [h, w], n_baseline).
   """
-  from perfjax import physics
   img = np.asarray(image, np.float64)
   h, w, t = img.shape
   enh0 = img.max(axis=-1) - img[..., :2].mean(axis=-1)
@@ -233,7 +231,7 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
     raise InputError("raw", f"expected [H, W, T], got shape {raw.shape}")
   if mask.shape != raw.shape[:2]:
     raise InputError("mask", f"shape {mask.shape} does not match raw {raw.shape[:2]}")
-  times = _check_1d(times, "times")
+  times = check_curve(times, "times")
   if times.size != raw.shape[2]:
     raise InputError("times", f"{times.size} times for {raw.shape[2]} frames")
   if sector_map is None:

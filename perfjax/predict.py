@@ -58,6 +58,7 @@ from perfjax import postprocess
 from perfjax import reporting
 from perfjax import uncertainty
 from perfjax.conventions import MYOCARDIUM, PATCH
+from perfjax.data import grid as data_grid
 from perfjax.data import io as data_io
 from perfjax.data import preprocess
 from perfjax.errors import InputError
@@ -376,8 +377,9 @@ def geometry(s: dict) -> dict | None:
              frame_start=int(info["frame_start"]), n_frames=conventions.NUM_FRAMES,
              crop_to_input=transform.round(9).tolist())
   if s.get("grid") is not None:
-    out["input_grid"] = data_io.grid_summary(s["grid"])
-    out["crop_affine"] = data_io.array_affine(s["grid"], transform, (size, size)).round(6).tolist()
+    out["input_grid"] = data_grid.grid_summary(s["grid"])
+    out["crop_affine"] = data_grid.array_affine(s["grid"], transform,
+                                                (size, size)).round(6).tolist()
   return out
 
 
@@ -528,7 +530,7 @@ def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector, shown_sco
   info, grid = s.get("info"), s.get("grid")
   affine = None
   if grid is not None and info is not None:
-    affine = data_io.array_affine(grid, crop_transform(info), seg.shape)
+    affine = data_grid.array_affine(grid, crop_transform(info), seg.shape)
   pixel_mm = (1.0, 1.0)
   if s.get("pixel_mm") is not None and info is not None:
     pixel_mm = (s["pixel_mm"][0] / info["zoom"][0], s["pixel_mm"][1] / info["zoom"][1])

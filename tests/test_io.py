@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from perfjax.data import io
+from perfjax.data import dicom, io
 from perfjax.errors import InputError
 
 H, W, T = 20, 24, 30
@@ -284,7 +284,7 @@ def _dicom_folder(folder, n_t=T, acq=True, trigger="beat", instance=True, start=
 
 def test_dicom_series_order_times_and_rescale(tmp_path):
   frames, times = _dicom_folder(tmp_path / "series")
-  out = io.read_dicom_series(tmp_path / "series")
+  out = dicom.read_dicom_series(tmp_path / "series")
   assert out["image"].shape == (H, W, T) and out["time_tag"] == "AcquisitionTime"
   np.testing.assert_allclose(out["image"], np.moveaxis(frames, 0, -1) * 0.5 - 3.0)
   np.testing.assert_allclose(out["times"], times, atol=2e-6)
@@ -294,24 +294,24 @@ def test_dicom_series_order_times_and_rescale(tmp_path):
 
 def test_dicom_cumulative_trigger_time_and_midnight(tmp_path):
   _, times = _dicom_folder(tmp_path / "trig", acq=False, trigger="cumulative", instance=False)
-  out = io.read_dicom_series(tmp_path / "trig")
+  out = dicom.read_dicom_series(tmp_path / "trig")
   assert out["time_tag"] == "TriggerTime"
   np.testing.assert_allclose(out["times"], times, atol=1e-6)
   _, times = _dicom_folder(tmp_path / "night", start=24 * 3600 - 10.0)
-  np.testing.assert_allclose(io.read_dicom_series(tmp_path / "night")["times"], times, atol=2e-6)
+  np.testing.assert_allclose(dicom.read_dicom_series(tmp_path / "night")["times"], times, atol=2e-6)
 
 
 def test_dicom_without_timing_tags(tmp_path):
   _dicom_folder(tmp_path / "s", acq=False, trigger=None)
   with pytest.raises(InputError, match="no timing tags") as e:
-    io.read_dicom_series(tmp_path / "s")
+    dicom.read_dicom_series(tmp_path / "s")
   assert e.value.source == str(tmp_path / "s")
 
 
 def test_dicom_per_beat_trigger_time_is_not_a_clock(tmp_path):
   _dicom_folder(tmp_path / "s", acq=False, trigger="beat")
   with pytest.raises(InputError, match="TriggerTime does not increase"):
-    io.read_dicom_series(tmp_path / "s")
+    dicom.read_dicom_series(tmp_path / "s")
 
 
 def test_dicom_bad_files(tmp_path):
@@ -320,27 +320,27 @@ def test_dicom_bad_files(tmp_path):
   blob = victim.read_bytes()
   victim.write_bytes(blob[:len(blob) - 300])
   with pytest.raises(InputError, match="unreadable or truncated DICOM") as e:
-    io.read_dicom_series(tmp_path / "s")
+    dicom.read_dicom_series(tmp_path / "s")
   assert e.value.source == str(victim)
   victim.write_text("not a dicom file")
   with pytest.raises(InputError, match="unreadable"):
-    io.read_dicom_series(tmp_path / "s")
+    dicom.read_dicom_series(tmp_path / "s")
   with pytest.raises(InputError, match="folder not found"):
-    io.read_dicom_series(tmp_path / "nope")
+    dicom.read_dicom_series(tmp_path / "nope")
   (tmp_path / "empty").mkdir()
   with pytest.raises(InputError, match="no DICOM files"):
-    io.read_dicom_series(tmp_path / "empty")
+    dicom.read_dicom_series(tmp_path / "empty")
 
 
 def test_dicom_too_few_frames_and_two_positions(tmp_path):
   _dicom_folder(tmp_path / "short", n_t=12)
   with pytest.raises(InputError, match="12 time frames"):
-    io.read_dicom_series(tmp_path / "short")
+    dicom.read_dicom_series(tmp_path / "short")
   _dicom_folder(tmp_path / "two")
   _write_dicom(tmp_path / "two" / "extra", np.zeros((H, W)), instance=99, acq_time=_tm(40000.0),
                position=(0.0, 0.0, 8.0))
   with pytest.raises(InputError, match="2 slice positions"):
-    io.read_dicom_series(tmp_path / "two")
+    dicom.read_dicom_series(tmp_path / "two")
 
 
 # ----------------------------------------------------------------------------- npz, dispatch

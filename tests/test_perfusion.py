@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from perfjax import fermi
+from perfjax import bolus, fermi
 from perfjax import perfusion, physics
 from perfjax.errors import InputError
 
@@ -158,7 +158,7 @@ def test_aif_between_frames_beats_linear_interpolation(batch):
   """Why the default AIF model: linear interpolation cuts the bolus between frames."""
   v = np.linspace(0.0, TIMES[-1], 2000)
   true = physics.aif_concentration(v, AIF_P)
-  err = {m: np.max(np.abs(fermi.aif_on_grid(AIF, TIMES, v, m) - true)) / true.max()
+  err = {m: np.max(np.abs(bolus.aif_on_grid(AIF, TIMES, v, m) - true)) / true.max()
          for m in ("linear", "cubic", "gamma")}
   assert err["gamma"] < 0.01 and err["linear"] > 3 * err["gamma"], err
   assert err["cubic"] < err["linear"]

@@ -25,11 +25,8 @@ one per frame) or `"FrameTimesStart"`; else, for 4D `[X, Y, 1, T]` files only, f
 `pixdim[4]` (uniform spacing, unit from the header; an approximation, since frames are one
 per heartbeat); neither is an error.
 
-DICOM (`read_dicom_series`): a folder holding one slice's series, one file per frame.
-Frame order: InstanceNumber (else the frame times). Frame times, first present in every
-file and increasing: AcquisitionDateTime, AcquisitionTime, then TriggerTime (cumulative
-ms; the per-beat delay after the R wave does not increase and is rejected). Missing
-timing tags are an error. Values are `pixel_array * RescaleSlope + RescaleIntercept`.
+DICOM: a folder holding one slice's series, one file per frame (`perfjax.data.dicom`).
+Where a slice lies (layouts, affines, spacing): `perfjax.data.grid`.
 
 NumPy (`read_npz`): keys `image`, `times`, optional `mask`, `pixel_mm`; loaded with
 `allow_pickle=False` (pickles are never loaded).
@@ -37,7 +34,6 @@ NumPy (`read_npz`): keys `image`, `times`, optional `mask`, `pixel_mm`; loaded w
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import pathlib
@@ -49,6 +45,9 @@ import numpy as np
 
 from perfjax import conventions
 from perfjax.data import preprocess
+from perfjax.data.dicom import read_dicom_series
+from perfjax.data.grid import (STORED_LAYOUT, apply_layout, check_pixel_mm, display_layout,
+                               stored_affine, undo_layout)
 from perfjax.errors import InputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -245,9 +244,7 @@ def _exists(path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- NIfTI
 
 
-# Bounds of what a perfusion slice can be: anything outside is a header error, found before any
-# compute (a 200 mm "pixel" would otherwise ask the resampler for tens of GiB).
-PIXEL_MM_RANGE = (0.05, 20.0)
+# Bounds of what a NIfTI slice can be, checked before its data are read.
 MAX_PIXELS = 2048  # rows or columns of an input slice
 MAX_FRAMES = 2000
 
@@ -294,86 +291,11 @@ def _to_nifti_axes(array: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.swapaxes(np.flip(array, 0), 0, 1))
 
 
-# The in-plane layouts: (transpose, flip rows, flip columns), applied in that order to the
-# stored layout's array. The first is the stored layout (preferred on ties).
-_LAYOUTS = [(t, fr, fc) for t in (False, True) for fr in (False, True) for fc in (False, True)]
-_TARGET_RIGHT = np.array([1.0, 0.0, 0.0])  # +L (LPS)
-_TARGET_DOWN = np.array([0.0, 1.0, -1.0]) / np.sqrt(2.0)  # +P +I (LPS)
-
-
-def _apply_layout(array: np.ndarray, layout) -> np.ndarray:
-  transpose, flip_r, flip_c = layout
-  if transpose:
-    array = np.swapaxes(array, 0, 1)
-  if flip_r:
-    array = np.flip(array, 0)
-  if flip_c:
-    array = np.flip(array, 1)
-  return np.ascontiguousarray(array)
-
-
-def _undo_layout(array: np.ndarray, layout) -> np.ndarray:
-  transpose, flip_r, flip_c = layout
-  if flip_c:
-    array = np.flip(array, 1)
-  if flip_r:
-    array = np.flip(array, 0)
-  if transpose:
-    array = np.swapaxes(array, 0, 1)
-  return np.ascontiguousarray(array)
-
-
-def display_layout(affine: np.ndarray) -> tuple[bool, bool, bool]:
-  """The in-plane layout (transpose, flip rows, flip cols) of the CONVENTIONS display.
-
-  `affine` maps stored voxels (i, j, k) to RAS mm. In the stored layout's array columns run
-  along +i and rows along -j; of the 8 layouts the one whose column direction is nearest
-  +L and whose row direction is nearest +P+I (LPS) wins; ties keep the earlier layout.
-  """
-  a = np.asarray(affine, np.float64)[:3, :3] * np.array([-1.0, -1.0, 1.0])[:, None]  # -> LPS
-  norms = np.linalg.norm(a, axis=0)
-  if not (np.all(np.isfinite(a)) and norms[0] > 0 and norms[1] > 0):
-    return _LAYOUTS[0]
-  right0, down0 = a[:, 0] / norms[0], -a[:, 1] / norms[1]
-  best, best_score = _LAYOUTS[0], -np.inf
-  for layout in _LAYOUTS:
-    transpose, flip_r, flip_c = layout
-    right, down = (down0, right0) if transpose else (right0, down0)
-    right = -right if flip_c else right
-    down = -down if flip_r else down
-    score = float(right @ _TARGET_RIGHT + down @ _TARGET_DOWN)
-    if score > best_score + 1e-6:
-      best, best_score = layout, score
-  return best
-
-
-def stored_affine(pixel_mm: tuple[float, float], shape_hw: tuple[int, int] | None = None
-                  ) -> np.ndarray:
-  """RAS affine of an array `[H, W]` stored by `write_nifti` (columns +L, rows +P): the
-  display layout of the reader without any transform."""
-  del shape_hw
-  return np.diag([-float(pixel_mm[1]), float(pixel_mm[0]), 1.0, 1.0])
-
-
 def _grid_pixel_mm(path: pathlib.Path, zooms, layout) -> tuple[float, float]:
   dx, dy = float(zooms[0]), float(zooms[1])
   pixel_mm = (dx, dy) if layout[0] else (dy, dx)
   check_pixel_mm(pixel_mm, path)
   return pixel_mm
-
-
-def check_pixel_mm(pixel_mm, source) -> tuple[float, float]:
-  """(row, col) spacing in mm within PIXEL_MM_RANGE, else `InputError(source, ...)`."""
-  lo, hi = PIXEL_MM_RANGE
-  try:
-    pr, pc = (float(v) for v in pixel_mm)
-  except (TypeError, ValueError) as e:
-    raise InputError(source, f"pixel spacing must be two numbers (row, col) in mm, got "
-                             f"{pixel_mm!r} ({e})") from None
-  if not all(np.isfinite(v) and lo <= v <= hi for v in (pr, pc)):
-    raise InputError(source, f"pixel spacing {pr:g} x {pc:g} mm is outside {lo:g}-{hi:g} mm: "
-                             "check the header's pixel size (pixdim / PixelSpacing)")
-  return pr, pc
 
 
 def _nifti_grid(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -386,7 +308,7 @@ def _nifti_grid(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) ->
     raise InputError(path, f"unreadable affine in the NIfTI header ({e})") from None
   if not np.all(np.isfinite(affine)):
     raise InputError(path, "the NIfTI affine holds NaN/Inf values")
-  layout = display_layout(affine) if oriented else _LAYOUTS[0]
+  layout = display_layout(affine) if oriented else STORED_LAYOUT
   return dict(kind="nifti", affine=affine, oriented=oriented, layout=layout,
               stored_shape=tuple(int(n) for n in data_shape[:2]),
               slice_axis=len(data_shape) == 4, header=header)
@@ -433,7 +355,7 @@ def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
   if data.ndim != 3:
     raise InputError(path, f"expected a 2D+time image [X, Y, T] or [X, Y, 1, T], got shape "
                            f"{list(data.shape)}")
-  image = _apply_layout(_from_nifti_axes(data.astype(np.float32)), grid["layout"])
+  image = apply_layout(_from_nifti_axes(data.astype(np.float32)), grid["layout"])
   times = _nifti_times(path, header, image.shape[-1])
   image, times, _ = preprocess.validate_slice(image, times, source=str(path), n_frames=n_frames)
   pixel_mm = _grid_pixel_mm(path, header.get_zooms(), grid["layout"])
@@ -458,7 +380,7 @@ def read_nifti_mask(path: str | os.PathLike, shape: tuple[int, int] | None = Non
     raise InputError(path, f"expected a 2D mask [X, Y], got shape {list(data.shape)}")
   if layout is None:
     layout = _nifti_grid(path, header, data.shape)["layout"]
-  return preprocess.validate_mask(_apply_layout(_from_nifti_axes(data), layout), shape, str(path))
+  return preprocess.validate_mask(apply_layout(_from_nifti_axes(data), layout), shape, str(path))
 
 
 def _umask() -> int:
@@ -561,32 +483,6 @@ def write_nifti(path: str | os.PathLike, array: Any, pixel_mm: tuple[float, floa
   return _save_nifti(path, data, affine, zooms=zooms, times=times)
 
 
-def array_affine(grid: dict[str, Any], to_input: Any, shape_hw: tuple[int, int]) -> np.ndarray:
-  """RAS affine for `write_nifti` of an array `[H', W']` whose (row, col) map to the input
-  array's (row, col) by the 3 x 3 homogeneous `to_input` (the crop's `transform`): the crop's
-  outputs then lie where they belong in the input's patient space."""
-  layout = grid["layout"]
-  n_x, n_y = grid["stored_shape"]  # stored voxels [X, Y]; the stored layout's array is [Y, X]
-  hh, ww = (n_x, n_y) if layout[0] else (n_y, n_x)  # the input array's [H, W]
-  undo = np.eye(3)
-  if layout[2]:
-    undo = np.array([[1, 0, 0], [0, -1, ww - 1], [0, 0, 1]], float) @ undo
-  if layout[1]:
-    undo = np.array([[-1, 0, hh - 1], [0, 1, 0], [0, 0, 1]], float) @ undo
-  if layout[0]:
-    undo = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], float) @ undo
-  to_voxel = np.array([[0, 1, 0], [-1, 0, n_y - 1], [0, 0, 1]], float)  # (r0, c0) -> (i, j)
-  written = np.array([[0, -1, shape_hw[0] - 1], [1, 0, 0], [0, 0, 1]], float)  # (i', j') -> (r, c)
-  m = to_voxel @ undo @ np.asarray(to_input, float) @ written  # (i', j', 1) -> (i, j, 1)
-  affine = np.asarray(grid["affine"], float)
-  out = np.eye(4)
-  for k in range(2):
-    out[:3, k] = affine[:3, 0] * m[0, k] + affine[:3, 1] * m[1, k]
-  out[:3, 2] = affine[:3, 2]
-  out[:3, 3] = affine[:3, 3] + affine[:3, 0] * m[0, 2] + affine[:3, 1] * m[1, 2]
-  return out
-
-
 def write_on_grid(path: str | os.PathLike, array: Any, grid: dict[str, Any],
                   channels: bool = False) -> pathlib.Path:
   """Writes `array [H, W]` (or `[H, W, K]` with `channels`), given on the input slice's array
@@ -597,7 +493,7 @@ def write_on_grid(path: str | os.PathLike, array: Any, grid: dict[str, Any],
   if not is_nifti(path):
     raise InputError(path, f"NIfTI output must end with {' or '.join(NIFTI_SUFFIXES)}")
   array = np.asarray(array)
-  data = _to_nifti_axes(_undo_layout(array, grid["layout"]))
+  data = _to_nifti_axes(undo_layout(array, grid["layout"]))
   if tuple(data.shape[:2]) != tuple(grid["stored_shape"]):
     raise InputError(path, f"array {list(array.shape)} is not on the input grid "
                            f"{list(grid['stored_shape'])}")
@@ -613,173 +509,6 @@ def write_on_grid(path: str | os.PathLike, array: Any, grid: dict[str, Any],
     raise InputError(path, f"can write [H, W] (or [H, W, K] channels), got {list(array.shape)}")
   return _save_nifti(path, data, affine, header=grid.get("header"), zooms=zooms,
                      intent="vector" if channels else None)
-
-
-def grid_summary(grid: dict[str, Any]) -> dict[str, Any]:
-  """The JSON-able part of a grid (for slices.json)."""
-  return dict(kind=grid["kind"], affine=np.asarray(grid["affine"], float).round(6).tolist(),
-              stored_shape=list(grid["stored_shape"]), oriented=bool(grid["oriented"]),
-              layout=dict(zip(("transpose", "flip_rows", "flip_cols"),
-                              (bool(v) for v in grid["layout"]))))
-
-
-# ----------------------------------------------------------------------------- DICOM
-
-
-def _dicom_seconds(value: Any, tag: str) -> float | None:
-  """DICOM TM ('HHMMSS.FFFFFF', old 'HH:MM:SS') or DT ('YYYYMMDDHHMMSS.FFFFFF') in seconds."""
-  text = str(value).strip().replace(":", "")
-  if not text:
-    return None
-  try:
-    if tag == "AcquisitionDateTime":
-      text = text.split("+")[0].split("-")[0]
-      base = datetime.datetime.strptime(text[:14].ljust(14, "0"), "%Y%m%d%H%M%S")
-      frac = float("0" + text[14:]) if len(text) > 14 else 0.0
-      return base.timestamp() + frac
-    hh, mm, ss = int(text[0:2]), int(text[2:4] or 0), float(text[4:] or 0)
-    return hh * 3600.0 + mm * 60.0 + ss
-  except ValueError:
-    return None
-
-
-_TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "TriggerTime")
-
-
-def _dicom_numbers(ds: Any, tag: str, n: int, source: pathlib.Path) -> list[float] | None:
-  """`n` numbers of a header field (None when absent); anything else names file and tag."""
-  if tag not in ds:
-    return None
-  value = ds.get(tag)
-  values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
-      not isinstance(value, (str, bytes)) else [value]
-  try:
-    out = [float(v) for v in values]
-  except (TypeError, ValueError):
-    raise InputError(source, f"DICOM {tag} {str(value)!r} is not {n} number(s)") from None
-  if len(out) != n or not all(np.isfinite(out)):
-    raise InputError(source, f"DICOM {tag} {str(value)!r} is not {n} finite number(s)")
-  return out
-
-
-def dicom_affine(ds: Any, n_rows: int, source: pathlib.Path) -> np.ndarray | None:
-  """RAS affine of the stored voxels (i = column, j = n_rows - 1 - row) of a DICOM frame, from
-  ImagePositionPatient, ImageOrientationPatient and PixelSpacing (None without them)."""
-  ipp = _dicom_numbers(ds, "ImagePositionPatient", 3, source)
-  iop = _dicom_numbers(ds, "ImageOrientationPatient", 6, source)
-  spacing = _dicom_numbers(ds, "PixelSpacing", 2, source)
-  if ipp is None or iop is None or spacing is None:
-    return None
-  row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])  # LPS; along a row, down a column
-  normal = np.cross(row_dir, col_dir)
-  if not np.linalg.norm(normal) > 0.5:
-    raise InputError(source, f"DICOM ImageOrientationPatient {iop} is not two orthogonal "
-                             "unit vectors")
-  thickness = _dicom_numbers(ds, "SliceThickness", 1, source) if "SliceThickness" in ds else None
-  dr, dc = spacing  # PixelSpacing = (between rows, between columns)
-  lps = np.eye(4)
-  lps[:3, 0] = row_dir * dc
-  lps[:3, 1] = -col_dir * dr
-  lps[:3, 2] = normal * (thickness[0] if thickness and thickness[0] > 0 else 1.0)
-  lps[:3, 3] = np.asarray(ipp) + col_dir * dr * (n_rows - 1)
-  return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-
-
-def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES
-                      ) -> dict[str, Any]:
-  """Reads one slice's perfusion series from a folder of DICOM files (one per frame).
-
-  Returns dict(image float32 [rows, cols, T], times float64 [T] from 0, mask None,
-  pixel_mm (row, col) or None, time_tag: the tag the times came from, files: in order).
-  """
-  import pydicom  # pylint: disable=g-import-not-at-top
-  folder = pathlib.Path(folder)
-  if not folder.is_dir():
-    raise InputError(folder, "DICOM series folder not found")
-  files = sorted(p for p in folder.iterdir()
-                 if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
-  if not files:
-    raise InputError(folder, "folder holds no DICOM files")
-  frames, headers = [], []
-  for f in files:
-    try:
-      ds = pydicom.dcmread(str(f))
-      if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise InputError(f, "multi-frame DICOM is not supported; one file per frame")
-      pixels = ds.pixel_array.astype(np.float32)
-    except InputError:
-      raise
-    except Exception as e:  # pydicom raises many types for broken or truncated files
-      raise InputError(f, f"unreadable or truncated DICOM file ({type(e).__name__}: {e})") from None
-    if pixels.ndim != 2:
-      raise InputError(f, f"expected a 2D frame, got pixel data of shape {list(pixels.shape)}")
-    slope = (_dicom_numbers(ds, "RescaleSlope", 1, f) or [1.0])[0] or 1.0
-    intercept = (_dicom_numbers(ds, "RescaleIntercept", 1, f) or [0.0])[0]
-    frames.append(pixels * slope + intercept)
-    headers.append(ds)
-  if len({fr.shape for fr in frames}) > 1:
-    raise InputError(folder, f"frames differ in size: {sorted({fr.shape for fr in frames})}")
-  positions = {tuple(np.round(_dicom_numbers(h, "ImagePositionPatient", 3, f), 1))
-               for h, f in zip(headers, files) if "ImagePositionPatient" in h}
-  if len(positions) > 1:
-    raise InputError(folder, f"series holds {len(positions)} slice positions; give one folder "
-                             "per slice")
-
-  candidates, unparsed = {}, []
-  for tag in _TIME_TAGS:
-    if all(tag in h and str(h.get(tag, "")).strip() for h in headers):
-      values = []
-      for h, f in zip(headers, files):
-        if tag == "TriggerTime":
-          try:
-            values.append(float(str(h.get(tag)).strip()))
-          except ValueError:
-            values.append(None)
-        else:
-          values.append(_dicom_seconds(h.get(tag), tag))
-        if values[-1] is None or not np.isfinite(values[-1]):
-          unparsed.append(f"{f.name}: {tag} {str(h.get(tag))!r} is not a "
-                          f"{'number (ms)' if tag == 'TriggerTime' else 'DICOM time'}")
-          break
-      else:
-        candidates[tag] = np.asarray(values, np.float64) * (1e-3 if tag == "TriggerTime" else 1.0)
-  if not candidates:
-    raise InputError(folder, "DICOM series has no timing tags (AcquisitionDateTime, "
-                             "AcquisitionTime or TriggerTime) usable in every file" +
-                     (f": {'; '.join(unparsed)}" if unparsed else ""))
-  numbers = [None if "InstanceNumber" not in h or str(h.get("InstanceNumber")).strip() == ""
-             else _dicom_numbers(h, "InstanceNumber", 1, f)[0] for h, f in zip(headers, files)]
-  if all(n is not None for n in numbers) and len(set(numbers)) == len(numbers):
-    order = np.argsort(numbers, kind="stable")
-  else:
-    order = np.argsort(next(iter(candidates.values())), kind="stable")
-  time_tag, times, problem = None, None, ""
-  for tag, values in candidates.items():
-    t = values[order]
-    if tag == "AcquisitionTime":  # a series that crosses midnight
-      t = t + 86400.0 * np.cumsum(np.concatenate([[0], np.diff(t) < -43200]))
-    if np.all(np.diff(t) > 0):
-      time_tag, times = tag, t
-      break
-    k = int(np.argmax(np.diff(t) <= 0))
-    problem = problem or (f"{tag} does not increase from frame {k} ({files[order[k]].name}) to "
-                          f"frame {k + 1} ({files[order[k + 1]].name})")
-  if times is None:
-    raise InputError(folder, f"frame times are not strictly increasing: {problem}")
-  image = np.stack([frames[i] for i in order], axis=-1)
-  image, times, _ = preprocess.validate_slice(image, times, source=str(folder), n_frames=n_frames)
-  spacing = _dicom_numbers(headers[0], "PixelSpacing", 2, files[0])
-  pixel_mm = None if spacing is None else check_pixel_mm(spacing, f"{folder} (PixelSpacing)")
-  first = int(order[0])
-  affine = dicom_affine(headers[first], image.shape[0], files[first])
-  oriented = affine is not None
-  if affine is None:
-    affine = stored_affine(pixel_mm or (1.0, 1.0))
-  grid = dict(kind="dicom", affine=affine, oriented=oriented, layout=_LAYOUTS[0],
-              stored_shape=(image.shape[1], image.shape[0]), slice_axis=True, header=None,
-              study=str(headers[first].get("StudyInstanceUID", "") or "") or None)
-  return dict(image=image, times=times - times[0], mask=None, pixel_mm=pixel_mm,
-              time_tag=time_tag, files=[files[i] for i in order], grid=grid)
 
 
 # ----------------------------------------------------------------------------- npz / dispatch
@@ -852,7 +581,7 @@ def read_slice(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
     _exists(path)
     raise InputError(path, "unknown format: expected a DICOM folder, .nii/.nii.gz or .npz")
   if mask_path is not None:
-    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2], layout=_LAYOUTS[0])
+    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2], layout=STORED_LAYOUT)
   return out
 
 

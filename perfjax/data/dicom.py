@@ -1,0 +1,180 @@
+"""DICOM reader: one slice's perfusion series from a folder of single-frame files.
+
+`read_dicom_series` returns the arrays of `perfjax.data.io`'s readers (CONVENTIONS.md, checked
+by `preprocess.validate_slice`, every problem one `InputError(path, problem)`). Frame order:
+InstanceNumber (else the frame times). Frame times, first present in every file and
+increasing: AcquisitionDateTime, AcquisitionTime, then TriggerTime (cumulative ms; the per-beat
+delay after the R wave does not increase and is rejected). Missing timing tags are an error.
+Values are `pixel_array * RescaleSlope + RescaleIntercept`. The slice's place comes from
+ImagePositionPatient, ImageOrientationPatient and PixelSpacing (`dicom_affine`); the array is
+kept as stored (rows down the image, as a DICOM viewer shows it).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from perfjax import conventions
+from perfjax.data import preprocess
+from perfjax.data.grid import STORED_LAYOUT, check_pixel_mm, stored_affine
+from perfjax.errors import InputError
+
+
+def _dicom_seconds(value: Any, tag: str) -> float | None:
+  """DICOM TM ('HHMMSS.FFFFFF', old 'HH:MM:SS') or DT ('YYYYMMDDHHMMSS.FFFFFF') in seconds."""
+  text = str(value).strip().replace(":", "")
+  if not text:
+    return None
+  try:
+    if tag == "AcquisitionDateTime":
+      text = text.split("+")[0].split("-")[0]
+      base = datetime.datetime.strptime(text[:14].ljust(14, "0"), "%Y%m%d%H%M%S")
+      frac = float("0" + text[14:]) if len(text) > 14 else 0.0
+      return base.timestamp() + frac
+    hh, mm, ss = int(text[0:2]), int(text[2:4] or 0), float(text[4:] or 0)
+    return hh * 3600.0 + mm * 60.0 + ss
+  except ValueError:
+    return None
+
+
+_TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "TriggerTime")
+
+
+def _dicom_numbers(ds: Any, tag: str, n: int, source: pathlib.Path) -> list[float] | None:
+  """`n` numbers of a header field (None when absent); anything else names file and tag."""
+  if tag not in ds:
+    return None
+  value = ds.get(tag)
+  values = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and \
+      not isinstance(value, (str, bytes)) else [value]
+  try:
+    out = [float(v) for v in values]
+  except (TypeError, ValueError):
+    raise InputError(source, f"DICOM {tag} {str(value)!r} is not {n} number(s)") from None
+  if len(out) != n or not all(np.isfinite(out)):
+    raise InputError(source, f"DICOM {tag} {str(value)!r} is not {n} finite number(s)")
+  return out
+
+
+def dicom_affine(ds: Any, n_rows: int, source: pathlib.Path) -> np.ndarray | None:
+  """RAS affine of the stored voxels (i = column, j = n_rows - 1 - row) of a DICOM frame, from
+  ImagePositionPatient, ImageOrientationPatient and PixelSpacing (None without them)."""
+  ipp = _dicom_numbers(ds, "ImagePositionPatient", 3, source)
+  iop = _dicom_numbers(ds, "ImageOrientationPatient", 6, source)
+  spacing = _dicom_numbers(ds, "PixelSpacing", 2, source)
+  if ipp is None or iop is None or spacing is None:
+    return None
+  row_dir, col_dir = np.asarray(iop[:3]), np.asarray(iop[3:])  # LPS; along a row, down a column
+  normal = np.cross(row_dir, col_dir)
+  if not np.linalg.norm(normal) > 0.5:
+    raise InputError(source, f"DICOM ImageOrientationPatient {iop} is not two orthogonal "
+                             "unit vectors")
+  thickness = _dicom_numbers(ds, "SliceThickness", 1, source) if "SliceThickness" in ds else None
+  dr, dc = spacing  # PixelSpacing = (between rows, between columns)
+  lps = np.eye(4)
+  lps[:3, 0] = row_dir * dc
+  lps[:3, 1] = -col_dir * dr
+  lps[:3, 2] = normal * (thickness[0] if thickness and thickness[0] > 0 else 1.0)
+  lps[:3, 3] = np.asarray(ipp) + col_dir * dr * (n_rows - 1)
+  return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES
+                      ) -> dict[str, Any]:
+  """Reads one slice's perfusion series from a folder of DICOM files (one per frame).
+
+  Returns dict(image float32 [rows, cols, T], times float64 [T] from 0, mask None,
+  pixel_mm (row, col) or None, time_tag: the tag the times came from, files: in order).
+  """
+  import pydicom  # pylint: disable=g-import-not-at-top
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise InputError(folder, "DICOM series folder not found")
+  files = sorted(p for p in folder.iterdir()
+                 if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
+  if not files:
+    raise InputError(folder, "folder holds no DICOM files")
+  frames, headers = [], []
+  for f in files:
+    try:
+      ds = pydicom.dcmread(str(f))
+      if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        raise InputError(f, "multi-frame DICOM is not supported; one file per frame")
+      pixels = ds.pixel_array.astype(np.float32)
+    except InputError:
+      raise
+    except Exception as e:  # pydicom raises many types for broken or truncated files
+      raise InputError(f, f"unreadable or truncated DICOM file ({type(e).__name__}: {e})") from None
+    if pixels.ndim != 2:
+      raise InputError(f, f"expected a 2D frame, got pixel data of shape {list(pixels.shape)}")
+    slope = (_dicom_numbers(ds, "RescaleSlope", 1, f) or [1.0])[0] or 1.0
+    intercept = (_dicom_numbers(ds, "RescaleIntercept", 1, f) or [0.0])[0]
+    frames.append(pixels * slope + intercept)
+    headers.append(ds)
+  if len({fr.shape for fr in frames}) > 1:
+    raise InputError(folder, f"frames differ in size: {sorted({fr.shape for fr in frames})}")
+  positions = {tuple(np.round(_dicom_numbers(h, "ImagePositionPatient", 3, f), 1))
+               for h, f in zip(headers, files) if "ImagePositionPatient" in h}
+  if len(positions) > 1:
+    raise InputError(folder, f"series holds {len(positions)} slice positions; give one folder "
+                             "per slice")
+
+  candidates, unparsed = {}, []
+  for tag in _TIME_TAGS:
+    if all(tag in h and str(h.get(tag, "")).strip() for h in headers):
+      values = []
+      for h, f in zip(headers, files):
+        if tag == "TriggerTime":
+          try:
+            values.append(float(str(h.get(tag)).strip()))
+          except ValueError:
+            values.append(None)
+        else:
+          values.append(_dicom_seconds(h.get(tag), tag))
+        if values[-1] is None or not np.isfinite(values[-1]):
+          unparsed.append(f"{f.name}: {tag} {str(h.get(tag))!r} is not a "
+                          f"{'number (ms)' if tag == 'TriggerTime' else 'DICOM time'}")
+          break
+      else:
+        candidates[tag] = np.asarray(values, np.float64) * (1e-3 if tag == "TriggerTime" else 1.0)
+  if not candidates:
+    raise InputError(folder, "DICOM series has no timing tags (AcquisitionDateTime, "
+                             "AcquisitionTime or TriggerTime) usable in every file" +
+                     (f": {'; '.join(unparsed)}" if unparsed else ""))
+  numbers = [None if "InstanceNumber" not in h or str(h.get("InstanceNumber")).strip() == ""
+             else _dicom_numbers(h, "InstanceNumber", 1, f)[0] for h, f in zip(headers, files)]
+  if all(n is not None for n in numbers) and len(set(numbers)) == len(numbers):
+    order = np.argsort(numbers, kind="stable")
+  else:
+    order = np.argsort(next(iter(candidates.values())), kind="stable")
+  time_tag, times, problem = None, None, ""
+  for tag, values in candidates.items():
+    t = values[order]
+    if tag == "AcquisitionTime":  # a series that crosses midnight
+      t = t + 86400.0 * np.cumsum(np.concatenate([[0], np.diff(t) < -43200]))
+    if np.all(np.diff(t) > 0):
+      time_tag, times = tag, t
+      break
+    k = int(np.argmax(np.diff(t) <= 0))
+    problem = problem or (f"{tag} does not increase from frame {k} ({files[order[k]].name}) to "
+                          f"frame {k + 1} ({files[order[k + 1]].name})")
+  if times is None:
+    raise InputError(folder, f"frame times are not strictly increasing: {problem}")
+  image = np.stack([frames[i] for i in order], axis=-1)
+  image, times, _ = preprocess.validate_slice(image, times, source=str(folder), n_frames=n_frames)
+  spacing = _dicom_numbers(headers[0], "PixelSpacing", 2, files[0])
+  pixel_mm = None if spacing is None else check_pixel_mm(spacing, f"{folder} (PixelSpacing)")
+  first = int(order[0])
+  affine = dicom_affine(headers[first], image.shape[0], files[first])
+  oriented = affine is not None
+  if affine is None:
+    affine = stored_affine(pixel_mm or (1.0, 1.0))
+  grid = dict(kind="dicom", affine=affine, oriented=oriented, layout=STORED_LAYOUT,
+              stored_shape=(image.shape[1], image.shape[0]), slice_axis=True, header=None,
+              study=str(headers[first].get("StudyInstanceUID", "") or "") or None)
+  return dict(image=image, times=times - times[0], mask=None, pixel_mm=pixel_mm,
+              time_tag=time_tag, files=[files[i] for i in order], grid=grid)
