@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import markdown
 from matplotlib.figure import Figure  # Not pyplot: no global backend or figure state.
@@ -25,48 +25,12 @@ import numpy as np
 
 from perfjax import sectors
 from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, PAPER_OOD_SCORE, RV_BLOOD_POOL
-from perfjax.data import io as data_io
+# write_json: results.json and the other JSON outputs are written with it (reporting.write_json).
+from perfjax.data.io import atomic_path, jsonable, write_json  # noqa: F401
 from perfjax.errors import InputError
 
 CLASS_COLOURS = {MYOCARDIUM: "#f5d300", LV_BLOOD_POOL: "#e8413c", RV_BLOOD_POOL: "#2f7fe0"}
 FOREGROUND = (MYOCARDIUM, LV_BLOOD_POOL, RV_BLOOD_POOL)
-
-
-def _jsonable(value: Any) -> Any:
-  """Numpy scalars/arrays to Python; NaN and Inf to None (JSON has neither)."""
-  if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _jsonable(value.tolist())
-  if isinstance(value, (np.bool_, bool)):
-    return bool(value)
-  if isinstance(value, (np.integer,)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    value = float(value)
-    return value if math.isfinite(value) else None
-  return value
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str, suffix: str = "") -> Iterator[Any]:
-  """`perfjax.data.io.atomic_path`, and the file gets mode 0666 less the umask.
-
-  (The temporary file is made by mkstemp, mode 0600: results, reports and figures are meant to
-  be read by others as any file the user writes.)
-  """
-  with data_io.atomic_path(path, suffix) as tmp:
-    yield tmp
-    if os.path.exists(tmp):
-      os.chmod(tmp, 0o666 & ~_umask())
 
 
 def write_text(path: str, text: str) -> None:
@@ -75,13 +39,6 @@ def write_text(path: str, text: str) -> None:
   with atomic_path(path, suffix) as tmp:
     with open(tmp, "w") as f:
       f.write(text)
-
-
-def write_json(path: str, payload: dict) -> None:
-  """Strict JSON (NaN and Inf as null), written atomically."""
-  with atomic_path(path, ".json") as tmp:
-    with open(tmp, "w") as f:
-      json.dump(_jsonable(payload), f, indent=1)
 
 
 def fresh_dir(workdir: str, name: str) -> str:
@@ -117,7 +74,7 @@ def replace_dir(staged: str, final: str) -> None:
 def config_fingerprint(config) -> str:
   """A short hash of a config's values (equal configs, equal fingerprints)."""
   values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  text = json.dumps(_jsonable(values), sort_keys=True, default=str)
+  text = json.dumps(jsonable(values), sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -506,7 +463,7 @@ def _config_section(results: dict) -> list[str]:
   prov = results.get("provenance") or {}
   if not prov.get("config"):
     return []
-  text = json.dumps(_jsonable(prov["config"]), indent=1, sort_keys=True)
+  text = json.dumps(jsonable(prov["config"]), indent=1, sort_keys=True)
   return ["", "## Config", "", "```json", text, "```"]
 
 

@@ -373,6 +373,14 @@ def test_atomic_json(tmp_path):
   assert os.listdir(tmp_path) == ["a.json"]
 
 
+def test_json_is_strict_numpy_to_python_nan_and_inf_to_null(tmp_path):
+  io.write_json(tmp_path / "s.json", {"a": np.float32(0.5), "b": np.arange(2), "c": float("nan"),
+                                      "d": [np.inf, np.bool_(True)], 3: np.int64(7)})
+  text = (tmp_path / "s.json").read_text()
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"a": 0.5, "b": [0, 1], "c": None, "d": [None, True], "3": 7}
+
+
 def test_load_preprocessed_and_back_to_the_input_grid(tmp_path):
   from perfjax.data import phantom, preprocess  # pylint: disable=g-import-not-at-top
   d = phantom.simulate(3, 1, "flash", 0.0)

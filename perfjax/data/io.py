@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import re
@@ -411,10 +412,28 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[pathlib.P
       tmp.unlink()
 
 
+def jsonable(value: Any) -> Any:
+  """Numpy scalars/arrays to Python; NaN and Inf to None (JSON has neither)."""
+  if isinstance(value, dict):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return jsonable(value.tolist())
+  if isinstance(value, (np.bool_, bool)):
+    return bool(value)
+  if isinstance(value, (np.integer,)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    value = float(value)
+    return value if math.isfinite(value) else None
+  return value
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON atomically (temp file then `os.replace`)."""
-  with atomic_path(path) as tmp:
-    tmp.write_text(json.dumps(obj, indent=1))
+  """Strict JSON (numpy to Python, NaN and Inf as null), written atomically."""
+  with atomic_path(path, ".json") as tmp:
+    tmp.write_text(json.dumps(jsonable(obj), indent=1, allow_nan=False))
 
 
 def _save_nifti(path: pathlib.Path, data: np.ndarray, affine: np.ndarray, header: Any = None,
