@@ -19,7 +19,7 @@ Rows (one JSON object per line, `row` names it; seconds are wall-clock medians):
                   of --dtypes (float32 and bfloat16); `ms` blocks after every step,
                   `ms_pipelined` after --steps steps.
   train_loop      the loop between evaluations, paper and default variants (float32):
-                  `perfjax.train.BatchFeeder` (windows on the device when they fit, else
+                  `perfjax.feeding.BatchFeeder` (windows on the device when they fit, else
                   prefetched by a thread), the step, metrics fetched one step late;
                   `ratio_to_step` = loop ms / pipelined step ms (issue target <= 1.15); the
                   loop runs twice --steps steps. On a CPU, e.g. `--only=jax --sections=train
@@ -102,7 +102,7 @@ def jax_rows(args) -> None:
   platform.configure_host_devices()
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from perfjax import inference, train, windows  # pylint: disable=g-import-not-at-top
+  from perfjax import feeding, inference, train, windows  # pylint: disable=g-import-not-at-top
   from perfjax.fast_unet import UNetPredictor  # pylint: disable=g-import-not-at-top
   from perfjax.model import (UNet, compute_dtype, flops_per_patch,  # pylint: disable=g-import-not-at-top
                              numpy_params)
@@ -167,7 +167,7 @@ def jax_rows(args) -> None:
 
   def step_row(name, features, batch, dtype):
     _, step_fn, state = step_setup(features, batch, dtype, "advanced")
-    batch_arrays = train.shard_batch(mesh, random_windows(batch))
+    batch_arrays = feeding.shard_batch(mesh, random_windows(batch))
     t0 = time.perf_counter()
     state, m = step_fn(state, batch_arrays)
     jax.block_until_ready(m)
@@ -200,12 +200,12 @@ def jax_rows(args) -> None:
 def train_loop_row(z, mesh, step_setup, random_windows, name, features, batch, step_ms) -> None:
   """A variant's loop between evaluations, as perfjax.train.train runs it."""
   import jax  # pylint: disable=g-import-not-at-top
-  from perfjax import train  # pylint: disable=g-import-not-at-top
+  from perfjax import feeding  # pylint: disable=g-import-not-at-top
   _, step_fn, state = step_setup(features, batch, "float32", "advanced")
   data = random_windows(z["windows"])
   n_steps = z["steps"] * 2
-  feeder = train.BatchFeeder(mesh, data, seed=0, batch_size=batch, start_step=0,
-                             stop_step=n_steps + 1)
+  feeder = feeding.BatchFeeder(mesh, data, seed=0, batch_size=batch, start_step=0,
+                               stop_step=n_steps + 1)
   try:
     state, m = step_fn(state, feeder.get(0))
     jax.block_until_ready(m)

@@ -37,7 +37,7 @@ import jax.numpy as jnp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import optax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from perfjax import augment, inputs, train  # noqa: E402  pylint: disable=g-import-not-at-top
+from perfjax import augment, feeding, inputs, train  # noqa: E402  pylint: disable=g-import-not-at-top
 from perfjax.model import count_params, flops_per_patch  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -98,7 +98,7 @@ def bench(input_kind, variant, reps, batch_size=None):
     out[name] = dict(compile_s=round(compile_s, 2), ms=round(run_s * 1e3, 1))
 
   step_fn = train.jit_train_step(config, model, tx, mesh)
-  batch = train.shard_batch(mesh, {"image": np.asarray(images), "mask": np.asarray(masks)})
+  batch = feeding.shard_batch(mesh, {"image": np.asarray(images), "mask": np.asarray(masks)})
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perfjax import checkpoints, inputs, reporting, train
+from perfjax import checkpoints, feeding, inputs, reporting, train
 from perfjax.errors import InputError, TrainingError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def _step_losses(num_steps=3, mode="conventional"):
   losses = []
   for step in range(num_steps):
     rows = inputs.batch_indices(config.seed, step, len(x), config.train.batch_size)
-    batch = train.shard_batch(mesh, {"image": x[rows], "mask": y[rows]})
+    batch = feeding.shard_batch(mesh, {"image": x[rows], "mask": y[rows]})
     assert len(batch["image"].sharding.device_set) == jax.device_count()
     state, m = step_fn(state, batch)
     losses.append(float(m["loss"]))
@@ -162,8 +162,8 @@ def test_batch_feeder_gives_the_batches_of_batch_indices(on_device):
   # step s is always rows `batch_indices(seed, s)`, so resume stays exact.
   x, y = inputs.training_windows(_toy_data()["train"], "patch3")
   mesh = train.make_mesh()
-  feeder = train.BatchFeeder(mesh, {"image": x, "mask": y}, seed=3, batch_size=4, start_step=5,
-                             stop_step=9, on_device=on_device)
+  feeder = feeding.BatchFeeder(mesh, {"image": x, "mask": y}, seed=3, batch_size=4,
+                               start_step=5, stop_step=9, on_device=on_device)
   try:
     assert feeder.on_device == on_device
     for step in range(5, 9):
@@ -176,7 +176,7 @@ def test_batch_feeder_gives_the_batches_of_batch_indices(on_device):
       feeder.get(10)
   finally:
     feeder.close()
-  assert not train.windows_fit_on_device(1, jax.devices("cpu"))
+  assert not feeding.windows_fit_on_device(1, jax.devices("cpu"))
 
 
 def test_train_step_in_bfloat16_mixed_precision():
@@ -304,7 +304,7 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_is_bit_identical(
     straight_run, tmp_path, monkeypatch, capsys):
   config = straight_run[0]
   # Ctrl-C while waiting for the batch of step 4: steps 1-3 are done, 3 is no checkpoint step.
-  _interrupt_on_call(monkeypatch, train.BatchFeeder, "get", 4)
+  _interrupt_on_call(monkeypatch, feeding.BatchFeeder, "get", 4)
   with pytest.raises(KeyboardInterrupt):
     train.train(config, tmp_path, data=_toy_data())
   ckpt_dir = tmp_path / checkpoints.LATEST_DIR
