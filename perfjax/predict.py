@@ -23,10 +23,10 @@ from the sidecar's `"aif_series"` when given); without
 them the Fermi fit of the raw signal is a relative flow (`flow_relative`,
 `flow_relative_sector48`, `flow_units` = `RELATIVE_UNITS`), never reported as MBF.
 
-Real inputs are untrusted: every per-file step (read, preprocess, model, uncertainty, MBF,
-write) runs under a guard that turns any exception into that file's row in slices.csv /
-slices.json (`status` "failed", `error` naming the file and the problem; the traceback goes to
-``predict.log``) and goes on with the next file. Problems after the model that leave the
+Real inputs are untrusted: every per-file step (read and preprocess, `perfjax.predict_files`;
+model, uncertainty, MBF, write) runs under a guard that turns any exception into that file's
+row in slices.csv / slices.json (`status` "failed", `error` naming the file and the problem;
+the traceback goes to ``predict.log``) and goes on with the next file. Problems after the model that leave the
 outputs usable (no segmented myocardium, a failed Fermi fit) are `status` "warning" with the
 outputs written; a failed file has no outputs. `launch.py` exits with `EXIT_SOME_FAILED` (3)
 when any file failed, after a summary line.
@@ -36,10 +36,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pathlib
-import re
 import shutil
-import tempfile
 import traceback
 
 import ml_collections
@@ -61,9 +58,10 @@ from perfjax.conventions import MYOCARDIUM, PATCH
 from perfjax.data import grid as data_grid
 from perfjax.data import io as data_io
 from perfjax.data import preprocess
-from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inputs import model_inputs
+from perfjax.predict_files import (check_output, clear_previous, display_name, error_message,
+                                   input_entries, read_one, split_slices, unique_ids)
 
 SLICES_PER_STEP = 4  # Slices per sliding-window call between progress-bar updates.
 
@@ -115,8 +113,6 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
 # Prediction on new data.
 
 EXIT_SOME_FAILED = 3  # launch.py's exit status when some files failed (the others are written)
-RESERVED_NAMES = ("slices.json", "slices.csv", "predict.log", "studies.json", "bullseyes.png",
-                  "bullseyes_relative.png")
 ABSOLUTE_UNITS = "ml/g/min"
 # Flow fitted to the raw signal (no sequence parameters): proportional to MBF at best, with a
 # bias that depends on the sequence and the blood signal's saturation; never in an MBF field.
@@ -128,8 +124,6 @@ BULLSEYE_FILES = ((ABSOLUTE_UNITS, "bullseyes.png", "MBF (ml/g/min)"),
                   (RELATIVE_UNITS, "bullseyes_relative.png", "relative flow (uncalibrated)"))
 CROP_FILES = ("segmentation.nii.gz", "probabilities.nii.gz", "um.nii.gz")
 INPUT_GRID_FILES = ("segmentation_input.nii.gz", "probabilities_input.nii.gz", "um_input.nii.gz")
-_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-MAX_ID_LENGTH = 100
 
 
 PAPER_SCORE = conventions.PAPER_OOD_SCORE
@@ -203,151 +197,6 @@ def site_warning(n_flagged: int, n: int, flag_rate: float | None) -> str | None:
           "slices of this site helps (README, 'Real images').")
 
 
-def display_name(path: str | os.PathLike) -> str:
-  """A printable, JSON-safe name of a path (undecodable bytes as \\xNN escapes)."""
-  text = os.fsdecode(os.fspath(path))
-  return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def safe_id(name: str) -> str:
-  """A file-name-safe id from an input's name: letters, digits, '.', '_' and '-' only, no
-  leading dot, never empty ('slice'), at most MAX_ID_LENGTH characters; never a path."""
-  text = _ID_CHARS.sub("_", display_name(name).replace("\\x", "x")).lstrip("._-")
-  return text[:MAX_ID_LENGTH].rstrip(".") or "slice"
-
-
-def unique_ids(names: list[str]) -> list[str]:
-  """`safe_id` of each name, collisions resolved deterministically: in the order given (the
-  inputs' name order) the first keeps its id, the next get ``-2``, ``-3``, ...; case-insensitive
-  (so ids are distinct folders on every file system) and never an output's reserved name."""
-  taken = {n.lower() for n in RESERVED_NAMES}
-  out = []
-  for name in names:
-    base = safe_id(name)
-    candidate, k = base, 1
-    while candidate.lower() in taken:
-      k += 1
-      candidate = f"{base}-{k}"
-    taken.add(candidate.lower())
-    out.append(candidate)
-  return out
-
-
-def check_output(output: str, input_path: str | None = None) -> None:
-  """The output folder can be created and written (checked before any compute), and is not
-  the input folder itself."""
-  out = pathlib.Path(output)
-  if input_path and not input_path.startswith("split:"):
-    if out.resolve() == pathlib.Path(input_path).resolve():
-      raise InputError(output, "the output folder is the input folder; choose another --output")
-  for parent in [out] + list(out.parents):
-    if parent.exists():
-      if not parent.is_dir():
-        raise InputError(output, f"cannot create the output folder: {display_name(parent)} is "
-                                 "a file, not a folder")
-      break
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=out, prefix=".perfjax-write-test.")
-    os.close(fd)
-    os.unlink(probe)
-  except OSError as e:
-    raise InputError(output, f"the output folder is not writable ({e.strerror or e})") from None
-
-
-def _entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]:
-  """(name, image path, mask path) of the inputs, and notes on what was skipped."""
-  root = pathlib.Path(input_path)
-  if not root.exists():
-    raise InputError(display_name(root), "no such file or folder")
-  if root.is_file():
-    mask = next((m for _, p, m in data_io.slice_entries(root.parent, npz=False) if p == root),
-                None)
-    return [(data_io._nifti_stem(root), root, mask)], []  # pylint: disable=protected-access
-  out = pathlib.Path(output).resolve()
-  entries, notes = [], []
-  for name, path, mask in data_io.slice_entries(root, npz=False):
-    resolved = path.resolve()
-    if resolved == out or out in resolved.parents or resolved in out.parents:
-      notes.append(f"skipped {display_name(path)}: it holds the output folder")
-      continue
-    entries.append((name, path, mask))
-  hidden = sorted(display_name(p.name) for p in root.iterdir()
-                  if p.name.startswith(".") and (data_io.is_nifti(p) or p.is_dir()))
-  if hidden:
-    notes.append(f"skipped hidden entries (names starting with '.'): {', '.join(hidden)}")
-  if not entries:
-    raise InputError(display_name(root), "holds no NIfTI file (.nii/.nii.gz) and no DICOM "
-                                         "series folder")
-  return entries, notes
-
-
-def read_inputs(input_path: str, output: str = "") -> tuple[list[dict], list[dict]]:
-  """Preprocessed slices from a NIfTI file, a folder of them, or DICOM series folders.
-
-  A folder's NIfTI files (``X.nii.gz``, with an optional mask ``X_mask.nii.gz`` beside it)
-  and sub-folders (one DICOM series each) are read in name order
-  (`perfjax.data.io.slice_entries`, the reading rule of the manual dataset too). Returns
-  (slices, failures): each slice a dict(id, file, image, raw, times, mask, peak_lv_frame,
-  info, grid), each failure dict(id, file, error); any exception of one file is its failure.
-  """
-  entries, _ = _entries(input_path, output or os.devnull)
-  ids = unique_ids([name for name, _, _ in entries])
-  slices, failures = [], []
-  for slice_id, (_, path, mask_path) in zip(ids, entries):
-    try:
-      slices.append(_read_one(slice_id, path, mask_path))
-    except Exception as e:  # pylint: disable=broad-except  (one bad file never costs the batch)
-      failures.append(dict(id=slice_id, file=display_name(path), error=_message(path, "read", e)))
-  return slices, failures
-
-
-def _read_one(slice_id: str, path: pathlib.Path, mask_path) -> dict:
-  rec = data_io.read_slice(path, mask_path)
-  meta = data_io.slice_metadata(path, rec.get("grid"))
-  pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
-                                    rec.get("pixel_mm"), source=display_name(path))
-  series = meta["aif_series"]
-  if series is not None:  # the slice's frames, kept as preprocessing kept them
-    n_in, n_kept = rec["image"].shape[-1], pre["times"].shape[0]
-    if series["image"].shape[-1] != n_in:
-      raise InputError(display_name(path), f"its AIF series has {series['image'].shape[-1]} "
-                                           f"frames, the slice {n_in}")
-    start = pre["frame_start"]
-    meta["aif_series"] = dict(series, image=series["image"][..., start:start + n_kept])
-  return dict(id=slice_id, file=display_name(path), info=pre, pixel_mm=rec.get("pixel_mm"),
-              grid=rec.get("grid"), **meta, **{k: pre[k] for k in ("image", "raw", "times",
-                                                                  "mask", "peak_lv_frame")})
-
-
-def _message(path, stage: str, err: BaseException) -> str:
-  """One line: the file, the step and the problem (an InputError already names its source)."""
-  text = display_name(str(err)) or type(err).__name__
-  name = display_name(path)
-  if isinstance(err, InputError):
-    return text if name in text else f"{name}: {text}"
-  return f"{name}: {stage} failed: {type(err).__name__}: {text}"
-
-
-def _split_slices(config, split_name: str) -> list[dict]:
-  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
-  split = datasets.load_split(config.data.dataset, split_name, config.data.data_dir)
-  n = len(split["image"])
-  has_mask = split.get("has_mask", np.ones(n, bool))
-  # The dataset records the sequence (and the AIF series) where it knows them: flow in ml/g/min.
-  known = perfusion.mbf_input_kind(config, split) == "concentration"
-  study = split.get("study_name", split.get("study_id", np.zeros(n, int)))
-  level = split.get("slice_level", np.full(n, -1))
-  return [dict(id=f"{split_name}_{i:03d}", file=f"split:{split_name}[{i}]", image=split["image"][i],
-               raw=split["raw"][i], times=split["times"][i],
-               mask=split["mask"][i] if has_mask[i] else None, info=None, grid=None,
-               pixel_mm=None, peak_lv_frame=int(split["peak_lv_frame"][i]), study=str(study[i]),
-               slice_level=int(level[i]),
-               sequence=perfusion.sequence_from_record(split, i) if known else None,
-               aif_series=perfusion.aif_series_from_record(split, i) if known else None)
-          for i in range(n)]
-
-
 def crop_transform(info: dict) -> np.ndarray:
   """3 x 3 homogeneous map of a crop pixel (row, col, 1) to the input array's (row, col, 1)
   (pixel centres; the resampling is `ndimage.zoom(grid_mode=True)`)."""
@@ -381,29 +230,6 @@ def geometry(s: dict) -> dict | None:
     out["crop_affine"] = data_grid.array_affine(s["grid"], transform,
                                                 (size, size)).round(6).tolist()
   return out
-
-
-def _previous_ids(output: str) -> list[str]:
-  path = os.path.join(output, "slices.json")
-  try:
-    with open(path) as f:
-      return [str(r["id"]) for r in json.load(f).get("slices", []) if r.get("id")]
-  except (OSError, ValueError, AttributeError, TypeError, KeyError):
-    return []
-
-
-def clear_previous(output: str) -> list[str]:
-  """Removes the slice folders and tables of an earlier predict run in `output` (those its
-  slices.json lists), so the folder ends with exactly the new run's files. Returns the other
-  entries found there (left alone)."""
-  for slice_id in _previous_ids(output):
-    folder = os.path.join(output, slice_id)
-    if safe_id(slice_id) == slice_id and os.path.isdir(folder) and not os.path.islink(folder):
-      shutil.rmtree(folder)
-  for name in RESERVED_NAMES:
-    if os.path.isfile(os.path.join(output, name)):
-      os.unlink(os.path.join(output, name))
-  return sorted(display_name(n) for n in os.listdir(output) if not n.startswith("."))
 
 
 def _row(s: dict, **values) -> dict:
@@ -589,9 +415,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   threshold, threshold_source = ood_threshold(workdir, score)
   notes, log = [], []
   if input.startswith("split:"):
-    items = [("split", s) for s in _split_slices(config, input.partition(":")[2])]
+    items = [("split", s) for s in split_slices(config, input.partition(":")[2])]
   else:
-    entries, notes = _entries(input, output)
+    entries, notes = input_entries(input, output)
     items = [("file", (slice_id, path, mask)) for slice_id, (_, path, mask) in
              zip(unique_ids([n for n, _, _ in entries]), entries)]
   others = clear_previous(output)
@@ -608,12 +434,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     stage = "read"
     try:
       if kind == "file":
-        s = _read_one(slice_id, path, mask)
+        s = read_one(slice_id, path, mask)
       stage = "predict"
       rows.append(_predict_one(s, model, variables, config, threshold, output, score))
       flows[rows[-1]["id"]] = rows[-1].pop("_study")
     except Exception as e:  # pylint: disable=broad-except  (one bad file never costs the batch)
-      message = _message(s["file"], stage, e)
+      message = error_message(s["file"], stage, e)
       rows.append(_row(s, error=message))
       log.append(f"{s['file']} ({s['id']}), {stage}:\n" + display_name(traceback.format_exc()))
   rows.sort(key=lambda r: r["id"])

@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from perfjax import checkpoints
 from perfjax import predict
+from perfjax import predict_files
 from perfjax.data import io as data_io
 from perfjax.data import phantom
 from perfjax.errors import InputError
@@ -208,7 +209,7 @@ def test_bad_input_sweep_through_the_cli(workdir, sim, tmp_path, capsys):
 
 def test_unique_safe_ids():
   names = ["a.v1", "a.v1", "A.V1", ".", "", "..", "../x", "slices.json", "a/b", "caf\udce9"]
-  ids = predict.unique_ids(names)
+  ids = predict_files.unique_ids(names)
   assert ids == ["a.v1", "a.v1-2", "A.V1-3", "slice", "slice-2", "slice-3", "x", "slices.json-2",
                  "a_b", "cafxe9"]
   assert all(i and "/" not in i and not i.startswith(".") for i in ids)
@@ -226,7 +227,7 @@ def test_unwritable_output_is_found_before_any_compute(workdir, sim, tmp_path, h
       # root writes anywhere: the same check through a failing probe.
       def no_write(*a, **k):
         raise PermissionError(13, "Permission denied")
-      monkeypatch.setattr(predict.tempfile, "mkstemp", no_write)
+      monkeypatch.setattr(predict_files.tempfile, "mkstemp", no_write)
     output, match = tmp_path / "ro", "not writable"
     output.mkdir()
     output.chmod(0o500)
@@ -302,7 +303,7 @@ def test_segmentation_overlays_a_non_identity_affine_input_exactly(workdir, sim,
 def _with_ground_truth_masks(monkeypatch):
   """predict with the slice's own mask as the "model's" segmentation (the flow and study
   outputs are then those of known masks; the tiny untrained model segments nothing)."""
-  read = predict._read_one  # pylint: disable=protected-access
+  read = predict.read_one
   last = {}
 
   def read_one(*args):
@@ -315,7 +316,7 @@ def _with_ground_truth_masks(monkeypatch):
     probs = np.eye(4, dtype=np.float32)[seg]
     return dict(probs=probs, segmentation=seg, um=np.zeros(seg.shape, np.float32))
 
-  monkeypatch.setattr(predict, "_read_one", read_one)
+  monkeypatch.setattr(predict, "read_one", read_one)
   monkeypatch.setattr(predict, "predict_arrays", masks_as_segmentation)
 
 
@@ -468,7 +469,7 @@ def test_aif_series_from_the_sidecar(study_sim, tmp_path):
     data_io.write_nifti(folder / f"{name}_mask.nii.gz", sim["mask"][i], pixel_mm=(1.4, 1.4))
     side = data_io.sidecar_path(path)
     side.write_text(json.dumps(dict(json.loads(side.read_text()), **extra)))
-  slices, failures = predict.read_inputs(str(folder))
+  slices, failures = predict_files.read_inputs(str(folder))
   errors = {f["id"]: f["error"] for f in failures}
   assert sorted(errors) == ["missing", "no_sequence", "short", "unknown"]
   assert '"aif_series" needs the slice\'s own "sequence" too' in errors["no_sequence"]

@@ -11,6 +11,7 @@ import pytest
 
 from perfjax import checkpoints
 from perfjax import predict
+from perfjax import predict_files
 from perfjax import uncertainty
 from perfjax.data import io as data_io
 from perfjax.data import phantom
@@ -98,7 +99,7 @@ def test_predict_flags_by_the_configured_score(tiny_run, tmp_path):
   again = predict.predict(entropy_config, workdir, str(folder), str(tmp_path / "entropy"))
   t_e = 0.25
   model, variables = checkpoints.load_params(config, workdir, "best")
-  slices, _ = predict.read_inputs(str(folder))
+  slices, _ = predict_files.read_inputs(str(folder))
   for r, u_row, s in zip(again, rows, slices):
     assert r["ood_score"] == "entropy" and r["ood_threshold"] == t_e
     assert r["one_minus_U"] == u_row["one_minus_U"]  # U is still reported
