@@ -26,9 +26,9 @@ them the Fermi fit of the raw signal is a relative flow (`flow_relative`,
 Real inputs are untrusted: every per-file step (read and preprocess, `perfjax.predict_files`;
 model, uncertainty, MBF, write) runs under a guard that turns any exception into that file's
 row in slices.csv / slices.json (`status` "failed", `error` naming the file and the problem;
-the traceback goes to ``predict.log``) and goes on with the next file. Problems after the model that leave the
-outputs usable (no segmented myocardium, a failed Fermi fit) are `status` "warning" with the
-outputs written; a failed file has no outputs. `launch.py` exits with `EXIT_SOME_FAILED` (3)
+the traceback goes to ``predict.log``) and goes on with the next file. Problems after the
+model that leave the outputs usable (no segmented myocardium, a failed Fermi fit) are `status`
+"warning" with the outputs written; a failed file has no outputs. `launch.py` exits with `EXIT_SOME_FAILED` (3)
 when any file failed, after a summary line.
 """
 from __future__ import annotations

@@ -8,8 +8,9 @@
   code runs on one CPU, one GPU, N devices or N hosts (after `jax.distributed.initialize()`).
 * The loop keeps the devices busy: a background thread prepares the next batches
   (`perfjax.feeding.BatchFeeder`: windows kept on an accelerator and gathered there, or gathered
-  on the host and transferred ahead), and the metrics are fetched one step late (after the next step is dispatched, as
-  google-deepmind/nanodo does) or at evaluations and checkpoints: no per-step host sync.
+  on the host and transferred ahead), and the metrics are fetched one step late (after the next
+  step is dispatched, as google-deepmind/nanodo does) or at evaluations and checkpoints: no
+  per-step host sync.
 * Mixed precision: `config.model.dtype` = "bfloat16" computes the UNet in bfloat16 with float32
   parameters, loss and Adam (`perfjax.model.make_model`).
 * Every `eval_every` steps: mean myocardium Dice on the whole validation slices (stride-32 sliding
