@@ -18,7 +18,7 @@ from perfjax.errors import InputError
 from perfjax.least_squares import SOLVER_COMPILER_OPTIONS, lm_solve, softplus_inv
 
 
-def smooth3(x: np.ndarray) -> np.ndarray:
+def _smooth3(x: np.ndarray) -> np.ndarray:
   """3-frame moving average (edges use the available neighbours)."""
   pad = np.concatenate([x[:1], x, x[-1:]])
   return (pad[:-2] + pad[1:-1] + pad[2:]) / 3.0
@@ -61,7 +61,7 @@ def first_pass_window(aif, foot_frac: float = 0.1, pre_frames: int = 2,
   """
   aif = check_curve(aif, "aif")
   foot, peak, enh = foot_and_peak(aif, foot_frac)
-  sm = smooth3(enh)
+  sm = _smooth3(enh)
   end = aif.size - 1
   for i in range(peak + 1, aif.size - 1):
     if sm[i] < trough_frac * enh[peak] and sm[i] <= sm[i + 1]:

@@ -23,7 +23,6 @@ def softplus_inv(x):
   return jnp.where(x > 20.0, x, jnp.log(jnp.expm1(jnp.minimum(x, 20.0))))
 
 
-
 def lm_solve(lin, x0, n_iter: int, lam0: float = 1e-2):
   """Levenberg-Marquardt with a fixed number of iterations (vmappable, jittable).
 

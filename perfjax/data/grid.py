@@ -88,11 +88,9 @@ def display_layout(affine: np.ndarray) -> tuple[bool, bool, bool]:
   return best
 
 
-def stored_affine(pixel_mm: tuple[float, float], shape_hw: tuple[int, int] | None = None
-                  ) -> np.ndarray:
+def stored_affine(pixel_mm: tuple[float, float]) -> np.ndarray:
   """RAS affine of an array `[H, W]` stored by `write_nifti` (columns +L, rows +P): the
   display layout of the reader without any transform."""
-  del shape_hw
   return np.diag([-float(pixel_mm[1]), float(pixel_mm[0]), 1.0, 1.0])
 
 
