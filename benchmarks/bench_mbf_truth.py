@@ -4,6 +4,8 @@ correction, over several phantom seeds: rest + stress, motion-free, AIF series, 
   python benchmarks/bench_mbf_truth.py --seeds 5 11 12 --slices 48 \
       --protocols bssfp flash --parameter-error both [--auto released/patch3]
   python benchmarks/bench_mbf_truth.py --seeds 41 42 --protocols flash --true-gain refused all
+  python benchmarks/bench_mbf_truth.py --seeds 41 42 43 --protocols bssfp flash \
+      --frame-gain yes --aif series own-pool
 
 ``--true-gain`` and ``--noise`` take parts of the error away, to see what the rest is made of:
 the phantom's true per-frame gain (``frame_gain_true``) divided out of every slice ("all") or
@@ -14,6 +16,8 @@ Prints one JSON line per (variability, protocol, parameter error, masks, frame g
 spill-over term): the
 number of slices, median |error|, median bias, 95th percentile of |error| and R^2 (Pearson),
 each with a 95 % interval from resampling studies (errors are slice MBF / truth - 1). With
+``--aif own-pool`` each slice's own blood pool is the AIF (no AIF series, no study sharing:
+predict's case without one), and every line summarises the AIFs' `aif_amplification`. With
 ``--auto WORKDIR`` the model's stride-32 segmentation is scored beside the ground-truth masks,
 both in one batched solve (each mask divided by its own RV insertion points). ``--plot PNG``
 draws each line's slices: MBF against the truth and a Bland-Altman plot.
@@ -74,13 +78,17 @@ def main() -> None:
   ap.add_argument("--true-gain", nargs="+", default=[], choices=["refused", "all"],
                   help="also score with the phantom's true frame gain divided out")
   ap.add_argument("--noise", type=float, default=1.0, help="the phantom's noise scale")
+  ap.add_argument("--aif", nargs="+", default=["series"], choices=["series", "own-pool"],
+                  help="the AIF series (shipped), or each slice's own blood pool, one slice at "
+                       "a time as predict runs without an AIF series")
   ap.add_argument("--plot", default=None,
                   help="PNG: slice MBF against the truth and Bland-Altman, one column per line")
   args = ap.parse_args()
   panels = []
   choice = {"no": [False], "yes": [True], "both": [False, True]}
   errors = choice[args.parameter_error]
-  options = [(g, s) for g in choice[args.frame_gain] for s in choice[args.spill_over]]
+  options = [(g, s, a) for g in choice[args.frame_gain] for s in choice[args.spill_over]
+             for a in args.aif]
   for variability in args.variability:
     for protocol in args.protocols:
       for p_err in errors:
@@ -94,34 +102,53 @@ def main() -> None:
           masks = {"ground truth": rec["mask"]}
           if args.auto:
             masks["automatic"] = segment(args.auto, rec["image"], rec["peak_lv_frame"])
-          for gain, spill in options:
-            res = perfusion.mbf_of_masks(rec, list(masks.values()), "concentration",
-                                         frame_gain=gain, spill_over=spill)
+          for gain, spill, aif in options:
+            pool = aif == "own-pool"
+            as_run = (lambda r: dict(r, study_id=np.arange(len(truth)))) if pool else dict
+            res = perfusion.mbf_of_masks(as_run(rec), list(masks.values()), "concentration",
+                                         use_aif_series=not pool, frame_gain=gain,
+                                         spill_over=spill)
             for name, r in zip(masks, res):
               scored = [(gain, r)]
               for which in args.true_gain:
                 scored.append((f"true ({which})", perfusion.mbf_of_masks(
-                    with_true_gain(rec, r, which), [masks[name]], "concentration",
-                    frame_gain=False, spill_over=spill)[0]))
+                    as_run(with_true_gain(rec, r, which)), [masks[name]], "concentration",
+                    use_aif_series=not pool, frame_gain=False, spill_over=spill)[0]))
               for label, r_label in scored:
-                acc = rows.setdefault((name, label, spill), [[], [], []])
+                acc = rows.setdefault((name, label, spill, aif), [[], [], [], []])
                 acc[0].append(r_label["slice"])
                 acc[1].append(truth)
                 acc[2].append(seed * 100000 + rec["study_id"])
-        for (name, gain, spill), acc in rows.items():
-          est, truth, study = (np.concatenate(x) for x in acc)
+                acc[3].append(r_label["aif_amplification"])
+        for (name, gain, spill, aif), acc in rows.items():
+          est, truth, study, amp = (np.concatenate(x) for x in acc)
           line = dict(variability=variability, protocol=protocol, parameter_error=p_err,
-                      masks=name, frame_gain=gain, spill_over=spill, seeds=args.seeds,
+                      masks=name, frame_gain=gain, spill_over=spill, aif=aif, seeds=args.seeds,
                       noise=args.noise,
                       **summarize(est, truth, study),
+                      aif_amplification=amplification_summary(amp, est / truth - 1.0),
                       seconds=round(time.perf_counter() - t0, 1))
           print(json.dumps(line), flush=True)
           panels.append((f"{variability} {protocol}{', params off' if p_err else ''}, {name}, "
+                         f"{'own-pool AIF, ' if aif == 'own-pool' else ''}"
                          f"gain {gain if isinstance(gain, str) else 'on' if gain else 'off'}, "
                          f"spill {'on' if spill else 'off'}",
                          est, truth))
   if args.plot:
     plot(panels, args.plot)
+
+
+def amplification_summary(amp: np.ndarray, err: np.ndarray) -> dict:
+  """The AIFs' `perfusion.aif_amplification`: its 5/50/95th percentiles where finite, how many
+  are saturated (inf) or above `AIF_MAX_AMPLIFICATION` (predict's aif_note), and the median
+  |error| of the slices with and without a note."""
+  noted = amp > perfusion.AIF_MAX_AMPLIFICATION  # inf included; NaN never
+  fin = np.isfinite(amp)
+  med = lambda sel: (float(np.median(np.abs(err[sel & np.isfinite(err)])))  # noqa: E731
+                     if (sel & np.isfinite(err)).any() else None)
+  return dict(p5_50_95=np.percentile(amp[fin], [5, 50, 95]).round(2).tolist() if fin.any()
+              else None, n_saturated=int(np.isinf(amp).sum()), n_noted=int(noted.sum()),
+              median_abs_noted=med(noted), median_abs_not_noted=med(~noted))
 
 
 def with_true_gain(rec: dict, res: dict, which: str) -> dict:

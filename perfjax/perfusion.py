@@ -118,6 +118,36 @@ def _interior_sectors(sector_map, mask, n_sec):
   return np.where(keep_all, sector_map, out).astype(np.int32)
 
 
+# An AIF whose peak concentration grows by more than this many % per 1 % of blood signal is
+# reported as near saturation (predict's aif_note): a per-cent of signal error (noise, M0,
+# flip angle, T1) is then many per cent of the AIF's peak, and of MBF (benchmarks/RESULTS.md).
+AIF_MAX_AMPLIFICATION = 5.0
+
+
+def aif_amplification(signal_peak: float, base: float, sequence: dict, eps: float = 0.01
+                      ) -> float:
+  """d ln C / d ln S of the blood's signal-to-concentration conversion at the AIF's peak.
+
+  ``signal_peak`` is the blood's signal at the AIF's peak frame and ``base`` its pre-contrast
+  level (both after the Rician correction); the slope is taken numerically over +``eps``.
+  About 1 far from saturation; it grows without bound as the signal nears the most the
+  sequence can give (issue 13's cause 1), and is inf where the peak is at or beyond what the
+  signal equation reaches (its rising branch, `physics.concentration_from_signal`) within
+  ``eps``: the peak concentration is then not determined by the signal. NaN for a non-finite
+  or non-positive input.
+  """
+  if not (np.isfinite(signal_peak) and np.isfinite(base) and signal_peak > base > 0):
+    return float("nan")
+  c_peak, c_up, c_top = _convert(
+      np.array([[signal_peak, signal_peak * (1.0 + eps), 1e6 * signal_peak]]),
+      np.array([base]), sequence, "blood")[0]
+  if not (np.isfinite(c_peak) and c_peak > 0):
+    return float("nan")
+  if c_up >= c_top or c_up <= c_peak:
+    return float("inf")
+  return float(np.log(c_up / c_peak) / np.log1p(eps))
+
+
 AIF_PURITY = 0.9  # blood-purity rule (see _blood_pixels)
 MIN_AIF_PIXELS = 12  # a study AIF never comes from a pool with fewer pure blood pixels
 
@@ -157,7 +187,8 @@ def aif_from_series(image, pd, sequence: dict, pool=None, *, purity: float = AIF
   (:func:`_blood_pixels`) inside ``pool`` (default: the 8-connected region of pixels above
   half of the series' brightest enhancement that holds the brightest pixel); the AIF is their
   mean times ``dose_ratio`` (dual bolus: main / pre-bolus dose). Baseline-subtracted.
-  Returns dict(aif [T], n_pixels, pixels bool [h, w], n_baseline).
+  Returns dict(aif [T], n_pixels, pixels bool [h, w], n_baseline, amplification: the
+  conversion's :func:`aif_amplification` at the AIF's peak).
   """
   img = np.asarray(image, np.float64)
   h, w, t = img.shape
@@ -185,7 +216,10 @@ def aif_from_series(image, pd, sequence: dict, pool=None, *, purity: float = AIF
   pix[pool] = blood_purity(conc[pool], purity, foot_frac)
   aif = np.nanmean(conc[pix], axis=0) * float(dose_ratio)
   aif = aif - aif[:b].mean()
-  return dict(aif=aif, n_pixels=int(pix.sum()), pixels=pix, n_baseline=b)
+  base_px = base.reshape(h, w)[pix] if pd is not None else img[pix][:, :b].mean(axis=1)
+  amp = aif_amplification(float(img[pix][:, int(np.nanargmax(aif))].mean()),
+                          float(np.mean(base_px)), sequence)
+  return dict(aif=aif, n_pixels=int(pix.sum()), pixels=pix, n_baseline=b, amplification=amp)
 
 
 def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None = None,
@@ -223,7 +257,9 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
     sector means before conversion), blood_signal [T] (the AIF's pixels' mean signal,
     baseline-subtracted, never converted: the regressor of spill-over), counts [K] (pixels),
     n_baseline (pre-contrast frames, :func:`baseline_frames` on the AIF), window [T]
-    (:func:`first_pass_window`), sector_map [H, W], units ("mM" or "signal"), n_aif_pixels.
+    (:func:`first_pass_window`), sector_map [H, W], units ("mM" or "signal"), n_aif_pixels,
+    aif_amplification (:func:`aif_amplification` of the pool's blood signal at the AIF's peak;
+    NaN without a sequence).
   """
   raw = np.asarray(raw, np.float64)
   mask = np.asarray(mask)
@@ -257,6 +293,7 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
   if sequence is not None:  # per pixel, before averaging (the inverse is non-linear)
     if sigma2 > 0:
       px = np.sqrt(np.maximum(px ** 2 - sigma2, 0.0))
+    signal = px
     px = signal_to_concentration(px, b, sequence, "blood")
   pure = blood_purity(px, blood_frac, foot_frac)
   blood = pool[pure].mean(axis=0)  # the pool's signal: what partial volume adds to tissue
@@ -277,7 +314,13 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
     units = "mM"
   aif = aif - aif[:b].mean()
   curves = curves - curves[:, :b].mean(axis=1, keepdims=True)
+  amp = float("nan")
+  if sequence is not None:
+    pool_signal = signal[pure].mean(axis=0)
+    amp = aif_amplification(float(pool_signal[int(np.nanargmax(aif))]),
+                            float(pool_signal[:b].mean()), sequence)
   return dict(aif=aif, curves=curves, counts=counts, n_baseline=b, n_aif_pixels=n_aif,
+              aif_amplification=amp,
               blood_signal=blood - blood[:b].mean(),
               signal_curves=signal_curves,
               window=first_pass_window(aif, foot_frac), sector_map=sector_map, units=units)
@@ -347,7 +390,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     spill48 [N, 48] (the fitted fraction of the pool's signal enhancement in each sector's
     curve, in curve units per signal unit; NaN without spill_over),
     slice_mbf [N], slice_mbf_flip_lo / _hi [N] (NaN without sequences), aif [N, T], curves
-    [N, 48, T], counts [N, 48], n_aif_pixels [N], aif_source [N] (str), units ("mM" or
+    [N, 48, T], counts [N, 48], n_aif_pixels [N], aif_source [N] (str), aif_amplification [N]
+    (of the AIF used, :func:`aif_amplification`; NaN without sequences), units ("mM" or
     "signal"), frame_gain [N, T] (ones where not measured or not asked for),
     frame_gain_reason [N] (str, "" when measured), error [N] (str, "" when the slice's
     curves could be extracted; a slice with a degenerate mask gets NaN and its message, never
@@ -370,6 +414,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   n_px = np.zeros(n, np.int64)
   errors = [""] * n
   source = [""] * n
+  amp = np.full(n, np.nan)
   gains = np.ones((n, t))
   gain_reason = ["not asked for"] * n
   for i in range(n):
@@ -386,6 +431,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                             center=None if centers is None else centers[i], erosion=erosion,
                             sequence=None if sequences is None else _with_flip(sequences[i], sc))
         aifs[v, i], curves[v, i] = ex["aif"], ex["curves"]
+        if v == 0:
+          amp[i] = ex["aif_amplification"]
       blood[i] = ex["blood_signal"]
     except InputError as e:
       errors[i] = str(e)
@@ -401,6 +448,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       if idx.size:
         j = idx[np.argmax(n_px[idx])]
         aifs[:, rows] = aifs[:, j][:, None]
+        amp[rows] = amp[j]
         for i in rows:
           source[i] = f"study slice {j}: largest clean pool ({n_px[j]} px)"
       else:
@@ -420,9 +468,10 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       if key not in cache:
         cache[key] = [aif_from_series(a["image"], a.get("pd"), _with_flip(a["sequence"], sc),
                                       a.get("pool"), dose_ratio=a.get("dose_ratio", 1.0))
-                      ["aif"] for sc in scales]
+                      for sc in scales]
       for v in range(n_v):
-        aifs[v, i] = cache[key][v]
+        aifs[v, i] = cache[key][v]["aif"]
+      amp[i] = cache[key][0]["amplification"]
       source[i] = "series"
       lead[i] = a.get("lead_s", series_lead(times[i]))
   fit = fit_fermi(np.repeat(aifs.reshape(n_v * n, t), 48, axis=0),
@@ -441,7 +490,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
               slice_mbf_flip_hi=slice_mbf(mbf_all[2]) if n_v > 1 else nan,
               spill48=fit["spill"].reshape(n_v, n, 48)[0],
               aif=aifs[0], curves=curves[0], counts=counts, n_aif_pixels=n_px,
-              aif_source=np.array(source), units="signal" if sequences is None else "mM",
+              aif_source=np.array(source), aif_amplification=amp,
+              units="signal" if sequences is None else "mM",
               frame_gain=gains, frame_gain_reason=np.array(gain_reason), error=np.array(errors))
 
 
@@ -543,7 +593,8 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
   the fully automatic pipeline). AIF (see :func:`mbf_from_slices`): the study's AIF series
   when the split has one (concentration only), else the study slice with the largest clean
   pool of pure blood, never a slice flagged for motion. Returns per mask set dict(slice [N],
-  sector48 [N, 48], error [N], aif_source [N], flip_lo [N], flip_hi [N], reason48 [N, 48],
+  sector48 [N, 48], error [N], aif_source [N], aif_amplification [N], flip_lo [N], flip_hi [N],
+  reason48 [N, 48],
   frame_gain [N, T], frame_gain_reason [N], spill48 [N, 48], units).
   """
   n, m = len(split["raw"]), len(mask_sets)
@@ -569,7 +620,8 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
                         aif_series=series, frame_gain=frame_gain, spill_over=spill_over)
   sl = lambda key, j: res[key][j * n:(j + 1) * n]  # noqa: E731
   return [dict(slice=sl("slice_mbf", j), sector48=sl("mbf48", j), error=sl("error", j),
-               aif_source=sl("aif_source", j), flip_lo=sl("slice_mbf_flip_lo", j),
+               aif_source=sl("aif_source", j), aif_amplification=sl("aif_amplification", j),
+               flip_lo=sl("slice_mbf_flip_lo", j),
                flip_hi=sl("slice_mbf_flip_hi", j), reason48=sl("reason48", j),
                frame_gain=sl("frame_gain", j), frame_gain_reason=sl("frame_gain_reason", j),
                spill48=sl("spill48", j), units=res["units"]) for j in range(m)]

@@ -19,9 +19,11 @@ warns that the input as a whole looks unlike the training data (slices.json `bat
 Flow: with the acquisition's sequence parameters (the sidecar's `"sequence"`,
 `perfjax.data.io.slice_metadata`) the curves are converted to concentration and MBF is in
 ml/g/min (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %; the AIF
-from the sidecar's `"aif_series"` when given); without
-them the Fermi fit of the raw signal is a relative flow (`flow_relative`,
-`flow_relative_sector48`, `flow_units` = `RELATIVE_UNITS`), never reported as MBF.
+from the sidecar's `"aif_series"` when given, else from the slice's blood pool;
+`aif_amplification` and, for a saturated or near-saturated AIF, `aif_note` and status
+"warning"); without them the Fermi fit of the raw signal is a relative flow
+(`flow_relative`, `flow_relative_sector48`, `flow_units` = `RELATIVE_UNITS`), never reported
+as MBF.
 
 Real inputs are untrusted: every per-file step (read and preprocess, `perfjax.predict_files`;
 model, uncertainty, MBF, write) runs under a guard that turns any exception into that file's
@@ -239,7 +241,8 @@ def _row(s: dict, **values) -> dict:
              one_minus_U=None, ood_flag=None, ood_score=None, ood_score_value=None,
              ood_threshold=None, uncertain_sector=None, dice=None, flow_units=None,
              flow_relative=None, flow_relative_sector48=None, mbf=None, mbf_sector48=None,
-             mbf_flip_lo=None, mbf_flip_hi=None, aif_source=None, sector_failures=None,
+             mbf_flip_lo=None, mbf_flip_hi=None, aif_source=None, aif_amplification=None,
+             aif_note=None, sector_failures=None,
              frame_gain_sd_percent=None, frame_gain_note=None, spill_sectors=None, error=None,
              geometry=None)
   row.update(values)
@@ -281,8 +284,11 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
       else perfusion.REASONS.get(int(reasons[k]), f"fit failed (code {int(reasons[k])})")
       for k in np.nonzero(~ok48)[0]}
   absolute = sequence is not None
+  amplification = float(res["aif_amplification"][0])
   out = dict(flow_units=ABSOLUTE_UNITS if absolute else RELATIVE_UNITS,
              aif_source=str(res["aif_source"][0]) or None,
+             aif_amplification=_finite(round(amplification, 2)),
+             aif_note=aif_note(amplification, str(res["aif_source"][0])),
              sector_failures=failures or None, _error=str(res["error"][0]),
              **frame_gain_fields(res["frame_gain"][0], str(res["frame_gain_reason"][0])),
              spill_sectors=int(np.sum(np.asarray(res["spill48"][0], np.float64) > 0)),
@@ -294,6 +300,22 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
   else:
     out.update(flow_relative=_finite(res["slice_mbf"][0]), flow_relative_sector48=_floats(v48))
   return out
+
+
+def aif_note(amplification: float, source: str) -> str | None:
+  """slices.json's aif_note: why the AIF's peak concentration, and so the MBF, is uncertain
+  (its conversion from signal amplifies errors more than `perfusion.AIF_MAX_AMPLIFICATION`
+  times, or is saturated); None otherwise and for relative flow (NaN amplification)."""
+  what = "the AIF series" if source == "series" else "a slice's blood pool"
+  remedy = ("check the series' sequence parameters" if source == "series" else
+            "give an AIF series (dual sequence or dual bolus, README) for absolute MBF")
+  if amplification == float("inf"):
+    return (f"AIF from {what} at or beyond the saturation of the sequence's signal: its peak "
+            f"concentration, and the MBF, are not determined by the images; {remedy}")
+  if amplification > perfusion.AIF_MAX_AMPLIFICATION:
+    return (f"AIF from {what} near saturation: 1 % of blood-signal error is "
+            f"{amplification:.0f} % of its peak concentration, so MBF is approximate; {remedy}")
+  return None
 
 
 def frame_gain_fields(gain, reason: str) -> dict:
@@ -334,7 +356,7 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str,
   except BaseException:
     shutil.rmtree(folder, ignore_errors=True)  # a failed slice leaves no outputs
     raise
-  error = flow.pop("_error")
+  error = flow.pop("_error") or flow["aif_note"]
   fallback = (f"U's sectors placed at theta_s = {config.eval.u_fallback_septal_angle:g} deg (no RV "
               "insertion points in the segmentation)" if unc["sectors_from"][0] == "fallback"
               else None)

@@ -358,7 +358,19 @@ def test_flow_is_relative_without_the_sequence_and_study_bullseyes(workdir, stud
   _with_ground_truth_masks(monkeypatch)
   out = tmp_path / "out"
   rows = predict.predict(_tiny_config(), str(workdir), str(folder), str(out))
-  assert [r["status"] for r in rows] == ["ok"] * 6, [r["error"] for r in rows]
+  from perfjax import perfusion  # pylint: disable=g-import-not-at-top
+  for r in rows:
+    # A pool AIF whose conversion amplifies signal errors more than AIF_MAX_AMPLIFICATION
+    # times is a warning with its note; relative flow has neither.
+    amp = r["aif_amplification"]
+    noted = r["flow_units"] == "ml/g/min" and amp > perfusion.AIF_MAX_AMPLIFICATION
+    if r["flow_units"] == "ml/g/min":
+      assert amp > 1.0, r
+    else:
+      assert amp is None, r
+    assert (r["aif_note"] is not None) == noted, r
+    assert r["status"] == ("warning" if noted else "ok"), r["error"]
+    assert (r["error"] or "").endswith(r["aif_note"] or "")
   by_id = {r["id"]: r for r in rows}
   truth = [float(np.mean(sim["mbf_sector48"][i])) for i in range(3)]
   csv_rows = (out / "slices.csv").read_text().splitlines()
@@ -390,7 +402,6 @@ def test_flow_is_relative_without_the_sequence_and_study_bullseyes(workdir, stud
                                               "apical": "rel_x"}
   assert studies["patient-cal"]["units"] == "ml/g/min"
   assert studies["patient-rel"]["units"] == predict.RELATIVE_UNITS
-  from perfjax import perfusion  # pylint: disable=g-import-not-at-top
   want = perfusion.aha16_mbf({i: sim["mbf_sector48"][i] for i in range(3)})
   for st in studies.values():
     assert np.isfinite(np.array(st["aha16"], np.float64)).all() and len(st["aha16"]) == 16
@@ -487,3 +498,18 @@ def test_aif_series_from_the_sidecar(study_sim, tmp_path):
   known = set(perfusion.REASONS.values()) | {predict.EMPTY_SECTOR}
   assert set((flow["sector_failures"] or {}).values()) <= known, flow["sector_failures"]
 
+
+
+def test_aif_note_names_a_saturated_or_near_saturated_aif_and_what_to_do():
+  assert predict.aif_note(float("inf"), "own") == (
+      "AIF from a slice's blood pool at or beyond the saturation of the sequence's signal: its "
+      "peak concentration, and the MBF, are not determined by the images; give an AIF series "
+      "(dual sequence or dual bolus, README) for absolute MBF")
+  assert predict.aif_note(8.4, "study slice 0: largest clean pool (40 px)") == (
+      "AIF from a slice's blood pool near saturation: 1 % of blood-signal error is 8 % of its "
+      "peak concentration, so MBF is approximate; give an AIF series (dual sequence or dual "
+      "bolus, README) for absolute MBF")
+  assert predict.aif_note(6.0, "series").startswith("AIF from the AIF series near saturation")
+  assert predict.aif_note(6.0, "series").endswith("check the series' sequence parameters")
+  for ok in (1.2, 5.0, float("nan")):
+    assert predict.aif_note(ok, "own") is None

@@ -418,3 +418,27 @@ def test_golden_mbf_on_a_noise_free_rest_and_stress_set():
   assert 0 <= spill["sectors_with_term"] <= spill["sectors_fitted"] <= 6 * 48
   change = summary["flip_sensitivity"]["gt_mask"]["median_change"]
   assert np.isfinite(change).all() and change[0] != 0.0 and np.sign(change[0]) != np.sign(change[1])
+
+
+def test_aif_amplification_follows_the_signal_equation_and_is_inf_past_saturation():
+  """d ln C / d ln S at an AIF peak: the inverse of the forward model's d ln S / d ln C,
+  rising as the blood signal nears its saturation, inf where the signal is beyond it."""
+  seq = dict(protocol="flash", ts=0.1, tr=0.0025, flip_deg=12.0, n_pulses=24.0, t1_blood=1.85,
+             t2_blood=0.25, t1_myo=1.2, t2_myo=0.045)
+  args = (seq["protocol"], seq["ts"], seq["tr"], seq["flip_deg"], seq["n_pulses"],
+          seq["t1_blood"], seq["t2_blood"])
+  base = float(physics.signal_from_concentration(0.0, *args))
+  amps = []
+  for conc in (0.5, 1.0, 3.0):
+    s = float(physics.signal_from_concentration(conc, *args))
+    s_up = float(physics.signal_from_concentration(conc * 1.001, *args))
+    want = np.log(1.001) / np.log(s_up / s)  # 1 / (d ln S / d ln C) of the forward model
+    got = perfusion.aif_amplification(s, base, seq)
+    assert got == pytest.approx(want, rel=0.03), conc
+    amps.append(got)
+  assert 1.0 < amps[0] < amps[1] < amps[2]
+  # near the top of the signal's rising branch: 1 % more signal is beyond it
+  assert perfusion.aif_amplification(float(physics.signal_from_concentration(11.0, *args)),
+                                     base, seq) == np.inf
+  assert np.isnan(perfusion.aif_amplification(base * 0.5, base, seq))
+  assert np.isnan(perfusion.aif_amplification(np.nan, base, seq))
