@@ -148,6 +148,13 @@ def aif_amplification(signal_peak: float, base: float, sequence: dict, eps: floa
   return float(np.log(c_up / c_peak) / np.log1p(eps))
 
 
+def _amplification_at_peak(aif, signal, base: float, sequence: dict) -> float:
+  """:func:`aif_amplification` of ``signal`` [T] at the AIF's peak frame (NaN without one)."""
+  if not np.isfinite(aif).any():
+    return float("nan")
+  return aif_amplification(float(signal[int(np.nanargmax(aif))]), base, sequence)
+
+
 AIF_PURITY = 0.9  # blood-purity rule (see _blood_pixels)
 MIN_AIF_PIXELS = 12  # a study AIF never comes from a pool with fewer pure blood pixels
 
@@ -217,8 +224,7 @@ def aif_from_series(image, pd, sequence: dict, pool=None, *, purity: float = AIF
   aif = np.nanmean(conc[pix], axis=0) * float(dose_ratio)
   aif = aif - aif[:b].mean()
   base_px = base.reshape(h, w)[pix] if pd is not None else img[pix][:, :b].mean(axis=1)
-  amp = aif_amplification(float(img[pix][:, int(np.nanargmax(aif))].mean()),
-                          float(np.mean(base_px)), sequence)
+  amp = _amplification_at_peak(aif, img[pix].mean(axis=0), float(np.mean(base_px)), sequence)
   return dict(aif=aif, n_pixels=int(pix.sum()), pixels=pix, n_baseline=b, amplification=amp)
 
 
@@ -317,8 +323,7 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
   amp = float("nan")
   if sequence is not None:
     pool_signal = signal[pure].mean(axis=0)
-    amp = aif_amplification(float(pool_signal[int(np.nanargmax(aif))]),
-                            float(pool_signal[:b].mean()), sequence)
+    amp = _amplification_at_peak(aif, pool_signal, float(pool_signal[:b].mean()), sequence)
   return dict(aif=aif, curves=curves, counts=counts, n_baseline=b, n_aif_pixels=n_aif,
               aif_amplification=amp,
               blood_signal=blood - blood[:b].mean(),

@@ -442,3 +442,16 @@ def test_aif_amplification_follows_the_signal_equation_and_is_inf_past_saturatio
                                      base, seq) == np.inf
   assert np.isnan(perfusion.aif_amplification(base * 0.5, base, seq))
   assert np.isnan(perfusion.aif_amplification(np.nan, base, seq))
+
+
+def test_a_pool_without_a_baseline_is_that_slices_error_with_no_amplification():
+  from perfjax.data import phantom  # pylint: disable=g-import-not-at-top
+  rec = phantom.simulate(3, 2, "flash", 0.0, noise=0.0, variability="narrow")
+  raw = rec["raw"].copy()
+  raw[0][rec["mask"][0] == 2] = 0.0  # no pre-contrast signal: no concentration, no AIF peak
+  with np.errstate(all="ignore"):
+    r = perfusion.mbf_from_slices(raw, rec["mask"], rec["times"],
+                                  sequences=[perfusion.sequence_from_record(rec, i)
+                                             for i in range(2)])
+  assert r["error"][0] and np.isnan(r["aif_amplification"][0])
+  assert not r["error"][1] and r["aif_amplification"][1] > 1.0
