@@ -302,23 +302,23 @@ def results_are_current(config, workdir: str) -> str | None:
   Current: written by an evaluation of this config (same fingerprint) after the best
   checkpoint was last saved.
   """
-  from perfjax import reporting  # pylint: disable=g-import-not-at-top
+  from perfjax import provenance  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "results.json")
   best = os.path.join(workdir, "best")
   if not (os.path.isfile(path) and os.path.isdir(best)):
     return None
   try:
     with open(path) as f:
-      provenance = json.load(f).get("provenance") or {}
+      recorded = json.load(f).get("provenance") or {}
   except (OSError, ValueError):
     return None
-  if provenance.get("config_fingerprint") != reporting.config_fingerprint(config):
+  if recorded.get("config_fingerprint") != provenance.config_fingerprint(config):
     return None
   newest = max((os.path.getmtime(os.path.join(root, name))
                 for root, _, names in os.walk(best) for name in names), default=0.0)
   if newest > os.path.getmtime(path):
     return None
-  return f"results.json of {provenance.get('date', 'an earlier run')} is newer than the best " \
+  return f"results.json of {recorded.get('date', 'an earlier run')} is newer than the best " \
          "checkpoint and was made with the same config"
 
 

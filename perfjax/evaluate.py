@@ -20,7 +20,9 @@ from perfjax import figures
 from perfjax import frame_gain
 from perfjax import metrics
 from perfjax import ood
+from perfjax import panels
 from perfjax import perfusion
+from perfjax import provenance
 from perfjax import reporting
 from perfjax import stats
 from perfjax import uncertainty
@@ -133,7 +135,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   if mbf_true is not None:
     results["mbf"]["vs_true"] = dict(auto=_agreement(mbf["mbf_auto"], mbf_true),
                                      gt_mask=_agreement(mbf["mbf_gt"], mbf_true))
-  results["provenance"] = reporting.provenance(requested_config, data=dict(
+  results["provenance"] = provenance.provenance(requested_config, data=dict(
       dataset=config.data.dataset, split=split_name,
       data_dir=config.data.data_dir or os.environ.get("PERFJAX_DATA_DIR"), slices=n))
   # Each evaluation draws its figures into a fresh folder that then replaces figures/ whole, so
@@ -266,7 +268,7 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
     return f"figures/{name}"
 
   h, w = pred["segmentation"].shape[1:]
-  reporting.coverage_figure(os.path.join(fig_dir, "coverage.png"),
+  panels.coverage_figure(os.path.join(fig_dir, "coverage.png"),
                             windows.coverage(h, w, int(config.model.get("patch", PATCH)),
                                              config.eval.stride_um),
                             config.eval.stride_um)
@@ -275,7 +277,7 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
   # labels only 1 - U was computed, and there is no t).
   name = ood_res.get("score", ood.PAPER_SCORE)
   name = name if name in scores else ood.PAPER_SCORE
-  reporting.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"), dice["whole"],
+  panels.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"), dice["whole"],
                                scores[name], labels, ood_res["threshold"], label_name,
                                score=name)
   if ood_res.get("ok"):
@@ -286,7 +288,7 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
         scores, labels, {score_name: by_name.get(score_name)
                          or ood.score_summary(score, labels, None, score_name)
                          for score_name, score in scores.items()})
-    reporting.roc_figure(os.path.join(fig_dir, "roc.png"), curves, recommended=name,
+    panels.roc_figure(os.path.join(fig_dir, "roc.png"), curves, recommended=name,
                          operating_point=(ood_res["fpr"][best], ood_res["tpr"][best]),
                          labels=label_name, n_total=len(labels))
   motion = split.get("motion")
@@ -320,10 +322,10 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
   order = np.argsort(score, kind="stable")
   for rank, i in enumerate(order[:n_panels], 1):
     name = f"slices/{rank:02d}_slice_{ids[i]}.png"
-    title = reporting.panel_title(
+    title = panels.panel_title(
         ids[i], dice["whole"][i], unc["one_minus_U"][i], bool(ood_res["flagged"][i]),
         None if motion_flags is None else bool(motion_flags[i]))
-    reporting.panel(os.path.join(fig_dir, name), split["image"][i], pred["segmentation"][i],
+    panels.panel(os.path.join(fig_dir, name), split["image"][i], pred["segmentation"][i],
                     pred["um"][i], split["mask"][i], f"{rank}. {title}",
                     int(unc["uncertain_sector"][i]), um_vmax=um_vmax)
     shown["slices"].append(rel(name))

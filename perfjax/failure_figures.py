@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # Not pyplot: no global backend or figure 
 from matplotlib.lines import Line2D
 import numpy as np
 
+from perfjax import panels
 from perfjax import reporting
 from perfjax import uncertainty
 from perfjax.data import failures
@@ -54,7 +55,7 @@ def roc_figures(fig_dir: str, out: dict) -> list[str]:
         ~clean[keep], by_score)
     if curves:
       name = f"roc_{group}.png"
-      reporting.roc_figure(os.path.join(fig_dir, name), curves,
+      panels.roc_figure(os.path.join(fig_dir, name), curves,
                            recommended=out.get("ood_score"),
                            labels="all failures" if group == ROC_ALL else group,
                            n_total=int(keep.sum()))
@@ -116,13 +117,13 @@ def examples_figure(path: str, data: dict, pred: dict, scores: dict[str, np.ndar
   picks = example_indices(data)
   # Each row zoomed on its own heart (another domain draws another heart), on the clean
   # one's where a failure has none (beyond the apex).
-  boxes = [reporting.heart_box([data["mask"][i] if np.any(data["mask"][i])
+  boxes = [panels.heart_box([data["mask"][i] if np.any(data["mask"][i])
                                 else data["mask"][picks[0]]], data["mask"][i].shape)
            for i in picks]
   with_um = pred.get("um") is not None
   maps = [pred["um"][i] if with_um else uncertainty.pixel_entropy(pred["probs"][i])
           for i in picks]
-  map_label = reporting.UM_LABEL if with_um else "pixel entropy of the stride-32 probabilities"
+  map_label = panels.UM_LABEL if with_um else "pixel entropy of the stride-32 probabilities"
   vmax = max(float(np.max(m[rs, cs])) for m, (rs, cs) in zip(maps, boxes)) or 1.0
   fig = Figure(figsize=(12, 2.7 * len(picks)))
   axes = fig.subplots(len(picks), 4, squeeze=False)
@@ -137,8 +138,8 @@ def examples_figure(path: str, data: dict, pred: dict, scores: dict[str, np.ndar
     ax_row[1].imshow(image[row, cs, :].T, cmap="gray", vmin=0, vmax=1, aspect="auto")
     ax_row[1].set_title("dotted row over time (frames down)", fontsize=8)
     ax_row[2].imshow(image[rs, cs, peak], cmap="gray", vmin=0, vmax=1)
-    reporting.draw_contours(ax_row[2], pred["segmentation"][i][rs, cs], "-")
-    reporting.draw_contours(ax_row[2], data["mask"][i][rs, cs], "dashed", linewidth=1.0)
+    panels.draw_contours(ax_row[2], pred["segmentation"][i][rs, cs], "-")
+    panels.draw_contours(ax_row[2], data["mask"][i][rs, cs], "dashed", linewidth=1.0)
     score_text = ""
     if recommended in scores:
       value = float(scores[recommended][i])

@@ -52,6 +52,7 @@ from perfjax import figures
 from perfjax import frame_gain
 from perfjax import inference
 from perfjax import metrics
+from perfjax import panels
 from perfjax import perfusion
 from perfjax import postprocess
 from perfjax import reporting
@@ -394,7 +395,7 @@ def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector, shown_sco
     data_io.write_on_grid(os.path.join(folder, "um_input.nii.gz"),
                           preprocess.to_original(um, info), grid)
   try:  # the picture is a convenience: a plotting problem is a warning, not a lost slice
-    reporting.panel(os.path.join(folder, f"{s['id']}.png"), s["image"], seg, um, s["mask"],
+    panels.panel(os.path.join(folder, f"{s['id']}.png"), s["image"], seg, um, s["mask"],
                     f"{s['id']}: 1-U {one_minus_u:.3f}" +
                     (f", {shown_score[0]} {shown_score[1]:.3f}" if shown_score else "") +
                     (f", Dice {dice:.3f}" if dice is not None else ""), sector)

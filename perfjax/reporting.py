@@ -1,6 +1,6 @@
-"""Files a reader looks at: report.md/.html, per-slice panels (paper Fig. 4/5), Dice vs 1-U
-(Fig. 6), ROC, the window coverage map (Fig. 3b); training's metrics.jsonl, TensorBoard events
-and training curves.
+"""Files a reader looks at: report.md and its HTML page, and the atomic writers behind every
+output folder (text, figures, whole folders swapped in at once); the OOD summaries' wording
+shared by the report and the figures (`perfjax.panels`).
 
 Every writer here is atomic: it writes to a temporary file in the target folder and renames it,
 so an interrupted run never leaves a half-written PNG or JSON behind; the file gets the usual
@@ -9,28 +9,17 @@ permissions (0666 less the umask), not the temporary file's 0600.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import hashlib
 import json
 import math
 import os
-import subprocess
-import sys
 import time
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import markdown
-from matplotlib.figure import Figure  # Not pyplot: no global backend or figure state.
-import numpy as np
 
-from perfjax import sectors
-from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, PAPER_OOD_SCORE, RV_BLOOD_POOL
+from perfjax.conventions import PAPER_OOD_SCORE
 # write_json: results.json and the other JSON outputs are written with it (reporting.write_json).
 from perfjax.data.io import atomic_path, jsonable, write_json  # noqa: F401
-from perfjax.errors import InputError
-
-CLASS_COLOURS = {MYOCARDIUM: "#f5d300", LV_BLOOD_POOL: "#e8413c", RV_BLOOD_POOL: "#2f7fe0"}
-FOREGROUND = (MYOCARDIUM, LV_BLOOD_POOL, RV_BLOOD_POOL)
 
 
 def write_text(path: str, text: str) -> None:
@@ -66,74 +55,6 @@ def replace_dir(staged: str, final: str) -> None:
   os.rename(staged, final)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------- provenance
-
-
-def config_fingerprint(config) -> str:
-  """A short hash of a config's values (equal configs, equal fingerprints)."""
-  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  text = json.dumps(jsonable(values), sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _git(*args: str) -> str | None:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if not os.path.exists(os.path.join(root, ".git")):
-    return None
-  try:
-    out = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def code_version() -> str:
-  """The git commit of the perfjax source (`+ local changes` when the tree differs), or the
-  installed package version when it is not a git checkout."""
-  commit = _git("rev-parse", "--short=12", "HEAD")
-  if commit is None:
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
-    try:
-      return f"perfjax {metadata.version('perfjax')} (not a git checkout)"
-    except metadata.PackageNotFoundError:
-      return "unknown"
-  dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "perfjax")
-  return commit + (" + local changes" if dirty else "")
-
-
-VERSIONED = ("perfjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy",
-             "tensorflow-datasets", "ml_collections")
-
-
-def package_versions() -> dict[str, str]:
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
-  out = {"python": sys.version.split()[0]}
-  for name in VERSIONED:
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      continue
-  return out
-
-
-def provenance(config, data: dict | None = None) -> dict:
-  """When, by which code and packages, from which config and data a result was made."""
-  try:
-    import jax  # pylint: disable=g-import-not-at-top
-    devices = jax.devices()
-    device = f"{len(devices)} x {devices[0].platform} ({devices[0].device_kind})"
-  except Exception:  # pylint: disable=broad-except
-    device = "unknown"
-  argv = sys.argv
-  command = (" ".join(argv) if argv and os.path.basename(argv[0]) in
-             ("launch.py", "perfjax", "__main__.py", "cli.py") else None)
-  return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              code=code_version(), versions=package_versions(), device=device, command=command,
-              config_fingerprint=config_fingerprint(config),
-              config=config.to_dict() if hasattr(config, "to_dict") else dict(config),
-              data=data or {})
 
 
 HTML_PAGE = """<!doctype html>
@@ -188,142 +109,6 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext[1:])
 
 
-def enhancement_frames(image_hwt: np.ndarray, mask: np.ndarray | None) -> dict[str, int]:
-  """Frames of RV, LV and myocardial enhancement (peaks of the class mean curves)."""
-  if mask is None or not all((mask == c).any() for c in FOREGROUND):
-    centre = image_hwt[32:96, 32:96].reshape(-1, image_hwt.shape[-1]).mean(0)
-    peak = int(np.argmax(centre))
-    return {"RV": max(peak - 3, 0), "LV": peak, "myocardium": min(peak + 5, image_hwt.shape[-1] - 1)}
-  curve = {c: image_hwt[mask == c].mean(0) for c in FOREGROUND}
-  return {"RV": int(np.argmax(curve[RV_BLOOD_POOL])), "LV": int(np.argmax(curve[LV_BLOOD_POOL])),
-          "myocardium": int(np.argmax(curve[MYOCARDIUM]))}
-
-
-def draw_contours(ax, mask: np.ndarray, style: str = "-", classes: Sequence[int] = FOREGROUND,
-                  linewidth: float = 1.6):
-  """The outline of each class of ``mask`` in ``classes``, in its colour (CLASS_COLOURS)."""
-  for c in classes:
-    if (mask == c).any():
-      ax.contour(mask == c, levels=[0.5], colors=CLASS_COLOURS[c], linewidths=linewidth,
-                 linestyles=style)
-
-
-def heart_box(masks: Sequence[np.ndarray | None], shape: tuple[int, int],
-              margin: float = 0.35, min_size: int = 48) -> tuple[slice, slice]:
-  """Rows and columns of a square crop around the foreground of `masks` (with a margin).
-
-  The whole image when no mask has foreground.
-  """
-  h, w = shape
-  fg = np.zeros(shape, bool)
-  for m in masks:
-    if m is not None:
-      fg |= np.asarray(m) > 0
-  if not fg.any():
-    return slice(0, h), slice(0, w)
-  rows, cols = np.nonzero(fg)
-  centre = (0.5 * (rows.min() + rows.max()), 0.5 * (cols.min() + cols.max()))
-  size = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
-  size = int(min(max(size * (1 + 2 * margin), min_size), min(h, w)))
-  r0 = int(np.clip(round(centre[0] - size / 2), 0, h - size))
-  c0 = int(np.clip(round(centre[1] - size / 2), 0, w - size))
-  return slice(r0, r0 + size), slice(c0, c0 + size)
-
-
-UM_LABEL = "UM: std of the window probabilities"
-
-
-def _sector_labels(ax, sectors6: np.ndarray, uncertain_sector: int | None) -> None:
-  """Sector numbers just outside the myocardium (not on the contours)."""
-  inside = sectors6 > 0
-  rows, cols = np.nonzero(inside)
-  cy, cx = rows.mean(), cols.mean()
-  radius = np.sqrt((rows - cy) ** 2 + (cols - cx) ** 2).max()
-  for k in range(1, 7):
-    r, c = np.nonzero(sectors6 == k)
-    if not r.size:
-      continue
-    angle = np.arctan2(r.mean() - cy, c.mean() - cx)
-    y, x = cy + 1.3 * radius * np.sin(angle), cx + 1.3 * radius * np.cos(angle)
-    marked = k == uncertain_sector
-    ax.text(x, y, str(k), color="cyan" if marked else "w", fontsize=9 if marked else 8,
-            ha="center", va="center", fontweight="bold" if marked else "normal",
-            bbox=dict(boxstyle="circle,pad=0.15", fc="none", ec="cyan") if marked else None)
-
-
-def slice_panel(path: str, image_hwt: np.ndarray, seg: np.ndarray, um: np.ndarray,
-                gt_mask: np.ndarray | None = None, sectors6: np.ndarray | None = None,
-                title: str = "", uncertain_sector: int | None = None,
-                um_vmax: float | None = None, zoom: bool = True) -> None:
-  """One row per slice: three enhancement frames, the contours, and UM with the AHA sectors.
-
-  Every panel is zoomed on the heart (the foreground of the segmentation and the ground truth).
-  Predicted contours are solid; ground-truth contours (when known) are dashed; a legend names
-  the classes and line styles. UM is drawn on the scale [0, um_vmax] (pass the same um_vmax for
-  every slice of a report so that colours compare; default 0.5, the largest possible std of a
-  probability) with a labelled colour bar; sector numbers sit outside the myocardium, the
-  uncertain sector circled.
-  """
-  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
-  frames = enhancement_frames(image_hwt, gt_mask if gt_mask is not None else seg)
-  # Zoomed on the ground truth's heart when it is known (a poor segmentation can cover the
-  # whole image), else on the segmentation's.
-  around = [gt_mask] if gt_mask is not None and np.any(gt_mask) else [seg]
-  rs, cs = heart_box(around, seg.shape) if zoom else (slice(None), slice(None))
-  fig = Figure(figsize=(16, 3.6))
-  axes = fig.subplots(1, 5)
-  for ax, (name, t) in zip(axes[:3], frames.items()):
-    ax.imshow(image_hwt[rs, cs, t], cmap="gray", vmin=0, vmax=1)
-    ax.set_title(f"{name} enhancement (frame {t})", fontsize=8)
-  axes[3].imshow(image_hwt[rs, cs, frames["myocardium"]], cmap="gray", vmin=0, vmax=1)
-  draw_contours(axes[3], seg[rs, cs], "-")
-  if gt_mask is not None:
-    draw_contours(axes[3], gt_mask[rs, cs], "dashed", linewidth=1.2)
-  axes[3].set_title("automatic (solid)" + (", truth (dashed)" if gt_mask is not None else ""),
-                    fontsize=8)
-  names = {MYOCARDIUM: "myocardium", LV_BLOOD_POOL: "LV blood pool", RV_BLOOD_POOL: "RV blood pool"}
-  handles = [Line2D([], [], color=CLASS_COLOURS[c], lw=2, label=names[c]) for c in FOREGROUND]
-  handles.append(Line2D([], [], color="0.3", lw=1.6, label="automatic"))
-  if gt_mask is not None:
-    handles.append(Line2D([], [], color="0.3", lw=1.2, ls="--", label="ground truth"))
-  axes[3].legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.02),
-                 ncol=2, frameon=False)
-  vmax = 0.5 if um_vmax is None or not np.isfinite(um_vmax) or um_vmax <= 0 else float(um_vmax)
-  shown = axes[4].imshow(um[rs, cs], cmap="inferno", vmin=0, vmax=vmax)
-  fig.colorbar(shown, ax=axes[4], fraction=0.046, label=UM_LABEL)
-  shown_sectors = None if sectors6 is None else sectors6[rs, cs]
-  if shown_sectors is not None and shown_sectors.any():  # (the zoom may leave them out)
-    axes[4].contour(shown_sectors, levels=np.arange(0.5, 7), colors="w", linewidths=0.4)
-    _sector_labels(axes[4], shown_sectors, uncertain_sector)
-  axes[4].set_title("UM and AHA sectors" + (f"; uncertain sector {uncertain_sector} (circled)"
-                                             if uncertain_sector else ""), fontsize=8)
-  for ax in axes:
-    ax.set_axis_off()
-  fig.suptitle(title, fontsize=10)
-  save_figure(fig, path)
-
-
-def panel(path, image, seg, um, gt_mask, title, uncertain_sector, um_vmax=None):
-  """`slice_panel` with the 6 AHA sectors of the segmentation (none when they cannot be placed)."""
-  try:
-    smap = sectors.sector_map(seg, 6, 1)
-  except InputError:
-    smap = None
-  slice_panel(path, image, seg, um, gt_mask, smap, title, uncertain_sector or None,
-              um_vmax=um_vmax)
-
-
-def panel_title(slice_id: str, dice: float, one_minus_u: float, flagged: bool | None,
-                motion: bool | None) -> str:
-  """The title of a slice panel: the results table's id, Dice, 1 - U, OOD flag, motion."""
-  parts = [f"slice {slice_id}", f"Dice {_num(dice)}", f"1 - U {_num(one_minus_u)}"]
-  if flagged is not None:
-    parts.append("flagged OOD" if flagged else "not flagged")
-  if motion is not None:
-    parts.append("motion-correction failure" if motion else "no motion")
-  return " | ".join(parts)
-
-
 PAPER_SCORE = PAPER_OOD_SCORE  # The paper's U, scored as 1 - U.
 
 
@@ -339,7 +124,7 @@ def auc_ci_text(summary: dict | None) -> str:
   if not summary:
     return "-"
   ci = summary.get("auc_ci") or [None, None]
-  return f"{_num(summary.get('auc'))} [{_num(ci[0])}, {_num(ci[1])}]"
+  return f"{number_text(summary.get('auc'))} [{number_text(ci[0])}, {number_text(ci[1])}]"
 
 
 def counts_text(summary: dict | None) -> str:
@@ -350,83 +135,7 @@ def counts_text(summary: dict | None) -> str:
   return f"{'?' if pos is None else pos}+/{'?' if neg is None else neg}-"
 
 
-def roc_legend(name: str, summary: dict) -> str:
-  """A ROC legend entry: 'U: AUC 0.72 [0.57, 0.86], 24+/36-'."""
-  ci = summary.get("auc_ci") or [None, None]
-  return (f"{name}: AUC {_num(summary.get('auc'), '.2f')} [{_num(ci[0], '.2f')}, "
-          f"{_num(ci[1], '.2f')}], {counts_text(summary)}")
-
-
-def dice_vs_confidence(path: str, dice: np.ndarray, one_minus_u: np.ndarray,
-                       ood: np.ndarray | None, threshold: float | None, label_name: str,
-                       score: str = PAPER_SCORE) -> None:
-  """Paper Fig. 6: Dice against the OOD score `score` (1 - U, the paper's, unless another is
-  named; the values are given as `one_minus_u`), OOD slices in red, its threshold t as a line."""
-  fig = Figure(figsize=(5, 4))
-  ax = fig.subplots()
-  values = np.asarray(one_minus_u, np.float64)
-  ood = np.zeros(len(dice), bool) if ood is None else np.asarray(ood, bool)
-  ax.scatter(values[~ood], dice[~ood], s=14, c="k", label="in distribution")
-  ax.scatter(values[ood], dice[ood], s=26, facecolors="none", edgecolors="r",
-             label=f"OOD ({label_name})")
-  if threshold is not None and math.isfinite(threshold):
-    ax.axvline(threshold, color="r", ls=":", label=f"t = {threshold:.3f}")
-  ax.set_xlabel(score_label(score) if score == PAPER_SCORE
-                else f"{score_label(score)} score (higher = more reliable)")
-  ax.set_ylabel("myocardium Dice")
-  ax.legend(fontsize=8)
-  save_figure(fig, path)
-
-
-def roc_figure(path: str, curves: dict[str, dict], recommended: str | None = None,
-               operating_point: tuple[float, float] | None = None,
-               labels: str | None = None, n_total: int | None = None) -> None:
-  """ROC of every OOD score in `curves` (name -> dict(fpr, tpr, auc, auc_ci, n_positive,
-  n_negative)) against the OOD label set `labels`, each in the legend with its AUC, 95 % CI and
-  class sizes ('U: AUC 0.72 [0.57, 0.86], 24+/36-'); the `recommended` score (ood.score) drawn
-  first in black, with its operating point t (max Youden J)."""
-  fig = Figure(figsize=(4.8, 4.4))
-  ax = fig.subplots()
-  styles = ["-", "--", "-.", ":"]
-  order = sorted(curves, key=lambda n: n != recommended)  # the recommended first, else as given
-  k = 0
-  for name in order:
-    c = curves[name]
-    if not len(c["fpr"]):
-      continue
-    text = roc_legend(name, c) + (" (recommended)" if name == recommended else "")
-    if name == recommended:
-      ax.plot(c["fpr"], c["tpr"], "k-", lw=1.8, label=text)
-    else:
-      ax.plot(c["fpr"], c["tpr"], ls=styles[k % len(styles)], lw=1.3, label=text)
-      k += 1
-  ax.plot([0, 1], [0, 1], color="0.7", ls="--", lw=0.8)
-  if operating_point is not None:
-    ax.plot(*operating_point, "ro", label=f"t of {score_label(recommended)} (max Youden J)")
-  ax.set_xlabel("1 - specificity")
-  ax.set_ylabel("sensitivity")
-  if labels:
-    first = curves.get(recommended) or next(iter(curves.values()), {})
-    n_pos = first.get("n_positive")
-    count = f": {n_pos} of {n_total} slices OOD" if n_pos is not None and n_total else ""
-    ax.set_title(f"OOD labels '{labels}'{count}", fontsize=9)
-  ax.legend(fontsize=6.5, loc="lower right")
-  save_figure(fig, path)
-
-
-def coverage_figure(path: str, count_hw: np.ndarray, stride: int) -> None:
-  """Paper Fig. 3b: how many sliding windows cover each pixel."""
-  fig = Figure(figsize=(4.4, 3.6))
-  ax = fig.subplots()
-  im = ax.imshow(count_hw, cmap="magma")
-  fig.colorbar(im, ax=ax, label="windows covering the pixel")
-  ax.set_title(f"stride {stride}: {int(count_hw.max())} windows at the centre, "
-               f"{int(count_hw[0, 0])} at the corner", fontsize=8)
-  ax.set_axis_off()
-  save_figure(fig, path)
-
-
-def _num(value, fmt: str = ".3f") -> str:
+def number_text(value, fmt: str = ".3f") -> str:
   return "n/a" if value is None or not math.isfinite(float(value)) else format(float(value), fmt)
 
 
@@ -485,7 +194,7 @@ def _mbf_notes(m: dict) -> list[str]:
   if gains:
     lines += ["", "Frame gain (perfjax.frame_gain): " + "; ".join(
         f"{_MASK_SETS.get(name, name)}: applied to {g['applied']} of {g['slices']} slices "
-        f"(median sd {_num(g['median_sd_percent'], '.2f')} %)" for name, g in gains.items())
+        f"(median sd {number_text(g['median_sd_percent'], '.2f')} %)" for name, g in gains.items())
         + "; elsewhere the tissue outside the heart enhanced or was too small to measure it."]
   spills = m.get("spill_over") or {}
   if spills:
@@ -496,9 +205,9 @@ def _mbf_notes(m: dict) -> list[str]:
   for name, f in (m.get("flip_sensitivity") or {}).items():
     lo, hi = f["flip_scale"]
     lines += ["", f"Flip-angle sensitivity ({_MASK_SETS.get(name, name)}): slice MBF changes by "
-              f"{_num(f['median_change'][0], '+.1f')} % at x{lo:g} and "
-              f"{_num(f['median_change'][1], '+.1f')} % at x{hi:g} of the nominal flip angle "
-              f"(median over slices; at most {_num(f['max_abs_change'], '.1f')} %)."]
+              f"{number_text(f['median_change'][0], '+.1f')} % at x{lo:g} and "
+              f"{number_text(f['median_change'][1], '+.1f')} % at x{hi:g} of the nominal flip angle "
+              f"(median over slices; at most {number_text(f['max_abs_change'], '.1f')} %)."]
   return lines
 
 
@@ -515,8 +224,8 @@ def _ood_section(results: dict, recommended: str) -> list[str]:
            "; it sets the OOD flags of this report and of `--mode=predict`."]
   if o.get("labels") not in (None, "none"):
     lines += ["", f"With the labels '{o['labels']}': AUC {auc_ci_text(o)}, "
-              f"{counts_text(o)}; t {_num(o.get('threshold'))}, sensitivity "
-              f"{_num(o.get('sensitivity'))}, specificity {_num(o.get('specificity'))}."]
+              f"{counts_text(o)}; t {number_text(o.get('threshold'))}, sensitivity "
+              f"{number_text(o.get('sensitivity'))}, specificity {number_text(o.get('specificity'))}."]
   lines += ["", "| labels | score | n+/n- | AUC [95 % CI] | t | sensitivity | specificity | "
             "Dice reliable | Dice unreliable |", "|---|---|---|---|---|---|---|---|---|"]
   rows = 0
@@ -525,9 +234,9 @@ def _ood_section(results: dict, recommended: str) -> list[str]:
       name = s.get("score", name)
       mark = " (recommended)" if name == recommended else ""
       lines.append(f"| {labels} | {name}{mark} | {counts_text(s)} | {auc_ci_text(s)} | "
-                   f"{_num(s.get('threshold'))} | {_num(s.get('sensitivity'))} | "
-                   f"{_num(s.get('specificity'))} | {_num(s.get('dice_reliable'))} | "
-                   f"{_num(s.get('dice_unreliable'))} |")
+                   f"{number_text(s.get('threshold'))} | {number_text(s.get('sensitivity'))} | "
+                   f"{number_text(s.get('specificity'))} | {number_text(s.get('dice_reliable'))} | "
+                   f"{number_text(s.get('dice_unreliable'))} |")
       rows += 1
   if not rows:
     lines += ["", "No OOD labels for this split: no AUC."]
@@ -563,8 +272,8 @@ def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] |
                          ("pred", "the network's own RV insertion points (paper)")):
     g = d.get("by_geometry", {}).get(geometry)
     if g:
-      lines.append(f"| {name} | {_num(d['whole'])} | {_num(g['sector6'])} | "
-                   f"{_num(g['sector12'])} |")
+      lines.append(f"| {name} | {number_text(d['whole'])} | {number_text(g['sector6'])} | "
+                   f"{number_text(g['sector12'])} |")
   recommended = (results.get("ood") or {}).get("score") or PAPER_SCORE
   lines += _ood_section(results, recommended)
   for rel, alt in (("figures/dice_vs_confidence.png", f"Dice vs {score_label(recommended)}"),
@@ -579,13 +288,13 @@ def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] |
   lines += _mbf_notes(m)
   lines += ["", f"| comparison | R2 | bias ({units}) | limits of agreement |",
             "|---|---|---|---|",
-            f"| automatic vs ground-truth mask | {_num(m['r2'])} | {_num(ba['mean'], '+.3f')} | "
-            f"[{_num(ba['loa_low'], '+.3f')}, {_num(ba['loa_high'], '+.3f')}] |"]
+            f"| automatic vs ground-truth mask | {number_text(m['r2'])} | {number_text(ba['mean'], '+.3f')} | "
+            f"[{number_text(ba['loa_low'], '+.3f')}, {number_text(ba['loa_high'], '+.3f')}] |"]
   for name, agreement in m.get("vs_true", {}).items():
     b = agreement["bland_altman"]
-    lines.append(f"| {name.replace('_', ' ')} vs true MBF | {_num(agreement['r2'])} | "
-                 f"{_num(b['mean'], '+.3f')} | [{_num(b['loa_low'], '+.3f')}, "
-                 f"{_num(b['loa_high'], '+.3f')}] |")
+    lines.append(f"| {name.replace('_', ' ')} vs true MBF | {number_text(agreement['r2'])} | "
+                 f"{number_text(b['mean'], '+.3f')} | [{number_text(b['loa_low'], '+.3f')}, "
+                 f"{number_text(b['loa_high'], '+.3f')}] |")
   lines.append("")
   lines += [f"![{rel}]({rel})" for rel in figures.get("mbf", [])]
   if figures.get("bullseye"):
@@ -610,89 +319,10 @@ def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] |
             ("---|" if extra else "")]
   for s in results["slices"]:
     value = (s.get("ood_scores") or {}).get(recommended)
-    lines.append(f"| {s['id']} | {_num(s['dice'])} | {_num(s['one_minus_U'])} | " +
-                 (f"{_num(value)} | " if extra else "") +
+    lines.append(f"| {s['id']} | {number_text(s['dice'])} | {number_text(s['one_minus_U'])} | " +
+                 (f"{number_text(value)} | " if extra else "") +
                  f"{'yes' if s['ood_flag'] else ''} | {'yes' if s.get('ood_label') else ''} | "
-                 f"{s['uncertain_sector'] or ''} | {_num(s['mbf_auto'], '.2f')} | "
-                 f"{_num(s['mbf_gt_mask'], '.2f')} | {_num(s['mbf_true'], '.2f')} |")
+                 f"{s['uncertain_sector'] or ''} | {number_text(s['mbf_auto'], '.2f')} | "
+                 f"{number_text(s['mbf_gt_mask'], '.2f')} | {number_text(s['mbf_true'], '.2f')} |")
   lines += _config_section(results)
   return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------- training logs
-
-
-class MetricWriter:
-  """Scalars to `metrics.jsonl` (one JSON object per line) and TensorBoard event files.
-
-  On resume from step N the records after N (written before the interruption) are dropped
-  from both, so the files read as one uninterrupted run.
-  """
-
-  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if not enabled:
-      return
-    if os.path.exists(self.path):
-      kept = [json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= resume_step]
-      with atomic_path(self.path, ".jsonl") as tmp:
-        with open(tmp, "w") as f:
-          f.writelines(kept)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                             purge_step=resume_step + 1 if resume_step else None)
-
-  def write(self, step: int, **scalars: float) -> None:
-    if not self.enabled:
-      return
-    # One whole line per append; a line cut short by a crash is skipped by `read_metrics`.
-    with open(self.path, "a") as f:
-      f.write(json.dumps(dict(step=int(step), **{k: float(v) for k, v in scalars.items()})) + "\n")
-    for name, value in scalars.items():
-      self._tb.add_scalar(name, float(value), int(step))
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """The records of `workdir`'s metrics.jsonl (a last line cut short by a crash is skipped)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return records
-
-
-def plot_curves(workdir: str) -> str | None:
-  """Writes `training_curves.png` (loss, learning rate, validation Dice) from metrics.jsonl."""
-  records = read_metrics(workdir)
-  if not records:
-    return None
-  def series(name):
-    pts = [(r["step"], r[name]) for r in records if name in r]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-  fig = Figure(figsize=(11, 3.2), layout="constrained")
-  ax_loss, ax_lr, ax_dice = fig.subplots(1, 3)
-  ax_loss.plot(*series("train/loss"), lw=1)
-  ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log", title="training loss")
-  ax_lr.plot(*series("train/learning_rate"), lw=1)
-  ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
-  ax_dice.plot(*series("val/dice_myo"), "o-", ms=3)
-  ax_dice.set(xlabel="step", ylabel="Dice", ylim=(0, 1), title="validation myocardium Dice")
-  for ax in (ax_loss, ax_lr, ax_dice):
-    ax.grid(alpha=0.3)
-  path = os.path.join(workdir, "training_curves.png")
-  with atomic_path(path, ".png") as tmp:
-    fig.savefig(tmp, dpi=100, format="png")
-  return path

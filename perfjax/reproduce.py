@@ -29,6 +29,7 @@ import numpy as np
 
 from perfjax import evaluate
 from perfjax import figures
+from perfjax import panels
 from perfjax import reporting
 from perfjax import train
 
@@ -372,7 +373,7 @@ def write_report(workdir: str, summary: dict, runs: dict) -> None:
     labels = "mbf_patch2" if "mbf_patch2" in run.get("ood_all", {}) else run["ood"]["labels"]
     ood = np.array([bool(s.get("ood_labels", {}).get(labels, False)) for s in run["slices"]])
     threshold = run.get("ood_all", {}).get(labels, {}).get("threshold")
-    reporting.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"),
+    panels.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"),
                                  _slice_values(run, "dice"), _slice_values(run, "one_minus_U"),
                                  ood, threshold, labels)
   reporting.write_markdown(os.path.join(workdir, "reproduce.md"), report_markdown(summary))

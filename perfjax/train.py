@@ -25,7 +25,7 @@
   on another number or kind of devices warns that the result will not be bit-identical.
 * A NaN/Inf loss or gradient raises `TrainingError`; nothing non-finite is ever saved.
 * Progress bar (tqdm), `metrics.jsonl`, TensorBoard events (`tensorboard/`) and
-  `training_curves.png` in the workdir (`perfjax.reporting.MetricWriter`, `plot_curves`).
+  `training_curves.png` in the workdir (`perfjax.training_log.MetricWriter`, `plot_curves`).
 * Loading trained parameters is `perfjax.checkpoints.load_params`.
 * Importing this module and running the step need only jax, flax, optax and numpy; `train()`
   imports the loop's own dependencies (orbax, ml_collections, matplotlib, scipy) when called.
@@ -367,7 +367,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
   """
   # The loop's own dependencies (orbax, ml_collections, matplotlib, tensorboardX); the step and
   # the batches need only jax, flax, optax and numpy (benchmarks/bench_gpu.py relies on it).
-  from perfjax import checkpoints, reporting  # pylint: disable=g-import-not-at-top
+  from perfjax import checkpoints, reporting, training_log  # pylint: disable=g-import-not-at-top
   config = with_source_model(config)
   check_config(config)
   workdir = os.path.abspath(workdir)
@@ -413,7 +413,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
   if lead:
     reporting.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
 
-  writer = reporting.MetricWriter(workdir, start, enabled=lead)
+  writer = training_log.MetricWriter(workdir, start, enabled=lead)
   step_fn = jit_train_step(config, model, tx, mesh)
   first_step_s = None
   step, stopped_early, train_s, wall0 = start, False, 0.0, time.perf_counter()
@@ -570,7 +570,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
     bar.close()
     writer.close()
     if lead:
-      reporting.plot_curves(workdir)
+      training_log.plot_curves(workdir)
 
   trained = step - start
   summary = dict(

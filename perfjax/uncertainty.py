@@ -292,7 +292,7 @@ def roc_curve(scores, labels) -> dict:
 
 
 def roc_curves(scores: dict[str, np.ndarray], labels, summaries: dict[str, dict]) -> dict:
-  """What `perfjax.reporting.roc_figure` draws: name -> dict(fpr, tpr, auc, auc_ci,
+  """What `perfjax.panels.roc_figure` draws: name -> dict(fpr, tpr, auc, auc_ci,
   n_positive, n_negative), the ROC of each score against ``labels`` with the AUC, CI and class
   sizes of its summary (``summaries[name]``, `perfjax.ood.score_summary`). A score without a
   ROC (one class only, NaN values) is left out."""

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from perfjax import checkpoints, platform, reporting
+from perfjax import checkpoints, platform, training_log
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
@@ -87,7 +87,7 @@ def test_cli_training_two_processes_equal_two_devices(tmp_path, small_data_dir):
                 ["--distributed"] if role == "two" else [])
 
   _run_one_and_two(argv_of, PERFJAX_DATA_DIR=str(small_data_dir))
-  losses = {role: [(r["step"], r["train/loss"]) for r in reporting.read_metrics(tmp_path / role)
+  losses = {role: [(r["step"], r["train/loss"]) for r in training_log.read_metrics(tmp_path / role)
                    if "train/loss" in r] for role in ("one", "two")}
   assert [s for s, _ in losses["one"]] == [1, 2, 3, 4]
   assert losses["two"] == losses["one"]

@@ -183,13 +183,16 @@ def test_packaged_and_compatibility_configs_agree():
 
 def test_ctrl_c_prints_a_resume_hint_not_a_traceback(tmp_path, monkeypatch, capsys):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from perfjax import cli, train  # pylint: disable=g-import-not-at-top
+  from perfjax import cli, platform, train  # pylint: disable=g-import-not-at-top
 
   def interrupted(*args, **kwargs):
     raise KeyboardInterrupt
 
   monkeypatch.setattr(train, "train", interrupted)
   monkeypatch.setattr(cli, "_quiet_tfds", lambda: None)
+  # In-process: leave this pytest worker's JAX devices as they are (tests that run after this
+  # one in the same worker count on one host device).
+  monkeypatch.setattr(platform, "configure_host_devices", lambda *a, **k: None)
   monkeypatch.setattr(sys, "argv", ["perfjax", "train", "--config=patch3:tiny"])
   argv, _ = cli.rewrite_argv(["perfjax", "--mode=train", "--config=patch3:tiny",
                               f"--workdir={tmp_path}"])
@@ -206,14 +209,14 @@ def test_ctrl_c_prints_a_resume_hint_not_a_traceback(tmp_path, monkeypatch, caps
 
 
 def test_results_are_current_only_for_the_same_config_and_checkpoint(tmp_path):
-  from perfjax import cli, reporting  # pylint: disable=g-import-not-at-top
+  from perfjax import cli, provenance, reporting  # pylint: disable=g-import-not-at-top
   from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
   config = patch3.get_config("tiny")
   (tmp_path / "best" / "2").mkdir(parents=True)
   (tmp_path / "best" / "2" / "params").write_text("x")
   assert cli.results_are_current(config, str(tmp_path)) is None  # No results.json.
   reporting.write_json(str(tmp_path / "results.json"),
-                       {"provenance": reporting.provenance(config)})
+                       {"provenance": provenance.provenance(config)})
   assert cli.results_are_current(config, str(tmp_path))
   other = patch3.get_config("tiny")
   other.eval.stride_um = 8

@@ -1,6 +1,6 @@
-"""reporting.py and figures.py: file permissions, a fresh figures folder per evaluation, the
-report's header and figure order, the figures' options, the MBF block, report.html in a headless
-browser (fast: no training)."""
+"""reporting.py, panels.py, provenance.py, training_log.py and figures.py: file permissions, a
+fresh figures folder per evaluation, the report's header and figure order, the figures' options,
+the MBF block, report.html in a headless browser (fast: no training)."""
 import html
 import json
 import os
@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from perfjax import figures, reporting
+from perfjax import figures, panels, provenance, reporting, training_log
 
 
 def test_outputs_get_the_umask_permissions_not_0600(tmp_path):
@@ -29,8 +29,8 @@ def test_outputs_get_the_umask_permissions_not_0600(tmp_path):
 def test_a_metrics_line_cut_short_by_a_crash_is_skipped_and_resume_writes_clean_lines(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "train/loss": 0.5}\n{"step": 2, "train/loss": 0.4}\n{"step": 3, "tr')
-  assert [r["step"] for r in reporting.read_metrics(tmp_path)] == [1, 2]
-  writer = reporting.MetricWriter(str(tmp_path), resume_step=1)  # resumed from step 1
+  assert [r["step"] for r in training_log.read_metrics(tmp_path)] == [1, 2]
+  writer = training_log.MetricWriter(str(tmp_path), resume_step=1)  # resumed from step 1
   writer.write(2, **{"train/loss": 0.3})
   writer.close()
   assert path.read_text().splitlines() == ['{"step": 1, "train/loss": 0.5}',
@@ -62,7 +62,7 @@ def _results():
 def test_report_has_a_header_and_shows_the_given_figures_in_order(tmp_path):
   from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
   results = _results()
-  results["provenance"] = reporting.provenance(patch3.get_config("tiny"),
+  results["provenance"] = provenance.provenance(patch3.get_config("tiny"),
                                                data=dict(dataset="synthetic_small"))
   (tmp_path / "figures" / "bullseye").mkdir(parents=True)
   (tmp_path / "figures" / "bullseye" / "stale.png").write_text("")  # Not listed: not given.
@@ -86,17 +86,17 @@ def test_figures_take_their_options(tmp_path):
   seg[(np.hypot(yy - 64, xx - 85) < 10) & (seg == 0)] = 3
   image = rng.random((128, 128, 30)).astype(np.float32)
   um = rng.random((128, 128)).astype(np.float32) * 0.1
-  rows, cols = reporting.heart_box([seg], seg.shape)
+  rows, cols = panels.heart_box([seg], seg.shape)
   assert rows.stop - rows.start < 128 and cols.stop - cols.start < 128  # Zoomed on the heart.
-  reporting.panel(str(tmp_path / "p.png"), image, seg, um, seg,
-                  reporting.panel_title("3-1", 0.9, 0.8, True, False), 2, um_vmax=0.1)
+  panels.panel(str(tmp_path / "p.png"), image, seg, um, seg,
+                  panels.panel_title("3-1", 0.9, 0.8, True, False), 2, um_vmax=0.1)
   fpr, tpr = np.array([0, 0.5, 1.0]), np.array([0, 0.8, 1.0])
   curves = {"U": dict(fpr=fpr, tpr=tpr, auc=0.7, auc_ci=[0.5, 0.9], n_positive=2, n_negative=4),
             "tta": dict(fpr=fpr, tpr=tpr, auc=0.6, auc_ci=[0.4, 0.8], n_positive=2,
                         n_negative=4)}
-  reporting.roc_figure(str(tmp_path / "roc.png"), curves, recommended="tta",
+  panels.roc_figure(str(tmp_path / "roc.png"), curves, recommended="tta",
                        operating_point=(0.5, 0.8), labels="motion", n_total=6)
-  reporting.dice_vs_confidence(str(tmp_path / "dvc.png"), np.linspace(0.5, 0.9, 6),
+  panels.dice_vs_confidence(str(tmp_path / "dvc.png"), np.linspace(0.5, 0.9, 6),
                                -np.linspace(0.1, 1.0, 6), np.array([1, 1, 0, 0, 0, 0], bool),
                                -0.5, "motion", score="entropy")
   fig = figures.bullseye_grid([("study 1", {"auto": np.arange(16.0), "true": np.ones(16)}),
@@ -107,7 +107,7 @@ def test_figures_take_their_options(tmp_path):
                         str(tmp_path / "s.png"))
   for name in ("p.png", "roc.png", "dvc.png", "grid.png", "s.png"):
     assert (tmp_path / name).stat().st_size > 1000
-  assert reporting.panel_title("3-1", 0.9, 0.8, True, False) == (
+  assert panels.panel_title("3-1", 0.9, 0.8, True, False) == (
       "slice 3-1 | Dice 0.900 | 1 - U 0.800 | flagged OOD | no motion")
 
 
@@ -118,7 +118,7 @@ def _summary(name, auc, ci, n_pos, n_neg, threshold=0.5):
 
 
 def test_roc_legend_gives_the_auc_its_ci_and_the_class_sizes():
-  assert reporting.roc_legend("U", _summary("U", 0.7241, [0.5712, 0.8588], 24, 36)) == (
+  assert panels.roc_legend("U", _summary("U", 0.7241, [0.5712, 0.8588], 24, 36)) == (
       "U: AUC 0.72 [0.57, 0.86], 24+/36-")
   assert reporting.auc_ci_text(dict(auc=float("nan"), auc_ci=[None, None])) == "n/a [n/a, n/a]"
   assert reporting.counts_text(dict(n_ood=3)) == "3+/?-"  # a results.json from before the CI
@@ -165,7 +165,7 @@ def test_panel_of_a_segmentation_outside_the_zoom(tmp_path):
     m[(np.hypot(yy - cy, xx - cx - 18) < 6) & (m == 0)] = 3
     return m
   image = np.random.default_rng(1).random((128, 128, 30)).astype(np.float32)
-  reporting.panel(str(tmp_path / "p.png"), image, heart(20, 20), np.zeros((128, 128)),
+  panels.panel(str(tmp_path / "p.png"), image, heart(20, 20), np.zeros((128, 128)),
                   heart(100, 90), "off", 1)
   assert (tmp_path / "p.png").stat().st_size > 1000
 
@@ -266,9 +266,9 @@ def test_report_html_images_load_in_a_headless_browser(tmp_path):
   image = rng.random((128, 128, 30)).astype(np.float32)
   mask = np.zeros((128, 128), np.int32)
   mask[40:90, 40:90], mask[50:80, 50:80] = 1, 2
-  reporting.panel(str(tmp_path / "figures" / "slices" / "01_slice_3-1.png"), image, mask,
+  panels.panel(str(tmp_path / "figures" / "slices" / "01_slice_3-1.png"), image, mask,
                   rng.random((128, 128)) * 0.1, mask, "1. 3-1", 2)
-  reporting.coverage_figure(str(tmp_path / "figures" / "coverage.png"), np.ones((128, 128)), 2)
+  panels.coverage_figure(str(tmp_path / "figures" / "coverage.png"), np.ones((128, 128)), 2)
   shown = dict(mbf=["figures/mbf_scatter_auto_vs_gt_mask.png"],
                bullseye=["figures/bullseyes.png"], slices=["figures/slices/01_slice_3-1.png"])
   reporting.write_markdown(str(tmp_path / "report.md"),

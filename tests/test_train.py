@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perfjax import checkpoints, feeding, inputs, reporting, train
+from perfjax import checkpoints, feeding, inputs, train, training_log
 from perfjax.errors import InputError, TrainingError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -248,7 +248,7 @@ def _assert_same_run(straight_run, workdir, summary):
                _params(workdir, config, "best"))
   assert (summary["best_val_dice"], summary["best_step"]) == (straight["best_val_dice"],
                                                                straight["best_step"])
-  assert [r["step"] for r in reporting.read_metrics(workdir) if "val/dice_myo" in r] == [2, 4]
+  assert [r["step"] for r in training_log.read_metrics(workdir) if "val/dice_myo" in r] == [2, 4]
 
 
 def _interrupt_on_call(monkeypatch, owner, name, n):
@@ -287,9 +287,9 @@ def test_resume_is_bit_identical_and_skips_an_incomplete_save(straight_run, tmp_
   # Best params are saved separately; the step and metrics files read as one run.
   best = _params(resumed_dir, config, "best")
   assert jax.tree.structure(best) == jax.tree.structure(a)
-  steps = [r["step"] for r in reporting.read_metrics(resumed_dir) if "train/loss" in r]
+  steps = [r["step"] for r in training_log.read_metrics(resumed_dir) if "train/loss" in r]
   assert steps == [1, 2, 3, 4]
-  assert [r for r in reporting.read_metrics(resumed_dir) if "val/dice_myo" in r][-1]["step"] == 4
+  assert [r for r in training_log.read_metrics(resumed_dir) if "val/dice_myo" in r][-1]["step"] == 4
   for name in ("training_curves.png", "config.json", "train_summary.json"):
     assert (resumed_dir / name).stat().st_size > 0
   assert any(p.name.startswith("events.out.tfevents") for p in (resumed_dir / "tensorboard").iterdir())
@@ -317,7 +317,7 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_is_bit_identical(
   assert resumed["start_step"] == 3
   _assert_same_run(straight_run, tmp_path, resumed)
   # The metrics of step 3, not fetched yet at the interrupt, were logged by it.
-  assert [r["step"] for r in reporting.read_metrics(tmp_path) if "train/loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in training_log.read_metrics(tmp_path) if "train/loss" in r] == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
