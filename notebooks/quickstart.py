@@ -36,8 +36,14 @@ import subprocess
 import sys
 
 if importlib.util.find_spec("perfjax") is None:
+  # JAX for the machine's accelerator, at the pinned version: jax[cuda12] where an NVIDIA driver
+  # is (Colab GPU), jax[tpu] on a TPU VM (its /dev/accel* or /dev/vfio devices), else for the CPU.
+  import glob
+  import shutil
+  _extra = ("[cuda12]" if shutil.which("nvidia-smi") else
+            "[tpu]" if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") else "")
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "../requirements.txt",
-                  "-e", ".."], check=True)
+                  "-e", ".." + _extra], check=True)
   for _path in site.getsitepackages():  # Reads the new install's .pth: no kernel restart needed.
     site.addsitedir(_path)
   importlib.invalidate_caches()

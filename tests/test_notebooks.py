@@ -95,3 +95,37 @@ def test_notebook_needs_no_path_tricks(path):
   source = path.with_suffix(".py").read_text()
   assert "sys.path" not in source and "from configs import" not in source
   assert "pip\", \"install\"" in source and "../requirements.txt" in source
+
+
+def _install_extra(source: str, commands: set[str], devices: set[str]) -> str:
+  """The pip extra a notebook's install cell picks on a machine with `commands` on its PATH
+  and `devices` in /dev (its `_extra = ...` expression, evaluated against fakes)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import fnmatch  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  assigns = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)
+             and any(isinstance(t, ast.Name) and t.id == "_extra" for t in n.targets)]
+  assert len(assigns) == 1, "the install cell chooses one pip extra, `_extra`"
+  fakes = dict(
+      shutil=types.SimpleNamespace(which=lambda name: f"/usr/bin/{name}" if name in commands
+                                   else None),
+      glob=types.SimpleNamespace(glob=lambda pattern: fnmatch.filter(sorted(devices), pattern)))
+  return eval(compile(ast.Expression(assigns[0].value), "<install cell>", "eval"), fakes)  # pylint: disable=eval-used
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_install_cell_installs_the_accelerators_jax(path):
+  """On Colab or a TPU VM the install cell keeps JAX on the accelerator: the pinned jax with the
+  CUDA 12 plugin where an NVIDIA driver is, with libtpu on a TPU VM; the CPU build elsewhere.
+  Each extra it names is declared in pyproject.toml."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  source = path.with_suffix(".py").read_text()
+  declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+      "optional-dependencies"]
+  cases = [({"nvidia-smi"}, set(), "[cuda12]"), (set(), {"/dev/accel0"}, "[tpu]"),
+           (set(), {"/dev/vfio/0", "/dev/vfio/vfio"}, "[tpu]"),
+           (set(), {"/dev/vfio/vfio"}, ""), (set(), set(), "")]
+  for commands, devices, expected in cases:
+    extra = _install_extra(source, commands, devices)
+    assert extra == expected, (commands, devices, extra)
+    assert not extra or extra.strip("[]") in declared

@@ -127,3 +127,20 @@ def test_tiny_main_job_from_another_directory(installed):
                          timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Evaluation skipped" in again.stdout
+
+
+def test_accelerator_extras_follow_the_pinned_jax():
+  """`pip install -r requirements.txt -e ".[cuda12]"` (or `[tpu]`) must give the accelerator
+  plugin of the very jax CI tests: the extras name jax with the dependencies' own range."""
+  import re  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  jax_range = next(d for d in project["dependencies"] if re.match(r"jax[<>=!~ ]", d))
+  for extra in ("cuda12", "tpu"):
+    assert project["optional-dependencies"][extra] == [
+        jax_range.replace("jax", f"jax[{extra}]", 1)]
+  # jax, jaxlib and the plugin the extra brings must be one version: requirements.txt pins
+  # jax and jaxlib alike.
+  pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if "==" in line and not line.startswith("#"))
+  assert pins["jax"] == pins["jaxlib"]
