@@ -25,10 +25,11 @@
 # `jupytext --to ipynb --execute notebooks/phantom.py`.
 
 # %%
-# Install cell: opened from notebooks/ in a clone (Colab, a TPU VM, a fresh venv), it installs the
-# pinned requirements and perfjax itself, `pip install -r ../requirements.txt -e ..` (the README's
-# install step), and is skipped where perfjax is already installed. Anywhere else, install first:
-# `pip install -e /path/to/perfjax`.
+# Install cell: where perfjax is not installed yet (Colab, a TPU VM, a fresh venv), it installs the
+# pinned requirements and perfjax itself from the clone, `pip install -r requirements.txt -e .`
+# (the README's install step), with JAX for the machine's accelerator. The clone is the folder
+# above this notebook (Jupyter starts in notebooks/) or one in the working folder (Colab starts in
+# /content: run `!git clone <the repository's URL>` there first).
 import importlib
 import importlib.util
 import site
@@ -36,14 +37,21 @@ import subprocess
 import sys
 
 if importlib.util.find_spec("perfjax") is None:
-  # JAX for the machine's accelerator, at the pinned version: jax[cuda12] where an NVIDIA driver
-  # is (Colab GPU), jax[tpu] on a TPU VM (its /dev/accel* or /dev/vfio devices), else for the CPU.
   import glob
+  import pathlib
   import shutil
+  _root = next((p.resolve() for p in [pathlib.Path(".."), pathlib.Path(".")]
+                + sorted(pathlib.Path(".").glob("*/"))
+                if (p / "requirements.txt").is_file() and (p / "perfjax").is_dir()), None)
+  if _root is None:
+    raise RuntimeError("perfjax is not installed and there is no clone of it above this notebook "
+                       "or in the working folder: clone the repository first")
+  # JAX at the pinned version for the accelerator: jax[cuda12] where an NVIDIA driver is (Colab
+  # GPU), jax[tpu] on a TPU VM (its /dev/accel* or /dev/vfio devices), else the CPU build.
   _extra = ("[cuda12]" if shutil.which("nvidia-smi") else
             "[tpu]" if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") else "")
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "../requirements.txt",
-                  "-e", ".." + _extra], check=True)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r",
+                  str(_root / "requirements.txt"), "-e", f"{_root}{_extra}"], check=True)
   for _path in site.getsitepackages():  # Reads the new install's .pth: no kernel restart needed.
     site.addsitedir(_path)
   importlib.invalidate_caches()

@@ -94,23 +94,17 @@ def test_notebook_needs_no_path_tricks(path):
   no top-level `configs` module) and has an install cell."""
   source = path.with_suffix(".py").read_text()
   assert "sys.path" not in source and "from configs import" not in source
-  assert "pip\", \"install\"" in source and "../requirements.txt" in source
+  assert "pip\", \"install\"" in source and "requirements.txt" in source
 
 
-def _install_extra(source: str, commands: set[str], devices: set[str]) -> str:
-  """The pip extra a notebook's install cell picks on a machine with `commands` on its PATH
-  and `devices` in /dev (its `_extra = ...` expression, evaluated against fakes)."""
+def _install_cell_value(source: str, name: str, namespace: dict):
+  """The value the notebook's install cell gives `name` (its one assignment), evaluated in
+  `namespace`."""
   import ast  # pylint: disable=g-import-not-at-top
-  import fnmatch  # pylint: disable=g-import-not-at-top
-  import types  # pylint: disable=g-import-not-at-top
   assigns = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)
-             and any(isinstance(t, ast.Name) and t.id == "_extra" for t in n.targets)]
-  assert len(assigns) == 1, "the install cell chooses one pip extra, `_extra`"
-  fakes = dict(
-      shutil=types.SimpleNamespace(which=lambda name: f"/usr/bin/{name}" if name in commands
-                                   else None),
-      glob=types.SimpleNamespace(glob=lambda pattern: fnmatch.filter(sorted(devices), pattern)))
-  return eval(compile(ast.Expression(assigns[0].value), "<install cell>", "eval"), fakes)  # pylint: disable=eval-used
+             and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)]
+  assert len(assigns) == 1, f"the install cell assigns `{name}` once"
+  return eval(compile(ast.Expression(assigns[0].value), "<install cell>", "eval"), namespace)  # pylint: disable=eval-used
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -118,7 +112,9 @@ def test_install_cell_installs_the_accelerators_jax(path):
   """On Colab or a TPU VM the install cell keeps JAX on the accelerator: the pinned jax with the
   CUDA 12 plugin where an NVIDIA driver is, with libtpu on a TPU VM; the CPU build elsewhere.
   Each extra it names is declared in pyproject.toml."""
+  import fnmatch  # pylint: disable=g-import-not-at-top
   import tomllib  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
   source = path.with_suffix(".py").read_text()
   declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
       "optional-dependencies"]
@@ -126,6 +122,28 @@ def test_install_cell_installs_the_accelerators_jax(path):
            (set(), {"/dev/vfio/0", "/dev/vfio/vfio"}, "[tpu]"),
            (set(), {"/dev/vfio/vfio"}, ""), (set(), set(), "")]
   for commands, devices, expected in cases:
-    extra = _install_extra(source, commands, devices)
+    machine = dict(
+        shutil=types.SimpleNamespace(which=lambda n, c=commands: f"/usr/bin/{n}" if n in c
+                                     else None),
+        glob=types.SimpleNamespace(glob=lambda pat, d=devices: fnmatch.filter(sorted(d), pat)))
+    extra = _install_cell_value(source, "_extra", machine)
     assert extra == expected, (commands, devices, extra)
     assert not extra or extra.strip("[]") in declared
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_install_cell_finds_the_clone(path, tmp_path, monkeypatch):
+  """The clone the install cell installs from: the folder above notebooks/ (Jupyter), or a clone
+  inside the working folder (Colab starts in /content); none elsewhere (the cell then stops with
+  a message instead of a pip error)."""
+  import pathlib as pl  # pylint: disable=g-import-not-at-top
+  source = path.with_suffix(".py").read_text()
+  clone = tmp_path / "content" / "perfjax"
+  (clone / "perfjax").mkdir(parents=True)
+  (clone / "notebooks").mkdir()
+  (clone / "requirements.txt").write_text("jax\n")
+  (tmp_path / "empty").mkdir()
+  for cwd, expected in [(clone / "notebooks", clone), (clone, clone),
+                        (tmp_path / "content", clone), (tmp_path / "empty", None)]:
+    monkeypatch.chdir(cwd)
+    assert _install_cell_value(source, "_root", {"pathlib": pl}) == expected, cwd
