@@ -269,17 +269,17 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
 
   h, w = pred["segmentation"].shape[1:]
   panels.coverage_figure(os.path.join(fig_dir, "coverage.png"),
-                            windows.coverage(h, w, int(config.model.get("patch", PATCH)),
+                         windows.coverage(h, w, int(config.model.get("patch", PATCH)),
                                              config.eval.stride_um),
-                            config.eval.stride_um)
+                         config.eval.stride_um)
   scores = scores or {ood.PAPER_SCORE: unc["one_minus_U"]}
   # Fig. 6 of the recommended score (eval.ood_score): its values and threshold t (without
   # labels only 1 - U was computed, and there is no t).
   name = ood_res.get("score", ood.PAPER_SCORE)
   name = name if name in scores else ood.PAPER_SCORE
   panels.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"), dice["whole"],
-                               scores[name], labels, ood_res["threshold"], label_name,
-                               score=name)
+                            scores[name], labels, ood_res["threshold"], label_name,
+                            score=name)
   if ood_res.get("ok"):
     best = int(np.argmax(ood_res["tpr"] - ood_res["fpr"]))
     summaries = summaries or {}
@@ -289,8 +289,8 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
                          or ood.score_summary(score, labels, None, score_name)
                          for score_name, score in scores.items()})
     panels.roc_figure(os.path.join(fig_dir, "roc.png"), curves, recommended=name,
-                         operating_point=(ood_res["fpr"][best], ood_res["tpr"][best]),
-                         labels=label_name, n_total=len(labels))
+                      operating_point=(ood_res["fpr"][best], ood_res["tpr"][best]),
+                      labels=label_name, n_total=len(labels))
   motion = split.get("motion")
   pairs = [("auto", mbf["mbf_auto"], "GT mask", mbf["mbf_gt"])]
   if mbf_true is not None:
@@ -326,7 +326,7 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
         ids[i], dice["whole"][i], unc["one_minus_U"][i], bool(ood_res["flagged"][i]),
         None if motion_flags is None else bool(motion_flags[i]))
     panels.panel(os.path.join(fig_dir, name), split["image"][i], pred["segmentation"][i],
-                    pred["um"][i], split["mask"][i], f"{rank}. {title}",
-                    int(unc["uncertain_sector"][i]), um_vmax=um_vmax)
+                 pred["um"][i], split["mask"][i], f"{rank}. {title}",
+                 int(unc["uncertain_sector"][i]), um_vmax=um_vmax)
     shown["slices"].append(rel(name))
   return shown

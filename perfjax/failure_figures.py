@@ -56,9 +56,9 @@ def roc_figures(fig_dir: str, out: dict) -> list[str]:
     if curves:
       name = f"roc_{group}.png"
       panels.roc_figure(os.path.join(fig_dir, name), curves,
-                           recommended=out.get("ood_score"),
-                           labels="all failures" if group == ROC_ALL else group,
-                           n_total=int(keep.sum()))
+                        recommended=out.get("ood_score"),
+                        labels="all failures" if group == ROC_ALL else group,
+                        n_total=int(keep.sum()))
       written.append(name)
   return written
 
@@ -118,7 +118,7 @@ def examples_figure(path: str, data: dict, pred: dict, scores: dict[str, np.ndar
   # Each row zoomed on its own heart (another domain draws another heart), on the clean
   # one's where a failure has none (beyond the apex).
   boxes = [panels.heart_box([data["mask"][i] if np.any(data["mask"][i])
-                                else data["mask"][picks[0]]], data["mask"][i].shape)
+                             else data["mask"][picks[0]]], data["mask"][i].shape)
            for i in picks]
   with_um = pred.get("um") is not None
   maps = [pred["um"][i] if with_um else uncertainty.pixel_entropy(pred["probs"][i])

@@ -396,9 +396,9 @@ def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector, shown_sco
                           preprocess.to_original(um, info), grid)
   try:  # the picture is a convenience: a plotting problem is a warning, not a lost slice
     panels.panel(os.path.join(folder, f"{s['id']}.png"), s["image"], seg, um, s["mask"],
-                    f"{s['id']}: 1-U {one_minus_u:.3f}" +
-                    (f", {shown_score[0]} {shown_score[1]:.3f}" if shown_score else "") +
-                    (f", Dice {dice:.3f}" if dice is not None else ""), sector)
+                 f"{s['id']}: 1-U {one_minus_u:.3f}" +
+                 (f", {shown_score[0]} {shown_score[1]:.3f}" if shown_score else "") +
+                 (f", Dice {dice:.3f}" if dice is not None else ""), sector)
   except Exception as e:  # pylint: disable=broad-except
     return [f"PNG not drawn ({type(e).__name__}: {display_name(str(e))})"]
   return []

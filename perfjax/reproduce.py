@@ -374,7 +374,7 @@ def write_report(workdir: str, summary: dict, runs: dict) -> None:
     ood = np.array([bool(s.get("ood_labels", {}).get(labels, False)) for s in run["slices"]])
     threshold = run.get("ood_all", {}).get(labels, {}).get("threshold")
     panels.dice_vs_confidence(os.path.join(fig_dir, "dice_vs_confidence.png"),
-                                 _slice_values(run, "dice"), _slice_values(run, "one_minus_U"),
-                                 ood, threshold, labels)
+                              _slice_values(run, "dice"), _slice_values(run, "one_minus_U"),
+                              ood, threshold, labels)
   reporting.write_markdown(os.path.join(workdir, "reproduce.md"), report_markdown(summary))
   print(f"wrote {os.path.join(workdir, 'reproduce.md')}")

@@ -63,7 +63,7 @@ def test_report_has_a_header_and_shows_the_given_figures_in_order(tmp_path):
   from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
   results = _results()
   results["provenance"] = provenance.provenance(patch3.get_config("tiny"),
-                                               data=dict(dataset="synthetic_small"))
+                                                data=dict(dataset="synthetic_small"))
   (tmp_path / "figures" / "bullseye").mkdir(parents=True)
   (tmp_path / "figures" / "bullseye" / "stale.png").write_text("")  # Not listed: not given.
   shown = dict(mbf=[], bullseye=["figures/bullseyes.png"],
@@ -89,16 +89,16 @@ def test_figures_take_their_options(tmp_path):
   rows, cols = panels.heart_box([seg], seg.shape)
   assert rows.stop - rows.start < 128 and cols.stop - cols.start < 128  # Zoomed on the heart.
   panels.panel(str(tmp_path / "p.png"), image, seg, um, seg,
-                  panels.panel_title("3-1", 0.9, 0.8, True, False), 2, um_vmax=0.1)
+               panels.panel_title("3-1", 0.9, 0.8, True, False), 2, um_vmax=0.1)
   fpr, tpr = np.array([0, 0.5, 1.0]), np.array([0, 0.8, 1.0])
   curves = {"U": dict(fpr=fpr, tpr=tpr, auc=0.7, auc_ci=[0.5, 0.9], n_positive=2, n_negative=4),
             "tta": dict(fpr=fpr, tpr=tpr, auc=0.6, auc_ci=[0.4, 0.8], n_positive=2,
                         n_negative=4)}
   panels.roc_figure(str(tmp_path / "roc.png"), curves, recommended="tta",
-                       operating_point=(0.5, 0.8), labels="motion", n_total=6)
+                    operating_point=(0.5, 0.8), labels="motion", n_total=6)
   panels.dice_vs_confidence(str(tmp_path / "dvc.png"), np.linspace(0.5, 0.9, 6),
-                               -np.linspace(0.1, 1.0, 6), np.array([1, 1, 0, 0, 0, 0], bool),
-                               -0.5, "motion", score="entropy")
+                            -np.linspace(0.1, 1.0, 6), np.array([1, 1, 0, 0, 0, 0], bool),
+                            -0.5, "motion", score="entropy")
   fig = figures.bullseye_grid([("study 1", {"auto": np.arange(16.0), "true": np.ones(16)}),
                                ("study 2", {"auto": np.full(16, np.nan)})])
   reporting.save_figure(fig, str(tmp_path / "grid.png"))
@@ -166,7 +166,7 @@ def test_panel_of_a_segmentation_outside_the_zoom(tmp_path):
     return m
   image = np.random.default_rng(1).random((128, 128, 30)).astype(np.float32)
   panels.panel(str(tmp_path / "p.png"), image, heart(20, 20), np.zeros((128, 128)),
-                  heart(100, 90), "off", 1)
+               heart(100, 90), "off", 1)
   assert (tmp_path / "p.png").stat().st_size > 1000
 
 
@@ -267,7 +267,7 @@ def test_report_html_images_load_in_a_headless_browser(tmp_path):
   mask = np.zeros((128, 128), np.int32)
   mask[40:90, 40:90], mask[50:80, 50:80] = 1, 2
   panels.panel(str(tmp_path / "figures" / "slices" / "01_slice_3-1.png"), image, mask,
-                  rng.random((128, 128)) * 0.1, mask, "1. 3-1", 2)
+               rng.random((128, 128)) * 0.1, mask, "1. 3-1", 2)
   panels.coverage_figure(str(tmp_path / "figures" / "coverage.png"), np.ones((128, 128)), 2)
   shown = dict(mbf=["figures/mbf_scatter_auto_vs_gt_mask.png"],
                bullseye=["figures/bullseyes.png"], slices=["figures/slices/01_slice_3-1.png"])
