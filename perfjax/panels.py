@@ -25,7 +25,8 @@ def enhancement_frames(image_hwt: np.ndarray, mask: np.ndarray | None) -> dict[s
   if mask is None or not all((mask == c).any() for c in FOREGROUND):
     centre = image_hwt[32:96, 32:96].reshape(-1, image_hwt.shape[-1]).mean(0)
     peak = int(np.argmax(centre))
-    return {"RV": max(peak - 3, 0), "LV": peak, "myocardium": min(peak + 5, image_hwt.shape[-1] - 1)}
+    return {"RV": max(peak - 3, 0), "LV": peak,
+            "myocardium": min(peak + 5, image_hwt.shape[-1] - 1)}
   curve = {c: image_hwt[mask == c].mean(0) for c in FOREGROUND}
   return {"RV": int(np.argmax(curve[RV_BLOOD_POOL])), "LV": int(np.argmax(curve[LV_BLOOD_POOL])),
           "myocardium": int(np.argmax(curve[MYOCARDIUM]))}

@@ -206,8 +206,8 @@ def _mbf_notes(m: dict) -> list[str]:
     lo, hi = f["flip_scale"]
     lines += ["", f"Flip-angle sensitivity ({_MASK_SETS.get(name, name)}): slice MBF changes by "
               f"{number_text(f['median_change'][0], '+.1f')} % at x{lo:g} and "
-              f"{number_text(f['median_change'][1], '+.1f')} % at x{hi:g} of the nominal flip angle "
-              f"(median over slices; at most {number_text(f['max_abs_change'], '.1f')} %)."]
+              f"{number_text(f['median_change'][1], '+.1f')} % at x{hi:g} of the nominal flip "
+              f"angle (median over slices; at most {number_text(f['max_abs_change'], '.1f')} %)."]
   return lines
 
 
@@ -225,7 +225,8 @@ def _ood_section(results: dict, recommended: str) -> list[str]:
   if o.get("labels") not in (None, "none"):
     lines += ["", f"With the labels '{o['labels']}': AUC {auc_ci_text(o)}, "
               f"{counts_text(o)}; t {number_text(o.get('threshold'))}, sensitivity "
-              f"{number_text(o.get('sensitivity'))}, specificity {number_text(o.get('specificity'))}."]
+              f"{number_text(o.get('sensitivity'))}, specificity "
+              f"{number_text(o.get('specificity'))}."]
   lines += ["", "| labels | score | n+/n- | AUC [95 % CI] | t | sensitivity | specificity | "
             "Dice reliable | Dice unreliable |", "|---|---|---|---|---|---|---|---|---|"]
   rows = 0
@@ -288,7 +289,8 @@ def report_markdown(results: dict, workdir: str, figures: dict[str, list[str]] |
   lines += _mbf_notes(m)
   lines += ["", f"| comparison | R2 | bias ({units}) | limits of agreement |",
             "|---|---|---|---|",
-            f"| automatic vs ground-truth mask | {number_text(m['r2'])} | {number_text(ba['mean'], '+.3f')} | "
+            f"| automatic vs ground-truth mask | {number_text(m['r2'])} | "
+            f"{number_text(ba['mean'], '+.3f')} | "
             f"[{number_text(ba['loa_low'], '+.3f')}, {number_text(ba['loa_high'], '+.3f')}] |"]
   for name, agreement in m.get("vs_true", {}).items():
     b = agreement["bland_altman"]

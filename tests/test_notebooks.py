@@ -104,7 +104,8 @@ def _install_cell_value(source: str, name: str, namespace: dict):
   assigns = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Assign)
              and any(isinstance(t, ast.Name) and t.id == name for t in n.targets)]
   assert len(assigns) == 1, f"the install cell assigns `{name}` once"
-  return eval(compile(ast.Expression(assigns[0].value), "<install cell>", "eval"), namespace)  # pylint: disable=eval-used
+  expression = compile(ast.Expression(assigns[0].value), "<install cell>", "eval")
+  return eval(expression, namespace)  # pylint: disable=eval-used
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
