@@ -406,6 +406,15 @@ def _pack(inv, values, fill):
   return out, slot
 
 
+def _blocks(groups, size: int):
+  """Rows sorted by group -> (block, slot) of each row and each block's group: a group's rows
+  fill blocks of ``size`` in order, a new block starts with each group."""
+  m = groups.size
+  first = np.r_[True, groups[1:] != groups[:-1]]
+  pos = np.arange(m) - np.maximum.accumulate(np.where(first, np.arange(m), 0))
+  starts = first | (pos % size == 0)
+  return np.cumsum(starts) - 1, pos % size, groups[starts]
+
 def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.1,
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
               min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
@@ -537,24 +546,29 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   retry = np.nonzero((reason[rows] == 0) & ~converged)[0]
   n_retried = int(np.unique(rows[retry]).size)
   if retry.size and retry_iter > 0:
-    # Second pass for the curves still moving: each alone (its group's AIF), from where the
-    # first pass stopped and from the next-best grid starts, with retry_iter x the iterations.
-    m = retry.size
-    pad = max(8, 1 << int(np.ceil(np.log2(m))))  # few distinct shapes, few compiles
-    sel = np.concatenate([retry, np.full(pad - m, retry[0])])
-    valid = np.arange(pad) < m
-    r_wts = np.where(valid[:, None], fitted[rows[sel]], False).astype(np.float32)
-    r_out = fit_groups(jnp.asarray(aif_v[r_inv[sel]], jnp.float32),
-                       jnp.asarray(g_t[r_inv[sel]], jnp.float32),
-                       jnp.asarray(np.where(r_wts > 0, c_norm[rows[sel]], 0.0)[:, None],
-                                   jnp.float32),
-                       jnp.asarray(r_wts[:, None]),
-                       jnp.asarray(out["raw"][sel][:, None], jnp.float32),
-                       None if r_spill is None else jnp.asarray(r_spill[sel][:, None],
-                                                                jnp.float32),
+    # Second pass for the curves still moving: from where the first pass stopped and from the
+    # next-best grid starts, with retry_iter x the iterations; in blocks of RETRY_BLOCK rows
+    # that share a group's AIF (one convolution matrix and GEMMs a block, as in the first pass).
+    retry = retry[np.argsort(r_inv[retry], kind="stable")]
+    block, slot, block_group = _blocks(r_inv[retry], RETRY_BLOCK)
+    n_blocks = max(8, 1 << int(np.ceil(np.log2(block_group.size))))  # few shapes, compiles
+    block_group = np.concatenate([block_group,
+                                  np.full(n_blocks - block_group.size, block_group[0])])
+
+    def blocked(values, fill=0.0):
+      packed = np.full((n_blocks, RETRY_BLOCK) + values.shape[1:], fill, np.float32)
+      packed[block, slot] = values
+      return jnp.asarray(packed)
+
+    r_out = fit_groups(jnp.asarray(aif_v[block_group], jnp.float32),
+                       jnp.asarray(g_t[block_group], jnp.float32),
+                       blocked(np.where(fitted[rows[retry]], c_norm[rows[retry]], 0.0)),
+                       blocked(fitted[rows[retry]]),
+                       blocked(out["raw"][retry]),
+                       None if r_spill is None else blocked(r_spill[retry]),
                        n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
                        n_iter=int(retry_iter) * int(n_iter), n_starts=int(n_starts))
-    r_out = {k: np.array(x)[:m, 0] for k, x in jax.block_until_ready(r_out).items()}
+    r_out = {k: np.array(x)[block, slot] for k, x in jax.block_until_ready(r_out).items()}
     better = np.isfinite(r_out["cost"]) & ~(r_out["cost"] > out["cost"][retry])
     for k in out:
       out[k][retry[better]] = r_out[k][better]
@@ -601,6 +615,7 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
               timing=dict(total_s=time.perf_counter() - t_start, solve_s=t_solve))
 
 
+RETRY_BLOCK = 8  # rows of one group per block of the retry pass
 SPILL_RSS_FLOOR = 1e-6  # per fitted frame (normalised units): keeps noise-free fits' ratio finite
 
 # Convergence rule (judged over the last 5 LM iterations of a curve's best start):

@@ -16,6 +16,8 @@ of one split in one solve.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from scipy import ndimage
 
@@ -276,6 +278,17 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
   times = check_curve(times, "times")
   if times.size != raw.shape[2]:
     raise InputError("times", f"{times.size} times for {raw.shape[2]} frames")
+  geometry = _curve_geometry(mask, sector_map, theta_s=theta_s, center=center, erosion=erosion,
+                             n_angular=n_angular, n_radial=n_radial, myo_border=myo_border)
+  return _curves_per_sequence(raw, geometry, [sequence], foot_frac=foot_frac,
+                              blood_frac=blood_frac, rician=rician)[0]
+
+
+def _curve_geometry(mask, sector_map=None, *, theta_s=None, center=None, erosion: int = 2,
+                    n_angular: int = 24, n_radial: int = 2, myo_border: bool = True) -> dict:
+  """What :func:`extract_curves` takes from the mask alone: the sector maps (all of the
+  myocardium, and the interior pixels the tissue curves average), the eroded LV pool of the
+  AIF, and the pixel counts. Computed once per slice, whatever the signal conversions."""
   if sector_map is None:
     sector_map = sectors_lib.sector_map(mask, n_angular, n_radial, theta_s=theta_s,
                                         center=center)
@@ -284,51 +297,59 @@ def extract_curves(raw, mask, times, sector_map=None, *, theta_s: float | None =
   lv = _eroded_lv(mask, erosion)
   if not lv.any():
     raise InputError("mask", "no LV blood pool (label 2): no AIF")
-  pool = raw[lv]  # [P, T] the eroded pool's pixels (signal)
-  px = pool
-  if not np.all(np.isfinite(px)):
+  tissue_map = _interior_sectors(sector_map, mask, n_sec) if myo_border else sector_map
+  counts = np.bincount(tissue_map.ravel(), minlength=n_sec + 1)[1:n_sec + 1]
+  return dict(sector_map=sector_map, tissue_map=tissue_map, lv=lv, n_sec=n_sec, counts=counts)
+
+
+def _curves_per_sequence(raw, geometry: dict, sequences: list, *, foot_frac: float,
+                         blood_frac: float, rician: bool | None) -> list[dict]:
+  """:func:`extract_curves`' outputs for each of ``sequences`` (a sequence dict or None), from
+  one pass over the signal: the pool's pixels, baseline, noise floor and sector means are
+  read once; only the conversions and the purity rule (on concentration) are per sequence."""
+  pool = raw[geometry["lv"]]  # [P, T] the eroded pool's pixels (signal)
+  if not np.all(np.isfinite(pool)):
     raise InputError("raw", "NaN or Inf in the LV blood pool signal")
+  convert = any(s is not None for s in sequences)
   if rician is None:
-    rician = sequence is not None
-  b = baseline_frames(px.mean(axis=0), foot_frac)
+    rician = convert
+  b = baseline_frames(pool.mean(axis=0), foot_frac)
   sigma2 = 0.0
   if rician and b >= 2:
     # median over the pool's pixels, which are flat before the LV bolus (myocardium pixels
     # can already pick up the RV bolus through partial volume)
-    sigma2 = float(np.median(np.var(px[:, :b], axis=1, ddof=1)))
-  if sequence is not None:  # per pixel, before averaging (the inverse is non-linear)
-    if sigma2 > 0:
-      px = np.sqrt(np.maximum(px ** 2 - sigma2, 0.0))
-    signal = px
-    px = signal_to_concentration(px, b, sequence, "blood")
-  pure = blood_purity(px, blood_frac, foot_frac)
-  blood = pool[pure].mean(axis=0)  # the pool's signal: what partial volume adds to tissue
-  aif = np.nanmean(px[pure], axis=0)
-  if sequence is None and sigma2 > 0:  # signal: the floor of the pool's mean curve
-    aif = np.sqrt(np.maximum(aif ** 2 - sigma2, 0.0))
-  n_aif = int(pure.sum())
-  tissue_map = _interior_sectors(sector_map, mask, n_sec) if myo_border else sector_map
-  curves = sectors_lib.sector_means(raw, tissue_map, n_sec)
-  if sigma2 > 0:
-    curves = np.sqrt(np.maximum(curves ** 2 - sigma2, 0.0))
-    blood = np.sqrt(np.maximum(blood ** 2 - sigma2, 0.0))
-  counts = np.bincount(tissue_map.ravel(), minlength=n_sec + 1)[1:n_sec + 1]
-  units = "signal"
-  signal_curves = curves
-  if sequence is not None:
-    curves = signal_to_concentration(curves, b, sequence, "myo")
-    units = "mM"
-  aif = aif - aif[:b].mean()
-  curves = curves - curves[:, :b].mean(axis=1, keepdims=True)
-  amp = float("nan")
-  if sequence is not None:
-    pool_signal = signal[pure].mean(axis=0)
-    amp = _amplification_at_peak(aif, pool_signal, float(pool_signal[:b].mean()), sequence)
-  return dict(aif=aif, curves=curves, counts=counts, n_baseline=b, n_aif_pixels=n_aif,
-              aif_amplification=amp,
-              blood_signal=blood - blood[:b].mean(),
-              signal_curves=signal_curves,
-              window=first_pass_window(aif, foot_frac), sector_map=sector_map, units=units)
+    sigma2 = float(np.median(np.var(pool[:, :b], axis=1, ddof=1)))
+  floor = (lambda x: np.sqrt(np.maximum(x ** 2 - sigma2, 0.0))) if sigma2 > 0 else (
+      lambda x: x)
+  pool_signal = floor(pool) if convert else pool  # per pixel, before any conversion
+  sector_signal = floor(sectors_lib.sector_means(raw, geometry["tissue_map"], geometry["n_sec"]))
+  out = []
+  for sequence in sequences:
+    if sequence is None:
+      px = pool
+    else:  # per pixel, before averaging (the inverse is non-linear)
+      px = signal_to_concentration(pool_signal, b, sequence, "blood")
+    pure = blood_purity(px, blood_frac, foot_frac)
+    blood = floor(pool[pure].mean(axis=0))  # the pool's signal: what partial volume adds
+    aif = np.nanmean(px[pure], axis=0)
+    if sequence is None:  # signal: the floor of the pool's mean curve
+      aif = floor(aif)
+    curves = sector_signal
+    if sequence is not None:
+      curves = signal_to_concentration(curves, b, sequence, "myo")
+    aif = aif - aif[:b].mean()
+    curves = curves - curves[:, :b].mean(axis=1, keepdims=True)
+    amp = float("nan")
+    if sequence is not None:
+      blood_px = pool_signal[pure].mean(axis=0)
+      amp = _amplification_at_peak(aif, blood_px, float(blood_px[:b].mean()), sequence)
+    out.append(dict(aif=aif, curves=curves, counts=geometry["counts"], n_baseline=b,
+                    n_aif_pixels=int(pure.sum()), aif_amplification=amp,
+                    blood_signal=blood - blood[:b].mean(), signal_curves=sector_signal,
+                    window=first_pass_window(aif, foot_frac),
+                    sector_map=geometry["sector_map"],
+                    units="signal" if sequence is None else "mM"))
+  return out
 
 
 # ----------------------------------------------------------------------------- slice/study
@@ -400,8 +421,10 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     "signal"), frame_gain [N, T] (ones where not measured or not asked for),
     frame_gain_reason [N] (str, "" when measured), error [N] (str, "" when the slice's
     curves could be extracted; a slice with a degenerate mask gets NaN and its message, never
-    an exception).
+    an exception), timing (extract_s: frame gains, geometry, curves and AIFs; fit_s: the
+    Fermi solve; n_fits: curves x flip-angle variants x models, with and without spill-over).
   """
+  t_start = time.perf_counter()
   raw = np.asarray(raw)
   masks = np.asarray(masks)
   times = np.asarray(times, np.float64)
@@ -429,16 +452,20 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
         fg = measure_frame_gain(raw_i, masks[i], times[i])
         gains[i], gain_reason[i] = fg["gain"], fg["reason"]
         raw_i = raw_i / fg["gain"]
-      for v, sc in enumerate(scales):
-        ex = extract_curves(raw_i, masks[i], times[i],
-                            None if sector_maps is None else sector_maps[i],
-                            theta_s=None if theta_s is None else theta_s[i],
-                            center=None if centers is None else centers[i], erosion=erosion,
-                            sequence=None if sequences is None else _with_flip(sequences[i], sc))
+      check_curve(times[i], "times")
+      geometry = _curve_geometry(masks[i],
+                                 None if sector_maps is None else sector_maps[i],
+                                 theta_s=None if theta_s is None else theta_s[i],
+                                 center=None if centers is None else centers[i],
+                                 erosion=erosion)
+      variants = _curves_per_sequence(
+          np.asarray(raw_i, np.float64), geometry,
+          [None if sequences is None else _with_flip(sequences[i], sc) for sc in scales],
+          foot_frac=0.1, blood_frac=AIF_PURITY, rician=None)
+      for v, ex in enumerate(variants):
         aifs[v, i], curves[v, i] = ex["aif"], ex["curves"]
-        if v == 0:
-          amp[i] = ex["aif_amplification"]
-      blood[i] = ex["blood_signal"]
+      ex = variants[0]
+      amp[i], blood[i] = ex["aif_amplification"], ex["blood_signal"]
     except InputError as e:
       errors[i] = str(e)
       continue
@@ -479,6 +506,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       amp[i] = cache[key][0]["amplification"]
       source[i] = "series"
       lead[i] = a.get("lead_s", series_lead(times[i]))
+  t_fit = time.perf_counter()
   fit = fit_fermi(np.repeat(aifs.reshape(n_v * n, t), 48, axis=0),
                   curves.reshape(n_v * n * 48, t),
                   np.repeat(np.tile(times, (n_v, 1)), 48, axis=0),
@@ -497,7 +525,9 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
               aif=aifs[0], curves=curves[0], counts=counts, n_aif_pixels=n_px,
               aif_source=np.array(source), aif_amplification=amp,
               units="signal" if sequences is None else "mM",
-              frame_gain=gains, frame_gain_reason=np.array(gain_reason), error=np.array(errors))
+              frame_gain=gains, frame_gain_reason=np.array(gain_reason), error=np.array(errors),
+              timing=dict(extract_s=t_fit - t_start, fit_s=time.perf_counter() - t_fit,
+                          n_fits=int(fit["mbf"].size * (2 if spill_over else 1))))
 
 
 def slice_mbf(mbf48, min_valid: int = 1) -> np.ndarray:
@@ -600,7 +630,8 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
   pool of pure blood, never a slice flagged for motion. Returns per mask set dict(slice [N],
   sector48 [N, 48], error [N], aif_source [N], aif_amplification [N], flip_lo [N], flip_hi [N],
   reason48 [N, 48],
-  frame_gain [N, T], frame_gain_reason [N], spill48 [N, 48], units).
+  frame_gain [N, T], frame_gain_reason [N], spill48 [N, 48], units, timing: the whole call's,
+  see :func:`mbf_from_slices`).
   """
   n, m = len(split["raw"]), len(mask_sets)
   sequences = series = None
@@ -629,4 +660,5 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
                flip_lo=sl("slice_mbf_flip_lo", j),
                flip_hi=sl("slice_mbf_flip_hi", j), reason48=sl("reason48", j),
                frame_gain=sl("frame_gain", j), frame_gain_reason=sl("frame_gain_reason", j),
-               spill48=sl("spill48", j), units=res["units"]) for j in range(m)]
+               spill48=sl("spill48", j), units=res["units"], timing=res["timing"])
+          for j in range(m)]

@@ -28,6 +28,8 @@ Signal (magnitude of the k-space-centre echo, proton density M0 = 1):
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy.special import expit
 
@@ -263,6 +265,18 @@ def concentration_from_signal(signal, baseline, protocol, ts, tr, flip_deg, n_pu
     raise InputError("signal", "contains NaN or Inf")
   if np.any(baseline <= 0):
     raise InputError("baseline", "must be positive (it sets M0)")
+  s_tab, c_tab = _inverse_table(_check_protocol(protocol), *(float(x) for x in (
+      ts, tr, flip_deg, n_pulses, t1_0, t2_0, r1, r2, c_max, sat_residual)))
+  rel = signal / (baseline[..., None] if baseline.ndim else baseline) * s_tab[0]
+  return np.interp(rel, s_tab, c_tab)
+
+
+@functools.lru_cache(maxsize=256)
+def _inverse_table(protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0, r1, r2, c_max,
+                   sat_residual):
+  """(signal, concentration) of :func:`concentration_from_signal`'s table, read-only: a
+  sequence's table serves every curve converted with it (the slices of a study, their
+  pixels, the flip-angle variants of `perfjax.perfusion`)."""
   # Dense near 0 where tissue lives, coarser towards blood peaks.
   c_tab = np.concatenate([np.linspace(0.0, 2.0, 2001), np.linspace(2.0, c_max, 4001)[1:]])
   s_tab = signal_from_concentration(c_tab, protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0,
@@ -270,5 +284,5 @@ def concentration_from_signal(signal, baseline, protocol, ts, tr, flip_deg, n_pu
   rising = np.diff(s_tab) > 0
   stop = len(s_tab) if rising.all() else int(np.argmin(rising)) + 1
   c_tab, s_tab = c_tab[:stop], s_tab[:stop]
-  rel = signal / (baseline[..., None] if baseline.ndim else baseline) * s_tab[0]
-  return np.interp(rel, s_tab, c_tab)
+  c_tab.flags.writeable = s_tab.flags.writeable = False
+  return s_tab, c_tab

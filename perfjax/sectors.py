@@ -257,6 +257,8 @@ def sector_means(values, smap: np.ndarray, n_sectors: int) -> np.ndarray:
   flat = values.reshape(smap.size, -1)
   ids = smap.ravel()
   counts = np.bincount(ids, minlength=n_sectors + 1)[1:n_sectors + 1].astype(np.float64)
+  inside = np.nonzero((ids >= 1) & (ids <= n_sectors))[0]  # the sector pixels only
+  ids, flat = ids[inside], flat[inside]
   sums = np.stack([np.bincount(ids, weights=flat[:, c], minlength=n_sectors + 1)[1:n_sectors + 1]
                    for c in range(flat.shape[1])], axis=-1)
   with np.errstate(invalid="ignore", divide="ignore"):
