@@ -447,9 +447,10 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       None turns the rule off.
     retry_iter: curves that have not converged after ``n_iter`` iterations (see the rule at
       ``COST_RTOL``; typically a slow crawl of w towards 0 or along the w-k valley) are
-      fitted again, each on its own, from where they stopped and from the two best grid
-      starts, with ``retry_iter * n_iter`` iterations; the lower cost wins. Only curves that
-      still move after that are NOT_CONVERGED (0 turns the second pass off).
+      fitted again from where they stopped and from the best ``n_starts`` grid starts, with
+      ``retry_iter * n_iter`` iterations, in blocks of ``RETRY_BLOCK`` curves that share an
+      AIF (as the first pass, one convolution matrix a block); the lower cost wins. Only
+      curves that still move after that are NOT_CONVERGED (0 turns the second pass off).
     aif_lead: scalar or [N] (s): the AIF was sampled this much earlier in each beat than the
       curve (an AIF from a separate acquisition, e.g. a dual-sequence AIF series read out
       before the slices); its samples are placed at ``times - aif_lead``. The fitted delay

@@ -82,13 +82,20 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
   log_px = np.log(np.maximum(raw[body], 1e-12))  # [P, T]
   log_rel = log_px - log_px[:, :N_BASELINE].mean(axis=1, keepdims=True)
   proj = _trend_projection(times)
+  rough = np.eye(n_t) - proj
+  # Start: the common part of what no smooth trend explains, median over pixels of
+  # (log_px - log_g) @ rough.T each round. log_g is the same for every pixel, so that median is
+  # the pixels' median of log_px @ rough.T (computed once) minus log_g @ rough.T.
+  median_rough = np.median(log_px @ rough.T, axis=0)
   log_g = np.zeros(n_t)
-  for _ in range(N_ROUNDS):  # start: the common part of what no smooth trend explains
-    resid = (log_px - log_g) @ (np.eye(n_t) - proj).T
-    log_g = log_g + np.median(resid, axis=0)
   for _ in range(N_ROUNDS):
-    trend = (log_rel - log_g) @ proj.T
-    excursion = np.abs(trend - trend[:, :N_BASELINE].mean(axis=1, keepdims=True)).max(axis=1)
+    log_g = log_g + median_rough - log_g @ rough.T
+  # The same split for each pixel's trend once log_g is divided out, about its first frames.
+  trend = log_rel @ proj.T
+  trend -= trend[:, :N_BASELINE].mean(axis=1, keepdims=True)
+  for _ in range(N_ROUNDS):
+    shift = log_g @ proj.T
+    excursion = np.abs(trend - (shift - shift[:N_BASELINE].mean())).max(axis=1)
     flat = excursion <= np.quantile(excursion, FLAT_FRACTION)
     log_g = np.median(log_rel[flat], axis=0)
   z = _uptake_z(log_g, raw[mask == conventions.LV_BLOOD_POOL], times, proj)
