@@ -15,6 +15,8 @@ variants); :func:`mbf_of_masks` for several sets of masks of one split in one so
 """
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import time
 
 import numpy as np
@@ -58,6 +60,7 @@ def sequence_from_record(record: dict, i: int) -> dict:
 
 
 MIN_AIF_PIXELS = 12  # a study AIF never comes from a pool with fewer pure blood pixels
+MAX_WORKERS = 8  # threads of mbf_from_slices' curve extraction
 
 
 # ----------------------------------------------------------------------------- slice/study
@@ -84,7 +87,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                     sequences=None, erosion: int = 2, study_ids=None, exclude=None,
                     aif_series=None, min_aif_pixels: int = MIN_AIF_PIXELS,
                     flip_sensitivity: float = FLIP_SENSITIVITY, frame_gain: bool = True,
-                    spill_over: bool = True, **fit_kwargs) -> dict:
+                    spill_over: bool = True, workers: int | None = None,
+                    **fit_kwargs) -> dict:
   """48-sector and slice MBF of N slices with ONE batched fit_fermi call (N x 48 curves).
 
   Args:
@@ -110,6 +114,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     spill_over: fit each sector as ``AIF (x) h + v * blood`` with v >= 0, ``blood`` the
       slice's own LV pool signal (fermi.fit_fermi's ``spill``): the pool signal that partial
       volume puts into endocardial pixels is not read as flow.
+    workers: threads that extract slices' curves concurrently (default: the CPU count, at most
+      MAX_WORKERS; the result does not depend on it).
     **fit_kwargs: passed to :func:`fit_fermi`.
 
   AIF choice (``aif_source`` [N], a reason per slice): "series" (the AIF series, read out
@@ -153,32 +159,41 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   amp = np.full(n, np.nan)
   gains = np.ones((n, t))
   gain_reason = ["not asked for"] * n
-  for i in range(n):
+  def one_slice(i):
+    """Frame gain and curves of slice i, or the InputError that stops them."""
     try:
-      raw_i = raw[i]
+      raw_i, fg = raw[i], None
       if frame_gain:
         fg = measure_frame_gain(raw_i, masks[i], times[i])
-        gains[i], gain_reason[i] = fg["gain"], fg["reason"]
         raw_i = raw_i / fg["gain"]
       check_curve(times[i], "times")
-      geometry = curve_geometry(masks[i],
-                                 None if sector_maps is None else sector_maps[i],
-                                 theta_s=None if theta_s is None else theta_s[i],
-                                 center=None if centers is None else centers[i],
-                                 erosion=erosion)
+      geometry = curve_geometry(masks[i], None if sector_maps is None else sector_maps[i],
+                                theta_s=None if theta_s is None else theta_s[i],
+                                center=None if centers is None else centers[i],
+                                erosion=erosion)
       variants = curves_per_sequence(
           np.asarray(raw_i, np.float64), geometry,
-          [None if sequences is None else _with_flip(sequences[i], sc) for sc in scales],
+          [None] * n_v if sequences is None else [_with_flip(sequences[i], sc) for sc in scales],
           foot_frac=0.1, blood_frac=AIF_PURITY, rician=None)
+      return fg, variants, ""
+    except InputError as e:
+      return fg, None, str(e)
+
+  # Slices are independent; numpy releases the GIL in most of their work.
+  n_workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS, n) if workers is None else workers)
+  with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
+    for i, (fg, variants, error) in enumerate(pool.map(one_slice, range(n))):
+      if fg is not None:
+        gains[i], gain_reason[i] = fg["gain"], fg["reason"]
+      if error:
+        errors[i] = error
+        continue
       for v, ex in enumerate(variants):
         aifs[v, i], curves[v, i] = ex["aif"], ex["curves"]
       ex = variants[0]
       amp[i], blood[i] = ex["aif_amplification"], ex["blood_signal"]
-    except InputError as e:
-      errors[i] = str(e)
-      continue
-    counts[i], n_px[i] = ex["counts"], ex["n_aif_pixels"]
-    source[i] = "own"
+      counts[i], n_px[i] = ex["counts"], ex["n_aif_pixels"]
+      source[i] = "own"
   bad = np.zeros(n, bool) if exclude is None else np.asarray(exclude, bool)
   if study_ids is not None:
     study_ids = np.asarray(study_ids)
