@@ -81,6 +81,8 @@ def main() -> None:
   ap.add_argument("--peer-curves", type=int, default=600)
   ap.add_argument("--peer", type=pathlib.Path, default=PEER)
   args = ap.parse_args()
+  if not args.peer.is_file():
+    ap.error(f"--peer {args.peer}: no such file (the scipy peer, shared/peers/fermi_scipy.py)")
   emit(jax=jax.__version__, devices=str(jax.devices()), numpy=np.__version__,
        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
   rec = phantom.simulate(args.seed, args.slices, args.protocol, 0.0, stress="mixed")

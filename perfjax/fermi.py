@@ -415,6 +415,7 @@ def _blocks(groups, size: int):
   starts = first | (pos % size == 0)
   return np.cumsum(starts) - 1, pos % size, groups[starts]
 
+
 def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.1,
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
               min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,

@@ -29,7 +29,8 @@ from perfjax.fermi import fit_fermi
 from perfjax.frame_gain import frame_gain as measure_frame_gain
 # The curves' and fit_fermi's names, units and codes, part of the perfusion API
 # (CONVENTIONS.md: perfusion.fit_fermi).
-from perfjax.bolus import baseline_frames, first_pass_window  # noqa: F401  pylint: disable=unused-import
+from perfjax.bolus import (  # noqa: F401  pylint: disable=unused-import
+    baseline_frames, first_pass_window)
 from perfjax.extraction import (  # noqa: F401  pylint: disable=unused-import
     AIF_MAX_AMPLIFICATION, SEQUENCE_KEYS, aif_amplification, blood_purity, extract_curves,
     signal_to_concentration)
