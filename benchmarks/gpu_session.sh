@@ -11,12 +11,17 @@
 #          GPU (BENCH_SECTIONS: sliding,train), the peer for at most 100 s.
 #   main   the paper main job, `launch.py --config=configs/patch3.py:paper` (build the data,
 #          train 30000 steps, evaluate), until END; its wall time is in session.log.
+#   mbf    issue 13's speed: benchmarks/bench_mbf_speed.py (a test split's MBF against the
+#          scipy peer on the host's CPU, one curve at a time) into mbf_speed.jsonl. The peer
+#          lives outside the repository: copy /work/shared/peers/fermi_scipy.py to
+#          .peers/fermi_scipy.py (ignored by git) and carry .peers; PEER names another path.
 # Outputs under $OUT (the device tool's folder; a local folder otherwise): session.log,
 # bench.jsonl, and runs.tgz.part-* (each run's config, metrics, summary, results, best
 # parameters, log).
 #
 #   OUT=/tmp/gpu_out TINY=1 PY=.venv/bin/python bash benchmarks/gpu_session.sh   # CPU smoke test
 #   PARTS="bench main" BENCH_SECTIONS=sliding bash benchmarks/gpu_session.sh     # 2026-11-28
+#   PARTS="mbf bench" bash benchmarks/gpu_session.sh                 # with .peers carried
 set -u
 PY=${PY:-python3}
 OUT=${OUT:-/tmp/gpu_out}
@@ -44,11 +49,13 @@ nvidia-smi -L 2>/dev/null
 
 if [ "$TINY" = 1 ]; then
   BENCH="--tiny --reps=1"; ACCURACY=synthetic_small; MAIN_CONFIG=configs/patch3.py:tiny
+  MBF="--slices 6 --rounds 1 --peer-curves 12"
   PLAN="r16_s1 patch3:tiny 1
 p2_s0 patch2:tiny 0
 w32_s0 patch3:tiny 0"
 else
   BENCH="--reps=2"; ACCURACY=synthetic_mixed; MAIN_CONFIG=configs/patch3.py:paper
+  MBF="--rounds 3 --peer-curves 300"
   PLAN=${PLAN:-"r16_s1 patch3:release_cpu 1 --config.data.dataset=synthetic_mixed --config.train.num_steps=3000 --config.train.eval_every=100 --config.train.checkpoint_every=100
 r16_s2 patch3:release_cpu 2 --config.data.dataset=synthetic_mixed --config.train.num_steps=3000 --config.train.eval_every=100 --config.train.checkpoint_every=100
 p2_s0 patch2:release_cpu 0 --config.data.dataset=synthetic_mixed --config.train.num_steps=3000 --config.train.eval_every=100 --config.train.checkpoint_every=100
@@ -106,6 +113,12 @@ bench_part() {  # The peer first, then perfjax (rows stream out, the target rows
   pkill -9 -f "bench_gpu.py" 2>/dev/null
 }
 
+mbf_part() {
+  say "bench_mbf_speed.py $MBF"
+  timeout $((END - SECONDS)) "$PY" benchmarks/bench_mbf_speed.py $MBF \
+    --peer="${PEER:-.peers/fermi_scipy.py}" | grep '^{' | tee -a "$OUT/mbf_speed.jsonl"
+}
+
 main_part() {
   say "main job: $MAIN_CONFIG"
   local start=$SECONDS
@@ -122,7 +135,8 @@ for part in $PARTS; do
     train) train_part ;;
     bench) bench_part ;;
     main) main_part ;;
-    *) say "unknown part $part (expected train, bench, main)" ;;
+    mbf) mbf_part ;;
+    *) say "unknown part $part (expected train, bench, main, mbf)" ;;
   esac
 done
 
