@@ -485,3 +485,20 @@ def test_retry_blocks_hold_one_groups_rows_in_order():
   np.testing.assert_array_equal(block, [0, 0, 1, 2, 3, 3, 4, 4, 5, 6])
   np.testing.assert_array_equal(slot, [0, 1, 0, 0, 0, 1, 0, 1, 0, 0])
   np.testing.assert_array_equal(block_group, [0, 0, 1, 2, 2, 2, 5])
+
+
+def test_slices_extracted_in_threads_give_the_same_result_and_errors_in_place():
+  from perfjax.data import phantom  # pylint: disable=g-import-not-at-top
+  rec = phantom.simulate(7, 3, "bssfp", 0.0, noise=0.0, variability="narrow")
+  masks = rec["mask"].copy()
+  masks[1][masks[1] == 2] = 1  # no LV blood pool: that slice's error, the others go on
+  with np.errstate(all="ignore"):
+    runs = [perfusion.mbf_from_slices(rec["raw"], masks, rec["times"], workers=w,
+                                      flip_sensitivity=0.0) for w in (1, 3)]
+  serial, threaded = runs
+  assert serial["error"][1] == threaded["error"][1]
+  assert serial["error"][1].startswith("mask: no LV blood pool (label 2)")
+  assert not serial["error"][0] and not serial["error"][2]
+  for key in ("mbf48", "aif", "curves", "frame_gain", "counts", "n_aif_pixels"):
+    np.testing.assert_array_equal(threaded[key], serial[key], err_msg=key)
+  assert list(threaded["frame_gain_reason"]) == list(serial["frame_gain_reason"])
