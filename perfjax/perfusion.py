@@ -160,6 +160,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   amp = np.full(n, np.nan)
   gains = np.ones((n, t))
   gain_reason = ["not asked for"] * n
+
   def one_slice(i):
     """Frame gain and curves of slice i, or the InputError that stops them."""
     try:
