@@ -17,7 +17,7 @@ per sector curve (the peer's own job: no spill-over term, no flip-angle variants
 model is its own (4 parameters over all frames), so only its speed is compared; its MBF error
 against the truth is printed beside it for context.
 
-Needs numpy, scipy and jax (no ml_collections or TFDS), so it also runs on a bare GPU image.
+Needs numpy, scipy, jax and threadpoolctl, all in the GPU image (no ml_collections or TFDS).
 Prints JSON lines; the last one is the summary.
 """
 from __future__ import annotations

@@ -16,10 +16,12 @@ variants); :func:`mbf_of_masks` for several sets of masks of one split in one so
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
 
 import numpy as np
+import threadpoolctl
 
 from perfjax import sectors as sectors_lib
 from perfjax.bolus import check_curve
@@ -181,9 +183,12 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     except InputError as e:
       return fg, None, str(e)
 
-  # Slices are independent; numpy releases the GIL in most of their work.
+  # Slices are independent; numpy releases the GIL in most of their work. Their BLAS calls
+  # run one thread each meanwhile: BLAS's own threads would contend with the slices' threads.
   n_workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS, n) if workers is None else workers)
-  with concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
+  blas_limit = threadpoolctl.threadpool_limits(1, user_api="blas") if n_workers > 1 else (
+      contextlib.nullcontext())
+  with blas_limit, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
     for i, (fg, variants, error) in enumerate(pool.map(one_slice, range(n))):
       if fg is not None:
         gains[i], gain_reason[i] = fg["gain"], fg["reason"]
