@@ -23,6 +23,25 @@ def softplus_inv(x):
   return jnp.where(x > 20.0, x, jnp.log(jnp.expm1(jnp.minimum(x, 20.0))))
 
 
+def spd_solve(a, b):
+  """x with a @ x = b for a small symmetric positive-definite a [P, P] (P static): Cholesky
+  unrolled into elementwise operations, which vmap turns into wide vector code (a batched
+  LAPACK call costs more per tiny matrix than the whole solve)."""
+  p = a.shape[-1]
+  low = [[None] * p for _ in range(p)]
+  for i in range(p):
+    for j in range(i + 1):
+      acc = a[i, j] - sum(low[i][m] * low[j][m] for m in range(j))
+      low[i][j] = jnp.sqrt(jnp.maximum(acc, 1e-30)) if i == j else acc / low[j][j]
+  y = []
+  for i in range(p):
+    y.append((b[i] - sum(low[i][m] * y[m] for m in range(i))) / low[i][i])
+  x = [None] * p
+  for i in reversed(range(p)):
+    x[i] = (y[i] - sum(low[m][i] * x[m] for m in range(i + 1, p))) / low[i][i]
+  return jnp.stack(x)
+
+
 def lm_solve(lin, x0, n_iter: int, lam0: float = 1e-2):
   """Levenberg-Marquardt with a fixed number of iterations (vmappable, jittable).
 
@@ -41,7 +60,7 @@ def lm_solve(lin, x0, n_iter: int, lam0: float = 1e-2):
     jtj = jac.T @ jac
     g = jac.T @ r
     a = jtj + lam * jnp.diag(jnp.diag(jtj)) + 1e-9 * eye
-    step = -jnp.linalg.solve(a, g)
+    step = -spd_solve(a, g)
     x_new = x + step
     r_new, j_new = lin(x_new)
     cost_new = 0.5 * r_new @ r_new

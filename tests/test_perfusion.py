@@ -479,6 +479,24 @@ def test_nominal_mbf_does_not_depend_on_the_flip_angle_sensitivity():
   assert timing["extract_s"] > 0 and timing["fit_s"] > 0
 
 
+def test_spd_solve_matches_a_general_solver_and_survives_a_pinned_parameter():
+  """The LM step's unrolled Cholesky solve against numpy's LU, batched as the fits vmap it,
+  including a system whose parameter sits on a bound (a column of J that is ~0)."""
+  from perfjax.least_squares import spd_solve  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  jac = rng.normal(size=(64, 30, 5))
+  jac[0, :, 2] *= 1e-6  # a parameter pinned by its sigmoid: its direction carries ~no gradient
+  jtj = np.einsum("bti,btj->bij", jac, jac)
+  a = jtj + 1e-2 * jtj * np.eye(5) + 1e-9 * np.eye(5)
+  b = rng.normal(size=(64, 5))
+  got = np.asarray(jax.vmap(spd_solve)(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+  want = np.linalg.solve(a, b[..., None])[..., 0]
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got[1:], want[1:], rtol=2e-3, atol=2e-4)
+  # On the pinned row the step along the dead direction is huge but must match in the others.
+  np.testing.assert_allclose(np.delete(got[0], 2), np.delete(want[0], 2), rtol=2e-2, atol=2e-3)
+
+
 def test_retry_blocks_hold_one_groups_rows_in_order():
   from perfjax import fermi  # pylint: disable=g-import-not-at-top
   block, slot, block_group = fermi._blocks(np.array([0, 0, 0, 1, 2, 2, 2, 2, 2, 5]), 2)
