@@ -25,8 +25,9 @@ so the step of h at tau_d becomes a shift of a smooth function. G is integrated 
 rule on a fine grid (step dv; the AIF is evaluated there from its continuous model) at the
 points of a coarse grid (step 2 dv), one matrix product ``conv @ R`` per evaluation (a GEMM
 for all curves that share the AIF), then read at the real, non-uniform ``t_i - tau_d`` by a
-Catmull-Rom cubic: continuous and smooth in tau_d, about 1e-5 of the peak from the exact
-integral at dv = 0.1 s.
+Catmull-Rom cubic: continuous and smooth in tau_d, within 0.15 % of the peak of a 1 ms
+brute-force convolution at the default dv = 0.2 s (0.05 % at 0.1 s, for 1.6x the solve time;
+noise-free MBF error median 0.07 %, p95 0.7 %: benchmarks/RESULTS.md).
 
 Solver: Levenberg-Marquardt with a fixed iteration count from the best points of a start
 grid, an analytic Jacobian (3 matrix columns), parameters mapped into their valid ranges by
@@ -416,7 +417,7 @@ def _blocks(groups, size: int):
   return np.cumsum(starts) - 1, pos % size, groups[starts]
 
 
-def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.1,
+def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.2,
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
               min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
               max_mbf: float = 10.0, max_rel_se: float = 0.5, retry_iter: int = 3,
@@ -431,7 +432,9 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       bool mask [T] / [N, T] of the frames to fit.
     aif_model: AIF between frames, see :func:`aif_on_grid`.
     dv: fine step (s) of the convolution integral (Simpson's rule); G(s) is kept on a
-      2 * dv grid and read at t - tau_d by a Catmull-Rom cubic.
+      2 * dv grid and read at t - tau_d by a Catmull-Rom cubic. The solve's cost grows about
+      as 1 / dv (its matrix products as 1 / dv^2); 0.1 s gives the same thirty-seed MBF
+      figures (benchmarks/RESULTS.md, issue 13).
     tau_max: upper bound of the fitted delay tau_d (s).
     n_iter, n_starts: Levenberg-Marquardt iterations per start; the starts are the best
       n_starts points of a 24-point (w, k, tau_d) grid, F by linear least squares at each

@@ -1,4 +1,6 @@
 """Fermi deconvolution: forward model, bounds, recovery, failure handling, curves, outputs."""
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,9 +42,14 @@ def batch():
   return perfusion.fit_fermi(aifs, curves, TIMES), good
 
 
-def test_forward_model_matches_direct_convolution():
-  """Simpson + Catmull-Rom model vs a brute-force trapezoid convolution on a 1 ms grid."""
-  dv, ratio = 0.1, 2
+DEFAULT_DV = inspect.signature(perfusion.fit_fermi).parameters["dv"].default
+
+
+@pytest.mark.parametrize("dv", [0.1, DEFAULT_DV])
+def test_forward_model_matches_direct_convolution(dv):
+  """Simpson + Catmull-Rom model vs a brute-force trapezoid convolution on a 1 ms grid, at the
+  default step (0.2 s: worst 0.13 % of the peak, the short w = 1 s) and at 0.1 s (0.05 %)."""
+  ratio = 2
   t_end = TIMES[-1]
   n_coarse = int(np.ceil(t_end / (ratio * dv))) + 5
   v = np.arange((n_coarse - 3) * ratio + 1) * dv
@@ -50,7 +57,7 @@ def test_forward_model_matches_direct_convolution():
                                   ratio, dv)
   tf = np.arange(0.0, t_end + 1e-9, 0.001)
   a_f = physics.aif_concentration(tf, AIF_P)
-  for w, k, tau in ((3.0, 0.6, 0.5), (8.0, 1.2, 1.23), (1.0, 0.2, 0.0)):
+  for w, k, tau in ((3.0, 0.6, 0.5), (8.0, 1.2, 1.23), (1.0, 0.2, 0.0), (2.0, 0.05, 0.3)):
     h_f = np.where(tf >= tau, 1.0 / (1.0 + np.exp((tf - tau - w) / k)), 0.0)
     direct = 0.001 * signal.fftconvolve(a_f, h_f)[:tf.size]
     direct = np.interp(TIMES, tf, direct)
