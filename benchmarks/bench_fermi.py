@@ -81,7 +81,7 @@ def noise_free_curves(rec):
 class ScipyFermi:
   """scipy least_squares on exactly the model of perfjax.fermi (physical parameters)."""
 
-  def __init__(self, aif, times, window, dv=0.1, ratio=2, tau_max=4.0, aif_model="gamma"):
+  def __init__(self, aif, times, window, dv=core.DV, ratio=2, tau_max=4.0, aif_model="gamma"):
     self.t = np.asarray(times, np.float64)
     self.h = ratio * dv
     t_end = max(float(self.t[window].max()), self.h)

@@ -65,6 +65,7 @@ REASONS = {
 }
 MIN_WINDOW = 6
 
+DV = 0.2  # s, fit_fermi's default step of the convolution integral (see the module docstring)
 K_MIN = 0.05  # s, smallest Fermi k (k = K_MIN + softplus(raw)); below it h is a step on the grid.
 N_PARAMS = 4  # raw parameters: F, w, k, tau_d (a fifth, the spill-over v, with `spill`)
 
@@ -417,7 +418,7 @@ def _blocks(groups, size: int):
   return np.cumsum(starts) - 1, pos % size, groups[starts]
 
 
-def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = 0.2,
+def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: float = DV,
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
               min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
               max_mbf: float = 10.0, max_rel_se: float = 0.5, retry_iter: int = 3,
