@@ -25,8 +25,8 @@ def softplus_inv(x):
 
 def spd_solve(a, b):
   """x with a @ x = b for a small symmetric positive-definite a [P, P] (P static): Cholesky
-  unrolled into elementwise operations, which vmap turns into wide vector code (a batched
-  LAPACK call costs more per tiny matrix than the whole solve)."""
+  unrolled into elementwise operations, which vmap turns into vector code across the batch
+  instead of one LAPACK call per tiny matrix (benchmarks/RESULTS.md, issue 13)."""
   p = a.shape[-1]
   low = [[None] * p for _ in range(p)]
   for i in range(p):
