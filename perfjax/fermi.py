@@ -222,26 +222,27 @@ def fit_one(conv, t, c, wts, x_init=None, spill=None, *, dv: float, ratio: int, 
   Starts: the best ``n_starts`` points of the (w, k, tau_d) grid (F, and the spill-over v when
   ``spill`` [T] is given, by non-negative linear least squares at each) and, when given,
   ``x_init`` (raw parameters, e.g. an earlier pass's solution); the solution is the start
-  whose LM run ends lowest.
+  whose LM run ends lowest. ``n_starts`` = 0 with ``x_init``: that start alone, no grid.
   """
-  gw, gk, gt = _start_grid(tau_max)
-  b = jnp.zeros_like(c) if spill is None else wts * spill
+  x0s = None if x_init is None else x_init[None].astype(c.dtype)
+  if n_starts > 0 or x_init is None:
+    gw, gk, gt = _start_grid(tau_max)
+    b = jnp.zeros_like(c) if spill is None else wts * spill
 
-  def grid_cost(w, k, tau):
-    u = wts * unit_response(w, k, tau, conv, t, dv, ratio)
-    f, v = _nonneg_pair(u, b, wts * c)
-    f = jnp.maximum(f, 1e-4)
-    res = u * f + v * b - wts * c
-    return 0.5 * res @ res, f, v
+    def grid_cost(w, k, tau):
+      u = wts * unit_response(w, k, tau, conv, t, dv, ratio)
+      f, v = _nonneg_pair(u, b, wts * c)
+      f = jnp.maximum(f, 1e-4)
+      res = u * f + v * b - wts * c
+      return 0.5 * res @ res, f, v
 
-  costs, fs, vs = jax.vmap(grid_cost)(gw, gk, gt)
-  costs = jnp.where(jnp.isfinite(costs), costs, jnp.inf)
-  order = jnp.argsort(costs)[:n_starts]
-  x0s = raw_from_params(fs[order], gw[order], gk[order], gt[order], tau_max)
-  if spill is not None:
-    x0s = jnp.concatenate([x0s, softplus_inv(jnp.maximum(vs[order], 1e-3))[:, None]], axis=1)
-  if x_init is not None:
-    x0s = jnp.concatenate([x_init[None].astype(x0s.dtype), x0s], axis=0)
+    costs, fs, vs = jax.vmap(grid_cost)(gw, gk, gt)
+    costs = jnp.where(jnp.isfinite(costs), costs, jnp.inf)
+    order = jnp.argsort(costs)[:max(n_starts, 1)]
+    grid = raw_from_params(fs[order], gw[order], gk[order], gt[order], tau_max)
+    if spill is not None:
+      grid = jnp.concatenate([grid, softplus_inv(jnp.maximum(vs[order], 1e-3))[:, None]], axis=1)
+    x0s = grid if x0s is None else jnp.concatenate([x0s, grid], axis=0)
   lin = functools.partial(_residual_and_jac, conv=conv, t=t, c=c, wts=wts, dv=dv, ratio=ratio,
                           tau_max=tau_max, spill=spill)
   xs, cs, chs, nits, xhs = jax.vmap(lambda x0: lm_solve(lin, x0, n_iter))(x0s)
@@ -452,10 +453,11 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       None turns the rule off.
     retry_iter: curves that have not converged after ``n_iter`` iterations (see the rule at
       ``COST_RTOL``; typically a slow crawl of w towards 0 or along the w-k valley) are
-      fitted again from where they stopped and from the best ``n_starts`` grid starts, with
-      ``retry_iter * n_iter`` iterations, in blocks of ``RETRY_BLOCK`` curves that share an
-      AIF (as the first pass, one convolution matrix a block); the lower cost wins. Only
-      curves that still move after that are NOT_CONVERGED (0 turns the second pass off).
+      fitted again from where they stopped, with ``retry_iter * n_iter`` iterations, in
+      blocks of ``RETRY_BLOCK`` curves that share an AIF (as the first pass, one convolution
+      matrix a block); the lower cost wins. (A second start from the grid changed 4 of 17280
+      curves by more than 0.1 % and cost half the pass: benchmarks/RESULTS.md.) Only curves
+      that still move after that are NOT_CONVERGED (0 turns the second pass off).
     aif_lead: scalar or [N] (s): the AIF was sampled this much earlier in each beat than the
       curve (an AIF from a separate acquisition, e.g. a dual-sequence AIF series read out
       before the slices); its samples are placed at ``times - aif_lead``. The fitted delay
@@ -552,9 +554,9 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   retry = np.nonzero((reason[rows] == 0) & ~converged)[0]
   n_retried = int(np.unique(rows[retry]).size)
   if retry.size and retry_iter > 0:
-    # Second pass for the curves still moving: from where the first pass stopped and from the
-    # next-best grid starts, with retry_iter x the iterations; in blocks of RETRY_BLOCK rows
-    # that share a group's AIF (one convolution matrix and GEMMs a block, as in the first pass).
+    # Second pass for the curves still moving: from where the first pass stopped, with
+    # retry_iter x the iterations; in blocks of RETRY_BLOCK rows that share a group's AIF (one
+    # convolution matrix and GEMMs a block, as in the first pass).
     retry = retry[np.argsort(r_inv[retry], kind="stable")]
     block, slot, block_group = _blocks(r_inv[retry], RETRY_BLOCK)
     n_blocks = max(8, 1 << int(np.ceil(np.log2(block_group.size))))  # few shapes, compiles
@@ -573,7 +575,7 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
                        blocked(out["raw"][retry]),
                        None if r_spill is None else blocked(r_spill[retry]),
                        n_coarse=n_coarse, dv=dv, ratio=ratio, tau_max=float(tau_max),
-                       n_iter=int(retry_iter) * int(n_iter), n_starts=int(n_starts))
+                       n_iter=int(retry_iter) * int(n_iter), n_starts=0)
     r_out = {k: np.array(x)[block, slot] for k, x in jax.block_until_ready(r_out).items()}
     better = np.isfinite(r_out["cost"]) & ~(r_out["cost"] > out["cost"][retry])
     for k in out:
