@@ -455,9 +455,9 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       ``COST_RTOL``; typically a slow crawl of w towards 0 or along the w-k valley) are
       fitted again from where they stopped, with ``retry_iter * n_iter`` iterations, in
       blocks of ``RETRY_BLOCK`` curves that share an AIF (as the first pass, one convolution
-      matrix a block); the lower cost wins. (A second start from the grid changed 4 of 17280
-      curves by more than 0.1 % and cost half the pass: benchmarks/RESULTS.md.) Only curves
-      that still move after that are NOT_CONVERGED (0 turns the second pass off).
+      matrix a block); the lower cost wins (a second start from the grid, tried, changed 4 of
+      17280 curves by more than 0.1 %: benchmarks/RESULTS.md). Only curves that still move
+      after that are NOT_CONVERGED (0 turns the second pass off).
     aif_lead: scalar or [N] (s): the AIF was sampled this much earlier in each beat than the
       curve (an AIF from a separate acquisition, e.g. a dual-sequence AIF series read out
       before the slices); its samples are placed at ``times - aif_lead``. The fitted delay
