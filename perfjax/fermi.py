@@ -26,8 +26,8 @@ rule on a fine grid (step dv; the AIF is evaluated there from its continuous mod
 points of a coarse grid (step 2 dv), one matrix product ``conv @ R`` per evaluation (a GEMM
 for all curves that share the AIF), then read at the real, non-uniform ``t_i - tau_d`` by a
 Catmull-Rom cubic: continuous and smooth in tau_d, within 0.15 % of the peak of a 1 ms
-brute-force convolution at the default dv = 0.2 s (0.05 % at 0.1 s, for 1.6x the solve time;
-noise-free MBF error median 0.07 %, p95 0.7 %: benchmarks/RESULTS.md).
+brute-force convolution at the default dv = 0.2 s (0.05 % at 0.1 s; noise-free MBF error
+median 0.07 %, p95 0.7 %: benchmarks/RESULTS.md).
 
 Solver: Levenberg-Marquardt with a fixed iteration count from the best points of a start
 grid, an analytic Jacobian (3 matrix columns), parameters mapped into their valid ranges by
