@@ -49,13 +49,13 @@ nvidia-smi -L 2>/dev/null
 
 if [ "$TINY" = 1 ]; then
   BENCH="--tiny --reps=1"; ACCURACY=synthetic_small; MAIN_CONFIG=configs/patch3.py:tiny
-  MBF="--slices 6 --rounds 1 --peer-curves 12"
+  MBF="--slices 6 --rounds 1 --peer-curves 12 --extraction both"
   PLAN="r16_s1 patch3:tiny 1
 p2_s0 patch2:tiny 0
 w32_s0 patch3:tiny 0"
 else
   BENCH="--reps=2"; ACCURACY=synthetic_mixed; MAIN_CONFIG=configs/patch3.py:paper
-  MBF="--rounds 3 --peer-curves 300"
+  MBF="--rounds 3 --peer-curves 300 --extraction both"
   PLAN=${PLAN:-"r16_s1 patch3:release_cpu 1 --config.data.dataset=synthetic_mixed --config.train.num_steps=3000 --config.train.eval_every=100 --config.train.checkpoint_every=100
 r16_s2 patch3:release_cpu 2 --config.data.dataset=synthetic_mixed --config.train.num_steps=3000 --config.train.eval_every=100 --config.train.checkpoint_every=100
 p2_s0 patch2:release_cpu 0 --config.data.dataset=synthetic_mixed --config.train.num_steps=3000 --config.train.eval_every=100 --config.train.checkpoint_every=100

@@ -35,9 +35,7 @@ def signal_to_concentration(signal, n_baseline: int, sequence: dict, tissue: str
   """
   if tissue not in ("blood", "myo"):
     raise InputError("tissue", f"must be 'blood' or 'myo', got {tissue!r}")
-  missing = [k for k in SEQUENCE_KEYS if k not in sequence]
-  if missing:
-    raise InputError("sequence", f"missing keys {missing}")
+  _check_sequence(sequence)
   sig = np.asarray(signal, np.float64)
   if sig.ndim == 0 or sig.shape[-1] < 2:
     raise InputError("signal", f"expected [..., T] curves, got shape {sig.shape}")
@@ -46,6 +44,12 @@ def signal_to_concentration(signal, n_baseline: int, sequence: dict, tissue: str
     raise InputError("n_baseline", f"must be in [1, {sig.shape[-1]}], got {n_baseline}")
   flat = sig.reshape(-1, sig.shape[-1])
   return _convert(flat, flat[:, :b].mean(axis=1), sequence, tissue).reshape(sig.shape)
+
+
+def _check_sequence(sequence: dict) -> None:
+  missing = [k for k in SEQUENCE_KEYS if k not in sequence]
+  if missing:
+    raise InputError("sequence", f"missing keys {missing}")
 
 
 def _convert(flat, base, sequence, tissue):
@@ -116,7 +120,7 @@ def aif_amplification(signal_peak: float, base: float, sequence: dict, eps: floa
   return float(np.log(c_up / c_peak) / np.log1p(eps))
 
 
-def _amplification_at_peak(aif, signal, base: float, sequence: dict) -> float:
+def amplification_at_peak(aif, signal, base: float, sequence: dict) -> float:
   """:func:`aif_amplification` of ``signal`` [T] at the AIF's peak frame (NaN without one)."""
   if not np.isfinite(aif).any():
     return float("nan")
@@ -124,6 +128,7 @@ def _amplification_at_peak(aif, signal, base: float, sequence: dict) -> float:
 
 
 AIF_PURITY = 0.9  # the blood-purity rule's fraction (see blood_purity)
+POOL_NOT_FINITE = "NaN or Inf in the LV blood pool signal"
 
 
 def blood_purity(curves, purity: float = AIF_PURITY, foot_frac: float = 0.1) -> np.ndarray:
@@ -191,7 +196,7 @@ def aif_from_series(image, pd, sequence: dict, pool=None, *, purity: float = AIF
   aif = np.nanmean(conc[pure], axis=0) * float(dose_ratio)
   aif = aif - aif[:b].mean()
   base_px = base[pure] if pd is not None else in_pool[pure][:, :b].mean(axis=1)
-  amp = _amplification_at_peak(aif, in_pool[pure].mean(axis=0), float(np.mean(base_px)),
+  amp = amplification_at_peak(aif, in_pool[pure].mean(axis=0), float(np.mean(base_px)),
                                sequence)
   return dict(aif=aif, n_pixels=int(pix.sum()), pixels=pix, n_baseline=b, amplification=amp)
 
@@ -268,6 +273,17 @@ def curve_geometry(mask, sector_map=None, *, theta_s=None, center=None, erosion:
   return dict(sector_map=sector_map, tissue_map=tissue_map, lv=lv, n_sec=n_sec, counts=counts)
 
 
+def conversion_table(sequence: dict, tissue: str) -> tuple[np.ndarray, np.ndarray]:
+  """The (signal at M0 = 1, concentration) table of :func:`signal_to_concentration` for
+  ``tissue`` ("blood" or "myo") under ``sequence`` (`physics.inverse_table`)."""
+  _check_sequence(sequence)
+  t1, t2 = (sequence["t1_blood"], sequence["t2_blood"]) if tissue == "blood" else \
+      (sequence["t1_myo"], sequence["t2_myo"])
+  return physics.inverse_table(sequence["protocol"], sequence["ts"], sequence["tr"],
+                               sequence["flip_deg"], sequence["n_pulses"], t1, t2,
+                               sat_residual=sequence.get("sat_residual", 0.0))
+
+
 def curves_per_sequence(raw, geometry: dict, sequences: list, *, foot_frac: float,
                          blood_frac: float, rician: bool | None) -> list[dict]:
   """:func:`extract_curves`' outputs for each of ``sequences`` (a sequence dict or None), from
@@ -275,7 +291,7 @@ def curves_per_sequence(raw, geometry: dict, sequences: list, *, foot_frac: floa
   read once; only the conversions and the purity rule (on concentration) are per sequence."""
   pool = raw[geometry["lv"]]  # [P, T] the eroded pool's pixels (signal)
   if not np.all(np.isfinite(pool)):
-    raise InputError("raw", "NaN or Inf in the LV blood pool signal")
+    raise InputError("raw", POOL_NOT_FINITE)
   convert = any(s is not None for s in sequences)
   if rician is None:
     rician = convert
@@ -308,7 +324,7 @@ def curves_per_sequence(raw, geometry: dict, sequences: list, *, foot_frac: floa
     amp = float("nan")
     if sequence is not None:
       blood_px = pool_signal[pure].mean(axis=0)
-      amp = _amplification_at_peak(aif, blood_px, float(blood_px[:b].mean()), sequence)
+      amp = amplification_at_peak(aif, blood_px, float(blood_px[:b].mean()), sequence)
     out.append(dict(aif=aif, curves=curves, counts=geometry["counts"], n_baseline=b,
                     n_aif_pixels=int(pure.sum()), aif_amplification=amp,
                     blood_signal=blood - blood[:b].mean(), signal_curves=sector_signal,

@@ -41,7 +41,7 @@ TREND_ORDER = 4  # degree of the per-pixel polynomial trend
 N_ROUNDS = 3
 
 
-def _trend_projection(times: np.ndarray) -> np.ndarray:
+def trend_projection(times: np.ndarray) -> np.ndarray:
   """[T, T] least-squares projection onto polynomials of degree TREND_ORDER in time."""
   x = (times - times[0]) / max(times[-1] - times[0], 1e-12) * 2.0 - 1.0
   basis = np.polynomial.legendre.legvander(x, TREND_ORDER)
@@ -66,22 +66,20 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
     raise InputError("raw", f"expected raw [H, W, T], mask [H, W], times [T]; got {raw.shape}, "
                      f"{mask.shape}, {times.shape}")
   n_t = raw.shape[2]
-  ones = np.ones(n_t)
   if n_t <= TREND_ORDER + N_BASELINE:
-    return dict(gain=ones, n_pixels=0, reason=f"too few frames ({n_t})")
+    return verdict(n_t)
   outside = ~ndimage.binary_dilation(mask > 0, iterations=HEART_MARGIN_PX)
   finite = np.all(np.isfinite(raw), axis=-1)
   base = np.where(finite, raw[..., :N_BASELINE].mean(axis=-1), 0.0)
   region = outside & finite
   if region.sum() < MIN_BODY_PIXELS:
-    return dict(gain=ones, n_pixels=0, reason="too little image outside the heart")
+    return verdict(n_t, n_region=int(region.sum()))
   body = region & (base > BODY_LEVEL * np.percentile(base[region], 90))
   if body.sum() < MIN_BODY_PIXELS:
-    return dict(gain=ones, n_pixels=int(body.sum()),
-                reason=f"fewer than {MIN_BODY_PIXELS} body pixels outside the heart")
+    return verdict(n_t, n_region=int(region.sum()), n_body=int(body.sum()))
   log_px = np.log(np.maximum(raw[body], 1e-12))  # [P, T]
   log_rel = log_px - log_px[:, :N_BASELINE].mean(axis=1, keepdims=True)
-  proj = _trend_projection(times)
+  proj = trend_projection(times)
   rough = np.eye(n_t) - proj
   # Start: the common part of what no smooth trend explains, median over pixels of
   # (log_px - log_g) @ rough.T each round. log_g is the same for every pixel, so that median is
@@ -98,15 +96,32 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
     excursion = np.abs(trend - (shift - shift[:N_BASELINE].mean())).max(axis=1)
     flat = excursion <= np.quantile(excursion, FLAT_FRACTION)
     log_g = np.median(log_rel[flat], axis=0)
-  z = _uptake_z(log_g, raw[mask == conventions.LV_BLOOD_POOL], times, proj)
+  z = uptake_z(log_g, lv_curve(raw[mask == conventions.LV_BLOOD_POOL]), times, proj)
+  return verdict(n_t, int(region.sum()), int(body.sum()), int(flat.sum()), z, log_g)
+
+
+def verdict(n_frames: int, n_region: int = 0, n_body: int = 0, n_flat: int = 0,
+            z: float = float("nan"), log_g=None) -> dict:
+  """:func:`frame_gain`'s outcome from what it measured, checked in its order: the frame count,
+  the pixels outside the heart (``n_region``), the body pixels among them, the uptake test's
+  ``z``; ``log_g`` [T] is the measured log gain. Shared with `perfjax.batched_curves`."""
+  ones = np.ones(n_frames)
+  if n_frames <= TREND_ORDER + N_BASELINE:
+    return dict(gain=ones, n_pixels=0, reason=f"too few frames ({n_frames})")
+  if n_region < MIN_BODY_PIXELS:
+    return dict(gain=ones, n_pixels=0, reason="too little image outside the heart")
+  if n_body < MIN_BODY_PIXELS:
+    return dict(gain=ones, n_pixels=n_body,
+                reason=f"fewer than {MIN_BODY_PIXELS} body pixels outside the heart")
   if not np.isfinite(z):
-    return dict(gain=ones, n_pixels=int(flat.sum()),
+    return dict(gain=ones, n_pixels=n_flat,
                 reason="no LV blood pool curve to tell gain from enhancement")
   if z > UPTAKE_Z_MAX:
-    return dict(gain=ones, n_pixels=int(flat.sum()),
+    return dict(gain=ones, n_pixels=n_flat,
                 reason=f"the least enhancing tissue outside the heart follows the contrast "
                        f"uptake (z = {z:.1f}): enhancement, not gain")
-  return dict(gain=np.exp(log_g - log_g.mean()), n_pixels=int(flat.sum()), reason="")
+  log_g = np.asarray(log_g, np.float64)
+  return dict(gain=np.exp(log_g - log_g.mean()), n_pixels=n_flat, reason="")
 
 
 def sd_percent(gain) -> np.ndarray:
@@ -114,16 +129,23 @@ def sd_percent(gain) -> np.ndarray:
   return 100.0 * np.std(np.log(np.asarray(gain, np.float64)), axis=-1)
 
 
-def _uptake_z(log_g, lv_pixels, times, proj) -> float:
+def lv_curve(lv_pixels) -> np.ndarray:
+  """The LV blood pool's mean curve [T] from its pixels [P, T]; NaN without a finite pool."""
+  if lv_pixels.shape[0] == 0 or not np.all(np.isfinite(lv_pixels)):
+    return np.full(lv_pixels.shape[1], np.nan)
+  return lv_pixels.mean(axis=0)
+
+
+def uptake_z(log_g, lv, times, proj) -> float:
   """How far log g follows the contrast uptake, in units of its own frame-to-frame scatter.
 
-  The uptake template is the running integral of the LV blood's enhancement (the course of
-  a tissue taking up contrast); a gain has no reason to follow it. z is log g's component
-  along the (centred, unit) template over the sd of log g about its smooth trend; NaN without
-  an LV blood pool or a curve to integrate."""
-  if lv_pixels.shape[0] == 0 or not np.all(np.isfinite(lv_pixels)):
+  The uptake template is the running integral of the LV blood's enhancement (``lv``, its
+  mean curve [T]: the course of a tissue taking up contrast); a gain has no reason to follow
+  it. z is log g's component along the (centred, unit) template over the sd of log g about its
+  smooth trend (``proj``: :func:`trend_projection`); NaN without an LV blood pool curve (NaN
+  ``lv``) or a curve to integrate."""
+  if not np.all(np.isfinite(lv)):
     return float("nan")
-  lv = lv_pixels.mean(axis=0)
   enh = np.maximum(lv - lv[:N_BASELINE].mean(), 0.0)
   uptake = np.concatenate([[0.0], np.cumsum(0.5 * (enh[1:] + enh[:-1]) * np.diff(times))])
   uptake = uptake - uptake.mean()

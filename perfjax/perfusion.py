@@ -20,9 +20,11 @@ import contextlib
 import os
 import time
 
+import jax
 import numpy as np
 import threadpoolctl
 
+from perfjax import batched_curves
 from perfjax import sectors as sectors_lib
 from perfjax.bolus import check_curve
 from perfjax.errors import InputError
@@ -91,7 +93,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                     aif_series=None, min_aif_pixels: int = MIN_AIF_PIXELS,
                     flip_sensitivity: float = FLIP_SENSITIVITY, frame_gain: bool = True,
                     spill_over: bool = True, workers: int | None = None,
-                    **fit_kwargs) -> dict:
+                    vectorised: bool | None = None, **fit_kwargs) -> dict:
   """48-sector and slice MBF of N slices with ONE batched fit_fermi call (N x 48 curves).
 
   Args:
@@ -119,6 +121,10 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       volume puts into endocardial pixels is not read as flow.
     workers: threads that extract slices' curves concurrently (default: the CPU count, at most
       MAX_WORKERS; the result does not depend on it).
+    vectorised: measure the frame gains and extract the curves of all slices in batched jitted
+      calls (`perfjax.batched_curves`, float32) instead of a numpy thread per slice (float64);
+      the two agree to float32's precision. Default: on an accelerator (JAX's default backend
+      is not the CPU), where the numpy loop would leave the device idle.
     **fit_kwargs: passed to :func:`fit_fermi`.
 
   AIF choice (``aif_source`` [N], a reason per slice): "series" (the AIF series, read out
@@ -163,6 +169,15 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   gains = np.ones((n, t))
   gain_reason = ["not asked for"] * n
 
+  def variants_of(i):
+    return [None] * n_v if sequences is None else [_with_flip(sequences[i], sc) for sc in scales]
+
+  def geometry_of(i):
+    check_curve(times[i], "times")
+    return curve_geometry(masks[i], None if sector_maps is None else sector_maps[i],
+                          theta_s=None if theta_s is None else theta_s[i],
+                          center=None if centers is None else centers[i], erosion=erosion)
+
   def one_slice(i):
     """Frame gain and curves of slice i, or the InputError that stops them."""
     try:
@@ -170,26 +185,32 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       if frame_gain:
         fg = measure_frame_gain(raw_i, masks[i], times[i])
         raw_i = raw_i / fg["gain"]
-      check_curve(times[i], "times")
-      geometry = curve_geometry(masks[i], None if sector_maps is None else sector_maps[i],
-                                theta_s=None if theta_s is None else theta_s[i],
-                                center=None if centers is None else centers[i],
-                                erosion=erosion)
-      variants = curves_per_sequence(
-          np.asarray(raw_i, np.float64), geometry,
-          [None] * n_v if sequences is None else [_with_flip(sequences[i], sc) for sc in scales],
-          foot_frac=0.1, blood_frac=AIF_PURITY, rician=None)
+      variants = curves_per_sequence(np.asarray(raw_i, np.float64), geometry_of(i),
+                                     variants_of(i), foot_frac=0.1, blood_frac=AIF_PURITY,
+                                     rician=None)
       return fg, variants, ""
     except InputError as e:
       return fg, None, str(e)
+
+  def geometry_or_error(i):
+    try:
+      return geometry_of(i)
+    except InputError as e:
+      return str(e)
 
   # Slices are independent; numpy releases the GIL in most of their work. Their BLAS calls
   # run one thread each meanwhile: BLAS's own threads would contend with the slices' threads.
   n_workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS, n) if workers is None else workers)
   blas_limit = threadpoolctl.threadpool_limits(1, user_api="blas") if n_workers > 1 else (
       contextlib.nullcontext())
+  if vectorised is None:
+    vectorised = jax.default_backend() != "cpu"
   with blas_limit, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
-    for i, (fg, variants, error) in enumerate(pool.map(one_slice, range(n))):
+    per_slice = batched_curves.curves_of_slices(
+        raw, masks, times, list(pool.map(geometry_or_error, range(n))),
+        [variants_of(i) for i in range(n)], frame_gain=frame_gain) if vectorised else \
+        pool.map(one_slice, range(n))
+    for i, (fg, variants, error) in enumerate(per_slice):
       if fg is not None:
         gains[i], gain_reason[i] = fg["gain"], fg["reason"]
       if error:
@@ -350,14 +371,15 @@ def aif_series_from_record(record: dict, i: int) -> dict | None:
 
 
 def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
-                 use_aif_series: bool = True, frame_gain: bool = True, spill_over: bool = True
-                 ) -> list[dict[str, np.ndarray]]:
+                 use_aif_series: bool = True, frame_gain: bool = True, spill_over: bool = True,
+                 vectorised: bool | None = None) -> list[dict[str, np.ndarray]]:
   """Slice MBF of the split's slices for each set of masks, all in ONE batched Fermi solve.
 
   Each mask is divided into 48 sectors by its own RV insertion points (for predicted masks,
   the fully automatic pipeline). AIF (see :func:`mbf_from_slices`): the study's AIF series
   when the split has one (concentration only), else the study slice with the largest clean
-  pool of pure blood, never a slice flagged for motion. Returns per mask set dict(slice [N],
+  pool of pure blood, never a slice flagged for motion. ``vectorised``: see
+  :func:`mbf_from_slices`. Returns per mask set dict(slice [N],
   sector48 [N, 48], error [N], aif_source [N], aif_amplification [N], flip_lo [N], flip_hi [N],
   reason48 [N, 48],
   frame_gain [N, T], frame_gain_reason [N], spill48 [N, 48], units, timing: the whole call's,
@@ -383,7 +405,8 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
                         np.concatenate([split["times"]] * m), sequences=sequences,
                         study_ids=np.concatenate([study + j * offset for j in range(m)]),
                         exclude=None if exclude is None else np.concatenate([exclude] * m),
-                        aif_series=series, frame_gain=frame_gain, spill_over=spill_over)
+                        aif_series=series, frame_gain=frame_gain, spill_over=spill_over,
+                        vectorised=vectorised)
   sl = lambda key, j: res[key][j * n:(j + 1) * n]  # noqa: E731
   return [dict(slice=sl("slice_mbf", j), sector48=sl("mbf48", j), error=sl("error", j),
                aif_source=sl("aif_source", j), aif_amplification=sl("aif_amplification", j),

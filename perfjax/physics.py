@@ -265,10 +265,18 @@ def concentration_from_signal(signal, baseline, protocol, ts, tr, flip_deg, n_pu
     raise InputError("signal", "contains NaN or Inf")
   if np.any(baseline <= 0):
     raise InputError("baseline", "must be positive (it sets M0)")
-  s_tab, c_tab = _inverse_table(_check_protocol(protocol), *(float(x) for x in (
-      ts, tr, flip_deg, n_pulses, t1_0, t2_0, r1, r2, c_max, sat_residual)))
+  s_tab, c_tab = inverse_table(protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0, r1, r2, c_max,
+                               sat_residual)
   rel = signal / (baseline[..., None] if baseline.ndim else baseline) * s_tab[0]
   return np.interp(rel, s_tab, c_tab)
+
+
+def inverse_table(protocol, ts, tr, flip_deg, n_pulses, t1_0, t2_0, r1=R1_RELAXIVITY,
+                  r2=R2_RELAXIVITY, c_max=40.0, sat_residual=0.0):
+  """(signal at M0 = 1, concentration) [L] that :func:`concentration_from_signal` interpolates:
+  ``C = interp(signal / baseline x table_signal[0], table_signal, table_concentration)``."""
+  return _inverse_table(_check_protocol(protocol), *(float(x) for x in (
+      ts, tr, flip_deg, n_pulses, t1_0, t2_0, r1, r2, c_max, sat_residual)))
 
 
 @functools.lru_cache(maxsize=256)

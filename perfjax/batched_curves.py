@@ -1,0 +1,290 @@
+"""Frame gains and curves of many slices in two jitted calls, for an accelerator (issue 13).
+
+The rules are those of `perfjax.frame_gain` and `perfjax.extraction` (their constants, their
+verdicts and their small per-slice steps are imported, not repeated); this is their vectorised
+form, so that a GPU does not wait on a per-slice numpy loop. A slice's pixel sets (the body
+outside the heart, the eroded LV pool, the sectors' interior pixels) are masks or padded index
+lists of fixed size, medians and quantiles are numpy's (linear interpolation) taken from a sort
+with the pixels outside the set placed last, and everything is float32 with matrix products at
+the highest precision (TF32 would move a log gain by about 1e-3). Results agree with the numpy
+rules to float32's precision (tests/test_perfusion.py). On a CPU the sorts make it slower than
+the numpy rules, so `perfusion.mbf_from_slices` uses it by default only on an accelerator.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+from perfjax import conventions
+from perfjax import frame_gain as gain_lib
+from perfjax.bolus import check_curve
+from perfjax.errors import InputError
+from perfjax.extraction import (AIF_PURITY, POOL_NOT_FINITE, amplification_at_peak,
+                                conversion_table)
+
+MAX_CHUNK = 128  # slices per call: bounds device memory; chunks are padded to a power of two
+_HIGHEST = jax.lax.Precision.HIGHEST
+_NB = gain_lib.N_BASELINE
+
+
+def masked_quantile(x, valid, q: float):
+  """numpy's linear quantile ``q`` along the last axis over the entries where ``valid``
+  (broadcast to ``x``); NaN where none is valid."""
+  valid = jnp.broadcast_to(valid, x.shape)
+  n = valid.sum(-1)
+  ordered = jnp.sort(jnp.where(valid, x, jnp.inf), axis=-1)
+  pos = q * jnp.maximum(n - 1, 0).astype(x.dtype)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+  below = jnp.take_along_axis(ordered, lo[..., None], -1)[..., 0]
+  above = jnp.take_along_axis(ordered, hi[..., None], -1)[..., 0]
+  return jnp.where(n > 0, below + (above - below) * (pos - lo), jnp.nan)
+
+
+def _masked_mean(x, valid, axis):
+  return jnp.where(valid, x, 0.0).sum(axis) / valid.sum(axis)
+
+
+def _baseline_frames(curve, foot_frac: float = 0.1):
+  """`bolus.foot_and_peak` and `bolus.baseline_frames` of one curve [T]: (b, peak)."""
+  enh = curve - jnp.median(curve[:3])
+  peak = jnp.argmax(enh)
+  idx = jnp.arange(curve.shape[0])
+  below = (idx <= peak) & (enh <= foot_frac * enh[peak])
+  return jnp.maximum(jnp.max(jnp.where(below, idx, 0)), 1), peak
+
+
+# ----------------------------------------------------------------------------- frame gain
+def _gain_measurements(raw, outside, lv_full, proj):
+  """`frame_gain.frame_gain`'s measurements of one slice [P, T] (P = H x W): the log gain [T],
+  the region, body and flat pixel counts and the LV blood pool's mean curve [T]."""
+  finite = jnp.all(jnp.isfinite(raw), -1)
+  base = jnp.where(finite, raw[:, :_NB].mean(-1), 0.0)
+  region = outside & finite
+  body = region & (base > gain_lib.BODY_LEVEL * masked_quantile(base, region, 0.9))
+  log_px = jnp.log(jnp.maximum(jnp.where(finite[:, None], raw, 1.0), 1e-12))
+  log_rel = log_px - log_px[:, :_NB].mean(-1, keepdims=True)
+  rough = jnp.eye(proj.shape[0], dtype=proj.dtype) - proj
+  median_rough = masked_quantile(jnp.matmul(log_px, rough.T, precision=_HIGHEST).T, body, 0.5)
+  log_g = jnp.zeros_like(median_rough)
+  for _ in range(gain_lib.N_ROUNDS):
+    log_g = log_g + median_rough - jnp.matmul(log_g, rough.T, precision=_HIGHEST)
+  trend = jnp.matmul(log_rel, proj.T, precision=_HIGHEST)
+  trend = trend - trend[:, :_NB].mean(-1, keepdims=True)
+  flat = body
+  for _ in range(gain_lib.N_ROUNDS):
+    shift = jnp.matmul(log_g, proj.T, precision=_HIGHEST)
+    excursion = jnp.abs(trend - (shift - shift[:_NB].mean())).max(-1)
+    flat = body & (excursion <= masked_quantile(excursion, body, gain_lib.FLAT_FRACTION))
+    log_g = masked_quantile(log_rel.T, flat, 0.5)
+  lv_ok = lv_full.any() & jnp.all(jnp.where(lv_full[:, None], jnp.isfinite(raw), True))
+  lv = jnp.where(lv_ok, _masked_mean(raw, lv_full[:, None], 0), jnp.nan)
+  return log_g, region.sum(), body.sum(), flat.sum(), lv
+
+
+@jax.jit
+def _gains(raw_npt, outside_np, lv_np, proj_ntt):
+  return jax.vmap(_gain_measurements)(raw_npt, outside_np, lv_np, proj_ntt)
+
+
+# ----------------------------------------------------------------------------- curves
+def _to_concentration(signal, base, s_tab, c_tab):
+  """`extraction._convert` of rows [R, T] with pre-contrast levels [R]: odd reflection about
+  the baseline, NaN rows where a signal is not finite or the baseline not positive."""
+  good = jnp.all(jnp.isfinite(signal), -1) & (base > 0)
+  s0 = jnp.where(good, base, 1.0)[:, None]
+  up = signal >= s0
+  conc = jnp.interp(jnp.where(up, signal, 2.0 * s0 - signal) / s0 * s_tab[0], s_tab, c_tab)
+  return jnp.where(good[:, None], jnp.where(up, conc, -conc), jnp.nan)
+
+
+def _purity(c, ok):
+  """`extraction.blood_purity` of a pool's rows [Q, T] where ``ok`` (the pool's pixels)."""
+  finite = ok[:, None] & jnp.isfinite(c)
+  curve = _masked_mean(c, finite, 0)
+  foot_b, peak = _baseline_frames(curve)
+  first = jnp.arange(c.shape[1]) < foot_b
+  enh = c[:, peak] - _masked_mean(c, first[None, :], 1)
+  ref = masked_quantile(enh, ok & jnp.isfinite(enh), 0.9)
+  keep = ok & (jnp.where(jnp.isnan(enh), -jnp.inf, enh) >= AIF_PURITY * ref)
+  use = (ok.sum() >= 4) & jnp.all(jnp.isfinite(curve)) & (keep.sum() >= 4) & (ref > 0)
+  return jnp.where(use, keep, ok)
+
+
+def _slice_curves(raw, gain, pool_idx, pool_ok, tissue, s_blood, c_blood, s_myo, c_myo, *,
+                  convert: bool, n_sec: int):
+  """`extraction.curves_per_sequence` of one slice [P, T] divided by its gain [T], for each
+  variant's tables [V, L] (unused without ``convert``)."""
+  x = raw / gain
+  pool = x[pool_idx]
+  ok = pool_ok
+  pool_finite = jnp.all(jnp.where(ok[:, None], jnp.isfinite(pool), True))
+  pool = jnp.where(ok[:, None], pool, 1.0)
+  b, _ = _baseline_frames(_masked_mean(pool, ok[:, None], 0))
+  first = jnp.arange(x.shape[1]) < b
+  sigma2 = 0.0
+  if convert:  # the Rician floor (extraction: rician defaults to converting)
+    mean_b = _masked_mean(pool, first[None, :], 1)
+    var = jnp.where(first, (pool - mean_b[:, None]) ** 2, 0.0).sum(1) / jnp.maximum(b - 1, 1)
+    sigma2 = jnp.where(b >= 2, jnp.nan_to_num(masked_quantile(var, ok, 0.5)), 0.0)
+  floor = lambda v: jnp.where(sigma2 > 0, jnp.sqrt(jnp.maximum(v ** 2 - sigma2, 0.0)), v)  # noqa: E731
+  pool_signal = floor(pool) if convert else pool
+  sums = jax.ops.segment_sum(x, tissue, num_segments=n_sec + 1)
+  counts = jax.ops.segment_sum(jnp.ones_like(tissue, x.dtype), tissue, num_segments=n_sec + 1)
+  sector = floor(sums[1:] / counts[1:, None])
+  base_of = lambda rows: _masked_mean(rows, first[None, :], 1)  # noqa: E731
+  aifs, curves, blood, blood_px, n_pure = [], [], None, None, None
+  for v in range(s_blood.shape[0] if convert else 1):
+    px = _to_concentration(pool_signal, base_of(pool_signal), s_blood[v], c_blood[v]) \
+        if convert else pool
+    pure = _purity(px, ok)
+    aif = _masked_mean(px, pure[:, None] & jnp.isfinite(px), 0)
+    aif = aif if convert else floor(aif)
+    cur = _to_concentration(sector, base_of(sector), s_myo[v], c_myo[v]) if convert else sector
+    aifs.append(aif - _masked_mean(aif, first, 0))
+    curves.append(cur - base_of(cur)[:, None])
+    if v == 0:
+      blood = floor(_masked_mean(pool, pure[:, None], 0))
+      blood = blood - _masked_mean(blood, first, 0)
+      blood_px, n_pure = _masked_mean(pool_signal, pure[:, None], 0), pure.sum()
+  return dict(aif=jnp.stack(aifs), curves=jnp.stack(curves), blood=blood, blood_px=blood_px,
+              n_pure=n_pure, n_baseline=b, pool_finite=pool_finite)
+
+
+@functools.partial(jax.jit, static_argnames=("convert", "n_sec"))
+def _curves(raw_npt, gain_nt, pool_idx, pool_ok, tissue_np, s_blood, c_blood, s_myo, c_myo, *,
+            convert: bool, n_sec: int):
+  return jax.vmap(functools.partial(_slice_curves, convert=convert, n_sec=n_sec))(
+      raw_npt, gain_nt, pool_idx, pool_ok, tissue_np, s_blood, c_blood, s_myo, c_myo)
+
+
+# ----------------------------------------------------------------------------- host side
+def _pad_rows(rows: list[np.ndarray], fill) -> np.ndarray:
+  """Stack 1-D arrays, each padded at its end to the longest with ``fill`` (None: its last)."""
+  width = max(len(r) for r in rows)
+  return np.stack([np.concatenate([r, np.full(width - len(r), r[-1] if fill is None else fill,
+                                                      r.dtype)]) for r in rows])
+
+
+def _tables(sequences: list, tissue: str):
+  """(signal, concentration) [V, L] of each variant's conversion, padded with their last entry."""
+  pairs = [conversion_table(s, tissue) for s in sequences]
+  return (_pad_rows([p[0] for p in pairs], None).astype(np.float32),
+          _pad_rows([p[1] for p in pairs], None).astype(np.float32))
+
+
+def curves_of_slices(raw, masks, times, geometries: list, sequences: list, *,
+                     frame_gain: bool) -> list[tuple]:
+  """What `perfusion.mbf_from_slices` takes from each slice, in batched calls on the default
+  device: per slice (frame gain dict or None, the variants' dicts (aif, curves,
+  aif_amplification, blood_signal, counts, n_aif_pixels) or None, error message or "").
+
+  ``geometries``: per slice `extraction.curve_geometry`'s dict, or the error message that kept
+  it from being made; ``sequences``: per slice the list of its variants' sequence dicts (all
+  None: signal, not concentration). Slices are processed in chunks of at most MAX_CHUNK.
+  """
+  n, h, w, t = raw.shape
+  out = []
+  for start in range(0, n, MAX_CHUNK):
+    rows = list(range(start, min(start + MAX_CHUNK, n)))
+    out += _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, (h * w, t))
+  return out
+
+
+def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
+  p, t = shape
+  size = 1 << (len(rows) - 1).bit_length()  # padded: one compile per power of two
+  pick = rows + [rows[0]] * (size - len(rows))
+  raw_d = jnp.asarray(np.asarray(raw[pick], np.float32).reshape(size, p, t))
+  results = [dict(fg=None) for _ in rows]
+  gain = np.ones((size, t), np.float32)
+  if frame_gain:
+    if t <= gain_lib.TREND_ORDER + _NB:
+      for r in results:
+        r["fg"] = gain_lib.verdict(t)
+    else:
+      outside = np.stack([~ndimage.binary_dilation(masks[i] > 0,
+                                                   iterations=gain_lib.HEART_MARGIN_PX).ravel()
+                          for i in pick])
+      lv_full = np.stack([(masks[i] == conventions.LV_BLOOD_POOL).ravel() for i in pick])
+      projs = [gain_lib.trend_projection(np.asarray(times[i], np.float64)) for i in pick]
+      log_g, n_region, n_body, n_flat, lv = (np.asarray(a, np.float64) for a in _gains(
+          raw_d, jnp.asarray(outside), jnp.asarray(lv_full),
+          jnp.asarray(np.stack(projs), jnp.float32)))
+      for k, r in enumerate(results):
+        z = gain_lib.uptake_z(log_g[k], lv[k], np.asarray(times[rows[k]], np.float64),
+                              projs[k])
+        r["fg"] = gain_lib.verdict(t, int(n_region[k]), int(n_body[k]), int(n_flat[k]), z,
+                                   log_g[k])
+        gain[k] = r["fg"]["gain"]
+  good = [k for k, i in enumerate(rows) if isinstance(geometries[i], dict)]
+  for k, i in enumerate(rows):
+    if k not in good:
+      results[k]["error"] = geometries[i]
+  if good:
+    _curves_into(results, raw_d, gain, [rows[k] for k in good], good, geometries, sequences,
+                 size, p)
+  return [(r["fg"], r.get("variants"), r.get("error", "")) for r in results]
+
+
+def _curves_into(results, raw_d, gain, slices, slots, geometries, sequences, size, p):
+  """Fill ``results[slot]`` with the variants of each slice whose geometry was made."""
+  first = geometries[slices[0]]
+  n_sec = first["n_sec"]
+  pool_lists = [np.flatnonzero(geometries[i]["lv"].ravel()) for i in slices]
+  width = -(-max(len(q) for q in pool_lists) // 64) * 64  # rounded: fewer shapes to compile
+  pool_idx = np.zeros((size, width), np.int32)
+  pool_ok = np.zeros((size, width), bool)
+  tissue = np.zeros((size, p), np.int32)
+  for k, i, q in zip(slots, slices, pool_lists):
+    pool_idx[k, :len(q)], pool_ok[k, :len(q)] = q, True
+    tissue[k] = geometries[i]["tissue_map"].ravel()
+  convert = sequences[slices[0]][0] is not None
+  n_v = len(sequences[slices[0]])
+  if convert:
+    tabs = {}
+    for k, i in zip(slots, slices):
+      try:
+        tabs[k] = (*_tables(sequences[i], "blood"), *_tables(sequences[i], "myo"))
+      except InputError as e:
+        results[k]["error"] = str(e)
+    if not tabs:
+      return
+    width_l = -(-max(a.shape[1] for tab in tabs.values() for a in tab) // 512) * 512
+    dummy = tuple(np.zeros((n_v, width_l), np.float32) for _ in range(4))
+    padded = [tuple(np.pad(a, ((0, 0), (0, width_l - a.shape[1])), mode="edge")
+                    for a in tabs.get(k, dummy)) for k in range(size)]
+    s_blood, c_blood, s_myo, c_myo = (jnp.asarray(np.stack([pd[j] for pd in padded]))
+                                      for j in range(4))
+  else:
+    s_blood = c_blood = s_myo = c_myo = jnp.zeros((size, 1, 2), jnp.float32)
+  res = _curves(raw_d, jnp.asarray(gain), jnp.asarray(pool_idx), jnp.asarray(pool_ok),
+                jnp.asarray(tissue), s_blood, c_blood, s_myo, c_myo, convert=convert,
+                n_sec=n_sec)
+  res = {k: np.asarray(v, np.float64) for k, v in res.items()}
+  for k, i in zip(slots, slices):
+    if "error" in results[k]:
+      continue
+    if not res["pool_finite"][k]:
+      results[k]["error"] = str(InputError("raw", POOL_NOT_FINITE))
+      continue
+    try:  # the numpy rules' first-pass window needs a finite AIF
+      for v in range(n_v):
+        check_curve(res["aif"][k, v], "aif")
+    except InputError as e:
+      results[k]["error"] = str(e)
+      continue
+    b = int(res["n_baseline"][k])
+    amp = float("nan")
+    if convert:
+      blood_px = res["blood_px"][k]
+      amp = amplification_at_peak(res["aif"][k, 0], blood_px, float(blood_px[:b].mean()),
+                                  sequences[i][0])
+    results[k]["variants"] = [
+        dict(aif=res["aif"][k, v], curves=res["curves"][k, v],
+             counts=geometries[i]["counts"], n_aif_pixels=int(res["n_pure"][k]),
+             aif_amplification=amp, blood_signal=res["blood"][k]) for v in range(n_v)]

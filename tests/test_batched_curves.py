@@ -1,0 +1,91 @@
+"""The vectorised frame gains and curves (perfjax.batched_curves) against the numpy rules."""
+import warnings
+
+import numpy as np
+import pytest
+
+from perfjax import batched_curves, extraction, perfusion
+from perfjax.data import phantom
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_masked_quantile_is_numpys_over_the_valid_entries(q):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 9)).astype(np.float32)
+  x[:, 4] = x[:, 3]  # ties
+  valid = rng.uniform(size=(6, 9)) < 0.6
+  valid[0] = False  # none valid: NaN
+  valid[1] = [True] + [False] * 8  # one
+  valid[2, :2], valid[2, 2:] = True, False  # two
+  got = np.asarray(batched_curves.masked_quantile(x, valid, q))
+  assert np.isnan(got[0])
+  want = [np.quantile(row[ok], q) for row, ok in zip(x[1:], valid[1:])]
+  np.testing.assert_allclose(got[1:], want, rtol=1e-6, atol=1e-6)
+
+
+def _both(raw, masks, times, **kwargs):
+  with np.errstate(all="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # the numpy rules' means of empty pools
+    return [perfusion.mbf_from_slices(raw, masks, times, vectorised=v, **kwargs)
+            for v in (False, True)]
+
+
+def test_vectorised_extraction_agrees_with_the_numpy_rules_and_keeps_errors_in_place():
+  """Concentration with its flip-angle variants, a study AIF and frame gains; slice 1 has no
+  LV blood pool and slice 2 a NaN in it: their errors are the numpy path's, the rest go on."""
+  rec = phantom.simulate(41, 6, "flash", 0.0, stress="mixed")
+  raw, masks = rec["raw"].copy(), rec["mask"].copy()
+  masks[1][masks[1] == 2] = 1
+  raw[2][tuple(np.argwhere(extraction.curve_geometry(masks[2])["lv"])[0])] = np.nan
+  seqs = [perfusion.sequence_from_record(rec, i) for i in range(6)]
+  numpy_run, vectorised = _both(raw, masks, rec["times"], sequences=seqs,
+                                study_ids=rec["study_id"])
+  assert list(vectorised["error"]) == list(numpy_run["error"])
+  assert numpy_run["error"][1].startswith("mask: no LV blood pool")
+  assert numpy_run["error"][2] == "raw: NaN or Inf in the LV blood pool signal"
+  assert list(vectorised["frame_gain_reason"]) == list(numpy_run["frame_gain_reason"])
+  assert list(vectorised["aif_source"]) == list(numpy_run["aif_source"])
+  for key in ("counts", "n_aif_pixels"):
+    np.testing.assert_array_equal(vectorised[key], numpy_run[key], err_msg=key)
+  np.testing.assert_allclose(vectorised["frame_gain"], numpy_run["frame_gain"], rtol=1e-5)
+  for key in ("aif", "curves"):
+    scale = np.nanmax(np.abs(numpy_run[key]))
+    np.testing.assert_allclose(vectorised[key], numpy_run[key], atol=1e-5 * scale, err_msg=key)
+  np.testing.assert_allclose(vectorised["aif_amplification"], numpy_run["aif_amplification"],
+                             rtol=1e-4)
+  for key in ("slice_mbf", "slice_mbf_flip_lo", "slice_mbf_flip_hi"):
+    np.testing.assert_allclose(vectorised[key], numpy_run[key], rtol=2e-3, err_msg=key)
+  assert np.isfinite(vectorised["slice_mbf"][[0, 3, 4, 5]]).all()
+
+
+def test_vectorised_extraction_of_raw_signal_and_of_too_few_frames_for_a_gain():
+  rec = phantom.simulate(7, 3, "bssfp", 0.0, noise=0.0, variability="narrow")
+  numpy_run, vectorised = _both(rec["raw"], rec["mask"], rec["times"])
+  assert vectorised["units"] == "signal" and not any(vectorised["error"])
+  for key in ("aif", "curves"):
+    scale = np.nanmax(np.abs(numpy_run[key]))
+    np.testing.assert_allclose(vectorised[key], numpy_run[key], atol=1e-5 * scale, err_msg=key)
+  np.testing.assert_allclose(vectorised["slice_mbf"], numpy_run["slice_mbf"], rtol=2e-3)
+  short = _both(rec["raw"][..., :7], rec["mask"], rec["times"][:, :7], spill_over=False)
+  assert [list(r["frame_gain_reason"]) for r in short] == [["too few frames (7)"] * 3] * 2
+
+
+def test_vectorised_extraction_gives_the_numpy_rules_errors_for_bad_pools_and_sequences():
+  """A pool with no pre-contrast signal (no finite AIF) and a sequence without its T1s: each
+  is its slice's error, word for word, and the other slice goes on."""
+  rec = phantom.simulate(3, 2, "flash", 0.0, noise=0.0, variability="narrow")
+  raw = rec["raw"].copy()
+  raw[0][rec["mask"][0] == 2] = 0.0
+  seqs = [perfusion.sequence_from_record(rec, i) for i in range(2)]
+  for bad in (None, 1):
+    use = [dict(s) for s in seqs]
+    if bad is not None:
+      del use[bad]["t1_blood"], use[bad]["t1_myo"]
+    numpy_run, vectorised = _both(raw, rec["mask"], rec["times"], sequences=use)
+    assert list(vectorised["error"]) == list(numpy_run["error"])
+    assert numpy_run["error"][0] == "aif: contains NaN or Inf"
+    if bad is not None:
+      assert numpy_run["error"][1] == "sequence: missing keys ['t1_blood', 't1_myo']"
+    else:
+      assert not numpy_run["error"][1]
+      np.testing.assert_allclose(vectorised["slice_mbf"], numpy_run["slice_mbf"], rtol=2e-3)
