@@ -133,9 +133,14 @@ def _slice_curves(raw, gain, pool_idx, pool_ok, tissue, s_blood, c_blood, s_myo,
     sigma2 = jnp.where(b >= 2, jnp.nan_to_num(masked_quantile(var, ok, 0.5)), 0.0)
   floor = lambda v: jnp.where(sigma2 > 0, jnp.sqrt(jnp.maximum(v ** 2 - sigma2, 0.0)), v)  # noqa: E731
   pool_signal = floor(pool) if convert else pool
-  sums = jax.ops.segment_sum(x, tissue, num_segments=n_sec + 1)
-  counts = jax.ops.segment_sum(jnp.ones_like(tissue, x.dtype), tissue, num_segments=n_sec + 1)
-  sector = floor(sums[1:] / counts[1:, None])
+  # Sector sums as a product with the one-hot sector map: unlike a scatter-add (atomic on a
+  # GPU), its order of summation, and so its result, is the same in every run.
+  # A non-finite pixel makes its own sector's curve NaN, as in the numpy rules.
+  one_hot = (tissue[:, None] == jnp.arange(1, n_sec + 1)).astype(x.dtype)  # [P, K]
+  finite = jnp.isfinite(x)
+  sums = jnp.matmul(one_hot.T, jnp.where(finite, x, 0.0), precision=_HIGHEST)
+  broken = jnp.matmul(one_hot.T, (~finite).astype(x.dtype), precision=_HIGHEST) > 0
+  sector = floor(jnp.where(broken, jnp.nan, sums) / one_hot.sum(0)[:, None])
   base_of = lambda rows: _masked_mean(rows, first[None, :], 1)  # noqa: E731
   aifs, curves, blood, blood_px, n_pure = [], [], None, None, None
   for v in range(s_blood.shape[0] if convert else 1):

@@ -32,11 +32,14 @@ def _both(raw, masks, times, **kwargs):
 
 def test_vectorised_extraction_agrees_with_the_numpy_rules_and_keeps_errors_in_place():
   """Concentration with its flip-angle variants, a study AIF and frame gains; slice 1 has no
-  LV blood pool and slice 2 a NaN in it: their errors are the numpy path's, the rest go on."""
+  LV blood pool and slice 2 a NaN in it: their errors are the numpy path's, the rest go on.
+  Slice 3 has a NaN in one myocardium pixel: that sector's curve alone is NaN."""
   rec = phantom.simulate(41, 6, "flash", 0.0, stress="mixed")
   raw, masks = rec["raw"].copy(), rec["mask"].copy()
   masks[1][masks[1] == 2] = 1
   raw[2][tuple(np.argwhere(extraction.curve_geometry(masks[2])["lv"])[0])] = np.nan
+  tissue_map = extraction.curve_geometry(masks[3])["tissue_map"]
+  raw[3][tuple(np.argwhere(tissue_map == 7)[0]) + (5,)] = np.nan  # one frame of one pixel
   seqs = [perfusion.sequence_from_record(rec, i) for i in range(6)]
   numpy_run, vectorised = _both(raw, masks, rec["times"], sequences=seqs,
                                 study_ids=rec["study_id"])
@@ -56,6 +59,8 @@ def test_vectorised_extraction_agrees_with_the_numpy_rules_and_keeps_errors_in_p
   for key in ("slice_mbf", "slice_mbf_flip_lo", "slice_mbf_flip_hi"):
     np.testing.assert_allclose(vectorised[key], numpy_run[key], rtol=2e-3, err_msg=key)
   assert np.isfinite(vectorised["slice_mbf"][[0, 3, 4, 5]]).all()
+  broken = np.isnan(vectorised["curves"][3]).any(-1)
+  assert broken[6] and broken.sum() == 1 and np.isnan(numpy_run["curves"][3, 6]).any()
 
 
 def test_vectorised_extraction_of_raw_signal_and_of_too_few_frames_for_a_gain():
@@ -89,3 +94,17 @@ def test_vectorised_extraction_gives_the_numpy_rules_errors_for_bad_pools_and_se
     else:
       assert not numpy_run["error"][1]
       np.testing.assert_allclose(vectorised["slice_mbf"], numpy_run["slice_mbf"], rtol=2e-3)
+
+
+@pytest.mark.parametrize("backend,expect", [("cpu", False), ("gpu", True), ("tpu", True)])
+def test_the_default_extraction_path_follows_the_backend(monkeypatch, backend, expect):
+  calls = []
+  real = batched_curves.curves_of_slices
+  monkeypatch.setattr(batched_curves, "curves_of_slices",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  monkeypatch.setattr(perfusion.jax, "default_backend", lambda: backend)
+  rec = phantom.simulate(7, 1, "bssfp", 0.0, noise=0.0, variability="narrow")
+  with np.errstate(all="ignore"):
+    perfusion.mbf_from_slices(rec["raw"], rec["mask"], rec["times"], flip_sensitivity=0.0,
+                              spill_over=False)
+  assert bool(calls) == expect
