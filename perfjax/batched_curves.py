@@ -6,9 +6,10 @@ form, so that a GPU does not wait on a per-slice numpy loop. A slice's pixel set
 outside the heart, the eroded LV pool, the sectors' interior pixels) are masks or padded index
 lists of fixed size, medians and quantiles are numpy's (linear interpolation) taken from a sort
 with the pixels outside the set placed last, and everything is float32 with matrix products at
-the highest precision (TF32 would move a log gain by about 1e-3). Results agree with the numpy
-rules to float32's precision (tests/test_perfusion.py). On a CPU the sorts make it slower than
-the numpy rules, so `perfusion.mbf_from_slices` uses it by default only on an accelerator.
+the highest precision (not the reduced precision some accelerators use for float32 products by
+default). Results agree with the numpy rules to float32's precision
+(tests/test_batched_curves.py). On a CPU the sorts make it slower than the numpy rules, so
+`perfusion.mbf_from_slices` uses it by default only on an accelerator.
 """
 from __future__ import annotations
 
