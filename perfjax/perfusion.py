@@ -66,6 +66,9 @@ def sequence_from_record(record: dict, i: int) -> dict:
 
 MIN_AIF_PIXELS = 12  # a study AIF never comes from a pool with fewer pure blood pixels
 MAX_WORKERS = 8  # threads of mbf_from_slices' curve extraction
+# mbf_from_slices' default extracts fewer slices with the numpy rules even on an accelerator:
+# for a few slices they cost less than compiling the batched calls (benchmarks/RESULTS.md).
+VECTORISE_MIN_SLICES = 16
 
 
 # ----------------------------------------------------------------------------- slice/study
@@ -124,7 +127,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     vectorised: measure the frame gains and extract the curves of all slices in batched jitted
       calls (`perfjax.batched_curves`, float32) instead of a numpy thread per slice (float64);
       the two agree to float32's precision. Default: on an accelerator (JAX's default backend
-      is not the CPU), where the numpy loop would leave the device idle.
+      is not the CPU), where the numpy loop would leave the device idle, for at least
+      VECTORISE_MIN_SLICES slices.
     **fit_kwargs: passed to :func:`fit_fermi`.
 
   AIF choice (``aif_source`` [N], a reason per slice): "series" (the AIF series, read out
@@ -204,7 +208,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   blas_limit = threadpoolctl.threadpool_limits(1, user_api="blas") if n_workers > 1 else (
       contextlib.nullcontext())
   if vectorised is None:
-    vectorised = jax.default_backend() != "cpu"
+    vectorised = jax.default_backend() != "cpu" and n >= VECTORISE_MIN_SLICES
   with blas_limit, concurrent.futures.ThreadPoolExecutor(n_workers) as pool:
     per_slice = batched_curves.curves_of_slices(
         raw, masks, times, list(pool.map(geometry_or_error, range(n))),

@@ -96,14 +96,17 @@ def test_vectorised_extraction_gives_the_numpy_rules_errors_for_bad_pools_and_se
       np.testing.assert_allclose(vectorised["slice_mbf"], numpy_run["slice_mbf"], rtol=2e-3)
 
 
-@pytest.mark.parametrize("backend,expect", [("cpu", False), ("gpu", True), ("tpu", True)])
-def test_the_default_extraction_path_follows_the_backend(monkeypatch, backend, expect):
+@pytest.mark.parametrize("backend,n,expect", [("cpu", 2, False), ("gpu", 2, True),
+                                               ("tpu", 2, True), ("gpu", 1, False)])
+def test_the_default_extraction_path_follows_the_backend_and_the_slice_count(
+    monkeypatch, backend, n, expect):
   calls = []
   real = batched_curves.curves_of_slices
   monkeypatch.setattr(batched_curves, "curves_of_slices",
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   monkeypatch.setattr(perfusion.jax, "default_backend", lambda: backend)
-  rec = phantom.simulate(7, 1, "bssfp", 0.0, noise=0.0, variability="narrow")
+  monkeypatch.setattr(perfusion, "VECTORISE_MIN_SLICES", 2)
+  rec = phantom.simulate(7, n, "bssfp", 0.0, noise=0.0, variability="narrow")
   with np.errstate(all="ignore"):
     perfusion.mbf_from_slices(rec["raw"], rec["mask"], rec["times"], flip_sensitivity=0.0,
                               spill_over=False)
