@@ -32,18 +32,40 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _NB = gain_lib.N_BASELINE
 
 
+def _interpolate(n, q, order_statistic):
+  """numpy's linear quantile ``q`` of ``n`` values from ``order_statistic(k)``, the k-th
+  smallest (0-based) of each row; NaN where n is 0."""
+  pos = q * jnp.maximum(n - 1, 0).astype(jnp.float32)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  below = order_statistic(lo)
+  above = order_statistic(jnp.minimum(lo + 1, jnp.maximum(n - 1, 0)))
+  return jnp.where(n > 0, below + (above - below) * (pos - lo), jnp.nan)
+
+
 def masked_quantile(x, valid, q: float):
   """numpy's linear quantile ``q`` along the last axis over the entries where ``valid``
   (broadcast to ``x``); NaN where none is valid."""
   valid = jnp.broadcast_to(valid, x.shape)
-  n = valid.sum(-1)
   ordered = jnp.sort(jnp.where(valid, x, jnp.inf), axis=-1)
-  pos = q * jnp.maximum(n - 1, 0).astype(x.dtype)
-  lo = jnp.floor(pos).astype(jnp.int32)
-  hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
-  below = jnp.take_along_axis(ordered, lo[..., None], -1)[..., 0]
-  above = jnp.take_along_axis(ordered, hi[..., None], -1)[..., 0]
-  return jnp.where(n > 0, below + (above - below) * (pos - lo), jnp.nan)
+  return _interpolate(valid.sum(-1), q, lambda k: jnp.take_along_axis(
+      ordered, k[..., None], -1)[..., 0])
+
+
+def sort_once(x):
+  """``x`` sorted along its last axis, and the permutation that sorts it: for
+  :func:`quantile_of_sorted` over several subsets of the same values."""
+  order = jnp.argsort(x, axis=-1)
+  return jnp.take_along_axis(x, order, -1), order
+
+
+def quantile_of_sorted(ordered, order, valid, q: float):
+  """:func:`masked_quantile` of the values that :func:`sort_once` sorted, over ``valid``
+  (broadcast to them, in their original order): one sort serves every subset."""
+  in_order = jnp.take_along_axis(jnp.broadcast_to(valid, ordered.shape), order, -1)
+  seen = jnp.cumsum(in_order, -1)  # the k-th valid entry sits after exactly k entries with seen <= k
+  return _interpolate(seen[..., -1], q, lambda k: jnp.take_along_axis(
+      ordered, jnp.minimum(jnp.sum(seen <= k[..., None], -1), ordered.shape[-1] - 1)[..., None],
+      -1)[..., 0])
 
 
 def _masked_mean(x, valid, axis):
@@ -77,11 +99,12 @@ def _gain_measurements(raw, outside, lv_full, proj):
   trend = jnp.matmul(log_rel, proj.T, precision=_HIGHEST)
   trend = trend - trend[:, :_NB].mean(-1, keepdims=True)
   flat = body
+  rel_sorted, rel_order = sort_once(log_rel.T)  # [T, P]: each round takes another subset's median
   for _ in range(gain_lib.N_ROUNDS):
     shift = jnp.matmul(log_g, proj.T, precision=_HIGHEST)
     excursion = jnp.abs(trend - (shift - shift[:_NB].mean())).max(-1)
     flat = body & (excursion <= masked_quantile(excursion, body, gain_lib.FLAT_FRACTION))
-    log_g = masked_quantile(log_rel.T, flat, 0.5)
+    log_g = quantile_of_sorted(rel_sorted, rel_order, flat, 0.5)
   lv_ok = lv_full.any() & jnp.all(jnp.where(lv_full[:, None], jnp.isfinite(raw), True))
   lv = jnp.where(lv_ok, _masked_mean(raw, lv_full[:, None], 0), jnp.nan)
   return log_g, region.sum(), body.sum(), flat.sum(), lv

@@ -9,7 +9,7 @@ from perfjax.data import phantom
 
 
 @pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_masked_quantile_is_numpys_over_the_valid_entries(q):
+def test_masked_quantiles_are_numpys_over_the_valid_entries(q):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 9)).astype(np.float32)
   x[:, 4] = x[:, 3]  # ties
@@ -17,10 +17,12 @@ def test_masked_quantile_is_numpys_over_the_valid_entries(q):
   valid[0] = False  # none valid: NaN
   valid[1] = [True] + [False] * 8  # one
   valid[2, :2], valid[2, 2:] = True, False  # two
-  got = np.asarray(batched_curves.masked_quantile(x, valid, q))
-  assert np.isnan(got[0])
   want = [np.quantile(row[ok], q) for row, ok in zip(x[1:], valid[1:])]
-  np.testing.assert_allclose(got[1:], want, rtol=1e-6, atol=1e-6)
+  got = np.asarray(batched_curves.masked_quantile(x, valid, q))
+  presorted = np.asarray(batched_curves.quantile_of_sorted(*batched_curves.sort_once(x), valid, q))
+  for values in (got, presorted):
+    assert np.isnan(values[0])
+    np.testing.assert_allclose(values[1:], want, rtol=1e-6, atol=1e-6)
 
 
 def _both(raw, masks, times, **kwargs):
