@@ -192,18 +192,17 @@ def _curves(raw_npt, gain_nt, pool_idx, pool_ok, tissue_np, s_blood, c_blood, s_
 
 
 # ----------------------------------------------------------------------------- host side
-def _pad_rows(rows: list[np.ndarray], fill) -> np.ndarray:
-  """Stack 1-D arrays, each padded at its end to the longest with ``fill`` (None: its last)."""
+def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
+  """Stack 1-D arrays, each padded at its end to the longest with its last entry."""
   width = max(len(r) for r in rows)
-  return np.stack([np.concatenate([r, np.full(width - len(r), r[-1] if fill is None else fill,
-                                                      r.dtype)]) for r in rows])
+  return np.stack([np.pad(r, (0, width - len(r)), mode="edge") for r in rows])
 
 
 def _tables(sequences: list, tissue: str):
   """(signal, concentration) [V, L] of each variant's conversion, padded with their last entry."""
   pairs = [conversion_table(s, tissue) for s in sequences]
-  return (_pad_rows([p[0] for p in pairs], None).astype(np.float32),
-          _pad_rows([p[1] for p in pairs], None).astype(np.float32))
+  return (_pad_rows([p[0] for p in pairs]).astype(np.float32),
+          _pad_rows([p[1] for p in pairs]).astype(np.float32))
 
 
 def curves_of_slices(raw, masks, times, geometries: list, sequences: list, *,
@@ -262,8 +261,7 @@ def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
 
 def _curves_into(results, raw_d, gain, slices, slots, geometries, sequences, size, p):
   """Fill ``results[slot]`` with the variants of each slice whose geometry was made."""
-  first = geometries[slices[0]]
-  n_sec = first["n_sec"]
+  n_sec = geometries[slices[0]]["n_sec"]
   pool_lists = [np.flatnonzero(geometries[i]["lv"].ravel()) for i in slices]
   width = -(-max(len(q) for q in pool_lists) // 64) * 64  # rounded: fewer shapes to compile
   pool_idx = np.zeros((size, width), np.int32)
