@@ -113,3 +113,25 @@ def test_the_default_extraction_path_follows_the_backend_and_the_slice_count(
     perfusion.mbf_from_slices(rec["raw"], rec["mask"], rec["times"], flip_sensitivity=0.0,
                               spill_over=False)
   assert bool(calls) == expect
+
+
+def test_vectorised_extraction_of_a_two_pixel_pool_and_of_masks_without_myocardium_or_rv():
+  """A two-pixel pool (the purity rule keeps all pixels under 4) and masks the sectors cannot
+  divide: the same AIF pixels, errors and MBF as the numpy rules."""
+  rec = phantom.simulate(5, 4, "bssfp", 0.0)
+  masks = rec["mask"].copy()
+  pool = np.argwhere(masks[0] == 2)
+  masks[0][masks[0] == 2] = 1
+  for pixel in pool[len(pool) // 2:len(pool) // 2 + 2]:
+    masks[0][tuple(pixel)] = 2
+  masks[1][masks[1] == 1] = 0
+  masks[2][masks[2] == 3] = 0
+  numpy_run, vectorised = _both(rec["raw"], masks, rec["times"],
+                                sequences=[perfusion.sequence_from_record(rec, i)
+                                           for i in range(4)])
+  assert list(vectorised["error"]) == list(numpy_run["error"])
+  assert numpy_run["error"][1].startswith("mask: no myocardium")
+  assert numpy_run["error"][2].startswith("mask: no RV blood pool")
+  np.testing.assert_array_equal(vectorised["n_aif_pixels"], [2, 0, 0, numpy_run["n_aif_pixels"][3]])
+  np.testing.assert_array_equal(numpy_run["n_aif_pixels"][:3], [2, 0, 0])
+  np.testing.assert_allclose(vectorised["slice_mbf"], numpy_run["slice_mbf"], rtol=2e-3)
