@@ -62,7 +62,7 @@ def quantile_of_sorted(ordered, order, valid, q: float):
   """:func:`masked_quantile` of the values that :func:`sort_once` sorted, over ``valid``
   (broadcast to them, in their original order): one sort serves every subset."""
   in_order = jnp.take_along_axis(jnp.broadcast_to(valid, ordered.shape), order, -1)
-  seen = jnp.cumsum(in_order, -1)  # the k-th valid entry sits after exactly k entries with seen <= k
+  seen = jnp.cumsum(in_order, -1)  # the k-th valid entry's index: how many have seen <= k
   return _interpolate(seen[..., -1], q, lambda k: jnp.take_along_axis(
       ordered, jnp.minimum(jnp.sum(seen <= k[..., None], -1), ordered.shape[-1] - 1)[..., None],
       -1)[..., 0])
@@ -155,7 +155,9 @@ def _slice_curves(raw, gain, pool_idx, pool_ok, tissue, s_blood, c_blood, s_myo,
     mean_b = _masked_mean(pool, first[None, :], 1)
     var = jnp.where(first, (pool - mean_b[:, None]) ** 2, 0.0).sum(1) / jnp.maximum(b - 1, 1)
     sigma2 = jnp.where(b >= 2, jnp.nan_to_num(masked_quantile(var, ok, 0.5)), 0.0)
-  floor = lambda v: jnp.where(sigma2 > 0, jnp.sqrt(jnp.maximum(v ** 2 - sigma2, 0.0)), v)  # noqa: E731
+  def floor(v):
+    return jnp.where(sigma2 > 0, jnp.sqrt(jnp.maximum(v ** 2 - sigma2, 0.0)), v)
+
   pool_signal = floor(pool) if convert else pool
   # Sector sums as a product with the one-hot sector map: unlike a scatter-add (atomic on a
   # GPU), its order of summation, and so its result, is the same in every run.
