@@ -27,7 +27,8 @@ from perfjax.errors import InputError
 from perfjax.extraction import (AIF_PURITY, POOL_NOT_FINITE, amplification_at_peak,
                                 conversion_table)
 
-MAX_CHUNK = 128  # slices per call: bounds device memory; chunks are padded to a power of two
+MAX_CHUNK = 128  # slices per call; chunks are padded to a power of two (one compile each)
+CHUNK_ELEMENTS = 2 ** 26  # at most this many pixel-frames a call (fewer slices when larger)
 _HIGHEST = jax.lax.Precision.HIGHEST
 _NB = gain_lib.N_BASELINE
 
@@ -215,12 +216,16 @@ def curves_of_slices(raw, masks, times, geometries: list, sequences: list, *,
 
   ``geometries``: per slice `extraction.curve_geometry`'s dict, or the error message that kept
   it from being made; ``sequences``: per slice the list of its variants' sequence dicts (all
-  None: signal, not concentration). Slices are processed in chunks of at most MAX_CHUNK.
+  None: signal, not concentration). Slices are processed in chunks of at most MAX_CHUNK, fewer
+  (a power of two) where their pixel-frames would pass CHUNK_ELEMENTS: device memory is bounded
+  whatever the images' size.
   """
   n, h, w, t = raw.shape
+  fits = max(CHUNK_ELEMENTS // (h * w * t), 1)
+  chunk = min(MAX_CHUNK, 1 << (fits.bit_length() - 1))
   out = []
-  for start in range(0, n, MAX_CHUNK):
-    rows = list(range(start, min(start + MAX_CHUNK, n)))
+  for start in range(0, n, chunk):
+    rows = list(range(start, min(start + chunk, n)))
     out += _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, (h * w, t))
   return out
 

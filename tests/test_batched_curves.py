@@ -65,7 +65,8 @@ def test_vectorised_extraction_agrees_with_the_numpy_rules_and_keeps_errors_in_p
   assert broken[6] and broken.sum() == 1 and np.isnan(numpy_run["curves"][3, 6]).any()
 
 
-def test_vectorised_extraction_of_raw_signal_and_of_too_few_frames_for_a_gain():
+def test_vectorised_extraction_of_raw_signal_in_chunks_and_of_too_few_frames_for_a_gain(
+    monkeypatch):
   rec = phantom.simulate(7, 3, "bssfp", 0.0, noise=0.0, variability="narrow")
   numpy_run, vectorised = _both(rec["raw"], rec["mask"], rec["times"])
   assert vectorised["units"] == "signal" and not any(vectorised["error"])
@@ -73,6 +74,12 @@ def test_vectorised_extraction_of_raw_signal_and_of_too_few_frames_for_a_gain():
     scale = np.nanmax(np.abs(numpy_run[key]))
     np.testing.assert_allclose(vectorised[key], numpy_run[key], atol=1e-5 * scale, err_msg=key)
   np.testing.assert_allclose(vectorised["slice_mbf"], numpy_run["slice_mbf"], rtol=2e-3)
+  # Room for 2 slices a call: chunks of 2 and 1, the same curves as one call of 3 (padded to 4).
+  monkeypatch.setattr(batched_curves, "CHUNK_ELEMENTS", 2 * rec["raw"][0].size + 1)
+  chunked = _both(rec["raw"], rec["mask"], rec["times"])[1]
+  for key in ("aif", "curves", "frame_gain"):  # float32 sums of other batch sizes
+    scale = np.nanmax(np.abs(vectorised[key]))
+    np.testing.assert_allclose(chunked[key], vectorised[key], atol=1e-6 * scale, err_msg=key)
   short = _both(rec["raw"][..., :7], rec["mask"], rec["times"][:, :7], spill_over=False)
   assert [list(r["frame_gain_reason"]) for r in short] == [["too few frames (7)"] * 3] * 2
 
