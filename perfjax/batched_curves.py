@@ -217,8 +217,8 @@ def curves_of_slices(raw, masks, times, geometries: list, sequences: list, *,
   ``geometries``: per slice `extraction.curve_geometry`'s dict, or the error message that kept
   it from being made; ``sequences``: per slice the list of its variants' sequence dicts (all
   None: signal, not concentration). Slices are processed in chunks of at most MAX_CHUNK, fewer
-  (a power of two) where their pixel-frames would pass CHUNK_ELEMENTS: device memory is bounded
-  whatever the images' size.
+  (a power of two) where their pixel-frames would pass CHUNK_ELEMENTS, so that larger images
+  take fewer slices a call.
   """
   n, h, w, t = raw.shape
   fits = max(CHUNK_ELEMENTS // (h * w * t), 1)
@@ -231,6 +231,7 @@ def curves_of_slices(raw, masks, times, geometries: list, sequences: list, *,
 
 
 def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
+  """:func:`curves_of_slices` for the slices ``rows``, padded to a power of two with copies."""
   p, t = shape
   size = 1 << (len(rows) - 1).bit_length()  # padded: one compile per power of two
   pick = rows + [rows[0]] * (size - len(rows))
