@@ -195,17 +195,11 @@ def _curves(raw_npt, gain_nt, pool_idx, pool_ok, tissue_np, s_blood, c_blood, s_
 
 
 # ----------------------------------------------------------------------------- host side
-def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
-  """Stack 1-D arrays, each padded at its end to the longest with its last entry."""
-  width = max(len(r) for r in rows)
-  return np.stack([np.pad(r, (0, width - len(r)), mode="edge") for r in rows])
-
-
-def _tables(sequences: list, tissue: str):
-  """(signal, concentration) [V, L] of each variant's conversion, padded with their last entry."""
-  pairs = [conversion_table(s, tissue) for s in sequences]
-  return (_pad_rows([p[0] for p in pairs]).astype(np.float32),
-          _pad_rows([p[1] for p in pairs]).astype(np.float32))
+def _tables(sequences: list) -> list[np.ndarray]:
+  """The conversions' 1-D tables: for blood, then myocardium, each variant's (signal,
+  concentration) pair, flat ([2 x V x 2] arrays of their own lengths)."""
+  return [np.asarray(a, np.float32) for tissue in ("blood", "myo") for s in sequences
+          for a in conversion_table(s, tissue)]
 
 
 def curves_of_slices(raw, masks, times, geometries: list, sequences: list, *,
@@ -284,17 +278,20 @@ def _curves_into(results, raw_d, gain, slices, slots, geometries, sequences, siz
     tabs = {}
     for k, i in zip(slots, slices):
       try:
-        tabs[k] = (*_tables(sequences[i], "blood"), *_tables(sequences[i], "myo"))
+        tabs[k] = _tables(sequences[i])
       except InputError as e:
         results[k]["error"] = str(e)
     if not tabs:
       return
-    width_l = -(-max(a.shape[1] for tab in tabs.values() for a in tab) // 512) * 512
-    dummy = tuple(np.zeros((n_v, width_l), np.float32) for _ in range(4))
-    padded = [tuple(np.pad(a, ((0, 0), (0, width_l - a.shape[1])), mode="edge")
-                    for a in tabs.get(k, dummy)) for k in range(size)]
-    s_blood, c_blood, s_myo, c_myo = (jnp.asarray(np.stack([pd[j] for pd in padded]))
-                                      for j in range(4))
+    # [size, 4, V, L]: each table padded with its last entry to a common length (rounded: fewer
+    # shapes to compile); slots without tables get zeros (their results are not read).
+    width_l = -(-max(len(a) for tab in tabs.values() for a in tab) // 512) * 512
+    stacked = np.zeros((size, 2, n_v, 2, width_l), np.float32)  # slot, tissue, variant, s/c
+    for k, tab in tabs.items():
+      stacked[k] = np.stack([np.pad(a, (0, width_l - len(a)), mode="edge")
+                             for a in tab]).reshape(2, n_v, 2, width_l)
+    s_blood, c_blood, s_myo, c_myo = (jnp.asarray(stacked[:, t, :, j])
+                                      for t in range(2) for j in range(2))
   else:
     s_blood = c_blood = s_myo = c_myo = jnp.zeros((size, 1, 2), jnp.float32)
   res = _curves(raw_d, jnp.asarray(gain), jnp.asarray(pool_idx), jnp.asarray(pool_ok),
