@@ -40,6 +40,7 @@ from scipy.optimize import least_squares  # noqa: E402
 
 from perfjax import bolus  # noqa: E402
 from perfjax import fermi as core  # noqa: E402
+from perfjax import fermi_model  # noqa: E402
 from perfjax import perfusion, physics, stats  # noqa: E402
 from perfjax.data import phantom  # noqa: E402
 
@@ -90,11 +91,11 @@ class ScipyFermi:
     self.v = np.arange(nv) * dv
     self.a_scale = float(np.max(aif))
     av = bolus.aif_on_grid(aif, times, self.v, aif_model) / self.a_scale
-    self.conv = np.asarray(core.simpson_conv_matrix(jnp.asarray(av), n_coarse, ratio, dv),
+    self.conv = np.asarray(fermi_model.simpson_conv_matrix(jnp.asarray(av), n_coarse, ratio, dv),
                            np.float64)
     self.wts = window.astype(np.float64)
     self.tau_max = tau_max
-    self.lb = np.array([0.0, 0.0, core.K_MIN, 0.0])
+    self.lb = np.array([0.0, 0.0, fermi_model.K_MIN, 0.0])
     self.ub = np.array([np.inf, np.inf, np.inf, tau_max])
 
   def _cr(self, g, s):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from perfjax import bolus, fermi
+from perfjax import bolus, fermi, fermi_model
 from perfjax import perfusion, physics
 from perfjax.errors import InputError
 
@@ -48,29 +48,29 @@ def test_forward_model_matches_direct_convolution(dv):
   t_end = TIMES[-1]
   n_coarse = int(np.ceil(t_end / (ratio * dv))) + 5
   v = np.arange((n_coarse - 3) * ratio + 1) * dv
-  conv = fermi.simpson_conv_matrix(jnp.asarray(physics.aif_concentration(v, AIF_P)), n_coarse,
-                                  ratio, dv)
+  conv = fermi_model.simpson_conv_matrix(jnp.asarray(physics.aif_concentration(v, AIF_P)),
+                                         n_coarse, ratio, dv)
   tf = np.arange(0.0, t_end + 1e-9, 0.001)
   a_f = physics.aif_concentration(tf, AIF_P)
   for w, k, tau in ((3.0, 0.6, 0.5), (8.0, 1.2, 1.23), (1.0, 0.2, 0.0), (2.0, 0.05, 0.3)):
     h_f = np.where(tf >= tau, 1.0 / (1.0 + np.exp((tf - tau - w) / k)), 0.0)
     direct = 0.001 * signal.fftconvolve(a_f, h_f)[:tf.size]
     direct = np.interp(TIMES, tf, direct)
-    model = np.asarray(fermi.unit_response(w, k, tau, conv, jnp.asarray(TIMES), dv, ratio))
+    model = np.asarray(fermi_model.unit_response(w, k, tau, conv, jnp.asarray(TIMES), dv, ratio))
     assert np.max(np.abs(model - direct)) < 2e-3 * direct.max(), (w, k, tau)
 
 
 def test_analytic_jacobian_matches_autodiff():
-  conv = fermi.simpson_conv_matrix(jnp.asarray(physics.aif_concentration(
+  conv = fermi_model.simpson_conv_matrix(jnp.asarray(physics.aif_concentration(
       np.arange(121) * 0.2, AIF_P)) / 6.0, 64, 2, 0.2)
   t = jnp.asarray(TIMES, jnp.float32)
   raws = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
 
   @jax.jit
   def both(raw):
-    m, jac = fermi.model_and_jac(raw, conv, t, 0.2, 2, 4.0)
-    return m, jac, fermi.model_norm(raw, conv, t, 0.2, 2, 4.0), jax.jacfwd(fermi.model_norm)(
-        raw, conv, t, 0.2, 2, 4.0)
+    m, jac = fermi_model.model_and_jac(raw, conv, t, 0.2, 2, 4.0)
+    return m, jac, fermi_model.model_norm(raw, conv, t, 0.2, 2, 4.0), jax.jacfwd(
+        fermi_model.model_norm)(raw, conv, t, 0.2, 2, 4.0)
 
   m, jac, m_ad, jac_ad = jax.vmap(both)(raws)
   np.testing.assert_allclose(m, m_ad, atol=1e-6)
@@ -82,9 +82,9 @@ def test_analytic_jacobian_matches_autodiff():
 
   @jax.jit
   def both5(raw):
-    m, jac = fermi.model_and_jac(raw, conv, t, 0.2, 2, 4.0, spill)
-    return m, jac, fermi.model_norm(raw, conv, t, 0.2, 2, 4.0, spill), jax.jacfwd(
-        fermi.model_norm)(raw, conv, t, 0.2, 2, 4.0, spill)
+    m, jac = fermi_model.model_and_jac(raw, conv, t, 0.2, 2, 4.0, spill)
+    return m, jac, fermi_model.model_norm(raw, conv, t, 0.2, 2, 4.0, spill), jax.jacfwd(
+        fermi_model.model_norm)(raw, conv, t, 0.2, 2, 4.0, spill)
 
   m, jac, m_ad, jac_ad = jax.vmap(both5)(raws5)
   assert jac.shape == (3, t.size, 5)
@@ -95,11 +95,11 @@ def test_analytic_jacobian_matches_autodiff():
 def test_bounds_hold_for_any_raw_parameter():
   raw = jnp.asarray(np.random.default_rng(1).normal(0, 30, (2000, 4)) *
                     np.random.default_rng(2).choice([1e-3, 1, 100], (2000, 4)), jnp.float32)
-  f, w, k, tau = (np.asarray(x) for x in fermi.params_from_raw(raw, 3.0))
+  f, w, k, tau = (np.asarray(x) for x in fermi_model.params_from_raw(raw, 3.0))
   assert np.all(np.isfinite(f) & np.isfinite(w) & np.isfinite(k) & np.isfinite(tau))
-  assert f.min() >= 0 and w.min() >= 0 and k.min() >= fermi.K_MIN > 0
+  assert f.min() >= 0 and w.min() >= 0 and k.min() >= fermi_model.K_MIN > 0
   assert tau.min() >= 0 and tau.max() <= 3.0
-  back = fermi.params_from_raw(fermi.raw_from_params(0.3, 2.0, 0.7, 1.5, 3.0), 3.0)
+  back = fermi_model.params_from_raw(fermi_model.raw_from_params(0.3, 2.0, 0.7, 1.5, 3.0), 3.0)
   np.testing.assert_allclose([float(x) for x in back], [0.3, 2.0, 0.7, 1.5], rtol=1e-4)
 
 
