@@ -225,11 +225,16 @@ def curves_of_slices(raw, masks, times, geometries: list, sequences: list, *,
 
 
 def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
-  """:func:`curves_of_slices` for the slices ``rows``, padded to a power of two with copies."""
+  """:func:`curves_of_slices` for the consecutive slices ``rows``, padded to a power of two with
+  copies of the first."""
   p, t = shape
   size = 1 << (len(rows) - 1).bit_length()  # padded: one compile per power of two
   pick = rows + [rows[0]] * (size - len(rows))
-  raw_d = jnp.asarray(np.asarray(raw[pick], np.float32).reshape(size, p, t))
+  # The rows are consecutive: their slice of ``raw`` goes to the device as it is (no host copy
+  # when it is float32) and the padding is copied there.
+  raw_d = jnp.asarray(np.asarray(raw[rows[0]:rows[-1] + 1], np.float32).reshape(-1, p, t))
+  if size > len(rows):
+    raw_d = jnp.concatenate([raw_d, jnp.broadcast_to(raw_d[:1], (size - len(rows), p, t))])
   results = [dict(fg=None) for _ in rows]
   gain = np.ones((size, t), np.float32)
   if frame_gain:

@@ -202,6 +202,11 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     except InputError as e:
       return str(e)
 
+  def series_variants(a):
+    """The AIF of series ``a`` (one of ``aif_series``) at each flip-angle variant."""
+    return [aif_from_series(a["image"], a.get("pd"), _with_flip(a["sequence"], sc), a.get("pool"),
+                            dose_ratio=a.get("dose_ratio", 1.0)) for sc in scales]
+
   # Slices are independent; numpy releases the GIL in most of their work. Their BLAS calls
   # run one thread each meanwhile: BLAS's own threads would contend with the slices' threads.
   n_workers = max(1, min(os.cpu_count() or 1, MAX_WORKERS, n) if workers is None else workers)
@@ -226,6 +231,11 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       amp[i], blood[i] = ex["aif_amplification"], ex["blood_signal"]
       counts[i], n_px[i] = ex["counts"], ex["n_aif_pixels"]
       source[i] = "own"
+    # Each AIF series that a slice with curves uses, once (slices of a study share theirs).
+    use_series = aif_series is not None and sequences is not None
+    needed = {id(aif_series[i]): aif_series[i] for i in range(n)
+              if use_series and aif_series[i] is not None and not errors[i]}
+    from_series = dict(zip(needed, pool.map(series_variants, needed.values())))
   bad = np.zeros(n, bool) if exclude is None else np.asarray(exclude, bool)
   if study_ids is not None:
     study_ids = np.asarray(study_ids)
@@ -245,22 +255,15 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                         f"{min_aif_pixels} px" + (" outside excluded slices" if bad[rows].any()
                                                   else "")
   lead = np.zeros(n)
-  if aif_series is not None and sequences is not None:
-    cache = {}
-    for i in range(n):
-      a = aif_series[i]
-      if a is None or errors[i]:
-        continue
-      key = id(a)
-      if key not in cache:
-        cache[key] = [aif_from_series(a["image"], a.get("pd"), _with_flip(a["sequence"], sc),
-                                      a.get("pool"), dose_ratio=a.get("dose_ratio", 1.0))
-                      for sc in scales]
-      for v in range(n_v):
-        aifs[v, i] = cache[key][v]["aif"]
-      amp[i] = cache[key][0]["amplification"]
-      source[i] = "series"
-      lead[i] = a.get("lead_s", series_lead(times[i]))
+  for i in range(n):
+    a = aif_series[i] if use_series else None
+    if a is None or errors[i]:
+      continue
+    for v in range(n_v):
+      aifs[v, i] = from_series[id(a)][v]["aif"]
+    amp[i] = from_series[id(a)][0]["amplification"]
+    source[i] = "series"
+    lead[i] = a.get("lead_s", series_lead(times[i]))
   t_fit = time.perf_counter()
   fit = fit_fermi(np.repeat(aifs.reshape(n_v * n, t), 48, axis=0),
                   curves.reshape(n_v * n * 48, t),
@@ -405,8 +408,9 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
   study = np.asarray(split.get("study_id", np.arange(n)), np.int64)
   offset = study.max() + 1  # Mask sets never share an AIF.
   exclude = np.asarray(split["motion"], bool) if "motion" in split else None
-  res = mbf_from_slices(np.concatenate([split["raw"]] * m), np.concatenate(mask_sets),
-                        np.concatenate([split["times"]] * m), sequences=sequences,
+  stacked = lambda parts: parts[0] if m == 1 else np.concatenate(parts)  # noqa: E731  (no copy)
+  res = mbf_from_slices(stacked([split["raw"]] * m), stacked(mask_sets),
+                        stacked([split["times"]] * m), sequences=sequences,
                         study_ids=np.concatenate([study + j * offset for j in range(m)]),
                         exclude=None if exclude is None else np.concatenate([exclude] * m),
                         aif_series=series, frame_gain=frame_gain, spill_over=spill_over,
