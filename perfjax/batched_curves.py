@@ -229,7 +229,10 @@ def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
   copies of the first."""
   p, t = shape
   size = 1 << (len(rows) - 1).bit_length()  # padded: one compile per power of two
-  pick = rows + [rows[0]] * (size - len(rows))
+
+  def padded(a):  # [len(rows), ...] -> [size, ...], with copies of the first row
+    return np.concatenate([a, np.repeat(a[:1], size - len(rows), axis=0)])
+
   # The rows are consecutive: their slice of ``raw`` goes to the device as it is (no host copy
   # when it is float32) and the padding is copied there.
   raw_d = jnp.asarray(np.asarray(raw[rows[0]:rows[-1] + 1], np.float32).reshape(-1, p, t))
@@ -244,12 +247,13 @@ def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
     else:
       outside = np.stack([~ndimage.binary_dilation(masks[i] > 0,
                                                    iterations=gain_lib.HEART_MARGIN_PX).ravel()
-                          for i in pick])
-      lv_full = np.stack([(masks[i] == conventions.LV_BLOOD_POOL).ravel() for i in pick])
-      projs = [gain_lib.trend_projection(np.asarray(times[i], np.float64)) for i in pick]
+                          for i in rows])
+      lv_full = np.stack([(masks[i] == conventions.LV_BLOOD_POOL).ravel() for i in rows])
+      projs = np.stack([gain_lib.trend_projection(np.asarray(times[i], np.float64))
+                        for i in rows])
       log_g, n_region, n_body, n_flat, lv = (np.asarray(a, np.float64) for a in _gains(
-          raw_d, jnp.asarray(outside), jnp.asarray(lv_full),
-          jnp.asarray(np.stack(projs), jnp.float32)))
+          raw_d, jnp.asarray(padded(outside)), jnp.asarray(padded(lv_full)),
+          jnp.asarray(padded(projs), jnp.float32)))
       for k, r in enumerate(results):
         z = gain_lib.uptake_z(log_g[k], lv[k], np.asarray(times[rows[k]], np.float64),
                               projs[k])
