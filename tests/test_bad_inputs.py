@@ -130,6 +130,8 @@ def _sweep_inputs(folder: pathlib.Path, sim) -> dict:
   cases["few_frames"] = ("failed", "12 time frames; at least 30")
   _nifti(folder / "no_times.nii.gz", np.ones((20, 20, 30), np.float32), times=0)
   cases["no_times"] = ("failed", "needs a JSON sidecar no_times.json")
+  _nifti(folder / "time_first.nii.gz", np.ones((40, 20, 24), np.float32), times=40)
+  cases["time_first"] = ("failed", "frame times of time_first.json match axis 0, not the last")
   _good(folder / "a.v1.nii.gz", sim)
   _good(folder / "a.v2.nii.gz", sim)
   cases["a.v1"] = ("ok|warning", None)

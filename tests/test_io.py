@@ -123,6 +123,18 @@ def test_nifti_times_from_millisecond_pixdim_and_3d_needs_a_sidecar(tmp_path):
   np.testing.assert_allclose(io.read_nifti(tmp_path / "three.nii")["times"], times, atol=1e-9)
 
 
+def test_a_time_first_file_is_told_to_put_time_last(tmp_path):
+  image, times = _series()
+  nib.save(nib.Nifti1Image(np.moveaxis(image, -1, 0), np.eye(4)), tmp_path / "tfirst.nii.gz")
+  (tmp_path / "tfirst.json").write_text(json.dumps({"times": times.tolist()}))
+  with pytest.raises(InputError, match=rf"axes are \[{T}, {H}, {W}\] and the {T} frame times "
+                                       r"of tfirst.json match axis 0, not the last"):
+    io.read_nifti(tmp_path / "tfirst.nii.gz")
+  (tmp_path / "tfirst.json").write_text(json.dumps({"times": times[:-1].tolist()}))
+  with pytest.raises(InputError, match=rf"times must have shape \[{W}\]"):  # no axis matches
+    io.read_nifti(tmp_path / "tfirst.nii.gz")
+
+
 def _save_raw(path, data, dt=1.0):
   img = nib.Nifti1Image(data, np.eye(4))
   img.header.set_zooms((1.0,) * (data.ndim - 1) + (dt,))

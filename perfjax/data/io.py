@@ -315,8 +315,9 @@ def _nifti_grid(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) ->
               slice_axis=len(data_shape) == 4, header=header)
 
 
-def _nifti_times(path: pathlib.Path, header: Any, n_t: int) -> np.ndarray:
+def _nifti_times(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) -> np.ndarray:
   side = sidecar_path(path)
+  n_t = data_shape[-1]
   if side.exists():
     try:
       meta = json.loads(side.read_text())
@@ -326,6 +327,7 @@ def _nifti_times(path: pathlib.Path, header: Any, n_t: int) -> np.ndarray:
                None)
     if key is None:
       raise InputError(side, 'JSON sidecar has no "times" (seconds, one per frame)')
+    _check_time_axis(path, side, meta[key], data_shape)
     times = preprocess.validate_times(meta[key], n_t, str(side))
     if n_t > 1 and np.median(np.diff(times)) > 10.0:
       raise InputError(side, f"frame times must be in seconds; a median spacing of "
@@ -339,6 +341,21 @@ def _nifti_times(path: pathlib.Path, header: Any, n_t: int) -> np.ndarray:
   if not (np.isfinite(dt) and dt > 0):
     raise InputError(path, f"no frame times: no JSON sidecar {side.name} and pixdim[4] = {dt}")
   return np.arange(n_t, dtype=np.float64) * dt * _SEC_PER_UNIT.get(unit, 1.0)
+
+
+def _check_time_axis(path: pathlib.Path, side: pathlib.Path, times: Any,
+                     data_shape: tuple[int, ...]) -> None:
+  """A file stored time first ([T, X, Y], as numpy-written files often are) has as many
+  sidecar times as its first axis: say so, rather than that the times do not fit 'frames'
+  that are really image columns."""
+  n = len(times) if isinstance(times, list) else -1
+  if n == data_shape[-1] or n not in data_shape[:-1]:
+    return
+  axis = data_shape[:-1].index(n)
+  raise InputError(path, f"its axes are {list(data_shape)} and the {n} frame times of "
+                         f"{side.name} match axis {axis}, not the last: perfjax reads a 2D+time "
+                         f"NIfTI as [X, Y, T] or [X, Y, 1, T] (time last); move the time axis "
+                         f"last and permute the affine's columns to match")
 
 
 def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = None,
@@ -357,7 +374,7 @@ def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
     raise InputError(path, f"expected a 2D+time image [X, Y, T] or [X, Y, 1, T], got shape "
                            f"{list(data.shape)}")
   image = apply_layout(_from_nifti_axes(data.astype(np.float32)), grid["layout"])
-  times = _nifti_times(path, header, image.shape[-1])
+  times = _nifti_times(path, header, data.shape)
   image, times, _ = preprocess.validate_slice(image, times, source=str(path), n_frames=n_frames)
   pixel_mm = _grid_pixel_mm(path, header.get_zooms(), grid["layout"])
   mask = None
