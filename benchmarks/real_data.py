@@ -42,9 +42,14 @@ cross-validation inside the 10 (``folds`` writes the fold folders and the final 
 ``.nii.gz``, ``_mask.nii.gz`` and the ``.json`` sidecar of frame times), which the
 ``manual`` TFDS config, ``--mode=predict`` and fine-tuning read as they are:
 
-* orientation: the files' in-plane axes are turned so the RV lies on the image's left and
-  the liver at the bottom (the CONVENTIONS.md short-axis display; checked by eye on the
-  RV's first-pass enhancement);
+* orientation: one turn for every file (`reorient`), chosen by eye on a few patients' RV
+  first-pass enhancement to put the RV on the image's left (the CONVENTIONS.md short-axis
+  display). The source files are not all stored alike, though: on about 45 % of the slices
+  the RV ends up on the right (70 of 159 by the RV's early enhancement, 74 of 157 by the
+  released model's segmented RV, the two agreeing on 144; `predict.orientation_warning`
+  flags them). Without RV labels nothing scored here uses the sectors, and Dice does not
+  depend on it: mirroring those slices changes the released model's myocardium Dice by a
+  paired median of 0.0004 [-0.007, 0.005] (benchmarks/RESULTS.md, 2026-11-29 afternoon);
 * motion: every frame is translated so the centroid of its mask (myocardium + LV) sits where
   it is on the reference frame (ground-truth motion compensation, fine for an evaluation
   set); frames without a mask take the shift of the nearest labelled frame;

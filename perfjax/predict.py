@@ -56,11 +56,13 @@ from perfjax import panels
 from perfjax import perfusion
 from perfjax import postprocess
 from perfjax import reporting
+from perfjax import sectors
 from perfjax import uncertainty
 from perfjax.conventions import MYOCARDIUM, PATCH
 from perfjax.data import grid as data_grid
 from perfjax.data import io as data_io
 from perfjax.data import preprocess
+from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inputs import model_inputs
 from perfjax.predict_files import (check_output, clear_previous, display_name, error_message,
@@ -169,6 +171,30 @@ def in_distribution_flag_rate(workdir: str, score: str = PAPER_SCORE) -> float |
   1 - specificity of ``score``'s ROC in results.json (None when unknown)."""
   spec = _ood_summary(workdir, score)[0].get("specificity")
   return None if spec is None or not np.isfinite(spec) else float(1.0 - spec)
+
+
+ORIENTATION_TOLERANCE_DEG = 90.0  # how far the septal centre may lie from the standard display's
+
+
+def orientation_warning(seg) -> str | None:
+  """A warning when the segmented RV is not on the image's left, where the standard display
+  (CONVENTIONS.md) puts it, i.e. the septal centre theta_s lies more than
+  ``ORIENTATION_TOLERANCE_DEG`` from `conventions.STANDARD_SEPTAL_ANGLE`; else None, and None
+  without RV insertion points. The file's orientation is then probably off. The AHA sectors
+  follow the RV insertion points counter-clockwise, so a rotated image still gets the right
+  numbers, but a mirrored one gets them the wrong way round (anterior <-> inferior), and no
+  check of the image alone can tell a mirror from a rotation."""
+  try:
+    theta_s = sectors.septal_angle(seg, source="segmentation")
+  except InputError:
+    return None
+  off = abs((theta_s - conventions.STANDARD_SEPTAL_ANGLE + 180.0) % 360.0 - 180.0)
+  if off <= ORIENTATION_TOLERANCE_DEG:
+    return None
+  return (f"the segmented RV is not on the image's left (septal centre at {theta_s:.0f} deg, "
+          f"{off:.0f} deg from the standard display's {conventions.STANDARD_SEPTAL_ANGLE:.0f}): "
+          "the file's orientation may be off. A rotation leaves the AHA sector numbers right; "
+          "a mirrored image numbers them the wrong way round (README, orientation)")
 
 
 SITE_MIN_SLICES = 5  # A batch-level warning needs at least this many predicted slices,
@@ -361,7 +387,8 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str,
   fallback = (f"U's sectors placed at theta_s = {config.eval.u_fallback_septal_angle:g} deg (no RV "
               "insertion points in the segmentation)" if unc["sectors_from"][0] == "fallback"
               else None)
-  warnings = [w for w in (unc["problems"][0], fallback, error) if w] + png_warnings
+  warnings = [w for w in (unc["problems"][0], fallback, orientation_warning(seg), error)
+              if w] + png_warnings
   failures = flow["sector_failures"] or {}
   if not warnings and failures:
     why = sorted(set(failures.values()))

@@ -113,3 +113,14 @@ def test_predict_flags_by_the_configured_score(tiny_run, tmp_path):
   assert on_disk["ood_score"] == "entropy" and on_disk["ood_threshold"] == t_e
   assert on_disk["ood_threshold_source"].endswith(
       "ood_all.motion.baselines.entropy.threshold (labels 'motion')")
+
+
+def test_orientation_warning_only_when_the_rv_is_not_on_the_left():
+  masks = phantom.simulate(3, 6, "bssfp", rotation_deg=30.0, workers=1)["mask"]
+  assert all(predict.orientation_warning(m) is None for m in masks)  # +-30 deg rotations
+  for turned in (np.fliplr(masks[0]), np.rot90(masks[0], 2)):  # mirrored; rotated 180 deg
+    text = predict.orientation_warning(turned)
+    assert text.startswith("the segmented RV is not on the image's left (septal centre at ")
+    assert "from the standard display's 180): the file's orientation may be off" in text
+  no_rv = np.where(masks[0] == 3, 0, masks[0])
+  assert predict.orientation_warning(no_rv) is None  # no RV insertion points: nothing to say
