@@ -29,8 +29,9 @@ Real inputs are untrusted: every per-file step (read and preprocess, `perfjax.pr
 model, uncertainty, MBF, write) runs under a guard that turns any exception into that file's
 row in slices.csv / slices.json (`status` "failed", `error` naming the file and the problem;
 the traceback goes to ``predict.log``) and goes on with the next file. Problems after the
-model that leave the outputs usable (no segmented myocardium, a failed Fermi fit) are `status`
-"warning" with the outputs written; a failed file has no outputs. `launch.py` exits with
+model that leave the outputs usable (no segmented myocardium, a failed Fermi fit, a segmented
+RV that is not on the image's left: `orientation_warning`) are `status` "warning" with the
+outputs written; a failed file has no outputs. `launch.py` exits with
 `EXIT_SOME_FAILED` (3) when any file failed, after a summary line.
 """
 from __future__ import annotations
