@@ -174,6 +174,35 @@ def in_distribution_flag_rate(workdir: str, score: str = PAPER_SCORE) -> float |
   return None if spec is None or not np.isfinite(spec) else float(1.0 - spec)
 
 
+RECENTRE_MIN_PX = 8.0  # a crop is cut again when the model's LV lies this far from its centre
+RECENTRE_MIN_LV_PIXELS = 20  # the least segmented LV that can move a crop
+
+
+def model_centre(model, variables, s: dict, config: ml_collections.ConfigDict
+                 ) -> tuple[float, float] | None:
+  """Where the crop of a slice without a mask should be centred, by its own segmentation.
+
+  Without a mask, preprocessing centres the crop on the LV found from the images alone
+  (`preprocess.detect_lv`), which on real images misses by more than 20 mm on about a
+  third of the slices (benchmarks/RESULTS.md). The network finds the LV better. The crop's
+  stride-32 segmentation gives the LV centroid. Returns the crop moved by that centroid's
+  offset from the crop's centre, in the resampled frame. Returns None when the LV lies within
+  ``RECENTRE_MIN_PX`` of the centre, or when the model finds fewer than
+  ``RECENTRE_MIN_LV_PIXELS`` of it."""
+  peak = np.array([s["peak_lv_frame"]], np.int32)
+  seg = predict_arrays(model, variables, s["image"][None], peak, config, with_um=False,
+                       progress=False)["segmentation"][0]
+  rows, cols = np.nonzero(seg == conventions.LV_BLOOD_POOL)
+  if rows.size < RECENTRE_MIN_LV_PIXELS:
+    return None
+  mid = (conventions.IMAGE_SIZE - 1) / 2.0
+  d_row, d_col = float(rows.mean()) - mid, float(cols.mean()) - mid
+  if np.hypot(d_row, d_col) < RECENTRE_MIN_PX:
+    return None
+  row, col = s["info"]["center"]
+  return row + d_row, col + d_col
+
+
 ORIENTATION_TOLERANCE_DEG = 90.0  # how far the septal centre may lie from the standard display's
 
 
@@ -253,6 +282,7 @@ def geometry(s: dict) -> dict | None:
              crop_box=dict(row0=int(round(info["center"][0])) - size // 2,
                            col0=int(round(info["center"][1])) - size // 2, size=size,
                            frame="resampled"),
+             crop_centre=s.get("crop_centre"),
              frame_start=int(info["frame_start"]), n_frames=conventions.NUM_FRAMES,
              crop_to_input=transform.round(9).tolist())
   if s.get("grid") is not None:
@@ -486,6 +516,18 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     try:
       if kind == "file":
         s = read_one(slice_id, path, mask)
+        if s["mask"] is None:  # the crop is centred on the LV found from the images alone
+          stage = "re-centre"
+          centre = model_centre(model, variables, s, config)
+          moved = None if centre is None else float(np.hypot(
+              centre[0] - s["info"]["center"][0], centre[1] - s["info"]["center"][1]))
+          if centre is not None:
+            s = read_one(slice_id, path, mask, center=centre)
+          s["crop_centre"] = ("LV found from the images" if moved is None else
+                              f"LV segmented by the model ({moved:.0f} px from the one found "
+                              "from the images)")
+        else:
+          s["crop_centre"] = "LV of the mask"
       stage = "predict"
       rows.append(_predict_one(s, model, variables, config, threshold, output, score))
       flows[rows[-1]["id"]] = rows[-1].pop("_study")

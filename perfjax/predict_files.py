@@ -129,11 +129,14 @@ def read_inputs(input_path: str, output: str = "") -> tuple[list[dict], list[dic
   return slices, failures
 
 
-def read_one(slice_id: str, path: pathlib.Path, mask_path) -> dict:
+def read_one(slice_id: str, path: pathlib.Path, mask_path, center=None) -> dict:
+  """One input file, read and preprocessed for `predict` (``center``: the crop's centre in
+  the resampled frame, instead of the mask's or the images' LV)."""
   rec = data_io.read_slice(path, mask_path)
   meta = data_io.slice_metadata(path, rec.get("grid"))
   pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
-                                    rec.get("pixel_mm"), source=display_name(path))
+                                    rec.get("pixel_mm"), source=display_name(path),
+                                    center=center)
   series = meta["aif_series"]
   if series is not None:  # the slice's frames, kept as preprocessing kept them
     n_in, n_kept = rec["image"].shape[-1], pre["times"].shape[0]

@@ -124,3 +124,18 @@ def test_orientation_warning_only_when_the_rv_is_not_on_the_left():
     assert "from the standard display's 180): the file's orientation may be off" in text
   no_rv = np.where(masks[0] == 3, 0, masks[0])
   assert predict.orientation_warning(no_rv) is None  # no RV insertion points: nothing to say
+
+
+def test_model_centre_moves_the_crop_to_the_segmented_lv(monkeypatch):
+  seg = np.zeros((128, 128), np.int32)
+  seg[70:80, 40:50] = 2  # LV centroid (74.5, 44.5): 11 rows down, 19 columns left of 63.5
+  monkeypatch.setattr(predict, "predict_arrays", lambda *a, **k: dict(segmentation=seg[None]))
+  s = dict(image=np.zeros((128, 128, 30), np.float32), peak_lv_frame=10,
+           info=dict(center=(100.0, 120.0)))
+  assert predict.model_centre(None, None, s, None) == pytest.approx((111.0, 101.0))
+  seg[:] = 0
+  seg[60:70, 62:70] = 2  # within RECENTRE_MIN_PX of the centre: the crop stays
+  assert predict.model_centre(None, None, s, None) is None
+  seg[:] = 0
+  seg[10:14, 10:14] = 2  # 16 pixels: too little LV to move a crop
+  assert predict.model_centre(None, None, s, None) is None

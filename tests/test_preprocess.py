@@ -241,6 +241,20 @@ def test_preprocess_slice_end_to_end_with_mask_and_without():
   np.testing.assert_allclose(out["image"], preprocess.normalize(out["raw"]), atol=1e-6)
 
 
+def test_preprocess_slice_crops_at_a_given_centre():
+  image, times, mask, _ = toy_slice(n_t=45, lv_onset=15, rv_onset=13, noise=0.01)
+  raw = 100.0 * image + 20.0
+  by_mask = preprocess.preprocess_slice(raw, times, mask, pixel_mm=2.1, target_pixel_mm=1.4)
+  row, col = by_mask["center"]
+  moved = preprocess.preprocess_slice(raw, times, mask, pixel_mm=2.1, target_pixel_mm=1.4,
+                                      center=(row - 10.0, col + 6.0))  # wins over the mask
+  assert moved["center"] == (row - 10.0, col + 6.0)
+  rows, cols = np.nonzero(moved["mask"] == 2)  # the LV sits 10 rows down, 6 columns left
+  assert abs(rows.mean() - 74) < 1.0 and abs(cols.mean() - 58) < 1.0
+  np.testing.assert_array_equal(moved["raw"][10:, :-6], by_mask["raw"][:-10, 6:])
+  assert moved["peak_lv_frame"] == by_mask["peak_lv_frame"]
+
+
 def test_preprocess_needs_times_and_valid_input():
   image, times, mask, _ = toy_slice()
   with pytest.raises(InputError, match="times are required"):

@@ -379,7 +379,8 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
                      pixel_mm: tuple[float, float] | float | None = None,
                      target_pixel_mm: float | None = TARGET_PIXEL_MM, n_frames: int = N_FRAMES,
                      size: int = SIZE, n_pre: int = N_PRE, source: str = "image",
-                     centre: str = "mask") -> dict[str, Any]:
+                     centre: str = "mask", center: tuple[float, float] | None = None
+                     ) -> dict[str, Any]:
   """Raw slice `[H, W, T]` -> model input per CONVENTIONS.md (see the module docstring).
 
   Returns dict(image float32 [size, size, n_frames] in [0, 1], raw float32 (same, signal),
@@ -387,8 +388,10 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
   center (row, col) in the resampled frame before the crop, frame_start int, zoom,
   shape: the input's (H, W), resampled_shape: (H, W) after resampling). The crop is
   centred on the mask's LV (`centre="mask"`, when a mask is given) or on the LV found
-  from the images (`centre="images"`, always used without a mask); `to_original`
-  maps model outputs back to the input's pixel grid with these.
+  from the images (`centre="images"`, always used without a mask), or at `center`
+  (row, col) in the resampled frame when given (`perfjax.predict` re-centres a crop on
+  the LV its model segmented); `to_original` maps model outputs back to the input's pixel
+  grid with these.
   """
   image, times, mask = validate_slice(image, times, mask, source=source, n_frames=n_frames)
   if times is None:
@@ -400,7 +403,9 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
     image, mask, zoom = resample(image, pixel_mm, target_pixel_mm, mask)
   if centre not in ("mask", "images"):
     raise InputError(source, f"centre must be 'mask' or 'images', got {centre!r}")
-  if mask is not None and centre == "mask":
+  if center is not None:
+    center = (float(center[0]), float(center[1]))
+  elif mask is not None and centre == "mask":
     center = lv_center(mask)
   else:
     center = detect_lv(image, source=source)["center"]
