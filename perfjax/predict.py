@@ -203,6 +203,20 @@ def model_centre(model, variables, s: dict, config: ml_collections.ConfigDict
   return row + d_row, col + d_col
 
 
+def recentred(s: dict, model, variables, config: ml_collections.ConfigDict, reread) -> dict:
+  """A file's slice with its crop where `model_centre` puts it (``reread(center)``: the slice
+  read again with that crop centre), and slices.json's ``geometry.crop_centre`` saying
+  how the centre was found. A slice with a mask keeps the mask's LV."""
+  if s["mask"] is not None:
+    return dict(s, crop_centre="LV of the mask")
+  centre = model_centre(model, variables, s, config)
+  if centre is None:
+    return dict(s, crop_centre="LV found from the images")
+  moved = float(np.hypot(*np.subtract(centre, s["info"]["center"])))
+  return dict(reread(centre), crop_centre=f"LV segmented by the model ({moved:.0f} px from "
+                                          "the one found from the images)")
+
+
 ORIENTATION_TOLERANCE_DEG = 90.0  # how far the septal centre may lie from the standard display's
 
 
@@ -516,18 +530,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     try:
       if kind == "file":
         s = read_one(slice_id, path, mask)
-        if s["mask"] is None:  # the crop is centred on the LV found from the images alone
-          stage = "re-centre"
-          centre = model_centre(model, variables, s, config)
-          moved = None if centre is None else float(np.hypot(
-              centre[0] - s["info"]["center"][0], centre[1] - s["info"]["center"][1]))
-          if centre is not None:
-            s = read_one(slice_id, path, mask, center=centre)
-          s["crop_centre"] = ("LV found from the images" if moved is None else
-                              f"LV segmented by the model ({moved:.0f} px from the one found "
-                              "from the images)")
-        else:
-          s["crop_centre"] = "LV of the mask"
+        stage = "re-centre"
+        s = recentred(s, model, variables, config, lambda c: read_one(slice_id, path, mask, c))
       stage = "predict"
       rows.append(_predict_one(s, model, variables, config, threshold, output, score))
       flows[rows[-1]["id"]] = rows[-1].pop("_study")

@@ -139,3 +139,18 @@ def test_model_centre_moves_the_crop_to_the_segmented_lv(monkeypatch):
   seg[:] = 0
   seg[10:14, 10:14] = 2  # 16 pixels: too little LV to move a crop
   assert predict.model_centre(None, None, s, None) is None
+
+
+def test_recentred_reads_a_maskless_slice_again_at_the_model_centre(monkeypatch):
+  info = dict(center=(100.0, 120.0))
+  s = dict(mask=None, info=info)
+  monkeypatch.setattr(predict, "model_centre", lambda *a: (103.0, 124.0))
+  again = predict.recentred(s, None, None, None, lambda c: dict(mask=None, info=dict(center=c)))
+  assert again["info"]["center"] == (103.0, 124.0)
+  assert again["crop_centre"] == ("LV segmented by the model (5 px from the one found from the "
+                                  "images)")
+  monkeypatch.setattr(predict, "model_centre", lambda *a: None)
+  kept = predict.recentred(s, None, None, None, lambda c: 1 / 0)  # not read again
+  assert kept["info"] is info and kept["crop_centre"] == "LV found from the images"
+  with_mask = predict.recentred(dict(mask=np.ones((2, 2)), info=info), None, None, None, None)
+  assert with_mask["crop_centre"] == "LV of the mask"
