@@ -175,20 +175,14 @@ def in_distribution_flag_rate(workdir: str, score: str = PAPER_SCORE) -> float |
 
 
 RECENTRE_MIN_PX = 8.0  # a crop is cut again when the model's LV lies this far from its centre
-RECENTRE_MIN_LV_PIXELS = 20  # the least segmented LV that can move a crop
+RECENTRE_MIN_LV_PIXELS = 20  # the least segmented LV that counts as one
+RECENTRE_CANDIDATES = 3  # the detector's next blood pools tried when a crop holds no LV
 
 
-def model_centre(model, variables, s: dict, config: ml_collections.ConfigDict
-                 ) -> tuple[float, float] | None:
-  """Where the crop of a slice without a mask should be centred, by its own segmentation.
-
-  Without a mask, preprocessing centres the crop on the LV found from the images alone
-  (`preprocess.detect_lv`), which on real images misses by more than 20 mm on about a
-  third of the slices (benchmarks/RESULTS.md). The network finds the LV better. The crop's
-  stride-32 segmentation gives the LV centroid. Returns the crop moved by that centroid's
-  offset from the crop's centre, in the resampled frame. Returns None when the LV lies within
-  ``RECENTRE_MIN_PX`` of the centre, or when the model finds fewer than
-  ``RECENTRE_MIN_LV_PIXELS`` of it."""
+def segmented_lv_offset(model, variables, s: dict, config: ml_collections.ConfigDict
+                        ) -> tuple[float, float] | None:
+  """(rows, cols) from the centre of a slice's crop to the LV its stride-32 segmentation
+  finds there; None when the model finds fewer than ``RECENTRE_MIN_LV_PIXELS`` of it."""
   peak = np.array([s["peak_lv_frame"]], np.int32)
   seg = predict_arrays(model, variables, s["image"][None], peak, config, with_um=False,
                        progress=False)["segmentation"][0]
@@ -196,25 +190,43 @@ def model_centre(model, variables, s: dict, config: ml_collections.ConfigDict
   if rows.size < RECENTRE_MIN_LV_PIXELS:
     return None
   mid = (conventions.IMAGE_SIZE - 1) / 2.0
-  d_row, d_col = float(rows.mean()) - mid, float(cols.mean()) - mid
-  if np.hypot(d_row, d_col) < RECENTRE_MIN_PX:
-    return None
-  row, col = s["info"]["center"]
-  return row + d_row, col + d_col
+  return float(rows.mean()) - mid, float(cols.mean()) - mid
 
 
 def recentred(s: dict, model, variables, config: ml_collections.ConfigDict, reread) -> dict:
-  """A file's slice with its crop where `model_centre` puts it (``reread(center)``: the slice
-  read again with that crop centre), and slices.json's ``geometry.crop_centre`` saying
-  how the centre was found. A slice with a mask keeps the mask's LV."""
+  """A file's slice with its crop centred on the LV the model segments.
+
+  Without a mask, preprocessing centres the crop on the LV found from the images alone
+  (`preprocess.detect_lv`). On real images that misses by more than 20 mm on about a third
+  of the slices (benchmarks/RESULTS.md), and the network finds the LV better:
+  - when the crop's segmented LV lies ``RECENTRE_MIN_PX`` or more from its centre, the crop
+    is cut again on it;
+  - when the crop holds no LV, the detector's next ``RECENTRE_CANDIDATES`` blood pools are
+    tried as centres, in its order, and the first whose crop does hold one is taken.
+
+  ``reread(center)`` gives the slice again with that crop centre (resampled frame).
+  slices.json's ``geometry.crop_centre`` says how the centre was found. A slice with a mask
+  keeps the mask's LV."""
   if s["mask"] is not None:
     return dict(s, crop_centre="LV of the mask")
-  centre = model_centre(model, variables, s, config)
-  if centre is None:
+  first = s["info"]["center"]
+  offset, how = segmented_lv_offset(model, variables, s, config), ""
+  if offset is None:
+    for k, candidate in enumerate(s["info"]["lv_candidates"][1:1 + RECENTRE_CANDIDATES], 2):
+      other = reread(candidate)
+      offset = segmented_lv_offset(model, variables, other, config)
+      if offset is not None:
+        s, how = other, f"; the first crop held none, the one at blood pool {k} did"
+        break
+  if offset is None:
+    return dict(s, crop_centre="LV found from the images (the model segments none there)")
+  if np.hypot(*offset) >= RECENTRE_MIN_PX:
+    s = reread((s["info"]["center"][0] + offset[0], s["info"]["center"][1] + offset[1]))
+  elif not how:
     return dict(s, crop_centre="LV found from the images")
-  moved = float(np.hypot(*np.subtract(centre, s["info"]["center"])))
-  return dict(reread(centre), crop_centre=f"LV segmented by the model ({moved:.0f} px from "
-                                          "the one found from the images)")
+  moved = float(np.hypot(*np.subtract(s["info"]["center"], first)))
+  return dict(s, crop_centre=f"LV segmented by the model ({moved:.0f} px from the LV found "
+                             f"from the images{how})")
 
 
 ORIENTATION_TOLERANCE_DEG = 90.0  # how far the septal centre may lie from the standard display's

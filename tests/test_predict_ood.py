@@ -126,31 +126,43 @@ def test_orientation_warning_only_when_the_rv_is_not_on_the_left():
   assert predict.orientation_warning(no_rv) is None  # no RV insertion points: nothing to say
 
 
-def test_model_centre_moves_the_crop_to_the_segmented_lv(monkeypatch):
+def test_segmented_lv_offset_from_the_crop_centre(monkeypatch):
   seg = np.zeros((128, 128), np.int32)
   seg[70:80, 40:50] = 2  # LV centroid (74.5, 44.5): 11 rows down, 19 columns left of 63.5
   monkeypatch.setattr(predict, "predict_arrays", lambda *a, **k: dict(segmentation=seg[None]))
-  s = dict(image=np.zeros((128, 128, 30), np.float32), peak_lv_frame=10,
-           info=dict(center=(100.0, 120.0)))
-  assert predict.model_centre(None, None, s, None) == pytest.approx((111.0, 101.0))
+  s = dict(image=np.zeros((128, 128, 30), np.float32), peak_lv_frame=10)
+  assert predict.segmented_lv_offset(None, None, s, None) == pytest.approx((11.0, -19.0))
   seg[:] = 0
-  seg[60:70, 62:70] = 2  # within RECENTRE_MIN_PX of the centre: the crop stays
-  assert predict.model_centre(None, None, s, None) is None
-  seg[:] = 0
-  seg[10:14, 10:14] = 2  # 16 pixels: too little LV to move a crop
-  assert predict.model_centre(None, None, s, None) is None
+  seg[10:14, 10:14] = 2  # 16 pixels: too little to be an LV
+  assert predict.segmented_lv_offset(None, None, s, None) is None
 
 
-def test_recentred_reads_a_maskless_slice_again_at_the_model_centre(monkeypatch):
-  info = dict(center=(100.0, 120.0))
-  s = dict(mask=None, info=info)
-  monkeypatch.setattr(predict, "model_centre", lambda *a: (103.0, 124.0))
-  again = predict.recentred(s, None, None, None, lambda c: dict(mask=None, info=dict(center=c)))
-  assert again["info"]["center"] == (103.0, 124.0)
-  assert again["crop_centre"] == ("LV segmented by the model (5 px from the one found from the "
-                                  "images)")
-  monkeypatch.setattr(predict, "model_centre", lambda *a: None)
-  kept = predict.recentred(s, None, None, None, lambda c: 1 / 0)  # not read again
-  assert kept["info"] is info and kept["crop_centre"] == "LV found from the images"
-  with_mask = predict.recentred(dict(mask=np.ones((2, 2)), info=info), None, None, None, None)
+def _slice_at(center, candidates=()):
+  return dict(mask=None, info=dict(center=center, lv_candidates=list(candidates)))
+
+
+def test_recentred_moves_the_crop_to_the_model_lv_or_to_the_next_blood_pool(monkeypatch):
+  offsets = {}  # the model's LV offset in the crop at each centre (None: no LV there)
+  monkeypatch.setattr(predict, "segmented_lv_offset",
+                      lambda m, v, s, c: offsets.get(s["info"]["center"]))
+  reread = _slice_at
+  first = _slice_at((100.0, 120.0), [(100.0, 120.0), (10.0, 10.0), (150.0, 60.0)])
+  offsets[(100.0, 120.0)] = (3.0, 4.0)  # 5 px from the centre: the crop stays
+  kept = predict.recentred(first, None, None, None, lambda c: 1 / 0)  # not read again
+  assert kept["info"] is first["info"] and kept["crop_centre"] == "LV found from the images"
+  offsets[(100.0, 120.0)] = (6.0, 8.0)  # 10 px: cut again there
+  moved = predict.recentred(first, None, None, None, reread)
+  assert moved["info"]["center"] == (106.0, 128.0)
+  assert moved["crop_centre"] == "LV segmented by the model (10 px from the LV found from the images)"
+  offsets[(100.0, 120.0)] = None  # no LV: blood pool 2 holds none either, pool 3 does
+  offsets[(150.0, 60.0)] = (0.0, 0.0)
+  other = predict.recentred(first, None, None, None, reread)
+  assert other["info"]["center"] == (150.0, 60.0)
+  assert other["crop_centre"] == ("LV segmented by the model (78 px from the LV found from the "
+                                  "images; the first crop held none, the one at blood pool 3 did)")
+  offsets[(150.0, 60.0)] = None
+  none = predict.recentred(first, None, None, None, reread)
+  assert none["info"]["center"] == (100.0, 120.0)
+  assert none["crop_centre"] == "LV found from the images (the model segments none there)"
+  with_mask = predict.recentred(dict(first, mask=np.ones((2, 2))), None, None, None, None)
   assert with_mask["crop_centre"] == "LV of the mask"

@@ -197,6 +197,10 @@ def test_detect_lv_finds_the_late_blob_not_the_rv():
   assert out["peak_frame"] == int(np.argmax(lv_curve)) == 12
   assert out["lv"][mask == 2].mean() > 0.9 and out["lv"][mask == 3].sum() == 0
   assert out["rv"][mask == 3].mean() > 0.8
+  # The candidates: the LV first, then the RV (ruled out by the LV rule, so last).
+  assert out["candidates"][0] == out["center"] and len(out["candidates"]) == 2
+  rv_rows, rv_cols = np.nonzero(out["rv"])
+  assert np.hypot(out["candidates"][1][0] - rv_rows.mean(), out["candidates"][1][1] - rv_cols.mean()) < 1.0
 
 
 def test_detect_lv_splits_touching_pools_by_onset():
@@ -234,10 +238,12 @@ def test_preprocess_slice_end_to_end_with_mask_and_without():
       rows, cols = np.nonzero(lv)
       assert abs(rows.mean() - 64) < 1.0 and abs(cols.mean() - 64) < 1.0
       assert set(np.unique(out["mask"])) == {0, 1, 2, 3}
+      assert out["lv_candidates"] == []
     else:
       peak = out["raw"][..., out["peak_lv_frame"]]
       assert peak[64, 64] > 0.9 * peak.max()
       assert out["mask"] is None
+      assert out["lv_candidates"][0] == out["center"]  # the LV first, the other pools after
   np.testing.assert_allclose(out["image"], preprocess.normalize(out["raw"]), atol=1e-6)
 
 

@@ -293,7 +293,9 @@ def detect_lv(image_hwt: np.ndarray, n_base: int = N_BASE, threshold: float = 0.
 
   Returns dict(center=(row, col), peak_frame=int, lv=bool [H, W], rv=bool [H, W] (empty
   when no earlier-enhancing blob was found), onset=float [H, W] half-rise frame,
-  curve=[T] mean enhancement of the LV blood-pool core).
+  curve=[T] mean enhancement of the LV blood-pool core, candidates=[(row, col), ...]: the
+  centroids of the blood-pool blobs, the LV's first, then the others in the order of the
+  LV rule's score (those it ruled out last, the largest first)).
   """
   img = ndimage.gaussian_filter(np.asarray(image_hwt, np.float32), (sigma, sigma, 0))
   h, w, t = img.shape
@@ -345,8 +347,10 @@ def detect_lv(image_hwt: np.ndarray, n_base: int = N_BASE, threshold: float = 0.
   core = lv & (amp >= 0.7 * np.percentile(amp[lv], 90))
   curve = enh[core].mean(0)
   rows, cols = np.nonzero(lv)
+  ranked = np.argsort(-np.where(score > 0, score, np.sqrt(areas) * 1e-9), kind="stable")
   return dict(center=(float(rows.mean()), float(cols.mean())), peak_frame=int(np.argmax(curve)),
-              lv=lv, rv=rv, onset=onset.astype(np.float32), curve=curve)
+              lv=lv, rv=rv, onset=onset.astype(np.float32), curve=curve,
+              candidates=[(float(cents[j, 0]), float(cents[j, 1])) for j in ranked])
 
 
 def _split_by_onset(labels: np.ndarray, n: int, onset: np.ndarray, min_gap: float
@@ -386,7 +390,9 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
   Returns dict(image float32 [size, size, n_frames] in [0, 1], raw float32 (same, signal),
   times float32 [n_frames] from 0, mask int32 [size, size] or None, peak_lv_frame int,
   center (row, col) in the resampled frame before the crop, frame_start int, zoom,
-  shape: the input's (H, W), resampled_shape: (H, W) after resampling). The crop is
+  shape: the input's (H, W), resampled_shape: (H, W) after resampling, lv_candidates: when
+  the LV was found from the images, `detect_lv`'s candidates in the resampled frame, the
+  centre first; else []). The crop is
   centred on the mask's LV (`centre="mask"`, when a mask is given) or on the LV found
   from the images (`centre="images"`, always used without a mask), or at `center`
   (row, col) in the resampled frame when given (`perfjax.predict` re-centres a crop on
@@ -403,12 +409,14 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
     image, mask, zoom = resample(image, pixel_mm, target_pixel_mm, mask)
   if centre not in ("mask", "images"):
     raise InputError(source, f"centre must be 'mask' or 'images', got {centre!r}")
+  candidates = []
   if center is not None:
     center = (float(center[0]), float(center[1]))
   elif mask is not None and centre == "mask":
     center = lv_center(mask)
   else:
-    center = detect_lv(image, source=source)["center"]
+    candidates = detect_lv(image, source=source)["candidates"]
+    center = candidates[0]
   raw = crop_center(image, center, size)
   if mask is not None:
     mask = crop_center(mask, center, size, fill=0).astype(np.int32)
@@ -417,7 +425,8 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
   peak = detect_lv(raw, source=source)["peak_frame"]
   return dict(image=normalize(raw, source), raw=raw.astype(np.float32), times=times, mask=mask,
               peak_lv_frame=int(peak), center=center, frame_start=int(start), zoom=zoom,
-              shape=tuple(shape), resampled_shape=tuple(image.shape[:2]))
+              shape=tuple(shape), resampled_shape=tuple(image.shape[:2]),
+              lv_candidates=candidates)
 
 
 def to_original(array: np.ndarray, info: dict[str, Any], labels: bool = False) -> np.ndarray:
