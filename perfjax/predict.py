@@ -7,7 +7,9 @@
 folders, or a dataset split) and writes per slice the segmentation, probabilities and UM as
 NIfTI (in the 128 x 128 crop and on the input's own grid with its affine), a table of U / 1-U /
 OOD flag / uncertain sector / flow, one PNG per slice, and per study (slices of known level) the
-AHA 16-segment flow (`studies.json`, `bullseyes.png`).
+AHA 16-segment flow (`studies.json`, `bullseyes.png`). A file given without a mask has its
+crop centred on the LV the model segments (`recentred`), not only on the one found from the
+images.
 
 OOD flag: the slice's value of the score named by eval.ood_score (`perfjax.ood.primary_score`;
 the paper's 1 - U by default) below that score's threshold t chosen by `evaluate` on labelled
