@@ -347,7 +347,7 @@ def detect_lv(image_hwt: np.ndarray, n_base: int = N_BASE, threshold: float = 0.
   core = lv & (amp >= 0.7 * np.percentile(amp[lv], 90))
   curve = enh[core].mean(0)
   rows, cols = np.nonzero(lv)
-  ranked = np.argsort(-np.where(score > 0, score, np.sqrt(areas) * 1e-9), kind="stable")
+  ranked = np.lexsort((-areas, -score))  # by score; the ruled-out blobs (-1) by size
   return dict(center=(float(rows.mean()), float(cols.mean())), peak_frame=int(np.argmax(curve)),
               lv=lv, rv=rv, onset=onset.astype(np.float32), curve=curve,
               candidates=[(float(cents[j, 0]), float(cents[j, 1])) for j in ranked])
@@ -415,8 +415,8 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
   elif mask is not None and centre == "mask":
     center = lv_center(mask)
   else:
-    candidates = detect_lv(image, source=source)["candidates"]
-    center = candidates[0]
+    found = detect_lv(image, source=source)
+    center, candidates = found["center"], found["candidates"]
   raw = crop_center(image, center, size)
   if mask is not None:
     mask = crop_center(mask, center, size, fill=0).astype(np.int32)
