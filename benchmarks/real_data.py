@@ -227,9 +227,9 @@ def load_slices(data: pathlib.Path, centre: str = "mask", split: str | None = No
 
 
 def segment(workdir: str, images_nhwt: np.ndarray, peak_lv_frame: np.ndarray,
-            mirror_tta: bool = False) -> np.ndarray:
+            mirror_tta: bool = True) -> np.ndarray:
   """Stride-32 segmentation [N, H, W] by the best checkpoint of ``workdir`` (``mirror_tta``:
-  each window's probabilities averaged over its four mirrorings)."""
+  each window's probabilities averaged over its four mirrorings, as config.eval does)."""
   from perfjax import checkpoints, predict  # pylint: disable=g-import-not-at-top
   from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
   config = checkpoints.trained_config(patch3.get_config(), workdir)
@@ -241,7 +241,7 @@ def segment(workdir: str, images_nhwt: np.ndarray, peak_lv_frame: np.ndarray,
 
 
 def score(data: pathlib.Path, workdir: str, centre: str = "mask", split_name: str | None = None,
-          mirror_tta: bool = False) -> dict:
+          mirror_tta: bool = True) -> dict:
   """Dice of the model of ``workdir`` on every converted slice (of a split), with summaries."""
   from perfjax import metrics  # pylint: disable=g-import-not-at-top
   t0 = time.time()
@@ -326,8 +326,9 @@ def main(argv=None) -> int:
                  help="crop centre: the mask's LV centroid, or the LV found from the images")
   s.add_argument("--split", choices=("train", "validation", "test"),
                  help="score only the patients of this split of DATA/splits.json")
-  s.add_argument("--mirror-tta", action="store_true",
-                 help="average each window over its four mirrorings (config.eval.mirror_tta)")
+  s.add_argument("--mirror-tta", action=argparse.BooleanOptionalAction, default=True,
+                 help="average each window over its four mirrorings (config.eval.mirror_tta, "
+                 "on by default)")
   s.add_argument("--json", type=pathlib.Path, help="per-slice rows (keep it outside the repo)")
   args = parser.parse_args(argv)
   if args.command == "convert":

@@ -74,11 +74,14 @@ from perfjax.predict_files import (check_output, clear_previous, display_name, e
 SLICES_PER_STEP = 4  # Slices per sliding-window call between progress-bar updates.
 
 
-def window_options(config: ml_collections.ConfigDict) -> dict:
-  """`sliding_window` options of `config.eval` (and the model's patch size)."""
+def window_options(config: ml_collections.ConfigDict, um: bool = False) -> dict:
+  """`sliding_window` options of `config.eval` (and the model's patch size) for the
+  segmentation pass, or with ``um`` for the UM pass: each has its own mirror-TTA switch
+  (``eval.mirror_tta``, ``eval.mirror_tta_um``)."""
+  mirror = config.eval.get("mirror_tta_um" if um else "mirror_tta", False)
   return dict(patch=int(config.model.get("patch", PATCH)), chunk_size=config.eval.chunk_size,
               gaussian_weighting=bool(config.eval.get("gaussian_weighting", False)),
-              mirror_tta=bool(config.eval.get("mirror_tta", False)))
+              mirror_tta=bool(mirror))
 
 
 def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, config,
@@ -94,13 +97,12 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
   """
   inputs = model_inputs(images_nhwt, peak_lv_frame, config.input)
   predictor = UNetPredictor(model, fast=True)
-  options = window_options(config)
   parts: dict[str, list] = {"probs": [], "segmentation": [], "um": []}
   progress = tqdm(total=len(inputs), desc=desc, unit="slice", disable=not progress)
   for lo in range(0, len(inputs), SLICES_PER_STEP):
     batch = inputs[lo:lo + SLICES_PER_STEP]
     seg = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_seg,
-                                   **options)
+                                   **window_options(config))
     parts["probs"].append(seg["mean"])
     labels = np.asarray(seg["segmentation"])
     parts["segmentation"].append(postprocess.keep_heart_batch(labels)
@@ -108,7 +110,7 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
     if with_um:
       with_votes = bool(config.eval.get("vote_map", False))
       dense = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_um,
-                                       votes=with_votes, **options)
+                                       votes=with_votes, **window_options(config, um=True))
       parts["um"].append(dense["std"][..., MYOCARDIUM])
       if with_votes:
         parts.setdefault("um_vote", []).append(inference.vote_disagreement(dense["votes"]))

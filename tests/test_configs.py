@@ -14,7 +14,8 @@ FIELDS = ["seed", "input", "data.dataset", "data.data_dir", "model.features", "m
           "train.max_to_keep", "train.patience", "eval.stride_seg", "eval.stride_um",
           "eval.chunk_size", "eval.um_dilation", "eval.ood_labels", "eval.patch2_workdir",
           "eval.sectors_from", "model.patch", "train.stride", "eval.ood_tolerance",
-          "eval.gaussian_weighting", "eval.mirror_tta", "augment.p_affine", "augment.perlin_cells",
+          "eval.gaussian_weighting", "eval.mirror_tta", "eval.mirror_tta_um",
+          "augment.p_affine", "augment.perlin_cells",
           "eval.vote_map"]
 
 

@@ -166,3 +166,25 @@ def test_recentred_moves_the_crop_to_the_model_lv_or_to_the_next_blood_pool(monk
   assert none["crop_centre"] == "LV found from the images (the model segments none there)"
   with_mask = predict.recentred(dict(first, mask=np.ones((2, 2))), None, None, None, None)
   assert with_mask["crop_centre"] == "LV of the mask"
+
+
+def test_each_pass_has_its_own_mirror_tta_switch(tiny_run, small_data_dir):
+  """eval.mirror_tta mirrors the segmentation pass only, eval.mirror_tta_um the UM pass only:
+  with one on, that pass equals the pass with both on, and the other the pass with both off."""
+  from perfjax.data import datasets  # pylint: disable=g-import-not-at-top  (TFDS: slow import)
+  config, workdir, _ = tiny_run
+  model, variables = checkpoints.load_params(config, workdir, "best")
+  split = datasets.load_split(config.data.dataset, "test", str(small_data_dir))
+  images, peak = np.asarray(split["image"])[:1], np.asarray(split["peak_lv_frame"])[:1]
+
+  def run(seg, um):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.eval.mirror_tta, c.eval.mirror_tta_um = seg, um
+    return predict.predict_arrays(model, variables, images, peak, c, progress=False)
+
+  off, both, seg_only, um_only = run(False, False), run(True, True), run(True, False), run(False, True)
+  assert not np.allclose(off["probs"], both["probs"]) and not np.allclose(off["um"], both["um"])
+  np.testing.assert_array_equal(seg_only["probs"], both["probs"])
+  np.testing.assert_array_equal(seg_only["um"], off["um"])
+  np.testing.assert_array_equal(um_only["probs"], off["probs"])
+  np.testing.assert_array_equal(um_only["um"], both["um"])

@@ -100,7 +100,11 @@ def make_config(input_kind: str, arg: str | None = None) -> ml_collections.Confi
   # accelerators 1089, a whole stride-2 slice: perfjax.inference.default_chunk_size).
   config.eval.chunk_size = ml_collections.config_dict.placeholder(int)
   config.eval.gaussian_weighting = False  # nnU-Net Gaussian importance weighting of the mean.
-  config.eval.mirror_tta = False  # Each window's probabilities averaged over its 4 mirrorings.
+  # Each window's probabilities averaged over its 4 mirrorings (which both augmentation modes
+  # train for): in the segmentation pass (4x a cheap pass; Dice up on real images and the
+  # phantom, benchmarks/RESULTS.md), and in the UM pass (4x its cost; off keeps UM the paper's).
+  config.eval.mirror_tta = True
+  config.eval.mirror_tta_um = False
   config.eval.um_dilation = 0  # Pixels the segmented myocardium is dilated by for U (eq. 1).
   # Also U of the windows' label disagreement (score "U_vote", same stride-2 pass) in the ROCs.
   config.eval.vote_map = False
