@@ -18,7 +18,8 @@
 # `[X, Y, 1, T]`) with its frame times in seconds in a JSON sidecar (`slice.json` holding
 # `{"times": [...]}`) or in `pixdim[4]`, and optionally a mask `slice_mask.nii.gz` (0 background,
 # 1 myocardium, 2 LV blood pool, 3 RV blood pool) to get a Dice. DICOM series work too (one
-# folder per slice). `WORKDIR` is a trained run (`launch.py ... --workdir=runs/patch3`); its
+# folder per series), and so do multi-slice files `[X, Y, Z, T]` and series of several slice
+# positions, predicted slice by slice. `WORKDIR` is a trained run (`launch.py ... --workdir=runs/patch3`); its
 # `results.json` supplies the OOD threshold t.
 #
 # Without either, this notebook writes three phantom slices as NIfTI files and trains the tiny

@@ -69,7 +69,8 @@ from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inputs import model_inputs
 from perfjax.predict_files import (check_output, clear_previous, display_name, error_message,
-                                   input_entries, read_one, split_slices, unique_ids)
+                                   file_name, input_entries, read_one, split_slices,
+                                   unique_ids)
 
 SLICES_PER_STEP = 4  # Slices per sliding-window call between progress-bar updates.
 
@@ -529,8 +530,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     items = [("split", s) for s in split_slices(config, input.partition(":")[2])]
   else:
     entries, notes = input_entries(input, output)
-    items = [("file", (slice_id, path, mask)) for slice_id, (_, path, mask) in
-             zip(unique_ids([n for n, _, _ in entries]), entries)]
+    items = [("file", (slice_id, path, mask, index)) for slice_id, (_, path, mask, index) in
+             zip(unique_ids([n for n, _, _, _ in entries]), entries)]
   others = clear_previous(output)
   if others:
     notes.append(f"{output} also holds {', '.join(others[:10])}" +
@@ -540,14 +541,15 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     if kind == "split":
       s = item
     else:
-      slice_id, path, mask = item
-      s = dict(id=slice_id, file=display_name(path))
+      slice_id, path, mask, index = item
+      s = dict(id=slice_id, file=file_name(path, index))
     stage = "read"
     try:
       if kind == "file":
-        s = read_one(slice_id, path, mask)
+        s = read_one(slice_id, path, mask, None, index)
         stage = "re-centre"
-        s = recentred(s, model, variables, config, lambda c: read_one(slice_id, path, mask, c))
+        s = recentred(s, model, variables, config,
+                      lambda c: read_one(slice_id, path, mask, c, index))
       stage = "predict"
       rows.append(_predict_one(s, model, variables, config, threshold, output, score))
       flows[rows[-1]["id"]] = rows[-1].pop("_study")

@@ -1,8 +1,9 @@
 """What `--mode=predict` reads and where it writes: inputs, their ids, the output folder.
 
 The inputs (a NIfTI file, a folder of NIfTI files and DICOM series folders, or a dataset split)
-are listed in name order (`input_entries`), given file-name-safe, distinct ids (`unique_ids`)
-and read one at a time (`read_one`: read, sidecar metadata, preprocessing), so that a bad file
+are listed in name order (`input_entries`; a multi-slice file or series is one entry per
+slice, `<name>_slice<k>`), given file-name-safe, distinct ids (`unique_ids`) and read one at a
+time (`read_one`: read, sidecar metadata, preprocessing), so that a bad file
 is one line (`error_message`: the file, the step, the problem) and the batch goes on. The
 output folder is checked before any compute (`check_output`) and an earlier run's outputs in
 it are removed (`clear_previous`).
@@ -82,14 +83,15 @@ def check_output(output: str, input_path: str | None = None) -> None:
 
 
 def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]:
-  """(name, image path, mask path) of the inputs, and notes on what was skipped."""
+  """(name, image path, mask path, slice index) of the inputs' slices (`data_io.per_slice`),
+  and notes on what was skipped."""
   root = pathlib.Path(input_path)
   if not root.exists():
     raise InputError(display_name(root), "no such file or folder")
   if root.is_file():
     mask = next((m for _, p, m in data_io.slice_entries(root.parent, npz=False) if p == root),
                 None)
-    return [(data_io._nifti_stem(root), root, mask)], []  # pylint: disable=protected-access
+    return data_io.per_slice([(data_io._nifti_stem(root), root, mask)]), []  # pylint: disable=protected-access
   out = pathlib.Path(output).resolve()
   entries, notes = [], []
   for name, path, mask in data_io.slice_entries(root, npz=False):
@@ -98,6 +100,7 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
       notes.append(f"skipped {display_name(path)}: it holds the output folder")
       continue
     entries.append((name, path, mask))
+  entries = data_io.per_slice(entries)
   hidden = sorted(display_name(p.name) for p in root.iterdir()
                   if p.name.startswith(".") and (data_io.is_nifti(p) or p.is_dir()))
   if hidden:
@@ -118,22 +121,30 @@ def read_inputs(input_path: str, output: str = "") -> tuple[list[dict], list[dic
   info, grid), each failure dict(id, file, error); any exception of one file is its failure.
   """
   entries, _ = input_entries(input_path, output or os.devnull)
-  ids = unique_ids([name for name, _, _ in entries])
+  ids = unique_ids([name for name, _, _, _ in entries])
   slices, failures = [], []
-  for slice_id, (_, path, mask_path) in zip(ids, entries):
+  for slice_id, (_, path, mask_path, index) in zip(ids, entries):
     try:
-      slices.append(read_one(slice_id, path, mask_path))
+      slices.append(read_one(slice_id, path, mask_path, slice_index=index))
     except Exception as e:  # pylint: disable=broad-except  (one bad file never costs the batch)
-      failures.append(dict(id=slice_id, file=display_name(path),
+      failures.append(dict(id=slice_id, file=file_name(path, index),
                            error=error_message(path, "read", e)))
   return slices, failures
 
 
-def read_one(slice_id: str, path: pathlib.Path, mask_path, center=None) -> dict:
-  """One input file, read and preprocessed for `predict` (``center``: the crop's centre in
-  the resampled frame, instead of the mask's or the images' LV)."""
-  rec = data_io.read_slice(path, mask_path)
-  meta = data_io.slice_metadata(path, rec.get("grid"))
+def file_name(path, slice_index: int | None = None) -> str:
+  """How a slice's input is named in rows and messages: the path, and which of its slices."""
+  return display_name(path) + ("" if slice_index is None else f" (slice {slice_index + 1})")
+
+
+def read_one(slice_id: str, path: pathlib.Path, mask_path, center=None,
+             slice_index: int | None = None) -> dict:
+  """One input slice, read and preprocessed for `predict` (``center``: the crop's centre in
+  the resampled frame, instead of the mask's or the images' LV; ``slice_index``: which slice
+  of a multi-slice input)."""
+  rec = data_io.read_slice(path, mask_path, slice_index=slice_index)
+  n_slices = 1 if slice_index is None else data_io.slice_count(path)
+  meta = data_io.slice_metadata(path, rec.get("grid"), slice_index, n_slices)
   pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
                                     rec.get("pixel_mm"), source=display_name(path),
                                     center=center)
@@ -145,7 +156,8 @@ def read_one(slice_id: str, path: pathlib.Path, mask_path, center=None) -> dict:
                                            f"frames, the slice {n_in}")
     start = pre["frame_start"]
     meta["aif_series"] = dict(series, image=series["image"][..., start:start + n_kept])
-  return dict(id=slice_id, file=display_name(path), info=pre, pixel_mm=rec.get("pixel_mm"),
+  return dict(id=slice_id, file=file_name(path, slice_index), info=pre,
+              pixel_mm=rec.get("pixel_mm"),
               grid=rec.get("grid"), **meta, **{k: pre[k] for k in ("image", "raw", "times",
                                                                   "mask", "peak_lv_frame")})
 

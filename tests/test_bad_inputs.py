@@ -122,7 +122,7 @@ def _sweep_inputs(folder: pathlib.Path, sim) -> dict:
   cases["tiny16"] = ("failed|warning", "tiny16.nii.gz")
   (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
   cases["broken"] = ("failed", "unreadable or truncated NIfTI file")
-  _nifti(folder / "rank5.nii.gz", np.ones((20, 20, 2, 30), np.float32))
+  _nifti(folder / "rank5.nii.gz", np.ones((20, 20, 1, 30, 2), np.float32))
   cases["rank5"] = ("failed", "expected a 2D+time image")
   _nifti(folder / "nan.nii.gz", np.full((20, 20, 1, 30), np.nan, np.float32))
   cases["nan"] = ("failed", "NaN/Inf")
@@ -432,6 +432,43 @@ def test_study_outputs_rules(tmp_path):
   assert any("study C" in n and "mix" in n for n in notes)
   assert not any("study D" in n for n in notes)
   assert json.loads((tmp_path / "studies.json").read_text())["studies"] == studies
+
+
+def test_a_multi_slice_file_is_predicted_slice_by_slice(workdir, study_sim, tmp_path, monkeypatch):
+  """One [X, Y, Z, T] file (and its [X, Y, Z] mask) of a study's three slices: three rows
+  `<name>_slice<k>`, each read with its own times, written on its own slice of the file's
+  grid, one study (the file) whose levels come from the sidecar's list."""
+  sim = study_sim
+  data = np.stack([data_io._to_nifti_axes(np.asarray(sim["raw"][i])) for i in range(3)], axis=2)  # pylint: disable=protected-access
+  masks = np.stack([data_io._to_nifti_axes(np.asarray(sim["mask"][i])) for i in range(3)], axis=2)  # pylint: disable=protected-access
+  affine = np.diag([-1.4, 1.4, 10.0, 1.0])
+  affine[:3, 3] = (5.0, -7.0, 30.0)
+  folder = tmp_path / "in"
+  folder.mkdir()
+  nib.save(nib.Nifti1Image(data.astype(np.float32), affine), folder / "rest.nii.gz")
+  nib.save(nib.Nifti1Image(masks.astype(np.int16), affine), folder / "rest_mask.nii.gz")
+  assert all(float(sim["seq_flip_deg"][i]) == float(sim["seq_flip_deg"][0]) for i in range(3))
+  (folder / "rest.json").write_text(json.dumps(dict(
+      times=[np.asarray(sim["times"][i]).tolist() for i in range(3)],
+      slice_level=["basal", "mid", "apical"], sequence=_sequence(sim, 0))))
+  _with_ground_truth_masks(monkeypatch)
+  out = tmp_path / "out"
+  rows = predict.predict(_tiny_config(), str(workdir), str(folder), str(out))
+  assert [r["id"] for r in rows] == ["rest_slice1", "rest_slice2", "rest_slice3"]
+  truth = [float(np.mean(sim["mbf_sector48"][i])) for i in range(3)]
+  for k, r in enumerate(rows):
+    assert r["status"] in ("ok", "warning") and r["dice"] == 1.0, r["error"]
+    assert r["file"].endswith(f"rest.nii.gz (slice {k + 1})")
+    assert r["study"] == "rest" and r["slice_level"] == k
+    assert r["mbf"] == pytest.approx(truth[k], rel=0.15), (k, r["mbf"], truth[k])
+    seg = nib.load(out / r["id"] / "segmentation_input.nii.gz")
+    assert seg.shape == data.shape[:2] + (1,)
+    np.testing.assert_allclose(seg.affine[:3, 3], (5.0, -7.0, 30.0 + 10.0 * k), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(seg.dataobj)[..., 0], masks[..., k])
+  studies = json.loads((out / "studies.json").read_text())["studies"]
+  assert [st["study"] for st in studies] == ["rest"]
+  assert studies[0]["slices"] == {"basal": "rest_slice1", "mid": "rest_slice2",
+                                  "apical": "rest_slice3"}
 
 
 @pytest.mark.parametrize("sequence, problem", [

@@ -4,6 +4,7 @@ import fcntl
 import json
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -184,7 +185,8 @@ def _expected_peak(d, j):
 
 
 def _manual_dir(root, d, bad_mask=False):
-  """Three studies: NIfTI with masks; NIfTI and DICOM without masks; npz."""
+  """Four studies: NIfTI with masks; NIfTI and DICOM without masks; one multi-slice NIfTI
+  [X, Y, 3, T] with its mask [X, Y, 3]; npz."""
   pre = np.repeat(d["raw"][..., :1], 6, axis=-1)  # 6 extra baseline frames before the series
   times = np.concatenate([np.arange(6) * 0.8, d["times"][0] + 4.8])
   (root / "alpha").mkdir(parents=True)
@@ -199,20 +201,35 @@ def _manual_dir(root, d, bad_mask=False):
                  pixel_mm=(2.8, 2.8), times=times)
   _write_dicom_series(root / "beta" / "slice_b", np.concatenate([pre[0], d["raw"][0]], -1), times)
   np.savez(root / "gamma" / "apex.npz", image=d["raw"][2], times=d["times"][2], mask=d["mask"][2])
-  (root / "splits.json").write_text(json.dumps({"train": ["alpha", "gamma"], "test": ["beta"]}))
+  (root / "delta").mkdir()
+  stack = np.stack([io._to_nifti_axes(np.concatenate([pre[j], d["raw"][j]], -1)) for j in range(3)], 2)  # pylint: disable=protected-access
+  masks = np.stack([io._to_nifti_axes(d["mask"][j]) for j in range(3)], 2)  # pylint: disable=protected-access
+  affine = np.diag([-1.4, 1.4, 8.0, 1.0])
+  nib.save(nib.Nifti1Image(stack.astype(np.float32), affine), root / "delta" / "stack.nii.gz")
+  nib.save(nib.Nifti1Image(masks.astype(np.int16), affine), root / "delta" / "stack_mask.nii.gz")
+  (root / "delta" / "stack.json").write_text(json.dumps(
+      {"times": times.tolist(), "slice_level": ["apical", "mid", "basal"]}))
+  (root / "splits.json").write_text(json.dumps({"train": ["alpha", "delta", "gamma"],
+                                                "test": ["beta"]}))
 
 
 def test_manual_config_ingests_user_folders(tmp_path):
   d = _phantom_slices()
   _manual_dir(tmp_path / "manual", d)
   out = datasets.load_split("manual", "train", tmp_path / "tfds", manual_dir=tmp_path / "manual")
-  assert out["slice_id"].tolist() == ["alpha/apical", "alpha/basal", "alpha/mid", "gamma/apex"]
-  assert out["slice_level"].tolist() == [2, 0, 1, 2]
-  assert out["image"].shape == (4, 128, 128, 30)
+  assert out["slice_id"].tolist() == ["alpha/apical", "alpha/basal", "alpha/mid",
+                                      "delta/stack_slice1", "delta/stack_slice2",
+                                      "delta/stack_slice3", "gamma/apex"]
+  assert out["slice_level"].tolist() == [2, 0, 1, 2, 1, 0, 2]
+  assert out["image"].shape == (7, 128, 128, 30)
   assert np.allclose(out["image"].min((1, 2, 3)), 0) and np.allclose(out["image"].max((1, 2, 3)), 1)
   assert not out["has_truth"].any() and out["has_mask"].all()
   assert np.isnan(out["mbf"]).all() and np.isnan(out["mbf_sector48"]).all()
-  assert out["study_id"].tolist() == [0, 0, 0, 2]
+  assert out["study_id"].tolist() == [0, 0, 0, 2, 2, 2, 3]
+  # The multi-slice file's slices are the one-slice files' (same arrays, same masks).
+  for k, j in ((3, 0), (4, 1), (5, 2)):
+    np.testing.assert_array_equal(out["image"][k], out["image"][(1, 2, 0)[j]])
+    np.testing.assert_array_equal(out["mask"][k], out["mask"][(1, 2, 0)[j]])
   # The 6 added baseline frames are cut (3 kept before arrival): the peak frame moves.
   for k, j in enumerate((2, 0, 1)):
     lv = out["mask"][k] == 2
@@ -233,7 +250,7 @@ def test_manual_config_ingests_user_folders(tmp_path):
     datasets.load_split("manual", "validation", tmp_path / "tfds")
   # The user's folder changes: the build is redone (here: beta moves to validation).
   (tmp_path / "manual" / "splits.json").write_text(
-      json.dumps({"train": ["alpha", "gamma"], "validation": ["beta"]}))
+      json.dumps({"train": ["alpha", "delta", "gamma"], "validation": ["beta"]}))
   val = datasets.load_split("manual", "validation", tmp_path / "tfds",
                             manual_dir=tmp_path / "manual", keys=["slice_id"])
   assert val["slice_id"].tolist() == ["beta/slice_a", "beta/slice_b"]

@@ -143,7 +143,7 @@ def _save_raw(path, data, dt=1.0):
 
 
 @pytest.mark.parametrize("data, dt, match", [
-    (np.ones((H, W, 2, T), np.float32), 1.0, r"\[X, Y, 1, T\]"),
+    (np.ones((H, W, 2, T), np.float32), 1.0, r"holds 2 slices: read one at a time"),
     (np.ones((H, W), np.float32), 1.0, r"\[X, Y, 1, T\]"),
     (np.ones((H, W, 1, 29), np.float32), 1.0, "29 time frames"),
     (np.full((H, W, 1, T), np.nan, np.float32), 1.0, "NaN/Inf"),
@@ -247,7 +247,7 @@ def test_write_nifti_rejects_bad_arguments(tmp_path):
 
 
 def _write_dicom(path, frame, instance=None, acq_time=None, trigger=None, slope=1.0,
-                 intercept=0.0, position=(0.0, 0.0, 0.0)):
+                 intercept=0.0, position=(0.0, 0.0, 0.0), orientation=None):
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = MRImageStorage
   meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -263,6 +263,8 @@ def _write_dicom(path, frame, instance=None, acq_time=None, trigger=None, slope=
   ds.PhotometricInterpretation = "MONOCHROME2"
   ds.PixelSpacing = [1.8, 1.6]
   ds.ImagePositionPatient = list(position)
+  if orientation is not None:
+    ds.ImageOrientationPatient = list(orientation)
   ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
   if instance is not None:
     ds.InstanceNumber = instance
@@ -353,6 +355,90 @@ def test_dicom_too_few_frames_and_two_positions(tmp_path):
                position=(0.0, 0.0, 8.0))
   with pytest.raises(InputError, match="2 slice positions"):
     dicom.read_dicom_series(tmp_path / "two")
+
+
+def test_multi_slice_nifti_is_read_one_slice_at_a_time(tmp_path):
+  """[X, Y, Z, T] (dcm2niix's multi-slice series) and its [X, Y, Z] mask: slice k is read on
+  its own, with the affine moved to it; times shared or one list per slice."""
+  slices = [_series(seed=k) for k in range(3)]
+  data = np.stack([io._to_nifti_axes(img) for img, _ in slices], axis=2)  # pylint: disable=protected-access
+  affine = np.diag([-1.5, 1.25, 8.0, 1.0])
+  affine[:3, 3] = (5.0, -7.0, 30.0)
+  nib.save(nib.Nifti1Image(data, affine), tmp_path / "multi.nii.gz")
+  masks = [np.roll(_mask(), k, axis=1) for k in range(3)]
+  nib.save(nib.Nifti1Image(np.stack([io._to_nifti_axes(m) for m in masks], 2).astype(np.int16),  # pylint: disable=protected-access
+                           affine), tmp_path / "multi_mask.nii.gz")
+  side = tmp_path / "multi.json"
+  side.write_text(json.dumps({"times": slices[0][1].tolist()}))
+  assert io.slice_count(tmp_path / "multi.nii.gz") == 3
+  for k, (image, times) in enumerate(slices):
+    out = io.read_nifti(tmp_path / "multi.nii.gz", tmp_path / "multi_mask.nii.gz", slice_index=k)
+    np.testing.assert_array_equal(out["image"], image)
+    np.testing.assert_array_equal(out["mask"], masks[k])
+    np.testing.assert_allclose(out["times"], slices[0][1], atol=1e-9)
+    np.testing.assert_allclose(out["grid"]["affine"][:3, 3], (5.0, -7.0, 30.0 + 8.0 * k))
+    assert out["grid"]["slice_axis"] and out["pixel_mm"] == (1.25, 1.5)
+  side.write_text(json.dumps({"times": [t.tolist() for _, t in slices]}))  # one list per slice
+  for k, (_, times) in enumerate(slices):
+    np.testing.assert_allclose(io.read_nifti(tmp_path / "multi.nii.gz", slice_index=k)["times"],
+                               times, atol=1e-9)
+  meta = [io.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3) for k in range(3)]
+  assert [m["study"] for m in meta] == ["multi"] * 3 and [m["slice_level"] for m in meta] == [-1] * 3
+  side.write_text(json.dumps({"times": slices[0][1].tolist(), "slice_level": ["apical", 1, 0]}))
+  assert [io.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3)["slice_level"]
+          for k in range(3)] == [2, 1, 0]
+
+  path = str(tmp_path / "multi.nii.gz")
+  for kwargs, match in (({}, "holds 3 slices: read one at a time"),
+                        (dict(slice_index=3), r"has no slice 3 \(it holds 3\)")):
+    with pytest.raises(InputError, match=match) as e:
+      io.read_nifti(path, **kwargs)
+    assert e.value.source == path
+  side.write_text(json.dumps({"times": [t.tolist() for _, t in slices[:2]]}))
+  with pytest.raises(InputError, match=r'"times" holds 2 lists \(one per slice\), the image 3'):
+    io.read_nifti(path, slice_index=0)
+  side.write_text(json.dumps({"times": slices[0][1].tolist(), "slice_level": [0, 1]}))
+  with pytest.raises(InputError, match='"slice_level" lists 2 levels, the input holds 3 slices'):
+    io.slice_metadata(path, None, 0, 3)
+  side.write_text(json.dumps({"times": slices[0][1].tolist()}))
+  io.write_nifti(tmp_path / "flat_mask.nii.gz", _mask())
+  with pytest.raises(InputError, match=r"the image holds 3 slices: expected a mask \[X, Y, 3\]"):
+    io.read_nifti(path, tmp_path / "flat_mask.nii.gz", slice_index=1)
+  # A one-slice file has slice 0 only; what cannot be read counts as one slice.
+  image, times = slices[0]
+  one = io.write_nifti(tmp_path / "one.nii.gz", image, times=times)
+  assert io.slice_count(one) == 1
+  np.testing.assert_array_equal(io.read_nifti(one, slice_index=0)["image"], image)
+  with pytest.raises(InputError, match=r"has no slice 1 \(it holds 1\)"):
+    io.read_nifti(one, slice_index=1)
+  (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+  assert io.slice_count(tmp_path / "broken.nii.gz") == 1
+
+
+def test_dicom_series_of_several_positions_is_read_one_slice_at_a_time(tmp_path):
+  """The slices of a multi-slice series folder come in order along the slice normal."""
+  folder = tmp_path / "multi"
+  folder.mkdir()
+  rng = np.random.default_rng(2)
+  frames = rng.integers(0, 1000, (2, T, H, W))
+  times = np.cumsum(rng.uniform(0.7, 1.0, T))
+  # The normal of this orientation is -z: the slice at z = 8 comes first.
+  for z_index, z in enumerate((0.0, 8.0)):
+    for k in range(T):
+      _write_dicom(folder / f"IM{z_index}_{k:03d}", frames[z_index, k], instance=z_index * T + k + 1,
+                   acq_time=_tm(36000.0 + times[k] + 0.3 * z_index), position=(0.0, 0.0, z),
+                   orientation=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
+  assert dicom.dicom_slice_count(folder) == io.slice_count(folder) == 2
+  first, second = (dicom.read_dicom_series(folder, slice_index=k) for k in (0, 1))
+  np.testing.assert_array_equal(first["image"], np.moveaxis(frames[1], 0, -1))
+  np.testing.assert_array_equal(second["image"], np.moveaxis(frames[0], 0, -1))
+  np.testing.assert_allclose(second["times"], times - times[0], atol=2e-6)
+  assert first["n_slices"] == 2 and len(first["files"]) == T
+  assert first["grid"]["affine"][2, 3] == pytest.approx(8.0)
+  with pytest.raises(InputError, match="series holds 2 slice positions: read one at a time"):
+    dicom.read_dicom_series(folder)
+  with pytest.raises(InputError, match=r"has no slice 2 \(it holds 2\)"):
+    io.read_slice(folder, slice_index=2)
 
 
 # ----------------------------------------------------------------------------- npz, dispatch

@@ -50,6 +50,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perfjax.data import dicom
 from perfjax.data import io
 from perfjax.data import preprocess
 from perfjax.data import schema
@@ -77,8 +78,10 @@ MANUAL_LAYOUT = """Manual layout (`manual_dir`):
       <slice>.npz                or numpy arrays: image, times, [mask], [pixel_mm]
       <slice>/                   or a folder of DICOM files (one per frame)
 
-A slice whose name contains basal/base, mid or apical/apex gets slice_level 0, 1, 2
-(else -1). Images are resampled to `target_pixel_mm` (1.4 mm), truncated to the first
+A multi-slice file [X, Y, Z, T] (mask [X, Y, Z]) or DICOM series of several positions gives
+the slices <slice>_slice1, ... (`perfjax.data.io.per_slice`). A slice's level is the
+sidecar's "slice_level" (a list of one per slice for a multi-slice input), else 0, 1, 2 when
+a one-slice input's name contains basal/base, mid or apical/apex (else -1). Images are resampled to `target_pixel_mm` (1.4 mm), truncated to the first
 pass, LV-centred and cropped to 128 x 128, and normalised (see preprocess.py).
 
 """
@@ -207,15 +210,16 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
     all_studies = sorted(p.name for p in _study_dirs(root))
     for study in studies:
       sid = all_studies.index(study)
-      for j, (name, path, mask_path) in enumerate(_manual_slices(root / study)):
-        out = io.load_preprocessed(path, mask_path, cfg.target_pixel_mm)
+      for j, (name, path, mask_path, index) in enumerate(io.per_slice(_manual_slices(root / study))):
+        out = io.load_preprocessed(path, mask_path, cfg.target_pixel_mm, index)
         has_mask = out["mask"] is not None
         pixel = cfg.target_pixel_mm if out["pixel_mm"] is not None else np.nan
         rec = dict(image=out["image"], raw=out["raw"], times=out["times"],
                    mask=out["mask"] if has_mask else None, peak_lv_frame=out["peak_lv_frame"],
                    study_id=sid, has_mask=has_mask, pixel_mm=pixel, study_name=study,
                    slice_id=f"{study}/{name}", protocol="unknown")
-        yield f"{study}/{j:03d}", _complete(rec, io.level_from_name(name))
+        n_slices = 1 if index is None else io.slice_count(path)
+        yield f"{study}/{j:03d}", _complete(rec, io.slice_level(path, index, n_slices))
 
 
 # The features a synthetic record takes from phantom.simulate (the rest are set per record).
@@ -357,8 +361,8 @@ def manual_fingerprint(manual_dir: str | os.PathLike) -> str:
     if p.is_file():
       st = p.stat()
       h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
-  return _hash_files([pathlib.Path(io.__file__), pathlib.Path(preprocess.__file__),
-                      pathlib.Path(__file__)], h)
+  return _hash_files([pathlib.Path(io.__file__), pathlib.Path(dicom.__file__),
+                      pathlib.Path(preprocess.__file__), pathlib.Path(__file__)], h)
 
 
 def prepare(config_name: str, data_dir: str | os.PathLike | None = None,

@@ -1,5 +1,8 @@
 """DICOM reader: one slice's perfusion series from a folder of single-frame files.
 
+A folder may hold several slice positions (a multi-slice perfusion series): `dicom_slice_count`
+counts them and `read_dicom_series(..., slice_index=k)` reads the k-th along the slice normal.
+
 `read_dicom_series` returns the arrays of `perfjax.data.io`'s readers (CONVENTIONS.md, checked
 by `preprocess.validate_slice`, every problem one `InputError(path, problem)`). Frame order:
 InstanceNumber (else the frame times). Frame times, first present in every file and
@@ -83,31 +86,77 @@ def dicom_affine(ds: Any, n_rows: int, source: pathlib.Path) -> np.ndarray | Non
   return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES
-                      ) -> dict[str, Any]:
-  """Reads one slice's perfusion series from a folder of DICOM files (one per frame).
-
-  Returns dict(image float32 [rows, cols, T], times float64 [T] from 0, mask None,
-  pixel_mm (row, col) or None, time_tag: the tag the times came from, files: in order).
-  """
-  import pydicom  # pylint: disable=g-import-not-at-top
-  folder = pathlib.Path(folder)
+def _dicom_files(folder: pathlib.Path) -> list[pathlib.Path]:
   if not folder.is_dir():
     raise InputError(folder, "DICOM series folder not found")
   files = sorted(p for p in folder.iterdir()
                  if p.is_file() and not p.name.startswith(".") and p.name != "DICOMDIR")
   if not files:
     raise InputError(folder, "folder holds no DICOM files")
+  return files
+
+
+def _read_header(f: pathlib.Path, pixels: bool) -> Any:
+  import pydicom  # pylint: disable=g-import-not-at-top
+  try:
+    ds = pydicom.dcmread(str(f), stop_before_pixels=not pixels)
+  except Exception as e:  # pydicom raises many types for broken or truncated files
+    raise InputError(f, f"unreadable or truncated DICOM file ({type(e).__name__}: {e})") from None
+  if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+    raise InputError(f, "multi-frame DICOM is not supported; one file per frame")
+  return ds
+
+
+def _slice_groups(headers: list[Any], files: list[pathlib.Path]) -> list[list[int]]:
+  """The files' indices grouped by slice position (ImagePositionPatient to 0.1 mm), groups
+  ordered along the slice normal (ImageOrientationPatient), else by position."""
+  keys = [tuple(np.round(_dicom_numbers(h, "ImagePositionPatient", 3, f), 1))
+          if "ImagePositionPatient" in h else None for h, f in zip(headers, files)]
+  if len({k for k in keys if k is not None}) <= 1:
+    return [list(range(len(files)))]
+  groups: dict[Any, list[int]] = {}
+  for i, k in enumerate(keys):
+    groups.setdefault(k, []).append(i)
+  if None in groups:
+    raise InputError(files[groups[None][0]].parent, f"{len(groups[None])} files lack "
+                     "ImagePositionPatient in a series of several slice positions")
+  iop = _dicom_numbers(headers[0], "ImageOrientationPatient", 6, files[0])
+  normal = np.cross(iop[:3], iop[3:]) if iop is not None else None
+  order = sorted(groups, key=lambda k: (float(np.dot(k, normal)) if normal is not None else 0.0, k))
+  return [groups[k] for k in order]
+
+
+def dicom_slice_count(folder: str | os.PathLike) -> int:
+  """How many slice positions a DICOM series folder holds (headers only)."""
+  folder = pathlib.Path(folder)
+  files = _dicom_files(folder)
+  return len(_slice_groups([_read_header(f, pixels=False) for f in files], files))
+
+
+def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES,
+                      slice_index: int | None = None) -> dict[str, Any]:
+  """Reads one slice's perfusion series from a folder of DICOM files (one per frame); of a
+  folder with several slice positions, the ``slice_index``-th along the slice normal.
+
+  Returns dict(image float32 [rows, cols, T], times float64 [T] from 0, mask None,
+  pixel_mm (row, col) or None, time_tag: the tag the times came from, files: in order,
+  n_slices: the folder's slice positions).
+  """
+  folder = pathlib.Path(folder)
+  files = _dicom_files(folder)
+  groups = _slice_groups([_read_header(f, pixels=False) for f in files], files)
+  if slice_index is None and len(groups) > 1:
+    raise InputError(folder, f"series holds {len(groups)} slice positions: read one at a time "
+                             "(slice_index; predict splits such inputs itself)")
+  if slice_index is not None and not 0 <= slice_index < len(groups):
+    raise InputError(folder, f"has no slice {slice_index} (it holds {len(groups)})")
+  files = [files[i] for i in groups[slice_index or 0]]
   frames, headers = [], []
   for f in files:
+    ds = _read_header(f, pixels=True)
     try:
-      ds = pydicom.dcmread(str(f))
-      if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        raise InputError(f, "multi-frame DICOM is not supported; one file per frame")
       pixels = ds.pixel_array.astype(np.float32)
-    except InputError:
-      raise
-    except Exception as e:  # pydicom raises many types for broken or truncated files
+    except Exception as e:  # pydicom raises many types for broken or truncated pixel data
       raise InputError(f, f"unreadable or truncated DICOM file ({type(e).__name__}: {e})") from None
     if pixels.ndim != 2:
       raise InputError(f, f"expected a 2D frame, got pixel data of shape {list(pixels.shape)}")
@@ -117,11 +166,6 @@ def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM
     headers.append(ds)
   if len({fr.shape for fr in frames}) > 1:
     raise InputError(folder, f"frames differ in size: {sorted({fr.shape for fr in frames})}")
-  positions = {tuple(np.round(_dicom_numbers(h, "ImagePositionPatient", 3, f), 1))
-               for h, f in zip(headers, files) if "ImagePositionPatient" in h}
-  if len(positions) > 1:
-    raise InputError(folder, f"series holds {len(positions)} slice positions; give one folder "
-                             "per slice")
 
   candidates, unparsed = {}, []
   for tag in _TIME_TAGS:
@@ -177,4 +221,5 @@ def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM
               stored_shape=(image.shape[1], image.shape[0]), slice_axis=True, header=None,
               study=str(headers[first].get("StudyInstanceUID", "") or "") or None)
   return dict(image=image, times=times - times[0], mask=None, pixel_mm=pixel_mm,
-              time_tag=time_tag, files=[files[i] for i in order], grid=grid)
+              time_tag=time_tag, files=[files[i] for i in order], grid=grid,
+              n_slices=len(groups))

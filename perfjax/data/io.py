@@ -6,9 +6,11 @@ file as the source, so every problem is one `InputError(path, problem)`:
 in seconds from the first frame, an optional `mask int32 [H, W]`, and `pixel_mm`
 (row spacing, column spacing) in mm or None.
 
-NIfTI (`read_nifti`, `read_nifti_mask`): one slice per file, image `[X, Y, T]` or
-`[X, Y, 1, T]`, mask `[X, Y]`, `[X, Y, 1]` or `[X, Y, 1, 1]`; real numbers only (complex and
-RGB files are refused, never cast). Orientation: the file's affine (sform, else qform) is read
+NIfTI (`read_nifti`, `read_nifti_mask`): image `[X, Y, T]` or `[X, Y, 1, T]`, mask `[X, Y]`,
+`[X, Y, 1]` or `[X, Y, 1, 1]`; or several slices of one acquisition, image `[X, Y, Z, T]` (as
+dcm2niix writes a multi-slice perfusion series) and mask `[X, Y, Z]`, read one slice at a time
+(`slice_index`; `slice_count` says how many); real numbers only (complex and RGB files are
+refused, never cast). Orientation: the file's affine (sform, else qform) is read
 and the slice is reoriented, without interpolation (only a transpose and flips of the two
 in-plane axes), to the CONVENTIONS.md display, the radiological one a DICOM viewer shows for
 an axial or short-axis image: of the 8 in-plane layouts the one whose columns point most
@@ -21,11 +23,12 @@ files round-trip. The reader also returns the slice's `grid` (affine, stored sha
 in-plane transform) and `write_on_grid` puts an output back on the input's own voxels
 with the input's own affine, so it overlays the input exactly in any viewer. Frame times
 come from a JSON sidecar beside the image (same name, `.json`) with `"times"` (seconds,
-one per frame) or `"FrameTimesStart"`; else, for 4D `[X, Y, 1, T]` files only, from
-`pixdim[4]` (uniform spacing, unit from the header; an approximation, since frames are one
-per heartbeat); neither is an error.
+one per frame; for `[X, Y, Z, T]` one list for all slices or one per slice) or
+`"FrameTimesStart"`; else, for 4D files only, from `pixdim[4]` (uniform spacing, unit from
+the header; an approximation, since frames are one per heartbeat); neither is an error.
 
-DICOM: a folder holding one slice's series, one file per frame (`perfjax.data.dicom`).
+DICOM: a folder holding one series, one file per frame, of one slice or of several slice
+positions read one at a time (`perfjax.data.dicom`).
 Where a slice lies (layouts, affines, spacing): `perfjax.data.grid`.
 
 NumPy (`read_npz`): keys `image`, `times`, optional `mask`, `pixel_mm`; loaded with
@@ -46,7 +49,7 @@ import numpy as np
 
 from perfjax import conventions
 from perfjax.data import preprocess
-from perfjax.data.dicom import read_dicom_series
+from perfjax.data.dicom import dicom_slice_count, read_dicom_series
 from perfjax.data.grid import (STORED_LAYOUT, apply_layout, check_pixel_mm, display_layout,
                                stored_affine, undo_layout)
 from perfjax.errors import InputError
@@ -201,15 +204,55 @@ def parse_aif_series(value: Any, side: pathlib.Path) -> dict[str, Any]:
   return out
 
 
-def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None) -> dict[str, Any]:
+def _input_name(path: pathlib.Path) -> str:
+  return path.name if path.is_dir() else _nifti_stem(path)
+
+
+def slice_level(path: str | os.PathLike, slice_index: int | None = None,
+                n_slices: int = 1) -> int:
+  """A slice's level (0 basal, 1 mid, 2 apical, -1 unknown): the sidecar's `"slice_level"`
+  (0/1/2 or "basal"/"mid"/"apical"; for an input of ``n_slices`` > 1, a list of one per
+  slice), else a one-slice input's name (`level_from_name`), else -1."""
+  path = pathlib.Path(path)
+  side = _meta_path(path)
+  level = _sidecar(path).get("slice_level")
+  if isinstance(level, list) and n_slices > 1:
+    if len(level) != n_slices:
+      raise InputError(side, f'"slice_level" lists {len(level)} levels, the input holds '
+                             f"{n_slices} slices")
+    level = level[slice_index or 0]
+  if level is None:
+    return level_from_name(_input_name(path)) if n_slices == 1 else -1
+  if isinstance(level, str) and level.lower() in LEVEL_NAMES:
+    return LEVEL_NAMES.index(level.lower())
+  if not (isinstance(level, int) and not isinstance(level, bool) and level in (0, 1, 2)):
+    raise InputError(side, f'"slice_level" must be 0, 1, 2 or one of {list(LEVEL_NAMES)}, got '
+                           f"{level!r}")
+  return level
+
+
+def per_slice(entries: list[tuple]) -> list[tuple]:
+  """(name, image path, mask path, slice index) of each slice of `slice_entries`' (name, image
+  path, mask path) inputs: index None for a one-slice input; a multi-slice NIfTI `[X, Y, Z, T]`
+  or DICOM series gives `<name>_slice1`, ... in the order of its slices (`slice_count`)."""
+  out = []
+  for name, path, mask in entries:
+    n = slice_count(path)
+    out += ([(name, path, mask, None)] if n == 1 else
+            [(f"{name}_slice{k + 1}", path, mask, k) for k in range(n)])
+  return out
+
+
+def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None,
+                   slice_index: int | None = None, n_slices: int = 1) -> dict[str, Any]:
   """What predict needs beyond the pixels: study, slice level and acquisition sequence.
 
   From the JSON sidecar (`name.json` beside a NIfTI/.npz file `name.nii.gz`/`name.npz` or a
-  DICOM folder `name/`), all optional: `"study"` (text), `"slice_level"` (0/1/2 or
-  "basal"/"mid"/"apical"), `"sequence"` (`parse_sequence`), `"aif_series"` (`parse_aif_series`,
-  only with a sequence). Defaults: the study is the DICOM StudyInstanceUID, else the folder
-  that holds the file; the level comes from the name (`level_from_name`); no sequence, no AIF
-  series (None). Returns dict(study, slice_level, sequence, aif_series).
+  DICOM folder `name/`), all optional: `"study"` (text), `"slice_level"` (`slice_level`),
+  `"sequence"` (`parse_sequence`), `"aif_series"` (`parse_aif_series`, only with a sequence).
+  Defaults: the study is the DICOM StudyInstanceUID, else the file of a multi-slice input
+  (``n_slices`` > 1), else the folder that holds the file; no sequence, no AIF series (None).
+  Returns dict(study, slice_level, sequence, aif_series).
   """
   path = pathlib.Path(path)
   meta = _sidecar(path)
@@ -218,15 +261,8 @@ def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None) 
   if study is None and grid is not None:
     study = grid.get("study")
   if study is None:
-    study = path.resolve().parent.name or "study"
-  level = meta.get("slice_level")
-  if level is None:
-    level = level_from_name(path.name if path.is_dir() else _nifti_stem(path))
-  elif isinstance(level, str) and level.lower() in LEVEL_NAMES:
-    level = LEVEL_NAMES.index(level.lower())
-  elif not (isinstance(level, int) and not isinstance(level, bool) and level in (0, 1, 2)):
-    raise InputError(side, f'"slice_level" must be 0, 1, 2 or one of {list(LEVEL_NAMES)}, got '
-                           f"{level!r}")
+    study = _input_name(path) if n_slices > 1 else (path.resolve().parent.name or "study")
+  level = slice_level(path, slice_index, n_slices)
   sequence = meta.get("sequence")
   series = meta.get("aif_series")
   if series is not None and sequence is None:
@@ -315,7 +351,8 @@ def _nifti_grid(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) ->
               slice_axis=len(data_shape) == 4, header=header)
 
 
-def _nifti_times(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) -> np.ndarray:
+def _nifti_times(path: pathlib.Path, header: Any, data_shape: tuple[int, ...],
+                 slice_index: int | None = None) -> np.ndarray:
   side = sidecar_path(path)
   n_t = data_shape[-1]
   if side.exists():
@@ -327,15 +364,24 @@ def _nifti_times(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) -
                None)
     if key is None:
       raise InputError(side, 'JSON sidecar has no "times" (seconds, one per frame)')
-    _check_time_axis(path, side, meta[key], data_shape)
-    times = preprocess.validate_times(meta[key], n_t, str(side))
+    values = meta[key]
+    if isinstance(values, list) and values and all(isinstance(v, list) for v in values):
+      n_z = data_shape[2] if len(data_shape) == 4 else 1
+      if len(values) != n_z:
+        raise InputError(side, f'"{key}" holds {len(values)} lists (one per slice), the image '
+                               f"{n_z} slice(s)")
+      values = values[slice_index or 0]
+    else:
+      _check_time_axis(path, side, values, data_shape)
+    times = preprocess.validate_times(values, n_t, str(side))
     if n_t > 1 and np.median(np.diff(times)) > 10.0:
       raise InputError(side, f"frame times must be in seconds; a median spacing of "
                              f"{np.median(np.diff(times)):.4g} looks like milliseconds")
     return times
   if int(header["dim"][0]) < 4:
     raise InputError(path, f"no frame times: a 3D [X, Y, T] file needs a JSON sidecar "
-                           f"{side.name} (pixdim[4] is only used for 4D [X, Y, 1, T] files)")
+                           f"{side.name} (pixdim[4] is only used for 4D [X, Y, 1, T] or "
+                           "[X, Y, Z, T] files)")
   dt = float(header["pixdim"][4])
   unit = header.get_xyzt_units()[1]
   if not (np.isfinite(dt) and dt > 0):
@@ -358,42 +404,74 @@ def _check_time_axis(path: pathlib.Path, side: pathlib.Path, times: Any,
                          f"last and permute the affine's columns to match")
 
 
+def _chosen_slice(path: pathlib.Path, n_slices: int, slice_index: int | None) -> int:
+  """Which slice of a file with ``n_slices`` to read (0 for a one-slice file)."""
+  if slice_index is None:
+    if n_slices > 1:
+      raise InputError(path, f"holds {n_slices} slices: read one at a time (slice_index; "
+                             "predict splits such inputs itself)")
+    return 0
+  if not 0 <= slice_index < n_slices:
+    raise InputError(path, f"has no slice {slice_index} (it holds {n_slices})")
+  return int(slice_index)
+
+
 def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = None,
-               n_frames: int = conventions.NUM_FRAMES) -> dict[str, Any]:
+               n_frames: int = conventions.NUM_FRAMES,
+               slice_index: int | None = None) -> dict[str, Any]:
   """Reads a NIfTI 2D+time image (and optional mask); see the module docstring.
+
+  ``slice_index``: which slice of an `[X, Y, Z, T]` file (and of its `[X, Y, Z]` mask); its
+  grid's affine is moved to that slice, so outputs written on it overlay that slice.
 
   Returns dict(image float32 [H, W, T], times float64 [T] from 0, mask int32 [H, W] or
   None, pixel_mm (row, col), grid: where the array lies (for `write_on_grid`)).
   """
   path = pathlib.Path(path)
   data, header = _load_nifti(path)
+  if data.ndim not in (3, 4):
+    raise InputError(path, f"expected a 2D+time image [X, Y, T], [X, Y, 1, T] or several "
+                           f"slices [X, Y, Z, T], got shape {list(data.shape)}")
   grid = _nifti_grid(path, header, data.shape)
-  if data.ndim == 4 and data.shape[2] == 1:
-    data = data[:, :, 0]
-  if data.ndim != 3:
-    raise InputError(path, f"expected a 2D+time image [X, Y, T] or [X, Y, 1, T], got shape "
-                           f"{list(data.shape)}")
-  image = apply_layout(_from_nifti_axes(data.astype(np.float32)), grid["layout"])
-  times = _nifti_times(path, header, data.shape)
+  k = _chosen_slice(path, data.shape[2] if data.ndim == 4 else 1, slice_index)
+  if data.ndim == 4:
+    affine = grid["affine"].copy()
+    affine[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, float(k)]) + affine[:3, 3]
+    grid["affine"] = affine
+  image = data[:, :, k] if data.ndim == 4 else data
+  image = apply_layout(_from_nifti_axes(image.astype(np.float32)), grid["layout"])
+  times = _nifti_times(path, header, data.shape, slice_index)
   image, times, _ = preprocess.validate_slice(image, times, source=str(path), n_frames=n_frames)
   pixel_mm = _grid_pixel_mm(path, header.get_zooms(), grid["layout"])
   mask = None
   if mask_path is not None:
-    mask = read_nifti_mask(mask_path, image.shape[:2], layout=grid["layout"])
+    multi = data.ndim == 4 and data.shape[2] > 1
+    mask = read_nifti_mask(mask_path, image.shape[:2], layout=grid["layout"],
+                           slice_index=k if multi else None,
+                           n_slices=data.shape[2] if multi else None)
   return dict(image=image, times=times - times[0], mask=mask, pixel_mm=pixel_mm, grid=grid)
 
 
 def read_nifti_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None,
-                    layout=None) -> np.ndarray:
-  """Reads a NIfTI label mask `[X, Y]` (or with singleton trailing axes) as int32 [H, W].
+                    layout=None, slice_index: int | None = None,
+                    n_slices: int | None = None) -> np.ndarray:
+  """Reads a NIfTI label mask `[X, Y]` (or with singleton trailing axes) as int32 [H, W];
+  with ``slice_index``, that slice of the mask `[X, Y, Z]` of an image of ``n_slices``.
 
   `layout`: the image's in-plane layout (`read_nifti`'s grid), so the mask lands on the image;
   default: the mask file's own affine.
   """
   path = pathlib.Path(path)
   data, header = _load_nifti(path)
-  while data.ndim > 2 and data.shape[-1] == 1:
+  while data.ndim > 3 and data.shape[-1] == 1:
     data = data[..., 0]
+  if slice_index is not None:
+    if data.ndim != 3 or (n_slices is not None and data.shape[2] != n_slices):
+      raise InputError(path, f"the image holds {n_slices or 'several'} slices: expected a mask "
+                             f"[X, Y, {n_slices or 'Z'}], got shape {list(data.shape)}")
+    data = data[:, :, _chosen_slice(path, data.shape[2], slice_index)]
+  elif data.ndim == 3 and data.shape[2] == 1:
+    data = data[:, :, 0]
   if data.ndim != 2:
     raise InputError(path, f"expected a 2D mask [X, Y], got shape {list(data.shape)}")
   if layout is None:
@@ -603,34 +681,58 @@ def slice_entries(folder: str | os.PathLike, npz: bool = True
   return out
 
 
+def slice_count(path: str | os.PathLike) -> int:
+  """How many slices an input holds: Z of an `[X, Y, Z, T]` NIfTI, the slice positions of a
+  DICOM series folder, else 1; from the headers alone. 1 for what cannot be read (reading
+  it then reports the problem)."""
+  path = pathlib.Path(path)
+  try:
+    if path.is_dir():
+      return dicom_slice_count(path)
+    if is_nifti(path):
+      import nibabel as nib  # pylint: disable=g-import-not-at-top
+      shape = nib.load(str(path)).shape
+      return int(shape[2]) if len(shape) == 4 and shape[2] > 1 else 1
+  except Exception:  # pylint: disable=broad-except  (the reader names the problem)
+    return 1
+  return 1
+
+
 def read_slice(path: str | os.PathLike, mask_path: str | os.PathLike | None = None,
-               n_frames: int = conventions.NUM_FRAMES) -> dict[str, Any]:
-  """Reads one slice from a DICOM folder, a NIfTI file or an .npz; an optional NIfTI mask."""
+               n_frames: int = conventions.NUM_FRAMES,
+               slice_index: int | None = None) -> dict[str, Any]:
+  """Reads one slice from a DICOM folder, a NIfTI file or an .npz; an optional NIfTI mask.
+  ``slice_index``: which slice of a multi-slice NIfTI or DICOM series (`slice_count`)."""
   path = pathlib.Path(path)
   if path.is_dir():
-    out = read_dicom_series(path, n_frames)
+    out = read_dicom_series(path, n_frames, slice_index)
   elif is_nifti(path):
-    return read_nifti(path, mask_path, n_frames)
+    return read_nifti(path, mask_path, n_frames, slice_index)
   elif path.suffix == ".npz":
+    _chosen_slice(path, 1, slice_index)
     out = read_npz(path, n_frames)
   else:
     _exists(path)
     raise InputError(path, "unknown format: expected a DICOM folder, .nii/.nii.gz or .npz")
   if mask_path is not None:
-    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2], layout=STORED_LAYOUT)
+    multi = out.get("n_slices", 1) > 1
+    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2], layout=STORED_LAYOUT,
+                                  slice_index=slice_index if multi else None,
+                                  n_slices=out.get("n_slices") if multi else None)
   return out
 
 
 def load_preprocessed(path: str | os.PathLike, mask_path: str | os.PathLike | None = None,
-                      target_pixel_mm: float | None = preprocess.TARGET_PIXEL_MM
-                      ) -> dict[str, Any]:
-  """Reads one slice (`read_slice`) and preprocesses it (`preprocess.preprocess_slice`).
+                      target_pixel_mm: float | None = preprocess.TARGET_PIXEL_MM,
+                      slice_index: int | None = None) -> dict[str, Any]:
+  """Reads one slice (`read_slice`, ``slice_index`` of a multi-slice input) and preprocesses
+  it (`preprocess.preprocess_slice`).
 
   Returns preprocess_slice's dict (image, raw, times, mask, peak_lv_frame, and the
   geometry that `preprocess.to_original` needs) plus `pixel_mm`: the input's spacing
   (None when the file does not say, in which case the slice is not resampled).
   """
-  data = read_slice(path, mask_path)
+  data = read_slice(path, mask_path, slice_index=slice_index)
   out = preprocess.preprocess_slice(data["image"], data["times"], data["mask"],
                                     pixel_mm=data["pixel_mm"], target_pixel_mm=target_pixel_mm,
                                     source=str(path))
