@@ -91,7 +91,8 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
   if root.is_file():
     mask = next((m for _, p, m in data_io.slice_entries(root.parent, npz=False) if p == root),
                 None)
-    return data_io.per_slice([(data_io._nifti_stem(root), root, mask)]), []  # pylint: disable=protected-access
+    name = data_io._nifti_stem(root)  # pylint: disable=protected-access
+    return data_io.per_slice([(name, root, mask)]), []
   out = pathlib.Path(output).resolve()
   entries, notes = [], []
   for name, path, mask in data_io.slice_entries(root, npz=False):

@@ -439,8 +439,9 @@ def test_a_multi_slice_file_is_predicted_slice_by_slice(workdir, study_sim, tmp_
   `<name>_slice<k>`, each read with its own times, written on its own slice of the file's
   grid, one study (the file) whose levels come from the sidecar's list."""
   sim = study_sim
-  data = np.stack([data_io._to_nifti_axes(np.asarray(sim["raw"][i])) for i in range(3)], axis=2)  # pylint: disable=protected-access
-  masks = np.stack([data_io._to_nifti_axes(np.asarray(sim["mask"][i])) for i in range(3)], axis=2)  # pylint: disable=protected-access
+  to_nifti = data_io._to_nifti_axes  # pylint: disable=protected-access
+  data = np.stack([to_nifti(np.asarray(sim["raw"][i])) for i in range(3)], axis=2)
+  masks = np.stack([to_nifti(np.asarray(sim["mask"][i])) for i in range(3)], axis=2)
   affine = np.diag([-1.4, 1.4, 10.0, 1.0])
   affine[:3, 3] = (5.0, -7.0, 30.0)
   folder = tmp_path / "in"

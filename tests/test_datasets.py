@@ -202,8 +202,9 @@ def _manual_dir(root, d, bad_mask=False):
   _write_dicom_series(root / "beta" / "slice_b", np.concatenate([pre[0], d["raw"][0]], -1), times)
   np.savez(root / "gamma" / "apex.npz", image=d["raw"][2], times=d["times"][2], mask=d["mask"][2])
   (root / "delta").mkdir()
-  stack = np.stack([io._to_nifti_axes(np.concatenate([pre[j], d["raw"][j]], -1)) for j in range(3)], 2)  # pylint: disable=protected-access
-  masks = np.stack([io._to_nifti_axes(d["mask"][j]) for j in range(3)], 2)  # pylint: disable=protected-access
+  to_nifti = io._to_nifti_axes  # pylint: disable=protected-access
+  stack = np.stack([to_nifti(np.concatenate([pre[j], d["raw"][j]], -1)) for j in range(3)], 2)
+  masks = np.stack([to_nifti(d["mask"][j]) for j in range(3)], 2)
   affine = np.diag([-1.4, 1.4, 8.0, 1.0])
   nib.save(nib.Nifti1Image(stack.astype(np.float32), affine), root / "delta" / "stack.nii.gz")
   nib.save(nib.Nifti1Image(masks.astype(np.int16), affine), root / "delta" / "stack_mask.nii.gz")

@@ -361,13 +361,14 @@ def test_multi_slice_nifti_is_read_one_slice_at_a_time(tmp_path):
   """[X, Y, Z, T] (dcm2niix's multi-slice series) and its [X, Y, Z] mask: slice k is read on
   its own, with the affine moved to it; times shared or one list per slice."""
   slices = [_series(seed=k) for k in range(3)]
-  data = np.stack([io._to_nifti_axes(img) for img, _ in slices], axis=2)  # pylint: disable=protected-access
+  to_nifti = io._to_nifti_axes  # pylint: disable=protected-access
+  data = np.stack([to_nifti(img) for img, _ in slices], axis=2)
   affine = np.diag([-1.5, 1.25, 8.0, 1.0])
   affine[:3, 3] = (5.0, -7.0, 30.0)
   nib.save(nib.Nifti1Image(data, affine), tmp_path / "multi.nii.gz")
   masks = [np.roll(_mask(), k, axis=1) for k in range(3)]
-  nib.save(nib.Nifti1Image(np.stack([io._to_nifti_axes(m) for m in masks], 2).astype(np.int16),  # pylint: disable=protected-access
-                           affine), tmp_path / "multi_mask.nii.gz")
+  nib.save(nib.Nifti1Image(np.stack([to_nifti(m) for m in masks], 2).astype(np.int16), affine),
+           tmp_path / "multi_mask.nii.gz")
   side = tmp_path / "multi.json"
   side.write_text(json.dumps({"times": slices[0][1].tolist()}))
   assert io.slice_count(tmp_path / "multi.nii.gz") == 3
@@ -383,7 +384,8 @@ def test_multi_slice_nifti_is_read_one_slice_at_a_time(tmp_path):
     np.testing.assert_allclose(io.read_nifti(tmp_path / "multi.nii.gz", slice_index=k)["times"],
                                times, atol=1e-9)
   meta = [io.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3) for k in range(3)]
-  assert [m["study"] for m in meta] == ["multi"] * 3 and [m["slice_level"] for m in meta] == [-1] * 3
+  assert [m["study"] for m in meta] == ["multi"] * 3
+  assert [m["slice_level"] for m in meta] == [-1] * 3
   side.write_text(json.dumps({"times": slices[0][1].tolist(), "slice_level": ["apical", 1, 0]}))
   assert [io.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3)["slice_level"]
           for k in range(3)] == [2, 1, 0]
@@ -425,7 +427,8 @@ def test_dicom_series_of_several_positions_is_read_one_slice_at_a_time(tmp_path)
   # The normal of this orientation is -z: the slice at z = 8 comes first.
   for z_index, z in enumerate((0.0, 8.0)):
     for k in range(T):
-      _write_dicom(folder / f"IM{z_index}_{k:03d}", frames[z_index, k], instance=z_index * T + k + 1,
+      _write_dicom(folder / f"IM{z_index}_{k:03d}", frames[z_index, k],
+                   instance=z_index * T + k + 1,
                    acq_time=_tm(36000.0 + times[k] + 0.3 * z_index), position=(0.0, 0.0, z),
                    orientation=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
   assert dicom.dicom_slice_count(folder) == io.slice_count(folder) == 2

@@ -81,8 +81,9 @@ MANUAL_LAYOUT = """Manual layout (`manual_dir`):
 A multi-slice file [X, Y, Z, T] (mask [X, Y, Z]) or DICOM series of several positions gives
 the slices <slice>_slice1, ... (`perfjax.data.io.per_slice`). A slice's level is the
 sidecar's "slice_level" (a list of one per slice for a multi-slice input), else 0, 1, 2 when
-a one-slice input's name contains basal/base, mid or apical/apex (else -1). Images are resampled to `target_pixel_mm` (1.4 mm), truncated to the first
-pass, LV-centred and cropped to 128 x 128, and normalised (see preprocess.py).
+a one-slice input's name contains basal/base, mid or apical/apex (else -1). Images are
+resampled to `target_pixel_mm` (1.4 mm), truncated to the first pass, LV-centred and cropped
+to 128 x 128, and normalised (see preprocess.py).
 
 """
 
@@ -210,7 +211,8 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
     all_studies = sorted(p.name for p in _study_dirs(root))
     for study in studies:
       sid = all_studies.index(study)
-      for j, (name, path, mask_path, index) in enumerate(io.per_slice(_manual_slices(root / study))):
+      slices = io.per_slice(_manual_slices(root / study))
+      for j, (name, path, mask_path, index) in enumerate(slices):
         out = io.load_preprocessed(path, mask_path, cfg.target_pixel_mm, index)
         has_mask = out["mask"] is not None
         pixel = cfg.target_pixel_mm if out["pixel_mm"] is not None else np.nan
