@@ -144,8 +144,7 @@ def read_one(slice_id: str, path: pathlib.Path, mask_path, center=None,
   the resampled frame, instead of the mask's or the images' LV; ``slice_index``: which slice
   of a multi-slice input)."""
   rec = data_io.read_slice(path, mask_path, slice_index=slice_index)
-  n_slices = 1 if slice_index is None else data_io.slice_count(path)
-  meta = data_io.slice_metadata(path, rec.get("grid"), slice_index, n_slices)
+  meta = data_io.slice_metadata(path, rec.get("grid"), slice_index, rec.get("n_slices", 1))
   pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
                                     rec.get("pixel_mm"), source=display_name(path),
                                     center=center)

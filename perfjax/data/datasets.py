@@ -220,8 +220,7 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
                    mask=out["mask"] if has_mask else None, peak_lv_frame=out["peak_lv_frame"],
                    study_id=sid, has_mask=has_mask, pixel_mm=pixel, study_name=study,
                    slice_id=f"{study}/{name}", protocol="unknown")
-        n_slices = 1 if index is None else io.slice_count(path)
-        yield f"{study}/{j:03d}", _complete(rec, io.slice_level(path, index, n_slices))
+        yield f"{study}/{j:03d}", _complete(rec, io.slice_level(path, index, out["n_slices"]))
 
 
 # The features a synthetic record takes from phantom.simulate (the rest are set per record).

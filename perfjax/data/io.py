@@ -425,7 +425,8 @@ def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
   grid's affine is moved to that slice, so outputs written on it overlay that slice.
 
   Returns dict(image float32 [H, W, T], times float64 [T] from 0, mask int32 [H, W] or
-  None, pixel_mm (row, col), grid: where the array lies (for `write_on_grid`)).
+  None, pixel_mm (row, col), grid: where the array lies (for `write_on_grid`), n_slices: the
+  file's).
   """
   path = pathlib.Path(path)
   data, header = _load_nifti(path)
@@ -449,7 +450,8 @@ def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
     mask = read_nifti_mask(mask_path, image.shape[:2], layout=grid["layout"],
                            slice_index=k if multi else None,
                            n_slices=data.shape[2] if multi else None)
-  return dict(image=image, times=times - times[0], mask=mask, pixel_mm=pixel_mm, grid=grid)
+  return dict(image=image, times=times - times[0], mask=mask, pixel_mm=pixel_mm, grid=grid,
+              n_slices=data.shape[2] if data.ndim == 4 else 1)
 
 
 def read_nifti_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None,
@@ -730,11 +732,13 @@ def load_preprocessed(path: str | os.PathLike, mask_path: str | os.PathLike | No
 
   Returns preprocess_slice's dict (image, raw, times, mask, peak_lv_frame, and the
   geometry that `preprocess.to_original` needs) plus `pixel_mm`: the input's spacing
-  (None when the file does not say, in which case the slice is not resampled).
+  (None when the file does not say, in which case the slice is not resampled), and
+  `n_slices`: the input's (`read_slice`).
   """
   data = read_slice(path, mask_path, slice_index=slice_index)
   out = preprocess.preprocess_slice(data["image"], data["times"], data["mask"],
                                     pixel_mm=data["pixel_mm"], target_pixel_mm=target_pixel_mm,
                                     source=str(path))
   out["pixel_mm"] = data["pixel_mm"]
+  out["n_slices"] = data.get("n_slices", 1)
   return out
