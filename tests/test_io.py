@@ -444,6 +444,70 @@ def test_dicom_series_of_several_positions_is_read_one_slice_at_a_time(tmp_path)
     io.read_slice(folder, slice_index=2)
 
 
+def _enhanced_dicom(path, frames, times, positions, per_frame_groups=None):
+  """An Enhanced MR Image Storage file: frames [N, H, W]; each frame's time and position in
+  its per-frame functional groups, orientation, spacing and rescale shared."""
+  from pydicom.sequence import Sequence  # pylint: disable=g-import-not-at-top
+
+  def item(**fields):
+    ds = Dataset()
+    for k, v in fields.items():
+      setattr(ds, k, v)
+    return ds
+
+  meta = FileMetaDataset()
+  meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+  meta.MediaStorageSOPInstanceUID = generate_uid()
+  meta.TransferSyntaxUID = ExplicitVRLittleEndian
+  ds = Dataset()
+  ds.file_meta = meta
+  ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+  ds.Modality = "MR"
+  ds.NumberOfFrames = len(frames)
+  ds.Rows, ds.Columns = frames.shape[1:]
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+  ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
+  ds.PhotometricInterpretation = "MONOCHROME2"
+  ds.SharedFunctionalGroupsSequence = Sequence([item(
+      PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]),
+      PixelMeasuresSequence=Sequence([item(PixelSpacing=[1.8, 1.6], SliceThickness=8.0)]),
+      PixelValueTransformationSequence=Sequence([item(RescaleSlope=2.0, RescaleIntercept=-5.0)]))])
+  groups = [item(
+      FrameContentSequence=Sequence([item(FrameAcquisitionDateTime=f"20261129{_tm(36000.0 + t)}")]),
+      PlanePositionSequence=Sequence([item(ImagePositionPatient=list(pos))]))
+      for t, pos in zip(times, positions)]
+  ds.PerFrameFunctionalGroupsSequence = Sequence(groups[:per_frame_groups])
+  ds.PixelData = frames.astype(np.uint16).tobytes()
+  ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_multi_frame_dicom(tmp_path):
+  """One Enhanced MR file holding two slice positions, their frames interleaved: each slice's
+  frames, times, spacing, rescale and place come from the functional groups."""
+  rng = np.random.default_rng(3)
+  pixels = rng.integers(0, 1000, (T, 2, H, W))  # [time, slice, row, col]
+  beat = np.cumsum(rng.uniform(0.7, 1.0, T))
+  times = [beat[t] + 0.2 * z for t in range(T) for z in range(2)]
+  positions = [(0.0, 0.0, 10.0 * z) for _ in range(T) for z in range(2)]
+  (tmp_path / "emr").mkdir()
+  _enhanced_dicom(tmp_path / "emr" / "series.dcm", pixels.reshape(2 * T, H, W), times, positions)
+  assert dicom.dicom_slice_count(tmp_path / "emr") == io.slice_count(tmp_path / "emr") == 2
+  for z in range(2):  # the normal is +z: slice 0 is at z = 0
+    out = io.read_slice(tmp_path / "emr", slice_index=z)
+    np.testing.assert_array_equal(out["image"], np.moveaxis(pixels[:, z], 0, -1) * 2.0 - 5.0)
+    np.testing.assert_allclose(out["times"], beat - beat[0], atol=2e-6)
+    assert out["time_tag"] == "AcquisitionDateTime" and out["pixel_mm"] == (1.8, 1.6)
+    assert out["grid"]["affine"][2, 3] == pytest.approx(10.0 * z)
+  (tmp_path / "one").mkdir()
+  _enhanced_dicom(tmp_path / "one" / "s.dcm", pixels[:, 0], beat, [(0.0, 0.0, 0.0)] * T)
+  np.testing.assert_array_equal(dicom.read_dicom_series(tmp_path / "one")["image"],
+                                np.moveaxis(pixels[:, 0], 0, -1) * 2.0 - 5.0)
+  _enhanced_dicom(tmp_path / "one" / "s.dcm", pixels[:, 0], beat, [(0.0, 0.0, 0.0)] * T,
+                  per_frame_groups=T - 1)
+  with pytest.raises(InputError, match=f"multi-frame DICOM with {T} frames but {T - 1} per-frame"):
+    dicom.read_dicom_series(tmp_path / "one")
+
+
 # ----------------------------------------------------------------------------- npz, dispatch
 
 

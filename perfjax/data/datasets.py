@@ -76,7 +76,7 @@ MANUAL_LAYOUT = """Manual layout (`manual_dir`):
       <slice>.nii.gz             NIfTI 2D+time image (times: <slice>.json or pixdim[4])
       <slice>_mask.nii.gz        optional mask of that slice
       <slice>.npz                or numpy arrays: image, times, [mask], [pixel_mm]
-      <slice>/                   or a folder of DICOM files (one per frame)
+      <slice>/                   or a folder of DICOM files (one per frame, or multi-frame)
 
 A multi-slice file [X, Y, Z, T] (mask [X, Y, Z]) or DICOM series of several positions gives
 the slices <slice>_slice1, ... (`perfjax.data.io.per_slice`). A slice's level is the

@@ -1,7 +1,11 @@
-"""DICOM reader: one slice's perfusion series from a folder of single-frame files.
+"""DICOM reader: one slice's perfusion series from a folder of DICOM files.
 
-A folder may hold several slice positions (a multi-slice perfusion series): `dicom_slice_count`
-counts them and `read_dicom_series(..., slice_index=k)` reads the k-th along the slice normal.
+The files hold one frame each, or many (an enhanced multi-frame file, such as Enhanced MR
+Image Storage: each frame's position, orientation, spacing, rescale and
+FrameAcquisitionDateTime come from its per-frame or the shared functional groups, and the
+rules below then apply to the frames as to single-frame files). A folder may hold several
+slice positions (a multi-slice perfusion series): `dicom_slice_count` counts them and
+`read_dicom_series(..., slice_index=k)` reads the k-th along the slice normal.
 
 `read_dicom_series` returns the arrays of `perfjax.data.io`'s readers (CONVENTIONS.md, checked
 by `preprocess.validate_slice`, every problem one `InputError(path, problem)`). Frame order:
@@ -99,71 +103,137 @@ def _dicom_files(folder: pathlib.Path) -> list[pathlib.Path]:
 def _read_header(f: pathlib.Path, pixels: bool) -> Any:
   import pydicom  # pylint: disable=g-import-not-at-top
   try:
-    ds = pydicom.dcmread(str(f), stop_before_pixels=not pixels)
+    return pydicom.dcmread(str(f), stop_before_pixels=not pixels)
   except Exception as e:  # pydicom raises many types for broken or truncated files
     raise InputError(f, f"unreadable or truncated DICOM file ({type(e).__name__}: {e})") from None
-  if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-    raise InputError(f, "multi-frame DICOM is not supported; one file per frame")
-  return ds
 
 
-def _slice_groups(headers: list[Any], files: list[pathlib.Path]) -> list[list[int]]:
-  """The files' indices grouped by slice position (ImagePositionPatient to 0.1 mm), groups
+# What a frame of an enhanced multi-frame file takes from its functional groups, as the
+# single-frame header would hold it: (sequence, attribute in it, single-frame attribute).
+_FRAME_FIELDS = (
+    ("PlanePositionSequence", "ImagePositionPatient", "ImagePositionPatient"),
+    ("PlaneOrientationSequence", "ImageOrientationPatient", "ImageOrientationPatient"),
+    ("PixelMeasuresSequence", "PixelSpacing", "PixelSpacing"),
+    ("PixelMeasuresSequence", "SliceThickness", "SliceThickness"),
+    ("PixelValueTransformationSequence", "RescaleSlope", "RescaleSlope"),
+    ("PixelValueTransformationSequence", "RescaleIntercept", "RescaleIntercept"),
+    ("FrameContentSequence", "FrameAcquisitionDateTime", "AcquisitionDateTime"),
+)
+
+
+class _Frame:
+  """One frame: the file it is in, its index there (None for a single-frame file) and the
+  header fields that describe it (for a multi-frame file, gathered from its groups)."""
+
+  def __init__(self, path: pathlib.Path, index: int | None, header: Any):
+    self.path, self.index, self.header = path, index, header
+    self.name = path.name + ("" if index is None else f" frame {index + 1}")
+
+  def __str__(self) -> str:
+    return str(self.path) + ("" if self.index is None else f" (frame {self.index + 1})")
+
+
+def _frames(f: pathlib.Path, ds: Any) -> list[_Frame]:
+  """The frames of one file's header: itself, or each frame of a multi-frame file."""
+  from pydicom.dataset import Dataset  # pylint: disable=g-import-not-at-top
+  n = _dicom_numbers(ds, "NumberOfFrames", 1, f)
+  if n is None or n[0] <= 1:
+    return [_Frame(f, None, ds)]
+  per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+  if len(per_frame) != int(n[0]):
+    raise InputError(f, f"multi-frame DICOM with {int(n[0])} frames but "
+                        f"{len(per_frame)} per-frame functional groups")
+  shared = list(ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+  out = []
+  for k, groups in enumerate(per_frame):
+    h = Dataset()
+    for tag in ("StudyInstanceUID", "Rows", "Columns", "ImagePositionPatient",
+                "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "RescaleSlope",
+                "RescaleIntercept"):
+      if tag in ds:
+        setattr(h, tag, ds.get(tag))
+    for seq, attr, as_single in _FRAME_FIELDS:
+      for where in (groups, shared):
+        items = where.get(seq) if seq in where else None
+        if items and attr in items[0]:
+          setattr(h, as_single, items[0].get(attr))
+          break
+    out.append(_Frame(f, k, h))
+  return out
+
+
+def _slice_groups(frames: list[_Frame]) -> list[list[int]]:
+  """The frames' indices grouped by slice position (ImagePositionPatient to 0.1 mm), groups
   ordered along the slice normal (ImageOrientationPatient), else by position."""
-  keys = [tuple(np.round(_dicom_numbers(h, "ImagePositionPatient", 3, f), 1))
-          if "ImagePositionPatient" in h else None for h, f in zip(headers, files)]
+  keys = [tuple(np.round(_dicom_numbers(fr.header, "ImagePositionPatient", 3, fr), 1))
+          if "ImagePositionPatient" in fr.header else None for fr in frames]
   if len({k for k in keys if k is not None}) <= 1:
-    return [list(range(len(files)))]
+    return [list(range(len(frames)))]
   groups: dict[Any, list[int]] = {}
   for i, k in enumerate(keys):
     groups.setdefault(k, []).append(i)
   if None in groups:
-    raise InputError(files[groups[None][0]].parent, f"{len(groups[None])} files lack "
+    raise InputError(frames[0].path.parent, f"{len(groups[None])} frames lack "
                      "ImagePositionPatient in a series of several slice positions")
-  iop = _dicom_numbers(headers[0], "ImageOrientationPatient", 6, files[0])
+  iop = _dicom_numbers(frames[0].header, "ImageOrientationPatient", 6, frames[0])
   normal = np.cross(iop[:3], iop[3:]) if iop is not None else None
   order = sorted(groups, key=lambda k: (float(np.dot(k, normal)) if normal is not None else 0.0, k))
   return [groups[k] for k in order]
 
 
+def _series_frames(folder: pathlib.Path) -> tuple[list[_Frame], list[list[int]]]:
+  """Every frame of a series folder (headers only) and its slice groups."""
+  frames = [fr for f in _dicom_files(folder) for fr in _frames(f, _read_header(f, pixels=False))]
+  return frames, _slice_groups(frames)
+
+
 def dicom_slice_count(folder: str | os.PathLike) -> int:
   """How many slice positions a DICOM series folder holds (headers only)."""
-  folder = pathlib.Path(folder)
-  files = _dicom_files(folder)
-  return len(_slice_groups([_read_header(f, pixels=False) for f in files], files))
+  return len(_series_frames(pathlib.Path(folder))[1])
+
+
+def _pixels(frames: list[_Frame]) -> list[np.ndarray]:
+  """Each frame's values (`pixel_array * RescaleSlope + RescaleIntercept`), each file read once."""
+  arrays: dict[pathlib.Path, np.ndarray] = {}
+  out = []
+  for fr in frames:
+    if fr.path not in arrays:
+      try:
+        arrays[fr.path] = _read_header(fr.path, pixels=True).pixel_array.astype(np.float32)
+      except InputError:
+        raise
+      except Exception as e:  # pydicom raises many types for broken or truncated pixel data
+        raise InputError(fr.path, f"unreadable or truncated DICOM file ({type(e).__name__}: "
+                                  f"{e})") from None
+    data = arrays[fr.path]
+    pixels = data if fr.index is None else data[fr.index]
+    if pixels.ndim != 2:
+      raise InputError(fr, f"expected a 2D frame, got pixel data of shape {list(pixels.shape)}")
+    slope = (_dicom_numbers(fr.header, "RescaleSlope", 1, fr) or [1.0])[0] or 1.0
+    intercept = (_dicom_numbers(fr.header, "RescaleIntercept", 1, fr) or [0.0])[0]
+    out.append(pixels * slope + intercept)
+  return out
 
 
 def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES,
                       slice_index: int | None = None) -> dict[str, Any]:
-  """Reads one slice's perfusion series from a folder of DICOM files (one per frame); of a
-  folder with several slice positions, the ``slice_index``-th along the slice normal.
+  """Reads one slice's perfusion series from a folder of DICOM files (single- or multi-frame);
+  of a folder with several slice positions, the ``slice_index``-th along the slice normal.
 
   Returns dict(image float32 [rows, cols, T], times float64 [T] from 0, mask None,
   pixel_mm (row, col) or None, time_tag: the tag the times came from, files: in order,
   n_slices: the folder's slice positions).
   """
   folder = pathlib.Path(folder)
-  files = _dicom_files(folder)
-  groups = _slice_groups([_read_header(f, pixels=False) for f in files], files)
+  frames_all, groups = _series_frames(folder)
   if slice_index is None and len(groups) > 1:
     raise InputError(folder, f"series holds {len(groups)} slice positions: read one at a time "
                              "(slice_index; predict splits such inputs itself)")
   if slice_index is not None and not 0 <= slice_index < len(groups):
     raise InputError(folder, f"has no slice {slice_index} (it holds {len(groups)})")
-  files = [files[i] for i in groups[slice_index or 0]]
-  frames, headers = [], []
-  for f in files:
-    ds = _read_header(f, pixels=True)
-    try:
-      pixels = ds.pixel_array.astype(np.float32)
-    except Exception as e:  # pydicom raises many types for broken or truncated pixel data
-      raise InputError(f, f"unreadable or truncated DICOM file ({type(e).__name__}: {e})") from None
-    if pixels.ndim != 2:
-      raise InputError(f, f"expected a 2D frame, got pixel data of shape {list(pixels.shape)}")
-    slope = (_dicom_numbers(ds, "RescaleSlope", 1, f) or [1.0])[0] or 1.0
-    intercept = (_dicom_numbers(ds, "RescaleIntercept", 1, f) or [0.0])[0]
-    frames.append(pixels * slope + intercept)
-    headers.append(ds)
+  files = [frames_all[i] for i in groups[slice_index or 0]]
+  headers = [fr.header for fr in files]
+  frames = _pixels(files)
   if len({fr.shape for fr in frames}) > 1:
     raise InputError(folder, f"frames differ in size: {sorted({fr.shape for fr in frames})}")
 
@@ -221,5 +291,5 @@ def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM
               stored_shape=(image.shape[1], image.shape[0]), slice_axis=True, header=None,
               study=str(headers[first].get("StudyInstanceUID", "") or "") or None)
   return dict(image=image, times=times - times[0], mask=None, pixel_mm=pixel_mm,
-              time_tag=time_tag, files=[files[i] for i in order], grid=grid,
+              time_tag=time_tag, files=[files[i].path for i in order], grid=grid,
               n_slices=len(groups))

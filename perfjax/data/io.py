@@ -27,8 +27,8 @@ one per frame; for `[X, Y, Z, T]` one list for all slices or one per slice) or
 `"FrameTimesStart"`; else, for 4D files only, from `pixdim[4]` (uniform spacing, unit from
 the header; an approximation, since frames are one per heartbeat); neither is an error.
 
-DICOM: a folder holding one series, one file per frame, of one slice or of several slice
-positions read one at a time (`perfjax.data.dicom`).
+DICOM: a folder holding one series (single- or multi-frame files), of one slice or of several
+slice positions read one at a time (`perfjax.data.dicom`).
 Where a slice lies (layouts, affines, spacing): `perfjax.data.grid`.
 
 NumPy (`read_npz`): keys `image`, `times`, optional `mask`, `pixel_mm`; loaded with
@@ -659,7 +659,7 @@ def slice_entries(folder: str | os.PathLike, npz: bool = True
   """The slices of a folder, sorted by name: (name, image path, mask path or None).
 
   A slice is a NIfTI file (`<name>.nii.gz` / `.nii`), with `npz` a `<name>.npz`, or a
-  sub-folder of DICOM files (one per frame); its optional mask is `<name>_mask.nii.gz` (or
+  sub-folder of DICOM files (single- or multi-frame); its optional mask is `<name>_mask.nii.gz` (or
   `.nii`) beside it. Files whose stem ends in one of MASK_SUFFIXES, sidecars (`.json`) and
   hidden entries are not slices. The one reading rule of `--mode=predict` and of the `manual`
   dataset's study folders.
