@@ -363,9 +363,11 @@ def main_after_flags(argv) -> None:
   _check_workdir(workdir)
   # The process-wide set-up of the entry point, here and nowhere else: on a CPU one XLA host
   # device per core (before JAX initialises its backends; XLA_FLAGS with
-  # --xla_force_host_platform_device_count=N chooses otherwise), and quiet libraries.
+  # --xla_force_host_platform_device_count=N chooses otherwise), a persistent compilation
+  # cache, and quiet libraries.
   from perfjax import platform  # pylint: disable=g-import-not-at-top
   platform.configure_host_devices()
+  platform.configure_compilation_cache()
   if _DISTRIBUTED.value:  # Before any JAX computation; see platform.initialize_distributed.
     platform.initialize_distributed()
   _quiet_tfds()

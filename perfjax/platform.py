@@ -1,7 +1,8 @@
-"""Explicit, opt-in process set-up: XLA host devices, the multi-process runtime and the
-per-program CPU fusion options.
+"""Explicit, opt-in process set-up: XLA host devices, the persistent compilation cache, the
+multi-process runtime and the per-program CPU fusion options.
 
-Nothing here runs at import. `launch.py` calls `configure_host_devices()` in its `main()`;
+Nothing here runs at import. `launch.py` calls `configure_host_devices()` and
+`configure_compilation_cache()` in its `main()`;
 notebooks, benchmarks and scripts that want the same programs call it themselves, first thing,
 before any JAX computation (JAX fixes its devices when it first initialises a backend):
 
@@ -56,6 +57,38 @@ def configure_host_devices(count: int | None = None) -> int | None:
                   stacklevel=2)
     return None
   return count
+
+
+COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"  # the user's own choice, left alone
+COMPILATION_CACHE_OFF_ENV = "PERFJAX_COMPILATION_CACHE"  # "0": no persistent cache
+COMPILATION_CACHE_MIN_SECONDS = 0.5  # programs that compile faster are not worth a file
+
+
+def default_compilation_cache_dir() -> str:
+  """`$XDG_CACHE_HOME/perfjax/xla` (default `~/.cache/perfjax/xla`), beside the datasets."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "perfjax", "xla")
+
+
+def configure_compilation_cache(path: str | None = None) -> str | None:
+  """JAX's persistent compilation cache in `path` (default `default_compilation_cache_dir()`),
+  so that a later run of the same programs (the training step, the sliding windows, the Fermi
+  solves) loads them instead of compiling again; call before any JAX work.
+
+  Returns the folder, or None where the user chose otherwise (`JAX_COMPILATION_CACHE_DIR` set:
+  JAX uses it as it is; `PERFJAX_COMPILATION_CACHE=0`: no cache) or the folder cannot be
+  made. It grows with each new program (a few MB each); delete the folder to empty it.
+  """
+  if os.environ.get(COMPILATION_CACHE_ENV) or os.environ.get(COMPILATION_CACHE_OFF_ENV) == "0":
+    return None
+  path = path or default_compilation_cache_dir()
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILATION_CACHE_MIN_SECONDS)
+  return path
 
 
 # The variables `initialize_distributed` reads where no cluster manager is detected (jax itself

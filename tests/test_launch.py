@@ -68,6 +68,34 @@ def test_cpu_fusion_options():
     platform.cpu_fusion_options("conv")
 
 
+def test_compilation_cache_folder_unless_the_user_chose(tmp_path, monkeypatch):
+  """The persistent compilation cache goes to $XDG_CACHE_HOME/perfjax/xla; a user's own
+  JAX_COMPILATION_CACHE_DIR, PERFJAX_COMPILATION_CACHE=0 or a folder that cannot be made leave
+  JAX as it was."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from perfjax import platform  # pylint: disable=g-import-not-at-top
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {k: jax.config.values[k] for k in keys}
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+  assert platform.configure_compilation_cache() is None
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  monkeypatch.setenv("PERFJAX_COMPILATION_CACHE", "0")
+  assert platform.configure_compilation_cache() is None
+  monkeypatch.delenv("PERFJAX_COMPILATION_CACHE")
+  (tmp_path / "a_file").write_text("")
+  assert platform.configure_compilation_cache(str(tmp_path / "a_file" / "xla")) is None
+  assert {k: jax.config.values[k] for k in keys} == before
+  try:
+    folder = str(tmp_path / "perfjax" / "xla")
+    assert platform.default_compilation_cache_dir() == folder
+    assert platform.configure_compilation_cache() == folder and os.path.isdir(folder)
+    assert jax.config.values["jax_compilation_cache_dir"] == folder
+  finally:
+    for k, v in before.items():
+      jax.config.update(k, v)
+
+
 def _run(args, env, timeout=600):
   return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
