@@ -86,9 +86,12 @@ def window_options(config: ml_collections.ConfigDict, um: bool = False) -> dict:
 
 
 def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, config,
-                   with_um: bool = True, desc: str = "predict",
-                   progress: bool = True) -> dict[str, np.ndarray]:
+                   with_um: bool = True, desc: str = "predict", progress: bool = True,
+                   segmentation_pass: dict | None = None) -> dict[str, np.ndarray]:
   """Segmentation (stride eval.stride_seg) and UM (stride eval.stride_um) of N slices.
+
+  ``segmentation_pass``: this function's own output without UM for the same slices and
+  config (probs, segmentation), already made: that pass is not made again.
 
   Returns probs [N,H,W,4] (mean softmax), segmentation [N,H,W] int32 (one heart per slice
   when config.eval.keep_heart: `perfjax.postprocess.keep_heart`) and, with `with_um`,
@@ -102,12 +105,16 @@ def predict_arrays(model, variables, images_nhwt: np.ndarray, peak_lv_frame, con
   progress = tqdm(total=len(inputs), desc=desc, unit="slice", disable=not progress)
   for lo in range(0, len(inputs), SLICES_PER_STEP):
     batch = inputs[lo:lo + SLICES_PER_STEP]
-    seg = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_seg,
-                                   **window_options(config))
-    parts["probs"].append(seg["mean"])
-    labels = np.asarray(seg["segmentation"])
-    parts["segmentation"].append(postprocess.keep_heart_batch(labels)
-                                 if config.eval.get("keep_heart", False) else labels)
+    if segmentation_pass is not None:
+      for key in ("probs", "segmentation"):
+        parts[key].append(segmentation_pass[key][lo:lo + SLICES_PER_STEP])
+    else:
+      seg = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_seg,
+                                     **window_options(config))
+      parts["probs"].append(seg["mean"])
+      labels = np.asarray(seg["segmentation"])
+      parts["segmentation"].append(postprocess.keep_heart_batch(labels)
+                                   if config.eval.get("keep_heart", False) else labels)
     if with_um:
       with_votes = bool(config.eval.get("vote_map", False))
       dense = inference.sliding_window(predictor, variables, batch, stride=config.eval.stride_um,
@@ -185,17 +192,18 @@ RECENTRE_CANDIDATES = 3  # the detector's next blood pools tried when a crop hol
 
 
 def segmented_lv_offset(model, variables, s: dict, config: ml_collections.ConfigDict
-                        ) -> tuple[float, float] | None:
+                        ) -> tuple[tuple[float, float] | None, dict]:
   """(rows, cols) from the centre of a slice's crop to the LV its stride-32 segmentation
-  finds there; None when the model finds fewer than ``RECENTRE_MIN_LV_PIXELS`` of it."""
+  finds there, None when the model finds fewer than ``RECENTRE_MIN_LV_PIXELS`` of it; and
+  that segmentation pass (`predict_arrays` without UM)."""
   peak = np.array([s["peak_lv_frame"]], np.int32)
-  seg = predict_arrays(model, variables, s["image"][None], peak, config, with_um=False,
-                       progress=False)["segmentation"][0]
-  rows, cols = np.nonzero(seg == conventions.LV_BLOOD_POOL)
+  seg_pass = predict_arrays(model, variables, s["image"][None], peak, config, with_um=False,
+                            progress=False)
+  rows, cols = np.nonzero(seg_pass["segmentation"][0] == conventions.LV_BLOOD_POOL)
   if rows.size < RECENTRE_MIN_LV_PIXELS:
-    return None
+    return None, seg_pass
   mid = (conventions.IMAGE_SIZE - 1) / 2.0
-  return float(rows.mean()) - mid, float(cols.mean()) - mid
+  return (float(rows.mean()) - mid, float(cols.mean()) - mid), seg_pass
 
 
 def recentred(s: dict, model, variables, config: ml_collections.ConfigDict, reread) -> dict:
@@ -211,27 +219,32 @@ def recentred(s: dict, model, variables, config: ml_collections.ConfigDict, rere
 
   ``reread(center)`` gives the slice again with that crop centre (resampled frame).
   slices.json's ``geometry.crop_centre`` says how the centre was found. A slice with a mask
-  keeps the mask's LV."""
+  keeps the mask's LV. Where the returned crop is one whose segmentation pass was made here,
+  that pass comes with it (``segmentation_pass``, for `predict_arrays`)."""
   if s["mask"] is not None:
     return dict(s, crop_centre="LV of the mask")
-  first = s["info"]["center"]
-  offset, how = segmented_lv_offset(model, variables, s, config), ""
+  first, how = s["info"]["center"], ""
+  offset, seg_pass = segmented_lv_offset(model, variables, s, config)
   if offset is None:
     for k, candidate in enumerate(s["info"]["lv_candidates"][1:1 + RECENTRE_CANDIDATES], 2):
       other = reread(candidate)
-      offset = segmented_lv_offset(model, variables, other, config)
+      offset, other_pass = segmented_lv_offset(model, variables, other, config)
       if offset is not None:
-        s, how = other, f"; the first crop held none, the one at blood pool {k} did"
+        s, seg_pass, how = other, other_pass, (f"; the first crop held none, the one at blood "
+                                               f"pool {k} did")
         break
   if offset is None:
-    return dict(s, crop_centre="LV found from the images (the model segments none there)")
+    return dict(s, segmentation_pass=seg_pass,
+                crop_centre="LV found from the images (the model segments none there)")
   if np.hypot(*offset) >= RECENTRE_MIN_PX:
-    s = reread((s["info"]["center"][0] + offset[0], s["info"]["center"][1] + offset[1]))
+    s, seg_pass = reread((s["info"]["center"][0] + offset[0],
+                          s["info"]["center"][1] + offset[1])), None
   elif not how:
-    return dict(s, crop_centre="LV found from the images")
+    return dict(s, segmentation_pass=seg_pass, crop_centre="LV found from the images")
   moved = float(np.hypot(*np.subtract(s["info"]["center"], first)))
-  return dict(s, crop_centre=f"LV segmented by the model ({moved:.0f} px from the LV found "
-                             f"from the images{how})")
+  return dict(s, segmentation_pass=seg_pass,
+              crop_centre=f"LV segmented by the model ({moved:.0f} px from the LV found "
+                          f"from the images{how})")
 
 
 ORIENTATION_TOLERANCE_DEG = 90.0  # how far the septal centre may lie from the standard display's
@@ -423,7 +436,8 @@ def _predict_one(s: dict, model, variables, config, threshold, output: str,
   The slice is flagged OOD when its OOD score ``score`` (eval.ood_score; 1 - U for the paper's
   U) is below ``threshold``."""
   peak = np.array([s["peak_lv_frame"]], np.int32)
-  pred = predict_arrays(model, variables, s["image"][None], peak, config, progress=False)
+  pred = predict_arrays(model, variables, s["image"][None], peak, config, progress=False,
+                        segmentation_pass=s.get("segmentation_pass"))
   unc = uncertainty.configured_uncertainty(pred["um"], pred["segmentation"], config.eval)
   flow = slice_flow(s, pred["segmentation"][0])
   seg, um, probs = pred["segmentation"][0].astype(np.int32), pred["um"][0], pred["probs"][0]

@@ -131,10 +131,12 @@ def test_segmented_lv_offset_from_the_crop_centre(monkeypatch):
   seg[70:80, 40:50] = 2  # LV centroid (74.5, 44.5): 11 rows down, 19 columns left of 63.5
   monkeypatch.setattr(predict, "predict_arrays", lambda *a, **k: dict(segmentation=seg[None]))
   s = dict(image=np.zeros((128, 128, 30), np.float32), peak_lv_frame=10)
-  assert predict.segmented_lv_offset(None, None, s, None) == pytest.approx((11.0, -19.0))
+  offset, seg_pass = predict.segmented_lv_offset(None, None, s, None)
+  assert offset == pytest.approx((11.0, -19.0))
+  np.testing.assert_array_equal(seg_pass["segmentation"][0], seg)
   seg[:] = 0
   seg[10:14, 10:14] = 2  # 16 pixels: too little to be an LV
-  assert predict.segmented_lv_offset(None, None, s, None) is None
+  assert predict.segmented_lv_offset(None, None, s, None)[0] is None
 
 
 def _slice_at(center, candidates=()):
@@ -143,26 +145,27 @@ def _slice_at(center, candidates=()):
 
 def test_recentred_moves_the_crop_to_the_model_lv_or_to_the_next_blood_pool(monkeypatch):
   offsets = {}  # the model's LV offset in the crop at each centre (None: no LV there)
-  monkeypatch.setattr(predict, "segmented_lv_offset",
-                      lambda m, v, s, c: offsets.get(s["info"]["center"]))
+  monkeypatch.setattr(predict, "segmented_lv_offset",  # the pass: here, the crop's centre
+                      lambda m, v, s, c: (offsets.get(s["info"]["center"]), s["info"]["center"]))
   reread = _slice_at
   first = _slice_at((100.0, 120.0), [(100.0, 120.0), (10.0, 10.0), (150.0, 60.0)])
   offsets[(100.0, 120.0)] = (3.0, 4.0)  # 5 px from the centre: the crop stays
   kept = predict.recentred(first, None, None, None, lambda c: 1 / 0)  # not read again
   assert kept["info"] is first["info"] and kept["crop_centre"] == "LV found from the images"
+  assert kept["segmentation_pass"] == (100.0, 120.0)  # not made again for this crop
   offsets[(100.0, 120.0)] = (6.0, 8.0)  # 10 px: cut again there
   moved = predict.recentred(first, None, None, None, reread)
-  assert moved["info"]["center"] == (106.0, 128.0)
+  assert moved["info"]["center"] == (106.0, 128.0) and moved["segmentation_pass"] is None
   assert moved["crop_centre"] == "LV segmented by the model (10 px from the LV found from the images)"
   offsets[(100.0, 120.0)] = None  # no LV: blood pool 2 holds none either, pool 3 does
   offsets[(150.0, 60.0)] = (0.0, 0.0)
   other = predict.recentred(first, None, None, None, reread)
-  assert other["info"]["center"] == (150.0, 60.0)
+  assert other["info"]["center"] == other["segmentation_pass"] == (150.0, 60.0)
   assert other["crop_centre"] == ("LV segmented by the model (78 px from the LV found from the "
                                   "images; the first crop held none, the one at blood pool 3 did)")
   offsets[(150.0, 60.0)] = None
   none = predict.recentred(first, None, None, None, reread)
-  assert none["info"]["center"] == (100.0, 120.0)
+  assert none["info"]["center"] == none["segmentation_pass"] == (100.0, 120.0)
   assert none["crop_centre"] == "LV found from the images (the model segments none there)"
   with_mask = predict.recentred(dict(first, mask=np.ones((2, 2))), None, None, None, None)
   assert with_mask["crop_centre"] == "LV of the mask"
@@ -188,3 +191,11 @@ def test_each_pass_has_its_own_mirror_tta_switch(tiny_run, small_data_dir):
   np.testing.assert_array_equal(seg_only["um"], off["um"])
   np.testing.assert_array_equal(um_only["probs"], off["probs"])
   np.testing.assert_array_equal(um_only["um"], both["um"])
+  # predict's re-centring hands its segmentation pass on; the same outputs, not made again.
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.eval.mirror_tta, c.eval.mirror_tta_um = True, False
+  given = predict.predict_arrays(model, variables, images, peak, c, progress=False,
+                                 segmentation_pass={k: seg_only[k] for k in ("probs",
+                                                                              "segmentation")})
+  for k in ("probs", "segmentation", "um"):
+    np.testing.assert_array_equal(given[k], seg_only[k])
