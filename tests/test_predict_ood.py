@@ -185,7 +185,8 @@ def test_each_pass_has_its_own_mirror_tta_switch(tiny_run, small_data_dir):
     c.eval.mirror_tta, c.eval.mirror_tta_um = seg, um
     return predict.predict_arrays(model, variables, images, peak, c, progress=False)
 
-  off, both, seg_only, um_only = run(False, False), run(True, True), run(True, False), run(False, True)
+  off, both = run(False, False), run(True, True)
+  seg_only, um_only = run(True, False), run(False, True)
   assert not np.allclose(off["probs"], both["probs"]) and not np.allclose(off["um"], both["um"])
   np.testing.assert_array_equal(seg_only["probs"], both["probs"])
   np.testing.assert_array_equal(seg_only["um"], off["um"])
