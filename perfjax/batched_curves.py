@@ -85,7 +85,8 @@ def _baseline_frames(curve, foot_frac: float = 0.1):
 # ----------------------------------------------------------------------------- frame gain
 def _gain_measurements(raw, outside, lv_full, proj):
   """`frame_gain.frame_gain`'s measurements of one slice [P, T] (P = H x W): the log gain [T],
-  the region, body and flat pixel counts and the LV blood pool's mean curve [T]."""
+  the region, body and flat pixel counts, the LV blood pool's mean curve [T] and the noise of
+  the log gain."""
   finite = jnp.all(jnp.isfinite(raw), -1)
   base = jnp.where(finite, raw[:, :_NB].mean(-1), 0.0)
   region = outside & finite
@@ -106,9 +107,12 @@ def _gain_measurements(raw, outside, lv_full, proj):
     excursion = jnp.abs(trend - (shift - shift[:_NB].mean())).max(-1)
     flat = body & (excursion <= masked_quantile(excursion, body, gain_lib.FLAT_FRACTION))
     log_g = quantile_of_sorted(rel_sorted, rel_order, flat, 0.5)
+  even = jnp.cumsum(body) % 2 == 1  # alternate body pixels, in frame_gain's order
+  halves = [quantile_of_sorted(rel_sorted, rel_order, flat & h, 0.5) for h in (even, ~even)]
+  noise = jnp.std(halves[0] - halves[1]) / 2.0  # frame_gain.median_noise
   lv_ok = lv_full.any() & jnp.all(jnp.where(lv_full[:, None], jnp.isfinite(raw), True))
   lv = jnp.where(lv_ok, _masked_mean(raw, lv_full[:, None], 0), jnp.nan)
-  return log_g, region.sum(), body.sum(), flat.sum(), lv
+  return log_g, region.sum(), body.sum(), flat.sum(), lv, noise
 
 
 @jax.jit
@@ -251,14 +255,14 @@ def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
       lv_full = np.stack([(masks[i] == conventions.LV_BLOOD_POOL).ravel() for i in rows])
       projs = np.stack([gain_lib.trend_projection(np.asarray(times[i], np.float64))
                         for i in rows])
-      log_g, n_region, n_body, n_flat, lv = (np.asarray(a, np.float64) for a in _gains(
+      log_g, n_region, n_body, n_flat, lv, noise = (np.asarray(a, np.float64) for a in _gains(
           raw_d, jnp.asarray(padded(outside)), jnp.asarray(padded(lv_full)),
           jnp.asarray(padded(projs), jnp.float32)))
       for k, r in enumerate(results):
-        z = gain_lib.uptake_z(log_g[k], lv[k], np.asarray(times[rows[k]], np.float64),
-                              projs[k])
+        times_k = np.asarray(times[rows[k]], np.float64)
+        z = gain_lib.uptake_z(log_g[k], lv[k], times_k, projs[k])
         r["fg"] = gain_lib.verdict(t, int(n_region[k]), int(n_body[k]), int(n_flat[k]), z,
-                                   log_g[k])
+                                   log_g[k], lv[k], times_k, float(noise[k]))
         gain[k] = r["fg"]["gain"]
   good = [k for k, i in enumerate(rows) if isinstance(geometries[i], dict)]
   for k, i in enumerate(rows):

@@ -158,12 +158,16 @@ _AIF_KINDS = ("series", "study slice", "own")
 
 
 def frame_gain_summary(r: dict) -> dict:
-  """dict(applied, slices, median_sd_percent) of one mask set's per-frame gain correction
-  (`perfusion.mbf_of_masks`' frame_gain, frame_gain_reason): on how many slices a gain was
-  applied and the median sd (%) of those gains."""
+  """dict(applied, uptake_removed, slices, median_sd_percent) of one mask set's per-frame gain
+  correction (`perfusion.mbf_of_masks`' frame_gain, frame_gain_reason,
+  frame_gain_uptake_removed): on how many slices a gain was applied, on how many of them with
+  the uptake of the tissue it was measured on regressed out, and the median sd (%) of those
+  gains."""
   applied = np.array([not str(x) for x in r["frame_gain_reason"]], bool)
   sd = frame_gain.sd_percent(np.asarray(r["frame_gain"], np.float64)[applied])
-  return dict(applied=int(applied.sum()), slices=int(applied.size),
+  removed = np.asarray(r.get("frame_gain_uptake_removed", np.zeros(applied.size)), bool)
+  return dict(applied=int(applied.sum()), uptake_removed=int(np.sum(removed & applied)),
+              slices=int(applied.size),
               median_sd_percent=float(np.median(sd)) if sd.size else float("nan"))
 
 

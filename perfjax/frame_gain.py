@@ -21,12 +21,20 @@ Where all the tissue around the heart enhances, its least enhancing pixels still
 contrast, and that rise would be divided out of the myocardium as if it were gain (on the
 narrow phantom: a bias of -18 %). So a g_t whose slow part follows the contrast uptake (the
 running integral of the LV blood's enhancement) by more than ``UPTAKE_Z_MAX`` times its own
-frame-to-frame scatter is refused: no gain is applied and the reason says why.
+frame-to-frame scatter is not applied as it is. Its uptake is regressed out first: log g_t is
+fitted with a constant and the LV blood's enhancement low-passed with the time constants
+``UPTAKE_TAUS_S`` (how tissue outside the heart takes up contrast), and the residual is the gain.
+That costs the part of the true gain that looks like those templates (2 of the frames' degrees of
+freedom). The residual is kept only when it is a gain and not a misfit of the uptake or noise: its
+sd at least ``MIN_RESIDUAL_SNR`` times the noise of the median (:func:`median_noise`), and its
+whiteness (the sd of its first differences over sqrt(2), over its sd: about 1 for a gain that
+jumps from frame to frame, small for a smooth misfit) at least ``MIN_WHITENESS``. Otherwise no
+gain is applied and the reason says why.
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from perfjax import conventions
 from perfjax.errors import InputError
@@ -39,6 +47,11 @@ MIN_BODY_PIXELS = 100
 N_BASELINE = 3  # frames each pixel is compared with (before any arrival that matters here)
 TREND_ORDER = 4  # degree of the per-pixel polynomial trend
 N_ROUNDS = 3
+UPTAKE_TAUS_S = (2.0, 15.0)  # time constants (s) of the uptake templates regressed out
+MIN_RESIDUAL_SNR = 3.0  # the residual's sd over the noise of the flat pixels' median
+MIN_WHITENESS = 0.7
+NOISE_FLOOR = 1e-4  # of log gain: the noise taken where none is measured (noise-free images)
+TEMPLATE_DT_S = 0.05  # the grid the templates are low-passed on
 
 
 def trend_projection(times: np.ndarray) -> np.ndarray:
@@ -96,32 +109,88 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
     excursion = np.abs(trend - (shift - shift[:N_BASELINE].mean())).max(axis=1)
     flat = excursion <= np.quantile(excursion, FLAT_FRACTION)
     log_g = np.median(log_rel[flat], axis=0)
-  z = uptake_z(log_g, lv_curve(raw[mask == conventions.LV_BLOOD_POOL]), times, proj)
-  return verdict(n_t, int(region.sum()), int(body.sum()), int(flat.sum()), z, log_g)
+  lv = lv_curve(raw[mask == conventions.LV_BLOOD_POOL])
+  z = uptake_z(log_g, lv, times, proj)
+  even = np.arange(len(flat)) % 2 == 0  # alternate body pixels
+  noise = median_noise(np.median(log_rel[flat & even], axis=0),
+                       np.median(log_rel[flat & ~even], axis=0))
+  return verdict(n_t, int(region.sum()), int(body.sum()), int(flat.sum()), z, log_g, lv, times,
+                 noise)
+
+
+def median_noise(log_g_even, log_g_odd) -> float:
+  """The sd of the noise in the flat pixels' median [T], from the medians of their two halves
+  (alternate pixels): a gain is common to both and cancels in their difference, whose sd is
+  twice the whole median's noise (each half's median has sqrt(2) times its sd)."""
+  diff = np.asarray(log_g_even, np.float64) - np.asarray(log_g_odd, np.float64)
+  return float(np.std(diff) / 2.0)
 
 
 def verdict(n_frames: int, n_region: int = 0, n_body: int = 0, n_flat: int = 0,
-            z: float = float("nan"), log_g=None) -> dict:
+            z: float = float("nan"), log_g=None, lv=None, times=None,
+            noise: float = float("nan")) -> dict:
   """:func:`frame_gain`'s outcome from what it measured, checked in its order: the frame count,
   the pixels outside the heart (``n_region``), the body pixels among them, the uptake test's
-  ``z``; ``log_g`` [T] is the measured log gain. Shared with `perfjax.batched_curves`."""
+  ``z``, then (z above its limit) the gain with its uptake regressed out; ``log_g`` [T] is the
+  measured log gain, ``lv`` [T] the LV blood's mean curve, ``times`` [T] the frame times,
+  ``noise`` the sd of log g's noise (:func:`median_noise`).
+  Shared with `perfjax.batched_curves`. ``uptake_removed`` says whether the applied gain is the
+  residual of that regression."""
   ones = np.ones(n_frames)
+
+  def refused(n_pixels, reason):
+    return dict(gain=ones, n_pixels=n_pixels, reason=reason, uptake_removed=False)
   if n_frames <= TREND_ORDER + N_BASELINE:
-    return dict(gain=ones, n_pixels=0, reason=f"too few frames ({n_frames})")
+    return refused(0, f"too few frames ({n_frames})")
   if n_region < MIN_BODY_PIXELS:
-    return dict(gain=ones, n_pixels=0, reason="too little image outside the heart")
+    return refused(0, "too little image outside the heart")
   if n_body < MIN_BODY_PIXELS:
-    return dict(gain=ones, n_pixels=n_body,
-                reason=f"fewer than {MIN_BODY_PIXELS} body pixels outside the heart")
+    return refused(n_body, f"fewer than {MIN_BODY_PIXELS} body pixels outside the heart")
   if not np.isfinite(z):
-    return dict(gain=ones, n_pixels=n_flat,
-                reason="no LV blood pool curve to tell gain from enhancement")
-  if z > UPTAKE_Z_MAX:
-    return dict(gain=ones, n_pixels=n_flat,
-                reason=f"the least enhancing tissue outside the heart follows the contrast "
-                       f"uptake (z = {z:.1f}): enhancement, not gain")
+    return refused(n_flat, "no LV blood pool curve to tell gain from enhancement")
   log_g = np.asarray(log_g, np.float64)
-  return dict(gain=np.exp(log_g - log_g.mean()), n_pixels=n_flat, reason="")
+  uptake_removed = z > UPTAKE_Z_MAX
+  if uptake_removed:
+    log_g, sd, whiteness = without_uptake(log_g, lv, times)
+    noise = float(np.fmax(noise, NOISE_FLOOR))
+    if not (sd >= MIN_RESIDUAL_SNR * noise and whiteness >= MIN_WHITENESS):
+      return refused(n_flat, f"the least enhancing tissue outside the heart follows the "
+                             f"contrast uptake (z = {z:.1f}), and what is left without its "
+                             f"uptake is not a gain (sd {100 * sd:.2f} %, {sd / noise:.1f} "
+                             f"times its noise; whiteness {whiteness:.2f}): enhancement, not "
+                             f"gain")
+  return dict(gain=np.exp(log_g - log_g.mean()), n_pixels=n_flat, reason="",
+              uptake_removed=bool(uptake_removed))
+
+
+def uptake_templates(lv, times) -> np.ndarray:
+  """[T, len(UPTAKE_TAUS_S)] the LV blood's enhancement (``lv`` [T] less its first frames)
+  low-passed (first order, unit gain) with each of ``UPTAKE_TAUS_S``, at the frame ``times``."""
+  enh = lv - lv[:N_BASELINE].mean()
+  fine = np.arange(times[0], times[-1] + TEMPLATE_DT_S, TEMPLATE_DT_S)
+  enh_fine = np.interp(fine, times, enh)
+  cols = []
+  for tau in UPTAKE_TAUS_S:
+    a = np.exp(-TEMPLATE_DT_S / tau)
+    cols.append(np.interp(times, fine, signal.lfilter([1.0 - a], [1.0, -a], enh_fine)))
+  return np.stack(cols, axis=1)
+
+
+def without_uptake(log_g, lv, times) -> tuple[np.ndarray, float, float]:
+  """log g [T] less its fit by :func:`uptake_templates` (and a constant), with the residual's
+  sd and whiteness. The LV curve carries the gain too, so it is divided by the current
+  estimate and the fit repeated ``N_ROUNDS`` times."""
+  times = np.asarray(times, np.float64)
+  estimate = log_g
+  for _ in range(N_ROUNDS):
+    basis = np.column_stack([np.ones_like(times),
+                             uptake_templates(lv / np.exp(estimate - estimate.mean()), times)])
+    coef = np.linalg.lstsq(basis, log_g, rcond=None)[0]
+    estimate = log_g - basis[:, 1:] @ coef[1:]
+  residual = log_g - basis @ coef
+  sd = float(np.sqrt(np.sum(residual ** 2) / (len(times) - basis.shape[1])))
+  whiteness = float(np.std(np.diff(residual)) / np.sqrt(2.0) / max(sd, 1e-12))
+  return estimate, sd, whiteness
 
 
 def sd_percent(gain) -> np.ndarray:

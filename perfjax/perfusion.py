@@ -146,7 +146,9 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
     [N, 48, T], counts [N, 48], n_aif_pixels [N], aif_source [N] (str), aif_amplification [N]
     (of the AIF used, :func:`aif_amplification`; NaN without sequences), units ("mM" or
     "signal"), frame_gain [N, T] (ones where not measured or not asked for),
-    frame_gain_reason [N] (str, "" when measured), error [N] (str, "" when the slice's
+    frame_gain_reason [N] (str, "" when measured), frame_gain_uptake_removed [N] (bool: the
+    applied gain is what is left once the uptake of the tissue it was measured on is regressed
+    out, `perfjax.frame_gain`), error [N] (str, "" when the slice's
     curves could be extracted; a slice with a degenerate mask gets NaN and its message, never
     an exception), timing (extract_s: frame gains, geometry, curves and AIFs; fit_s: the
     Fermi solve; n_fits: curves x flip-angle variants x models, with and without spill-over).
@@ -172,6 +174,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
   amp = np.full(n, np.nan)
   gains = np.ones((n, t))
   gain_reason = ["not asked for"] * n
+  uptake_removed = np.zeros(n, bool)
 
   def variants_of(i):
     return [None] * n_v if sequences is None else [_with_flip(sequences[i], sc) for sc in scales]
@@ -221,7 +224,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
         pool.map(one_slice, range(n))
     for i, (fg, variants, error) in enumerate(per_slice):
       if fg is not None:
-        gains[i], gain_reason[i] = fg["gain"], fg["reason"]
+        gains[i], gain_reason[i], uptake_removed[i] = fg["gain"], fg["reason"], \
+            fg["uptake_removed"]
       if error:
         errors[i] = error
         continue
@@ -283,7 +287,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
               aif=aifs[0], curves=curves[0], counts=counts, n_aif_pixels=n_px,
               aif_source=np.array(source), aif_amplification=amp,
               units="signal" if sequences is None else "mM",
-              frame_gain=gains, frame_gain_reason=np.array(gain_reason), error=np.array(errors),
+              frame_gain=gains, frame_gain_reason=np.array(gain_reason),
+              frame_gain_uptake_removed=uptake_removed, error=np.array(errors),
               timing=dict(extract_s=t_fit - t_start, fit_s=time.perf_counter() - t_fit,
                           n_fits=int(fit["mbf"].size * (2 if spill_over else 1))))
 
@@ -389,7 +394,8 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
   :func:`mbf_from_slices`. Returns per mask set dict(slice [N],
   sector48 [N, 48], error [N], aif_source [N], aif_amplification [N], flip_lo [N], flip_hi [N],
   reason48 [N, 48],
-  frame_gain [N, T], frame_gain_reason [N], spill48 [N, 48], units, timing: the whole call's,
+  frame_gain [N, T], frame_gain_reason [N], frame_gain_uptake_removed [N], spill48 [N, 48],
+  units, timing: the whole call's,
   see :func:`mbf_from_slices`).
   """
   n, m = len(split["raw"]), len(mask_sets)
@@ -421,5 +427,6 @@ def mbf_of_masks(split: dict, mask_sets: list[np.ndarray], kind: str = "signal",
                flip_lo=sl("slice_mbf_flip_lo", j),
                flip_hi=sl("slice_mbf_flip_hi", j), reason48=sl("reason48", j),
                frame_gain=sl("frame_gain", j), frame_gain_reason=sl("frame_gain_reason", j),
+               frame_gain_uptake_removed=sl("frame_gain_uptake_removed", j),
                spill48=sl("spill48", j), units=res["units"], timing=res["timing"])
           for j in range(m)]

@@ -345,7 +345,8 @@ def _row(s: dict, **values) -> dict:
              flow_relative=None, flow_relative_sector48=None, mbf=None, mbf_sector48=None,
              mbf_flip_lo=None, mbf_flip_hi=None, aif_source=None, aif_amplification=None,
              aif_note=None, sector_failures=None,
-             frame_gain_sd_percent=None, frame_gain_note=None, spill_sectors=None, error=None,
+             frame_gain_sd_percent=None, frame_gain_uptake_removed=None, frame_gain_note=None,
+             spill_sectors=None, error=None,
              geometry=None)
   row.update(values)
   return row
@@ -392,7 +393,8 @@ def slice_flow(s: dict, seg: np.ndarray) -> dict:
              aif_amplification=_finite(round(amplification, 2)),
              aif_note=aif_note(amplification, str(res["aif_source"][0])),
              sector_failures=failures or None, _error=str(res["error"][0]),
-             **frame_gain_fields(res["frame_gain"][0], str(res["frame_gain_reason"][0])),
+             **frame_gain_fields(res["frame_gain"][0], str(res["frame_gain_reason"][0]),
+                                 bool(res["frame_gain_uptake_removed"][0])),
              spill_sectors=int(np.sum(np.asarray(res["spill48"][0], np.float64) > 0)),
              _study=dict(values48=v48, counts48=counts, absolute=absolute))
   if absolute:
@@ -420,13 +422,16 @@ def aif_note(amplification: float, source: str) -> str | None:
   return None
 
 
-def frame_gain_fields(gain, reason: str) -> dict:
-  """slices.json's frame_gain_sd_percent (the sd of the applied per-frame gain, in %) and
-  frame_gain_note (why no gain was applied; None when one was)."""
+def frame_gain_fields(gain, reason: str, uptake_removed: bool = False) -> dict:
+  """slices.json's frame_gain_sd_percent (the sd of the applied per-frame gain, in %),
+  frame_gain_uptake_removed (whether the tissue it was measured on enhanced, so that its uptake
+  was regressed out of it; None without a gain) and frame_gain_note (why no gain was applied;
+  None when one was)."""
   if reason:
-    return dict(frame_gain_sd_percent=None, frame_gain_note=reason)
+    return dict(frame_gain_sd_percent=None, frame_gain_uptake_removed=None,
+                frame_gain_note=reason)
   return dict(frame_gain_sd_percent=round(float(frame_gain.sd_percent(gain)), 3),
-              frame_gain_note=None)
+              frame_gain_uptake_removed=bool(uptake_removed), frame_gain_note=None)
 
 
 def _predict_one(s: dict, model, variables, config, threshold, output: str,
