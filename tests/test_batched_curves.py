@@ -35,20 +35,28 @@ def _both(raw, masks, times, **kwargs):
 def test_vectorised_extraction_agrees_with_the_numpy_rules_and_keeps_errors_in_place():
   """Concentration with its flip-angle variants, a study AIF and frame gains; slice 1 has no
   LV blood pool and slice 2 a NaN in it: their errors are the numpy path's, the rest go on.
-  Slice 3 has a NaN in one myocardium pixel: that sector's curve alone is NaN."""
-  rec = phantom.simulate(41, 6, "flash", 0.0, stress="mixed")
+  Slice 3 has a NaN in one myocardium pixel: that sector's curve alone is NaN. Slices 6 and 7
+  (the phantom's 15 and 17) have tissue around the heart that follows the uptake: the gain of
+  6 is applied with that uptake regressed out, that of 7 refused."""
+  rec = phantom.simulate(41, 18, "flash", 0.0, stress="mixed")
+  keep = [0, 1, 2, 3, 4, 5, 15, 17]
+  rec = {k: rec[k][keep] for k in ("raw", "mask", "times", "study_id")} | {
+      "sequences": [perfusion.sequence_from_record(rec, i) for i in keep]}
   raw, masks = rec["raw"].copy(), rec["mask"].copy()
   masks[1][masks[1] == 2] = 1
   raw[2][tuple(np.argwhere(extraction.curve_geometry(masks[2])["lv"])[0])] = np.nan
   tissue_map = extraction.curve_geometry(masks[3])["tissue_map"]
   raw[3][tuple(np.argwhere(tissue_map == 7)[0]) + (5,)] = np.nan  # one frame of one pixel
-  seqs = [perfusion.sequence_from_record(rec, i) for i in range(6)]
-  numpy_run, vectorised = _both(raw, masks, rec["times"], sequences=seqs,
+  numpy_run, vectorised = _both(raw, masks, rec["times"], sequences=rec["sequences"],
                                 study_ids=rec["study_id"])
   assert list(vectorised["error"]) == list(numpy_run["error"])
   assert numpy_run["error"][1].startswith("mask: no LV blood pool")
   assert numpy_run["error"][2] == "raw: NaN or Inf in the LV blood pool signal"
   assert list(vectorised["frame_gain_reason"]) == list(numpy_run["frame_gain_reason"])
+  assert list(numpy_run["frame_gain_uptake_removed"]) == [False] * 6 + [True, False]
+  assert "is not a gain" in numpy_run["frame_gain_reason"][7]
+  np.testing.assert_array_equal(vectorised["frame_gain_uptake_removed"],
+                                numpy_run["frame_gain_uptake_removed"])
   assert list(vectorised["aif_source"]) == list(numpy_run["aif_source"])
   for key in ("counts", "n_aif_pixels"):
     np.testing.assert_array_equal(vectorised[key], numpy_run[key], err_msg=key)
