@@ -261,8 +261,10 @@ def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
       for k, r in enumerate(results):
         times_k = np.asarray(times[rows[k]], np.float64)
         z = gain_lib.uptake_z(log_g[k], lv[k], times_k, projs[k])
+        myo = np.asarray(raw[rows[k]], np.float64)[masks[rows[k]] == conventions.MYOCARDIUM]
         r["fg"] = gain_lib.verdict(t, int(n_region[k]), int(n_body[k]), int(n_flat[k]), z,
-                                   log_g[k], lv[k], times_k, float(noise[k]))
+                                   log_g[k], lv[k], times_k, float(noise[k]),
+                                   gain_lib.heart_rough(myo))  # few pixels: on the host
         gain[k] = r["fg"]["gain"]
   good = [k for k, i in enumerate(rows) if isinstance(geometries[i], dict)]
   for k, i in enumerate(rows):

@@ -28,8 +28,17 @@ That costs the part of the true gain that looks like those templates (2 of the f
 freedom). The residual is kept only when it is a gain and not a misfit of the uptake or noise: its
 sd at least ``MIN_RESIDUAL_SNR`` times the noise of the median (:func:`median_noise`), and its
 whiteness (the sd of its first differences over sqrt(2), over its sd: about 1 for a gain that
-jumps from frame to frame, small for a smooth misfit) at least ``MIN_WHITENESS``. Otherwise no
-gain is applied and the reason says why.
+jumps from frame to frame, small for a smooth misfit) at least ``MIN_WHITENESS``.
+
+Last, a gain must be one the heart shares. A receiver or saturation gain multiplies the
+myocardium too, so its frame-to-frame part (:func:`rough_part`) shows in the common
+frame-to-frame part of the myocardium's log curves (their median over its pixels,
+:func:`heart_rough`). The slope of the latter on the former is about 1 for a gain and about 0
+for a change of the tissue outside the heart alone (breathing moves it; on the real development
+set, dividing such a "gain" out made the myocardium's curves rougher on most slices). Dividing
+it out makes the heart's curves smoother only where that slope exceeds 1/2
+(``MIN_HEART_SLOPE``), so a gain is applied only there. Otherwise no gain is applied and the
+reason says why.
 """
 from __future__ import annotations
 
@@ -50,8 +59,11 @@ N_ROUNDS = 3
 UPTAKE_TAUS_S = (2.0, 15.0)  # time constants (s) of the uptake templates regressed out
 MIN_RESIDUAL_SNR = 3.0  # the residual's sd over the noise of the flat pixels' median
 MIN_WHITENESS = 0.7
-NOISE_FLOOR = 1e-4  # of log gain: the noise taken where none is measured (noise-free images)
+NOISE_FLOOR = 1e-4  # of log gain: the noise taken where none is measured (noise-free images),
+# and the frame-to-frame sd under which a gain is taken as 1 (no heart agreement asked)
 TEMPLATE_DT_S = 0.05  # the grid the templates are low-passed on
+MIN_HEART_SLOPE = 0.5
+ROUGH_WINDOW = 5  # frames of the local quadratic that rough_part removes
 
 
 def trend_projection(times: np.ndarray) -> np.ndarray:
@@ -115,7 +127,38 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
   noise = median_noise(np.median(log_rel[flat & even], axis=0),
                        np.median(log_rel[flat & ~even], axis=0))
   return verdict(n_t, int(region.sum()), int(body.sum()), int(flat.sum()), z, log_g, lv, times,
-                 noise)
+                 noise, heart_rough(raw[mask == conventions.MYOCARDIUM]))
+
+
+def rough_matrix(n_frames: int) -> np.ndarray:
+  """[T, T] the linear map of :func:`rough_part`: a curve less its local quadratic fit over
+  ``ROUGH_WINDOW`` frames (Savitzky-Golay; polynomial fits at the ends)."""
+  eye = np.eye(n_frames)
+  return eye - signal.savgol_filter(eye, ROUGH_WINDOW, 2, axis=0)
+
+
+def rough_part(curve) -> np.ndarray:
+  """[..., T] the frame-to-frame part of curves: what a local quadratic does not follow."""
+  curve = np.asarray(curve, np.float64)
+  return curve @ rough_matrix(curve.shape[-1]).T
+
+
+def heart_rough(myo_pixels) -> np.ndarray:
+  """[T] the myocardium's common frame-to-frame part: the median over its pixels [P, T] of
+  :func:`rough_part` of their log signal; NaN without pixels or with a non-finite one."""
+  if myo_pixels.shape[0] == 0 or not np.all(np.isfinite(myo_pixels)):
+    return np.full(myo_pixels.shape[1], np.nan)
+  return np.median(rough_part(np.log(np.maximum(myo_pixels, 1e-12))), axis=0)
+
+
+def heart_slope(log_g, heart) -> float:
+  """The slope of the heart's common frame-to-frame part ``heart`` [T] on that of log g [T]
+  (about 1 for a gain the heart shares, 0 for one it does not); NaN when either is missing."""
+  g = rough_part(log_g)
+  denom = float(g @ g)
+  if not np.all(np.isfinite(heart)) or denom <= 0:
+    return float("nan")
+  return float(heart @ g / denom)
 
 
 def median_noise(log_g_even, log_g_odd) -> float:
@@ -128,12 +171,14 @@ def median_noise(log_g_even, log_g_odd) -> float:
 
 def verdict(n_frames: int, n_region: int = 0, n_body: int = 0, n_flat: int = 0,
             z: float = float("nan"), log_g=None, lv=None, times=None,
-            noise: float = float("nan")) -> dict:
+            noise: float = float("nan"), heart=None) -> dict:
   """:func:`frame_gain`'s outcome from what it measured, checked in its order: the frame count,
   the pixels outside the heart (``n_region``), the body pixels among them, the uptake test's
   ``z``, then (z above its limit) the gain with its uptake regressed out; ``log_g`` [T] is the
   measured log gain, ``lv`` [T] the LV blood's mean curve, ``times`` [T] the frame times,
-  ``noise`` the sd of log g's noise (:func:`median_noise`).
+  ``noise`` the sd of log g's noise (:func:`median_noise`), ``heart`` [T] the myocardium's
+  common frame-to-frame part (:func:`heart_rough`); last, the heart's agreement
+  (:func:`heart_slope`).
   Shared with `perfjax.batched_curves`. ``uptake_removed`` says whether the applied gain is the
   residual of that regression."""
   ones = np.ones(n_frames)
@@ -159,6 +204,12 @@ def verdict(n_frames: int, n_region: int = 0, n_body: int = 0, n_flat: int = 0,
                              f"uptake is not a gain (sd {100 * sd:.2f} %, {sd / noise:.1f} "
                              f"times its noise; whiteness {whiteness:.2f}): enhancement, not "
                              f"gain")
+  slope = heart_slope(log_g, np.full(n_frames, np.nan) if heart is None else heart)
+  moves = np.std(rough_part(log_g)) > NOISE_FLOOR  # a gain of 1 needs no agreement
+  if moves and not slope >= MIN_HEART_SLOPE:
+    return refused(n_flat, f"the myocardium does not share the gain measured outside the heart "
+                           f"(slope {slope:.2f} of its frame-to-frame part on the gain's): a "
+                           f"change of that tissue alone, not a gain")
   return dict(gain=np.exp(log_g - log_g.mean()), n_pixels=n_flat, reason="",
               uptake_removed=bool(uptake_removed))
 

@@ -46,6 +46,33 @@ def test_recovers_a_frame_gain_from_the_tissue_that_does_not_enhance():
   assert flat["reason"] == "" and np.abs(np.log(flat["gain"])).max() < 2e-3
 
 
+def test_a_change_of_the_tissue_outside_the_heart_alone_is_not_taken_for_gain():
+  rng = np.random.default_rng(0)
+  raw, mask = _slice(rng)
+  change = np.exp(0.03 * rng.standard_normal(T))  # as breathing would move that tissue
+  outside = np.where((mask == 0)[..., None], raw * change, raw)
+  noise = 0.005 * rng.standard_normal(raw.shape)
+  out = fg.frame_gain(outside + noise, mask, TIMES)
+  assert out["reason"].startswith("the myocardium does not share the gain measured outside")
+  np.testing.assert_array_equal(out["gain"], np.ones(T))
+  assert fg.frame_gain(raw * change + noise, mask, TIMES)["reason"] == ""  # shared: a gain
+
+
+def test_heart_slope_by_hand():
+  log_g = 0.03 * np.random.default_rng(6).standard_normal(T)
+  g = fg.rough_part(log_g)
+  assert fg.heart_slope(log_g, g) == pytest.approx(1.0)
+  assert fg.heart_slope(log_g, 0.3 * g) == pytest.approx(0.3)
+  assert fg.heart_slope(log_g, np.zeros(T)) == 0.0
+  assert np.isnan(fg.heart_slope(np.zeros(T), g))  # no gain to compare with
+  # A curve a local quadratic follows has no frame-to-frame part.
+  np.testing.assert_allclose(fg.rough_part(1.0 + 0.2 * TIMES - 0.01 * TIMES ** 2), 0.0,
+                             atol=1e-12)
+  pixels = np.exp(np.stack([log_g + 0.1 * k for k in range(5)]))
+  np.testing.assert_allclose(fg.heart_rough(pixels), g, atol=1e-12)
+  assert np.isnan(fg.heart_rough(np.zeros((0, T)))).all()
+
+
 def test_tissue_that_follows_the_uptake_is_not_taken_for_gain():
   rng = np.random.default_rng(1)
   raw, mask = _slice(rng, enhance_body=True)
