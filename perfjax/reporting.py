@@ -197,8 +197,8 @@ def _mbf_notes(m: dict) -> list[str]:
         f"({g.get('uptake_removed', 0)} with the uptake of the tissue it was measured on "
         f"regressed out; median sd {number_text(g['median_sd_percent'], '.2f')} %)"
         for name, g in gains.items())
-        + "; elsewhere the tissue outside the heart was too small to measure it, or what its "
-          "uptake left was no gain."]
+        + "; elsewhere the tissue outside the heart was too small to measure it, what its uptake "
+          "left was no gain, or the myocardium did not share it."]
   spills = m.get("spill_over") or {}
   if spills:
     lines += ["", "Spill-over term (the LV pool's signal in a sector's curve, fitted where it "
