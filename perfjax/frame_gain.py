@@ -82,7 +82,8 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
 
   Returns:
     dict(gain [T] (ones when it cannot be measured), n_pixels (the pixels that set it),
-    reason: "" when measured, else why not).
+    reason: "" when measured, else why not, uptake_removed: whether the gain is what is left
+    once the uptake of the tissue it was measured on is regressed out).
   """
   raw = np.asarray(raw_hwt, np.float64)
   mask = np.asarray(mask_hw)
@@ -144,11 +145,13 @@ def rough_part(curve) -> np.ndarray:
 
 
 def heart_rough(myo_pixels) -> np.ndarray:
-  """[T] the myocardium's common frame-to-frame part: the median over its pixels [P, T] of
-  :func:`rough_part` of their log signal; NaN without pixels or with a non-finite one."""
-  if myo_pixels.shape[0] == 0 or not np.all(np.isfinite(myo_pixels)):
-    return np.full(myo_pixels.shape[1], np.nan)
-  return np.median(rough_part(np.log(np.maximum(myo_pixels, 1e-12))), axis=0)
+  """[T] the myocardium's common frame-to-frame part: the median over its pixels [P, T] (those
+  finite in every frame) of :func:`rough_part` of their log signal; NaN without such pixels."""
+  pixels = np.asarray(myo_pixels, np.float64)
+  pixels = pixels[np.all(np.isfinite(pixels), axis=1)]
+  if pixels.shape[0] == 0:
+    return np.full(np.shape(myo_pixels)[1], np.nan)
+  return np.median(rough_part(np.log(np.maximum(pixels, 1e-12))), axis=0)
 
 
 def heart_slope(log_g, heart) -> float:
@@ -204,8 +207,11 @@ def verdict(n_frames: int, n_region: int = 0, n_body: int = 0, n_flat: int = 0,
                              f"uptake is not a gain (sd {100 * sd:.2f} %, {sd / noise:.1f} "
                              f"times its noise; whiteness {whiteness:.2f}): enhancement, not "
                              f"gain")
-  slope = heart_slope(log_g, np.full(n_frames, np.nan) if heart is None else heart)
+  heart = np.full(n_frames, np.nan) if heart is None else np.asarray(heart, np.float64)
   moves = np.std(rough_part(log_g)) > NOISE_FLOOR  # a gain of 1 needs no agreement
+  if moves and not np.all(np.isfinite(heart)):
+    return refused(n_flat, "no myocardium curve to check the gain against")
+  slope = heart_slope(log_g, heart)
   if moves and not slope >= MIN_HEART_SLOPE:
     return refused(n_flat, f"the myocardium does not share the gain measured outside the heart "
                            f"(slope {slope:.2f} of its frame-to-frame part on the gain's): a "

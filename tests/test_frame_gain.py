@@ -56,6 +56,9 @@ def test_a_change_of_the_tissue_outside_the_heart_alone_is_not_taken_for_gain():
   assert out["reason"].startswith("the myocardium does not share the gain measured outside")
   np.testing.assert_array_equal(out["gain"], np.ones(T))
   assert fg.frame_gain(raw * change + noise, mask, TIMES)["reason"] == ""  # shared: a gain
+  no_myo = np.where(mask == 1, 2, mask)  # an LV pool without myocardium around it
+  assert fg.frame_gain(raw * change + noise, no_myo, TIMES)["reason"] == \
+      "no myocardium curve to check the gain against"
 
 
 def test_heart_slope_by_hand():
@@ -71,6 +74,8 @@ def test_heart_slope_by_hand():
   pixels = np.exp(np.stack([log_g + 0.1 * k for k in range(5)]))
   np.testing.assert_allclose(fg.heart_rough(pixels), g, atol=1e-12)
   assert np.isnan(fg.heart_rough(np.zeros((0, T)))).all()
+  with_nan = np.concatenate([pixels, np.full((1, T), np.nan)])  # a pixel that is not finite
+  np.testing.assert_allclose(fg.heart_rough(with_nan), g, atol=1e-12)
 
 
 def test_tissue_that_follows_the_uptake_is_not_taken_for_gain():
