@@ -165,7 +165,7 @@ def frame_gain_summary(r: dict) -> dict:
   gains."""
   applied = np.array([not str(x) for x in r["frame_gain_reason"]], bool)
   sd = frame_gain.sd_percent(np.asarray(r["frame_gain"], np.float64)[applied])
-  removed = np.asarray(r.get("frame_gain_uptake_removed", np.zeros(applied.size)), bool)
+  removed = np.asarray(r["frame_gain_uptake_removed"], bool)
   return dict(applied=int(applied.sum()), uptake_removed=int(np.sum(removed & applied)),
               slices=int(applied.size),
               median_sd_percent=float(np.median(sd)) if sd.size else float("nan"))

@@ -69,8 +69,8 @@ from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inputs import model_inputs
 from perfjax.predict_files import (check_output, clear_previous, display_name, error_message,
-                                   file_name, input_entries, read_one, split_slices,
-                                   unique_ids)
+                                   file_name, input_entries, prepared, read_input,
+                                   split_slices, unique_ids)
 
 SLICES_PER_STEP = 4  # Slices per sliding-window call between progress-bar updates.
 
@@ -565,10 +565,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
     stage = "read"
     try:
       if kind == "file":
-        s = read_one(slice_id, path, mask, None, index)
+        read = read_input(path, mask, index)  # once: each crop centre tried reuses it
+        s = prepared(slice_id, path, read)
         stage = "re-centre"
         s = recentred(s, model, variables, config,
-                      lambda c: read_one(slice_id, path, mask, c, index))
+                      lambda c: prepared(slice_id, path, read, c))
       stage = "predict"
       rows.append(_predict_one(s, model, variables, config, threshold, output, score))
       flows[rows[-1]["id"]] = rows[-1].pop("_study")

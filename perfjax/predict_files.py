@@ -143,8 +143,20 @@ def read_one(slice_id: str, path: pathlib.Path, mask_path, center=None,
   """One input slice, read and preprocessed for `predict` (``center``: the crop's centre in
   the resampled frame, instead of the mask's or the images' LV; ``slice_index``: which slice
   of a multi-slice input)."""
+  return prepared(slice_id, path, read_input(path, mask_path, slice_index), center)
+
+
+def read_input(path: pathlib.Path, mask_path, slice_index: int | None = None) -> dict:
+  """One input slice as read, before preprocessing: dict(rec: `data_io.read_slice`'s, meta:
+  `data_io.slice_metadata`'s, slice_index), for `prepared` (once per crop centre tried)."""
   rec = data_io.read_slice(path, mask_path, slice_index=slice_index)
   meta = data_io.slice_metadata(path, rec.get("grid"), slice_index, rec.get("n_slices", 1))
+  return dict(rec=rec, meta=meta, slice_index=slice_index)
+
+
+def prepared(slice_id: str, path: pathlib.Path, read: dict, center=None) -> dict:
+  """`read_one`'s slice from what `read_input` read (``center`` as in `read_one`)."""
+  rec, meta, slice_index = read["rec"], dict(read["meta"]), read["slice_index"]
   pre = preprocess.preprocess_slice(rec["image"], rec["times"], rec.get("mask"),
                                     rec.get("pixel_mm"), source=display_name(path),
                                     center=center)

@@ -305,11 +305,11 @@ def test_segmentation_overlays_a_non_identity_affine_input_exactly(workdir, sim,
 def _with_ground_truth_masks(monkeypatch):
   """predict with the slice's own mask as the "model's" segmentation (the flow and study
   outputs are then those of known masks; the tiny untrained model segments nothing)."""
-  read = predict.read_one
+  prepare = predict.prepared
   last = {}
 
-  def read_one(*args):
-    last["s"] = read(*args)
+  def prepared(*args):
+    last["s"] = prepare(*args)
     return last["s"]
 
   def masks_as_segmentation(model, variables, images, peak, config, **kwargs):
@@ -318,7 +318,7 @@ def _with_ground_truth_masks(monkeypatch):
     probs = np.eye(4, dtype=np.float32)[seg]
     return dict(probs=probs, segmentation=seg, um=np.zeros(seg.shape, np.float32))
 
-  monkeypatch.setattr(predict, "read_one", read_one)
+  monkeypatch.setattr(predict, "prepared", prepared)
   monkeypatch.setattr(predict, "predict_arrays", masks_as_segmentation)
 
 

@@ -444,21 +444,20 @@ def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
   times = _nifti_times(path, header, data.shape, slice_index)
   image, times, _ = preprocess.validate_slice(image, times, source=str(path), n_frames=n_frames)
   pixel_mm = _grid_pixel_mm(path, header.get_zooms(), grid["layout"])
+  n_slices = data.shape[2] if data.ndim == 4 else 1
   mask = None
   if mask_path is not None:
-    multi = data.ndim == 4 and data.shape[2] > 1
-    mask = read_nifti_mask(mask_path, image.shape[:2], layout=grid["layout"],
-                           slice_index=k if multi else None,
-                           n_slices=data.shape[2] if multi else None)
+    mask = read_nifti_mask(mask_path, image.shape[:2], layout=grid["layout"], slice_index=k,
+                           n_slices=n_slices)
   return dict(image=image, times=times - times[0], mask=mask, pixel_mm=pixel_mm, grid=grid,
-              n_slices=data.shape[2] if data.ndim == 4 else 1)
+              n_slices=n_slices)
 
 
 def read_nifti_mask(path: str | os.PathLike, shape: tuple[int, int] | None = None,
                     layout=None, slice_index: int | None = None,
-                    n_slices: int | None = None) -> np.ndarray:
+                    n_slices: int = 1) -> np.ndarray:
   """Reads a NIfTI label mask `[X, Y]` (or with singleton trailing axes) as int32 [H, W];
-  with ``slice_index``, that slice of the mask `[X, Y, Z]` of an image of ``n_slices``.
+  for an image of ``n_slices`` > 1, slice ``slice_index`` of the mask `[X, Y, Z]`.
 
   `layout`: the image's in-plane layout (`read_nifti`'s grid), so the mask lands on the image;
   default: the mask file's own affine.
@@ -467,11 +466,11 @@ def read_nifti_mask(path: str | os.PathLike, shape: tuple[int, int] | None = Non
   data, header = _load_nifti(path)
   while data.ndim > 3 and data.shape[-1] == 1:
     data = data[..., 0]
-  if slice_index is not None:
-    if data.ndim != 3 or (n_slices is not None and data.shape[2] != n_slices):
-      raise InputError(path, f"the image holds {n_slices or 'several'} slices: expected a mask "
-                             f"[X, Y, {n_slices or 'Z'}], got shape {list(data.shape)}")
-    data = data[:, :, _chosen_slice(path, data.shape[2], slice_index)]
+  if n_slices > 1:
+    if data.ndim != 3 or data.shape[2] != n_slices:
+      raise InputError(path, f"the image holds {n_slices} slices: expected a mask "
+                             f"[X, Y, {n_slices}], got shape {list(data.shape)}")
+    data = data[:, :, _chosen_slice(path, n_slices, slice_index)]
   elif data.ndim == 3 and data.shape[2] == 1:
     data = data[:, :, 0]
   if data.ndim != 2:
@@ -717,10 +716,8 @@ def read_slice(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
     _exists(path)
     raise InputError(path, "unknown format: expected a DICOM folder, .nii/.nii.gz or .npz")
   if mask_path is not None:
-    multi = out.get("n_slices", 1) > 1
     out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2], layout=STORED_LAYOUT,
-                                  slice_index=slice_index if multi else None,
-                                  n_slices=out.get("n_slices") if multi else None)
+                                  slice_index=slice_index, n_slices=out.get("n_slices", 1))
   return out
 
 
