@@ -79,6 +79,7 @@ from scipy import ndimage
 
 from perfjax.data import io as data_io
 from perfjax.data import preprocess
+from perfjax.data import writers
 from perfjax.errors import InputError
 
 NOMINAL_RR_S = {"stress": 0.8, "rest": 1.0}
@@ -139,8 +140,8 @@ def convert(source: pathlib.Path, out: pathlib.Path) -> int:
     pixel_mm = (float(zooms[1]), float(zooms[2]))
     times = np.arange(image.shape[-1]) * NOMINAL_RR_S[state]
     name = out / meta["patient"] / f"{state}_{level}.nii.gz"
-    data_io.write_nifti(name, image, pixel_mm, times=times)
-    data_io.write_nifti(name.with_name(f"{state}_{level}_mask.nii.gz"), mask, pixel_mm)
+    writers.write_nifti(name, image, pixel_mm, times=times)
+    writers.write_nifti(name.with_name(f"{state}_{level}_mask.nii.gz"), mask, pixel_mm)
     n += 1
   return n
 

@@ -71,8 +71,8 @@ import matplotlib.pyplot as plt
 
 from perfjax.configs import patch3
 from perfjax import evaluate, platform, predict, train
-from perfjax.data import io as data_io
 from perfjax.data import phantom
+from perfjax.data import writers
 
 platform.configure_host_devices()  # As launch.py: one XLA host device per core, before any JAX work.
 
@@ -84,9 +84,9 @@ if not os.path.isdir(INPUT_DIR):  # A stand-in for your data: raw phantom signal
   INPUT_DIR = os.path.join(scratch, "my_slices")
   sim = phantom.simulate(seed=11, n_slices=3, protocol="bssfp", motion_fraction=0.34)
   for i in range(3):
-    data_io.write_nifti(os.path.join(INPUT_DIR, f"slice{i}.nii.gz"), sim["raw"][i],
+    writers.write_nifti(os.path.join(INPUT_DIR, f"slice{i}.nii.gz"), sim["raw"][i],
                         pixel_mm=(1.4, 1.4), times=sim["times"][i])
-  data_io.write_nifti(os.path.join(INPUT_DIR, "slice0_mask.nii.gz"), sim["mask"][0],
+  writers.write_nifti(os.path.join(INPUT_DIR, "slice0_mask.nii.gz"), sim["mask"][0],
                       pixel_mm=(1.4, 1.4))
 print(sorted(os.listdir(INPUT_DIR)))
 

@@ -41,6 +41,7 @@ from perfjax import reporting
 from perfjax import reproduce
 from perfjax import sectors
 from perfjax import uncertainty
+from perfjax.data import writers
 from perfjax.conventions import LV_BLOOD_POOL, MYOCARDIUM, PAPER_OOD_SCORE, STANDARD_SEPTAL_ANGLE
 from perfjax.errors import InputError
 
@@ -208,7 +209,7 @@ def run_fold_network(config: ml_collections.ConfigDict, run_dir: str, network: s
   out = dict(network=network, slices=score_run(run_cfg, run_dir, data["test"]),
              steps=summary["step"], steps_per_second=summary["steps_per_second"],
              seconds=time.time() - t0)
-  reporting.write_json(os.path.join(run_dir, "crossval.json"), out)
+  writers.write_json(os.path.join(run_dir, "crossval.json"), out)
   return out
 
 
@@ -221,7 +222,7 @@ def _check_folds(workdir: str, folds: dict) -> None:
       raise InputError(path, "holds other folds (the data or crossval.folds/seed/"
                        "validation_patients changed): use a new workdir")
   else:
-    reporting.write_json(path, folds)
+    writers.write_json(path, folds)
 
 
 def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -260,7 +261,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           num_steps=config.base.train.num_steps,
                           features=config.base.model.features,
                           fine_tune_steps=cv.fine_tune_steps)
-  reporting.write_json(os.path.join(workdir, "crossval.json"), summary)
+  writers.write_json(os.path.join(workdir, "crossval.json"), summary)
   reporting.write_markdown(os.path.join(workdir, "crossval.md"), report_markdown(summary))
   print(f"wrote {os.path.join(workdir, 'crossval.md')}", flush=True)
   return summary

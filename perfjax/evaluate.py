@@ -27,6 +27,7 @@ from perfjax import reporting
 from perfjax import stats
 from perfjax import uncertainty
 from perfjax import windows
+from perfjax.data import writers
 from perfjax.conventions import PATCH
 from perfjax.errors import InputError
 from perfjax.predict import RELATIVE_UNITS, predict_arrays
@@ -149,7 +150,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
   reporting.write_markdown(os.path.join(workdir, "report.md"),
                            reporting.report_markdown(results, workdir, shown))
   # Last: results.json marks a finished evaluation (perfjax.reproduce skips such runs).
-  reporting.write_json(os.path.join(workdir, "results.json"), results)
+  writers.write_json(os.path.join(workdir, "results.json"), results)
   print(summary_text(results))
   return results
 

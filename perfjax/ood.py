@@ -27,6 +27,7 @@ from perfjax import postprocess
 from perfjax import reporting
 from perfjax import uncertainty
 from perfjax.data import failures
+from perfjax.data import writers
 from perfjax.conventions import MBF_OOD_TOLERANCE, PAPER_OOD_SCORE, PATCH
 from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
@@ -356,7 +357,7 @@ def failure_benchmark(config, workdir: str, seed: int = 0, n_slices: int = 12,
   out = dict(seed=seed, n_slices=n_slices, protocol=protocol,
              **failure_evaluation(model, variables, config, data, with_u, figure_dir=staged))
   reporting.replace_dir(staged, os.path.join(workdir, FAILURES_FIGURES))
-  reporting.write_json(os.path.join(workdir, FAILURES_JSON), out)
+  writers.write_json(os.path.join(workdir, FAILURES_JSON), out)
   reporting.write_markdown(os.path.join(workdir, FAILURES_MARKDOWN),
                            failure_markdown(out, workdir))
   return out

@@ -19,7 +19,7 @@ batch is flagged, far more often than in-distribution slices were (`site_warning
 warns that the input as a whole looks unlike the training data (slices.json `batch_warning`).
 
 Flow: with the acquisition's sequence parameters (the sidecar's `"sequence"`,
-`perfjax.data.io.slice_metadata`) the curves are converted to concentration and MBF is in
+`perfjax.data.sidecar.slice_metadata`) the curves are converted to concentration and MBF is in
 ml/g/min (`mbf`, `mbf_sector48`, with `mbf_flip_lo/_hi` at the flip angle -/+ 10 %; the AIF
 from the sidecar's `"aif_series"` when given, else from the slice's blood pool;
 `aif_amplification` and, for a saturated or near-saturated AIF, `aif_note` and status
@@ -63,8 +63,9 @@ from perfjax import sectors
 from perfjax import uncertainty
 from perfjax.conventions import MYOCARDIUM, PATCH
 from perfjax.data import grid as data_grid
-from perfjax.data import io as data_io
 from perfjax.data import preprocess
+from perfjax.data import sidecar
+from perfjax.data import writers
 from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inputs import model_inputs
@@ -491,16 +492,16 @@ def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector, shown_sco
   pixel_mm = (1.0, 1.0)
   if s.get("pixel_mm") is not None and info is not None:
     pixel_mm = (s["pixel_mm"][0] / info["zoom"][0], s["pixel_mm"][1] / info["zoom"][1])
-  data_io.write_nifti(os.path.join(folder, "segmentation.nii.gz"), seg, pixel_mm, affine=affine)
-  data_io.write_nifti(os.path.join(folder, "probabilities.nii.gz"), probs, pixel_mm,
+  writers.write_nifti(os.path.join(folder, "segmentation.nii.gz"), seg, pixel_mm, affine=affine)
+  writers.write_nifti(os.path.join(folder, "probabilities.nii.gz"), probs, pixel_mm,
                       affine=affine, channels=True)
-  data_io.write_nifti(os.path.join(folder, "um.nii.gz"), um, pixel_mm, affine=affine)
+  writers.write_nifti(os.path.join(folder, "um.nii.gz"), um, pixel_mm, affine=affine)
   if grid is not None and info is not None:  # the same on the input's own voxels and affine
-    data_io.write_on_grid(os.path.join(folder, "segmentation_input.nii.gz"),
+    writers.write_on_grid(os.path.join(folder, "segmentation_input.nii.gz"),
                           preprocess.to_original(seg, info, labels=True), grid)
-    data_io.write_on_grid(os.path.join(folder, "probabilities_input.nii.gz"),
+    writers.write_on_grid(os.path.join(folder, "probabilities_input.nii.gz"),
                           preprocess.to_original(probs, info), grid, channels=True)
-    data_io.write_on_grid(os.path.join(folder, "um_input.nii.gz"),
+    writers.write_on_grid(os.path.join(folder, "um_input.nii.gz"),
                           preprocess.to_original(um, info), grid)
   try:  # the picture is a convenience: a plotting problem is a warning, not a lost slice
     panels.panel(os.path.join(folder, f"{s['id']}.png"), s["image"], seg, um, s["mask"],
@@ -584,10 +585,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   n_flagged = sum(bool(r["ood_flag"]) for r in rows)
   batch_warning = None if threshold is None else site_warning(
       n_flagged, len(rows) - n_failed, in_distribution_flag_rate(workdir, score))
-  reporting.write_json(os.path.join(output, "slices.json"),
-                       dict(ood_threshold=threshold, ood_score=score,
-                            ood_threshold_source=threshold_source, batch_warning=batch_warning,
-                            input=display_name(input), slices=rows))
+  writers.write_json(os.path.join(output, "slices.json"),
+                     dict(ood_threshold=threshold, ood_score=score,
+                          ood_threshold_source=threshold_source, batch_warning=batch_warning,
+                          input=display_name(input), slices=rows))
   _write_csv(os.path.join(output, "slices.csv"), rows)
   if log:
     reporting.write_text(os.path.join(output, "predict.log"), "\n".join(log))
@@ -627,7 +628,7 @@ def study_outputs(rows: list[dict], flows: dict[str, dict], output: str
   studies, notes = [], []
   for study, members in sorted(groups.items()):
     levels = [r["slice_level"] for r in members]
-    dupes = sorted({data_io.LEVEL_NAMES[lv] for lv in levels if levels.count(lv) > 1})
+    dupes = sorted({sidecar.LEVEL_NAMES[lv] for lv in levels if levels.count(lv) > 1})
     if dupes:
       notes.append(f"study {study}: no bullseye, more than one {'/'.join(dupes)} slice "
                    f"({', '.join(r['id'] for r in members)}); give each level once (sidecar "
@@ -641,10 +642,10 @@ def study_outputs(rows: list[dict], flows: dict[str, dict], output: str
     aha16 = perfusion.aha16_mbf({r["slice_level"]: flows[r["id"]]["values48"] for r in members},
                                 {r["slice_level"]: flows[r["id"]]["counts48"] for r in members})
     studies.append(dict(study=study, units=ABSOLUTE_UNITS if absolute.pop() else RELATIVE_UNITS,
-                        slices={data_io.LEVEL_NAMES[r["slice_level"]]: r["id"] for r in members},
+                        slices={sidecar.LEVEL_NAMES[r["slice_level"]]: r["id"] for r in members},
                         aha16=_floats(aha16)))
   if studies:
-    reporting.write_json(os.path.join(output, "studies.json"), dict(studies=studies))
+    writers.write_json(os.path.join(output, "studies.json"), dict(studies=studies))
     for units, name, label in BULLSEYE_FILES:
       of = [(f"study {st['study']}", {"flow": np.array(st["aha16"], np.float64)})
             for st in studies if st["units"] == units]
@@ -669,7 +670,7 @@ CSV_FIELDS = ["id", "file", "status", "study", "slice_level", "U", "one_minus_U"
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-  with data_io.atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
+  with writers.atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for r in rows:

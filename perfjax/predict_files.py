@@ -21,7 +21,9 @@ import numpy as np
 
 from perfjax import perfusion
 from perfjax.data import io as data_io
+from perfjax.data import nifti
 from perfjax.data import preprocess
+from perfjax.data import sidecar
 from perfjax.errors import InputError
 
 RESERVED_NAMES = ("slices.json", "slices.csv", "predict.log", "studies.json", "bullseyes.png",
@@ -91,7 +93,7 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
   if root.is_file():
     mask = next((m for _, p, m in data_io.slice_entries(root.parent, npz=False) if p == root),
                 None)
-    name = data_io._nifti_stem(root)  # pylint: disable=protected-access
+    name = nifti.nifti_stem(root)
     return data_io.per_slice([(name, root, mask)]), []
   out = pathlib.Path(output).resolve()
   entries, notes = [], []
@@ -103,7 +105,7 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
     entries.append((name, path, mask))
   entries = data_io.per_slice(entries)
   hidden = sorted(display_name(p.name) for p in root.iterdir()
-                  if p.name.startswith(".") and (data_io.is_nifti(p) or p.is_dir()))
+                  if p.name.startswith(".") and (nifti.is_nifti(p) or p.is_dir()))
   if hidden:
     notes.append(f"skipped hidden entries (names starting with '.'): {', '.join(hidden)}")
   if not entries:
@@ -148,9 +150,9 @@ def read_one(slice_id: str, path: pathlib.Path, mask_path, center=None,
 
 def read_input(path: pathlib.Path, mask_path, slice_index: int | None = None) -> dict:
   """One input slice as read, before preprocessing: dict(rec: `data_io.read_slice`'s, meta:
-  `data_io.slice_metadata`'s, slice_index), for `prepared` (once per crop centre tried)."""
+  `sidecar.slice_metadata`'s, slice_index), for `prepared` (once per crop centre tried)."""
   rec = data_io.read_slice(path, mask_path, slice_index=slice_index)
-  meta = data_io.slice_metadata(path, rec.get("grid"), slice_index, rec.get("n_slices", 1))
+  meta = sidecar.slice_metadata(path, rec.get("grid"), slice_index, rec.get("n_slices", 1))
   return dict(rec=rec, meta=meta, slice_index=slice_index)
 
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from perfjax.data.io import jsonable
+from perfjax.data.writers import jsonable
 
 
 def config_fingerprint(config) -> str:

@@ -18,8 +18,7 @@ from typing import Iterator
 import markdown
 
 from perfjax.conventions import PAPER_OOD_SCORE
-# write_json: results.json and the other JSON outputs are written with it (reporting.write_json).
-from perfjax.data.io import atomic_path, jsonable, write_json  # noqa: F401
+from perfjax.data.writers import atomic_path, jsonable
 
 
 def write_text(path: str, text: str) -> None:

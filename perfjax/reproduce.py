@@ -32,6 +32,7 @@ from perfjax import figures
 from perfjax import panels
 from perfjax import reporting
 from perfjax import train
+from perfjax.data import writers
 
 INPUTS = ("patch2", "patch3")
 AUGMENTATIONS = ("conventional", "advanced")
@@ -363,7 +364,7 @@ def mbf_figure(path: str, runs: dict, seed: int) -> None:
 
 
 def write_report(workdir: str, summary: dict, runs: dict) -> None:
-  reporting.write_json(os.path.join(workdir, "reproduce.json"), summary)
+  writers.write_json(os.path.join(workdir, "reproduce.json"), summary)
   fig_dir = os.path.join(workdir, "figures")
   table1_figure(os.path.join(fig_dir, "table1.png"), summary)
   seed = summary["seeds"][0]

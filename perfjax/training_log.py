@@ -8,7 +8,7 @@ import os
 
 from matplotlib.figure import Figure  # Not pyplot: no global backend or figure state.
 
-from perfjax.data.io import atomic_path
+from perfjax.data.writers import atomic_path
 
 
 class MetricWriter:

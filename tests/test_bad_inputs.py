@@ -19,8 +19,10 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from perfjax import checkpoints
 from perfjax import predict
 from perfjax import predict_files
-from perfjax.data import io as data_io
+from perfjax.data import nifti
 from perfjax.data import phantom
+from perfjax.data import sidecar
+from perfjax.data import writers
 from perfjax.errors import InputError
 from perfjax.model import make_model
 
@@ -53,7 +55,7 @@ def sim():
 
 
 def _good(path, sim, pixel_mm=(1.4, 1.4), affine=None):
-  return data_io.write_nifti(path, sim["raw"][0], pixel_mm=pixel_mm, times=sim["times"][0],
+  return writers.write_nifti(path, sim["raw"][0], pixel_mm=pixel_mm, times=sim["times"][0],
                              affine=affine)
 
 
@@ -92,7 +94,7 @@ def _nifti(path, data, affine=np.eye(4), zooms=None, times=30):
     img.header.set_zooms(zooms)
   nib.save(img, path)
   if times:
-    data_io.sidecar_path(path).write_text(json.dumps({"times": list(np.arange(times) * 0.9)}))
+    sidecar.sidecar_path(path).write_text(json.dumps({"times": list(np.arange(times) * 0.9)}))
 
 
 def _run(args, timeout=600):
@@ -256,7 +258,7 @@ def test_segmentation_overlays_a_non_identity_affine_input_exactly(workdir, sim,
   base = np.eye(4)
   base[:3, :3] = rot @ np.diag([-1.4, 1.4, 8.0])
   base[:3, 3] = (-40.0, 25.0, 60.0)
-  ref = data_io.write_nifti(tmp_path / "ref.nii.gz", image, (1.4, 1.4), times, affine=base)
+  ref = writers.write_nifti(tmp_path / "ref.nii.gz", image, (1.4, 1.4), times, affine=base)
   data = np.asarray(nib.load(ref).dataobj)[::-1, :, :, :].swapaxes(0, 1)  # stored [Y, X, 1, T]
   flip = np.array([[-1, 0, 0, image.shape[1] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
   swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
@@ -270,7 +272,7 @@ def test_segmentation_overlays_a_non_identity_affine_input_exactly(workdir, sim,
   mask[np.asarray(sim["mask"][0])[4:120, 10:124] > 0] = np.asarray(sim["mask"][0])[4:120,
                                                                                   10:124][
       np.asarray(sim["mask"][0])[4:120, 10:124] > 0]
-  mdata = data_io._to_nifti_axes(mask)[::-1].swapaxes(0, 1)  # pylint: disable=protected-access
+  mdata = nifti.to_nifti_axes(mask)[::-1].swapaxes(0, 1)
   nib.save(nib.Nifti1Image(np.ascontiguousarray(mdata).astype(np.int16), affine),
            folder / "obl_mask.nii.gz")
   out = tmp_path / "out"
@@ -347,10 +349,10 @@ def test_flow_is_relative_without_the_sequence_and_study_bullseyes(workdir, stud
   names = dict(cal=("cal_basal", "cal_mid", "cal_apical"), rel=("rel_base", "rel_mid", "rel_x"))
   for study, levels in names.items():
     for i, name in enumerate(levels):
-      path = data_io.write_nifti(folder / f"{name}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
+      path = writers.write_nifti(folder / f"{name}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
                                  times=sim["times"][i])
-      data_io.write_nifti(folder / f"{name}_mask.nii.gz", sim["mask"][i], pixel_mm=(1.4, 1.4))
-      side = data_io.sidecar_path(path)
+      writers.write_nifti(folder / f"{name}_mask.nii.gz", sim["mask"][i], pixel_mm=(1.4, 1.4))
+      side = sidecar.sidecar_path(path)
       meta = dict(json.loads(side.read_text()), study=f"patient-{study}")
       if study == "cal":
         meta["sequence"] = _sequence(sim, i)
@@ -439,7 +441,7 @@ def test_a_multi_slice_file_is_predicted_slice_by_slice(workdir, study_sim, tmp_
   `<name>_slice<k>`, each read with its own times, written on its own slice of the file's
   grid, one study (the file) whose levels come from the sidecar's list."""
   sim = study_sim
-  to_nifti = data_io._to_nifti_axes  # pylint: disable=protected-access
+  to_nifti = nifti.to_nifti_axes
   data = np.stack([to_nifti(np.asarray(sim["raw"][i])) for i in range(3)], axis=2)
   masks = np.stack([to_nifti(np.asarray(sim["mask"][i])) for i in range(3)], axis=2)
   affine = np.diag([-1.4, 1.4, 10.0, 1.0])
@@ -484,10 +486,10 @@ def test_a_multi_slice_file_is_predicted_slice_by_slice(workdir, study_sim, tmp_
      "unknown fields ['te']")])
 def test_bad_sequence_sidecar_is_one_clear_error(tmp_path, sim, sequence, problem):
   path = _good(tmp_path / "s.nii.gz", sim)
-  side = data_io.sidecar_path(path)
+  side = sidecar.sidecar_path(path)
   side.write_text(json.dumps(dict(json.loads(side.read_text()), sequence=sequence)))
   with pytest.raises(InputError, match=re.escape(problem)):
-    data_io.slice_metadata(path)
+    sidecar.slice_metadata(path)
 
 
 def test_aif_series_from_the_sidecar(study_sim, tmp_path):
@@ -515,10 +517,10 @@ def test_aif_series_from_the_sidecar(study_sim, tmp_path):
                            aif_series=dict(series, file="../series/none.nii.gz"))}
   folder = tmp_path / "in"
   for name, extra in cases.items():
-    path = data_io.write_nifti(folder / f"{name}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
+    path = writers.write_nifti(folder / f"{name}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
                                times=sim["times"][i])
-    data_io.write_nifti(folder / f"{name}_mask.nii.gz", sim["mask"][i], pixel_mm=(1.4, 1.4))
-    side = data_io.sidecar_path(path)
+    writers.write_nifti(folder / f"{name}_mask.nii.gz", sim["mask"][i], pixel_mm=(1.4, 1.4))
+    side = sidecar.sidecar_path(path)
     side.write_text(json.dumps(dict(json.loads(side.read_text()), **extra)))
   slices, failures = predict_files.read_inputs(str(folder))
   errors = {f["id"]: f["error"] for f in failures}

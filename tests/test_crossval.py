@@ -161,16 +161,16 @@ def test_cross_validate_mode_needs_the_crossval_config(tmp_path):
 
 def _manual_dir(root: pathlib.Path, n_patients: int = 4) -> None:
   """Patients of two slices each (stress and rest), masks without an RV, as real data."""
-  from perfjax.data import io, phantom  # pylint: disable=g-import-not-at-top
+  from perfjax.data import phantom, writers  # pylint: disable=g-import-not-at-top
   d = phantom.simulate(11, 2 * n_patients, "flash", 0.0, noise=0.5, variability="narrow")
   for p in range(n_patients):
     for j, state in enumerate(("stress", "rest")):
       i = 2 * p + j
       path = root / f"patient{p}" / f"{state}_base.nii.gz"
       path.parent.mkdir(parents=True, exist_ok=True)
-      io.write_nifti(path, d["raw"][i], pixel_mm=(1.4, 1.4), times=d["times"][i])
-      io.write_nifti(path.with_name(f"{state}_base_mask.nii.gz"),
-                     np.where(d["mask"][i] == 3, 0, d["mask"][i]), pixel_mm=(1.4, 1.4))
+      writers.write_nifti(path, d["raw"][i], pixel_mm=(1.4, 1.4), times=d["times"][i])
+      writers.write_nifti(path.with_name(f"{state}_base_mask.nii.gz"),
+                          np.where(d["mask"][i] == 3, 0, d["mask"][i]), pixel_mm=(1.4, 1.4))
 
 
 @pytest.mark.slow

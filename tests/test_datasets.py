@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from perfjax.data import datasets, io, phantom, schema
+from perfjax.data import datasets, nifti, phantom, schema, writers
 from perfjax.errors import InputError
 
 CONFIG = "synthetic_small"
@@ -194,15 +194,15 @@ def _manual_dir(root, d, bad_mask=False):
   (root / "gamma").mkdir()
   for j, name in enumerate(("basal", "mid", "apical")):
     raw = np.concatenate([pre[j], d["raw"][j]], -1)
-    io.write_nifti(root / "alpha" / f"{name}.nii.gz", raw, pixel_mm=(1.4, 1.4), times=times)
+    writers.write_nifti(root / "alpha" / f"{name}.nii.gz", raw, pixel_mm=(1.4, 1.4), times=times)
     mask = d["mask"][j] if not (bad_mask and j == 1) else np.where(d["mask"][j] == 3, 5, 1)
-    io.write_nifti(root / "alpha" / f"{name}_mask.nii.gz", mask, pixel_mm=(1.4, 1.4))
-  io.write_nifti(root / "beta" / "slice_a.nii", np.concatenate([pre[1], d["raw"][1]], -1),
-                 pixel_mm=(2.8, 2.8), times=times)
+    writers.write_nifti(root / "alpha" / f"{name}_mask.nii.gz", mask, pixel_mm=(1.4, 1.4))
+  writers.write_nifti(root / "beta" / "slice_a.nii", np.concatenate([pre[1], d["raw"][1]], -1),
+                      pixel_mm=(2.8, 2.8), times=times)
   _write_dicom_series(root / "beta" / "slice_b", np.concatenate([pre[0], d["raw"][0]], -1), times)
   np.savez(root / "gamma" / "apex.npz", image=d["raw"][2], times=d["times"][2], mask=d["mask"][2])
   (root / "delta").mkdir()
-  to_nifti = io._to_nifti_axes  # pylint: disable=protected-access
+  to_nifti = nifti.to_nifti_axes
   stack = np.stack([to_nifti(np.concatenate([pre[j], d["raw"][j]], -1)) for j in range(3)], 2)
   masks = np.stack([to_nifti(d["mask"][j]) for j in range(3)], 2)
   affine = np.diag([-1.4, 1.4, 8.0, 1.0])

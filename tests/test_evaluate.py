@@ -12,8 +12,8 @@ from perfjax.configs import patch2
 from perfjax.configs import patch3
 from perfjax import evaluate
 from perfjax import predict
-from perfjax.data import io as data_io
 from perfjax.data import phantom
+from perfjax.data import writers
 
 RESULT_KEYS = ["dice.whole", "dice.sector6", "dice.sector12", "ood.auc", "ood.threshold",
                "ood.sensitivity", "ood.specificity", "ood.labels", "ood.score", "ood.n_positive",
@@ -111,9 +111,9 @@ def test_predict_on_nifti_folder_reports_bad_file_and_writes_the_rest(trained, t
   sim = phantom.simulate(7, 2, "bssfp")
   folder = tmp_path / "in"
   for i in range(2):
-    data_io.write_nifti(folder / f"slice{i}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
+    writers.write_nifti(folder / f"slice{i}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
                         times=sim["times"][i])
-  data_io.write_nifti(folder / "slice0_mask.nii.gz", sim["mask"][0], pixel_mm=(1.4, 1.4))
+  writers.write_nifti(folder / "slice0_mask.nii.gz", sim["mask"][0], pixel_mm=(1.4, 1.4))
   (folder / "broken.nii.gz").write_bytes(b"not a nifti file")
   out = tmp_path / "out"
   rows = predict.predict(config, workdir, str(folder), str(out))

@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from perfjax.data import dicom, io
+from perfjax.data import dicom, io, nifti, sidecar, writers
 from perfjax.errors import InputError
 
 H, W, T = 20, 24, 30
@@ -34,8 +34,8 @@ def _mask():
 
 def test_nifti_round_trip_with_sidecar_times(tmp_path):
   image, times = _series()
-  path = io.write_nifti(tmp_path / "s.nii.gz", image, pixel_mm=(1.5, 1.25), times=times)
-  io.write_nifti(tmp_path / "s_mask.nii.gz", _mask(), pixel_mm=(1.5, 1.25))
+  path = writers.write_nifti(tmp_path / "s.nii.gz", image, pixel_mm=(1.5, 1.25), times=times)
+  writers.write_nifti(tmp_path / "s_mask.nii.gz", _mask(), pixel_mm=(1.5, 1.25))
   assert json.loads((tmp_path / "s.json").read_text())["times"] == pytest.approx(times.tolist())
   out = io.read_nifti(path, tmp_path / "s_mask.nii.gz")
   np.testing.assert_array_equal(out["image"], image)
@@ -82,8 +82,8 @@ def test_nifti_affine_decides_the_display_whatever_the_storage(tmp_path, transpo
   image, times = _series()
   base = np.diag([-1.5, 1.25, 8.0, 1.0])
   base[:3, 3] = (10.0, -20.0, 30.0)
-  ref = io.write_nifti(tmp_path / "ref.nii.gz", image, pixel_mm=(1.25, 1.5), times=times,
-                       affine=base)
+  ref = writers.write_nifti(tmp_path / "ref.nii.gz", image, pixel_mm=(1.25, 1.5), times=times,
+                            affine=base)
   data = np.asarray(nib.load(ref).dataobj)[:, :, 0]  # [X, Y, T]
   affine = base.copy()
   if flip_i:
@@ -103,7 +103,7 @@ def test_nifti_affine_decides_the_display_whatever_the_storage(tmp_path, transpo
   np.testing.assert_array_equal(out["image"], image)
   assert out["pixel_mm"] == pytest.approx((1.25, 1.5))
   seg = (image[..., 0] > 50).astype(np.int32)
-  back = nib.load(io.write_on_grid(tmp_path / "seg.nii.gz", seg, out["grid"]))
+  back = nib.load(writers.write_on_grid(tmp_path / "seg.nii.gz", seg, out["grid"]))
   np.testing.assert_allclose(back.affine, affine, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(back.dataobj), data[..., 0] > 50)
 
@@ -158,7 +158,7 @@ def test_bad_nifti_images(tmp_path, data, dt, match):
 
 def test_nifti_sidecar_problems(tmp_path):
   image, times = _series()
-  path = io.write_nifti(tmp_path / "s.nii", image, times=times)
+  path = writers.write_nifti(tmp_path / "s.nii", image, times=times)
   side = tmp_path / "s.json"
   side.write_text(json.dumps({"times": times[::-1].tolist()}))
   with pytest.raises(InputError, match="not strictly increasing"):
@@ -183,7 +183,7 @@ def test_nifti_sidecar_problems(tmp_path):
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_truncated_and_missing_nifti(tmp_path, suffix):
   image, times = _series()
-  path = io.write_nifti(tmp_path / f"s{suffix}", image, times=times)
+  path = writers.write_nifti(tmp_path / f"s{suffix}", image, times=times)
   blob = path.read_bytes()
   path.write_bytes(blob[:len(blob) // 2])
   with pytest.raises(InputError, match="unreadable or truncated NIfTI") as e:
@@ -204,10 +204,10 @@ def test_truncated_and_missing_nifti(tmp_path, suffix):
 ])
 def test_bad_nifti_masks(tmp_path, mask, match):
   image, times = _series()
-  path = io.write_nifti(tmp_path / "s.nii.gz", image, times=times)
+  path = writers.write_nifti(tmp_path / "s.nii.gz", image, times=times)
   m = mask(_mask())
   mpath = tmp_path / "m.nii.gz"
-  nib.save(nib.Nifti1Image(io._to_nifti_axes(m.astype(np.int16)), np.eye(4)), mpath)
+  nib.save(nib.Nifti1Image(nifti.to_nifti_axes(m.astype(np.int16)), np.eye(4)), mpath)
   with pytest.raises(InputError, match=match) as e:
     io.read_nifti(path, mpath)
   assert e.value.source == str(mpath)
@@ -215,7 +215,7 @@ def test_bad_nifti_masks(tmp_path, mask, match):
 
 def test_write_nifti_is_atomic(tmp_path, monkeypatch):
   image, times = _series()
-  path = io.write_nifti(tmp_path / "out.nii.gz", image, times=times)
+  path = writers.write_nifti(tmp_path / "out.nii.gz", image, times=times)
   before = path.read_bytes()
 
   def broken_save(img, filename):
@@ -225,9 +225,9 @@ def test_write_nifti_is_atomic(tmp_path, monkeypatch):
 
   monkeypatch.setattr(nib, "save", broken_save)
   with pytest.raises(OSError, match="disk full"):
-    io.write_nifti(path, 2 * image, times=times)
+    writers.write_nifti(path, 2 * image, times=times)
   with pytest.raises(OSError, match="disk full"):
-    io.write_nifti(tmp_path / "new.nii", image)
+    writers.write_nifti(tmp_path / "new.nii", image)
   # The old file is intact, the new one never appeared, no temporary file is left.
   assert path.read_bytes() == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.nii.gz"]
@@ -235,11 +235,11 @@ def test_write_nifti_is_atomic(tmp_path, monkeypatch):
 
 def test_write_nifti_rejects_bad_arguments(tmp_path):
   with pytest.raises(InputError, match="must end with"):
-    io.write_nifti(tmp_path / "x.png", np.zeros((4, 4)))
+    writers.write_nifti(tmp_path / "x.png", np.zeros((4, 4)))
   with pytest.raises(InputError, match="shape"):
-    io.write_nifti(tmp_path / "x.nii", np.zeros((2, 4, 4, 4)))
+    writers.write_nifti(tmp_path / "x.nii", np.zeros((2, 4, 4, 4)))
   with pytest.raises(InputError, match="strictly increasing"):
-    io.write_nifti(tmp_path / "x.nii", np.zeros((4, 4, 3)), times=[0, 1, 1])
+    writers.write_nifti(tmp_path / "x.nii", np.zeros((4, 4, 3)), times=[0, 1, 1])
   assert not any(tmp_path.iterdir())
 
 
@@ -361,7 +361,7 @@ def test_multi_slice_nifti_is_read_one_slice_at_a_time(tmp_path):
   """[X, Y, Z, T] (dcm2niix's multi-slice series) and its [X, Y, Z] mask: slice k is read on
   its own, with the affine moved to it; times shared or one list per slice."""
   slices = [_series(seed=k) for k in range(3)]
-  to_nifti = io._to_nifti_axes  # pylint: disable=protected-access
+  to_nifti = nifti.to_nifti_axes
   data = np.stack([to_nifti(img) for img, _ in slices], axis=2)
   affine = np.diag([-1.5, 1.25, 8.0, 1.0])
   affine[:3, 3] = (5.0, -7.0, 30.0)
@@ -383,11 +383,11 @@ def test_multi_slice_nifti_is_read_one_slice_at_a_time(tmp_path):
   for k, (_, times) in enumerate(slices):
     np.testing.assert_allclose(io.read_nifti(tmp_path / "multi.nii.gz", slice_index=k)["times"],
                                times, atol=1e-9)
-  meta = [io.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3) for k in range(3)]
+  meta = [sidecar.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3) for k in range(3)]
   assert [m["study"] for m in meta] == ["multi"] * 3
   assert [m["slice_level"] for m in meta] == [-1] * 3
   side.write_text(json.dumps({"times": slices[0][1].tolist(), "slice_level": ["apical", 1, 0]}))
-  assert [io.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3)["slice_level"]
+  assert [sidecar.slice_metadata(tmp_path / "multi.nii.gz", None, k, 3)["slice_level"]
           for k in range(3)] == [2, 1, 0]
 
   path = str(tmp_path / "multi.nii.gz")
@@ -401,14 +401,14 @@ def test_multi_slice_nifti_is_read_one_slice_at_a_time(tmp_path):
     io.read_nifti(path, slice_index=0)
   side.write_text(json.dumps({"times": slices[0][1].tolist(), "slice_level": [0, 1]}))
   with pytest.raises(InputError, match='"slice_level" lists 2 levels, the input holds 3 slices'):
-    io.slice_metadata(path, None, 0, 3)
+    sidecar.slice_metadata(path, None, 0, 3)
   side.write_text(json.dumps({"times": slices[0][1].tolist()}))
-  io.write_nifti(tmp_path / "flat_mask.nii.gz", _mask())
+  writers.write_nifti(tmp_path / "flat_mask.nii.gz", _mask())
   with pytest.raises(InputError, match=r"the image holds 3 slices: expected a mask \[X, Y, 3\]"):
     io.read_nifti(path, tmp_path / "flat_mask.nii.gz", slice_index=1)
   # A one-slice file has slice 0 only; what cannot be read counts as one slice.
   image, times = slices[0]
-  one = io.write_nifti(tmp_path / "one.nii.gz", image, times=times)
+  one = writers.write_nifti(tmp_path / "one.nii.gz", image, times=times)
   assert io.slice_count(one) == 1
   np.testing.assert_array_equal(io.read_nifti(one, slice_index=0)["image"], image)
   with pytest.raises(InputError, match=r"has no slice 1 \(it holds 1\)"):
@@ -530,17 +530,18 @@ def test_npz_and_no_pickles(tmp_path):
 
 
 def test_atomic_json(tmp_path):
-  io.write_json(tmp_path / "a.json", {"x": [1, 2]})
+  writers.write_json(tmp_path / "a.json", {"x": [1, 2]})
   assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
   with pytest.raises(TypeError):
-    io.write_json(tmp_path / "a.json", {"x": object()})
+    writers.write_json(tmp_path / "a.json", {"x": object()})
   assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
   assert os.listdir(tmp_path) == ["a.json"]
 
 
 def test_json_is_strict_numpy_to_python_nan_and_inf_to_null(tmp_path):
-  io.write_json(tmp_path / "s.json", {"a": np.float32(0.5), "b": np.arange(2), "c": float("nan"),
-                                      "d": [np.inf, np.bool_(True)], 3: np.int64(7)})
+  writers.write_json(tmp_path / "s.json", {"a": np.float32(0.5), "b": np.arange(2),
+                                           "c": float("nan"), "d": [np.inf, np.bool_(True)],
+                                           3: np.int64(7)})
   text = (tmp_path / "s.json").read_text()
   assert "NaN" not in text and "Infinity" not in text
   assert json.loads(text) == {"a": 0.5, "b": [0, 1], "c": None, "d": [None, True], "3": 7}
@@ -552,13 +553,13 @@ def test_load_preprocessed_and_back_to_the_input_grid(tmp_path):
   raw = np.concatenate([np.repeat(d["raw"][0][..., :1], 5, -1), d["raw"][0]], -1)
   small = raw[::2, ::2]  # 64 x 64 at twice the pixel size
   times = np.concatenate([np.arange(5) * 0.8, d["times"][0] + 4.0])
-  io.write_nifti(tmp_path / "s.nii.gz", small, pixel_mm=(2.8, 2.8), times=times)
-  io.write_nifti(tmp_path / "m.nii.gz", d["mask"][0][::2, ::2], pixel_mm=(2.8, 2.8))
+  writers.write_nifti(tmp_path / "s.nii.gz", small, pixel_mm=(2.8, 2.8), times=times)
+  writers.write_nifti(tmp_path / "m.nii.gz", d["mask"][0][::2, ::2], pixel_mm=(2.8, 2.8))
   out = io.load_preprocessed(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
   assert out["image"].shape == (128, 128, 30) and out["pixel_mm"] == pytest.approx((2.8, 2.8))
   assert out["zoom"] == (2.0, 2.0) and out["frame_start"] >= 2
   seg = preprocess.to_original(out["mask"], out, labels=True)
-  path = io.write_nifti(tmp_path / "seg.nii.gz", seg, pixel_mm=out["pixel_mm"])
+  path = writers.write_nifti(tmp_path / "seg.nii.gz", seg, pixel_mm=out["pixel_mm"])
   back = io.read_nifti_mask(path, (64, 64))
   assert np.mean(back == d["mask"][0][::2, ::2]) > 0.95
 
@@ -566,32 +567,32 @@ def test_load_preprocessed_and_back_to_the_input_grid(tmp_path):
 def test_slice_metadata_study_level_and_sequence(tmp_path):
   """Study: the sidecar's, else the DICOM StudyInstanceUID, else the folder; level: the
   sidecar's, else the name; the sequence only from the sidecar, checked and completed."""
-  assert [io.level_from_name(n) for n in ("p1_basal", "Base", "mid-2", "apex", "apical3",
-                                          "midline", "submid", "x")] == [0, 0, 1, 2, 2, 1, -1, -1]
+  names = ("p1_basal", "Base", "mid-2", "apex", "apical3", "midline", "submid", "x")
+  assert [sidecar.level_from_name(n) for n in names] == [0, 0, 1, 2, 2, 1, -1, -1]
   study = tmp_path / "patient3"
   study.mkdir()
   image, times = _series()
-  path = io.write_nifti(study / "s_mid.nii.gz", image, times=times)
-  assert io.slice_metadata(path) == dict(study="patient3", slice_level=1, sequence=None,
-                                          aif_series=None)
-  side = io.sidecar_path(path)
+  path = writers.write_nifti(study / "s_mid.nii.gz", image, times=times)
+  assert sidecar.slice_metadata(path) == dict(study="patient3", slice_level=1, sequence=None,
+                                              aif_series=None)
+  side = sidecar.sidecar_path(path)
   seq = dict(protocol="FLASH", ts=0.1, tr=0.0025, flip_deg=12, n_pulses=20)
   side.write_text(json.dumps(dict(times=list(times), study="P3", slice_level="apical",
                                   sequence=seq)))
-  meta = io.slice_metadata(path)
+  meta = sidecar.slice_metadata(path)
   assert meta["study"] == "P3" and meta["slice_level"] == 2
   assert meta["sequence"] == dict(protocol="flash", ts=0.1, tr=0.0025, flip_deg=12.0,
-                                  n_pulses=20.0, **io.SEQUENCE_DEFAULTS)
+                                  n_pulses=20.0, **sidecar.SEQUENCE_DEFAULTS)
   side.write_text(json.dumps(dict(times=list(times), slice_level=5)))
   with pytest.raises(InputError, match="slice_level"):
-    io.slice_metadata(path)
+    sidecar.slice_metadata(path)
   # A DICOM folder: its StudyInstanceUID, its own name's level, a sidecar `folder.json`.
   _dicom_folder(study / "series.basal")
   grid = io.read_slice(study / "series.basal")["grid"]
-  assert io.slice_metadata(study / "series.basal", grid) == dict(
+  assert sidecar.slice_metadata(study / "series.basal", grid) == dict(
       study="patient3", slice_level=0, sequence=None, aif_series=None)  # no study UID in the files
   grid = dict(grid, study="1.2.3")
-  assert io.slice_metadata(study / "series.basal", grid)["study"] == "1.2.3"
+  assert sidecar.slice_metadata(study / "series.basal", grid)["study"] == "1.2.3"
   (study / "series.basal.json").write_text(json.dumps(dict(study="P3b", sequence=seq)))
-  meta = io.slice_metadata(study / "series.basal", grid)
+  meta = sidecar.slice_metadata(study / "series.basal", grid)
   assert meta["study"] == "P3b" and meta["sequence"]["protocol"] == "flash"

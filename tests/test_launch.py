@@ -237,14 +237,15 @@ def test_ctrl_c_prints_a_resume_hint_not_a_traceback(tmp_path, monkeypatch, caps
 
 
 def test_results_are_current_only_for_the_same_config_and_checkpoint(tmp_path):
-  from perfjax import cli, provenance, reporting  # pylint: disable=g-import-not-at-top
+  from perfjax import cli, provenance  # pylint: disable=g-import-not-at-top
+  from perfjax.data import writers  # pylint: disable=g-import-not-at-top
   from perfjax.configs import patch3  # pylint: disable=g-import-not-at-top
   config = patch3.get_config("tiny")
   (tmp_path / "best" / "2").mkdir(parents=True)
   (tmp_path / "best" / "2" / "params").write_text("x")
   assert cli.results_are_current(config, str(tmp_path)) is None  # No results.json.
-  reporting.write_json(str(tmp_path / "results.json"),
-                       {"provenance": provenance.provenance(config)})
+  writers.write_json(str(tmp_path / "results.json"),
+                     {"provenance": provenance.provenance(config)})
   assert cli.results_are_current(config, str(tmp_path))
   other = patch3.get_config("tiny")
   other.eval.stride_um = 8

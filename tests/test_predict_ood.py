@@ -13,8 +13,8 @@ from perfjax import checkpoints
 from perfjax import predict
 from perfjax import predict_files
 from perfjax import uncertainty
-from perfjax.data import io as data_io
 from perfjax.data import phantom
+from perfjax.data import writers
 
 
 def _write_results(workdir, payload):
@@ -78,7 +78,7 @@ def test_predict_flags_by_the_configured_score(tiny_run, tmp_path):
   sim = phantom.simulate(7, 2, "bssfp")
   folder = tmp_path / "in"
   for i in range(2):
-    data_io.write_nifti(folder / f"slice{i}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
+    writers.write_nifti(folder / f"slice{i}.nii.gz", sim["raw"][i], pixel_mm=(1.4, 1.4),
                         times=sim["times"][i])
 
   rows = predict.predict(config, workdir, str(folder), str(tmp_path / "u"))

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from perfjax import figures, panels, provenance, reporting, training_log
+from perfjax.data import writers
 
 
 def test_outputs_get_the_umask_permissions_not_0600(tmp_path):
   old = os.umask(0o022)
   try:
-    reporting.write_json(str(tmp_path / "r.json"), {"a": 1})
+    writers.write_json(str(tmp_path / "r.json"), {"a": 1})
     reporting.write_markdown(str(tmp_path / "report.md"), "# t\n")
     reporting.save_figure(figures.bullseye(np.arange(16.0)), str(tmp_path / "b.png"))
   finally:

@@ -51,9 +51,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from perfjax.data import dicom
+from perfjax.data import grid
 from perfjax.data import io
+from perfjax.data import nifti
 from perfjax.data import preprocess
 from perfjax.data import schema
+from perfjax.data import sidecar
+from perfjax.data import writers
 from perfjax.errors import InputError
 
 STUDIES_PER_CHUNK = 8  # phantom studies simulated at once while writing (bounds memory)
@@ -220,7 +224,7 @@ class PerfusionCmr(tfds.core.GeneratorBasedBuilder):
                    mask=out["mask"] if has_mask else None, peak_lv_frame=out["peak_lv_frame"],
                    study_id=sid, has_mask=has_mask, pixel_mm=pixel, study_name=study,
                    slice_id=f"{study}/{name}", protocol="unknown")
-        yield f"{study}/{j:03d}", _complete(rec, io.slice_level(path, index, out["n_slices"]))
+        yield f"{study}/{j:03d}", _complete(rec, sidecar.slice_level(path, index, out["n_slices"]))
 
 
 # The features a synthetic record takes from phantom.simulate (the rest are set per record).
@@ -362,8 +366,8 @@ def manual_fingerprint(manual_dir: str | os.PathLike) -> str:
     if p.is_file():
       st = p.stat()
       h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
-  return _hash_files([pathlib.Path(io.__file__), pathlib.Path(dicom.__file__),
-                      pathlib.Path(preprocess.__file__), pathlib.Path(__file__)], h)
+  return _hash_files([pathlib.Path(m.__file__) for m in (io, nifti, dicom, sidecar, grid,
+                                                          preprocess)] + [pathlib.Path(__file__)], h)
 
 
 def prepare(config_name: str, data_dir: str | os.PathLike | None = None,
@@ -400,7 +404,7 @@ def prepare(config_name: str, data_dir: str | os.PathLike | None = None,
       b = builder(config_name, data_dir)
       with _shuffle_in_memory():
         b.download_and_prepare(download_config=cfg)
-      io.write_json(stamp, {"fingerprint": fingerprint})
+      writers.write_json(stamp, {"fingerprint": fingerprint})
   return b
 
 
