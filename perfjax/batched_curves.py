@@ -83,22 +83,34 @@ def _baseline_frames(curve, foot_frac: float = 0.1):
 
 
 # ----------------------------------------------------------------------------- frame gain
-def _gain_measurements(raw, outside, lv_full, proj):
+def _neighbour_sum(values_pc, hw):
+  """`frame_gain.neighbour_sum` of pixels [P, C] (P = H x W, row-major)."""
+  h, w = hw
+  padded = jnp.pad(values_pc.reshape(h, w, -1), ((1, 1), (1, 1), (0, 0)))
+  return sum(padded[1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
+             for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc).reshape(h * w, -1)
+
+
+def _gain_measurements(raw, outside, lv_full, proj, hw):
   """`frame_gain.frame_gain`'s measurements of one slice [P, T] (P = H x W): the log gain [T],
   the region, body and flat pixel counts, the LV blood pool's mean curve [T] and the noise of
   the log gain."""
   finite = jnp.all(jnp.isfinite(raw), -1)
   base = jnp.where(finite, raw[:, :_NB].mean(-1), 0.0)
   region = outside & finite
-  body = region & (base > gain_lib.BODY_LEVEL * masked_quantile(base, region, 0.9))
-  log_px = jnp.log(jnp.maximum(jnp.where(finite[:, None], raw, 1.0), 1e-12))
+  bright = region & (base > gain_lib.BODY_LEVEL * masked_quantile(base, region, 0.9))
+  bright_f = bright[:, None].astype(raw.dtype)
+  body = bright & (_neighbour_sum(bright_f, hw)[:, 0] >= gain_lib.MIN_BODY_NEIGHBOURS)
+  log_px = jnp.log(jnp.maximum(jnp.where(bright[:, None], raw, 1.0), 1e-12))
   log_rel = log_px - log_px[:, :_NB].mean(-1, keepdims=True)
   rough = jnp.eye(proj.shape[0], dtype=proj.dtype) - proj
   median_rough = masked_quantile(jnp.matmul(log_px, rough.T, precision=_HIGHEST).T, body, 0.5)
   log_g = jnp.zeros_like(median_rough)
   for _ in range(gain_lib.N_ROUNDS):
     log_g = log_g + median_rough - jnp.matmul(log_g, rough.T, precision=_HIGHEST)
-  trend = jnp.matmul(log_rel, proj.T, precision=_HIGHEST)
+  # The trend of each pixel's body neighbours (frame_gain.neighbour_mean), about the first frames.
+  trend = (_neighbour_sum(jnp.matmul(log_px, proj.T, precision=_HIGHEST) * bright_f, hw)
+           / jnp.maximum(_neighbour_sum(bright_f, hw), 1.0))
   trend = trend - trend[:, :_NB].mean(-1, keepdims=True)
   flat = body
   rel_sorted, rel_order = sort_once(log_rel.T)  # [T, P]: each round takes another subset's median
@@ -115,9 +127,10 @@ def _gain_measurements(raw, outside, lv_full, proj):
   return log_g, region.sum(), body.sum(), flat.sum(), lv, noise
 
 
-@jax.jit
-def _gains(raw_npt, outside_np, lv_np, proj_ntt):
-  return jax.vmap(_gain_measurements)(raw_npt, outside_np, lv_np, proj_ntt)
+@functools.partial(jax.jit, static_argnames="hw")
+def _gains(raw_npt, outside_np, lv_np, proj_ntt, hw):
+  return jax.vmap(functools.partial(_gain_measurements, hw=hw))(raw_npt, outside_np, lv_np,
+                                                                  proj_ntt)
 
 
 # ----------------------------------------------------------------------------- curves
@@ -257,7 +270,7 @@ def _chunk(raw, masks, times, geometries, sequences, rows, frame_gain, shape):
                         for i in rows])
       log_g, n_region, n_body, n_flat, lv, noise = (np.asarray(a, np.float64) for a in _gains(
           raw_d, jnp.asarray(padded(outside)), jnp.asarray(padded(lv_full)),
-          jnp.asarray(padded(projs), jnp.float32)))
+          jnp.asarray(padded(projs), jnp.float32), hw=tuple(masks[rows[0]].shape)))
       for k, r in enumerate(results):
         times_k = np.asarray(times[rows[k]], np.float64)
         z = gain_lib.uptake_z(log_g[k], lv[k], times_k, projs[k])

