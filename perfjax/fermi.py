@@ -309,7 +309,7 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
     # convolution matrix and GEMMs a block, as in the first pass).
     retry = retry[np.argsort(r_inv[retry], kind="stable")]
     block, slot, block_group = _blocks(r_inv[retry], RETRY_BLOCK)
-    n_blocks = max(8, 1 << int(np.ceil(np.log2(block_group.size))))  # few shapes, compiles
+    n_blocks = _retry_blocks(block_group.size)
     block_group = np.concatenate([block_group,
                                   np.full(n_blocks - block_group.size, block_group[0])])
 
@@ -374,6 +374,15 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
 
 
 RETRY_BLOCK = 8  # rows of one group per block of the retry pass
+RETRY_BUCKET = 64  # the retry pass's block count: a power of two up to this, then a multiple
+
+
+def _retry_blocks(n: int) -> int:
+  """The retry pass's padded block count for ``n`` blocks: few distinct shapes (compiles), and
+  beyond ``RETRY_BUCKET`` less padding than the next power of two."""
+  if n <= RETRY_BUCKET:
+    return max(8, 1 << int(np.ceil(np.log2(max(n, 1)))))
+  return -(-n // RETRY_BUCKET) * RETRY_BUCKET
 SPILL_RSS_FLOOR = 1e-6  # per fitted frame (normalised units): keeps noise-free fits' ratio finite
 
 # Convergence rule (judged over the last 5 LM iterations of a curve's best start):

@@ -73,11 +73,18 @@ MIN_HEART_SLOPE = 0.5
 ROUGH_WINDOW = 5  # frames of the local quadratic that rough_part removes
 
 
-def trend_projection(times: np.ndarray) -> np.ndarray:
-  """[T, T] least-squares projection onto polynomials of degree TREND_ORDER in time."""
+def trend_basis(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(basis [T, K], fit [K, T]): polynomials of degree TREND_ORDER in time and the
+  least-squares map from a curve to their coefficients."""
   x = (times - times[0]) / max(times[-1] - times[0], 1e-12) * 2.0 - 1.0
   basis = np.polynomial.legendre.legvander(x, TREND_ORDER)
-  return basis @ np.linalg.pinv(basis)
+  return basis, np.linalg.pinv(basis)
+
+
+def trend_projection(times: np.ndarray) -> np.ndarray:
+  """[T, T] least-squares projection onto polynomials of degree TREND_ORDER in time."""
+  basis, fit = trend_basis(times)
+  return basis @ fit
 
 
 def frame_gain(raw_hwt, mask_hw, times) -> dict:
@@ -112,10 +119,11 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
                    >= MIN_BODY_NEIGHBOURS)
   if body.sum() < MIN_BODY_PIXELS:
     return verdict(n_t, n_region=int(region.sum()), n_body=int(body.sum()))
-  log_img = np.log(np.maximum(np.where(bright[..., None], raw, 1.0), 1e-12))
-  log_px = log_img[body]  # [P, T]
+  log_bright = np.log(np.maximum(raw[bright], 1e-12))
+  log_px = log_bright[body[bright]]  # [P, T]
   log_rel = log_px - log_px[:, :N_BASELINE].mean(axis=1, keepdims=True)
-  proj = trend_projection(times)
+  basis, fit = trend_basis(times)
+  proj = basis @ fit
   rough = np.eye(n_t) - proj
   # Start: the common part of what no smooth trend explains, median over pixels of
   # (log_px - log_g) @ rough.T each round. log_g is the same for every pixel, so that median is
@@ -126,7 +134,10 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
     log_g = log_g + median_rough - log_g @ rough.T
   # The same split for the trend of each pixel's neighbours once log_g is divided out, about
   # the first frames.
-  trend = neighbour_mean(log_img @ proj.T, bright)[body]
+  # (The trend is linear in the curve: the neighbours' mean is taken of its coefficients.)
+  coef = np.zeros(bright.shape + (basis.shape[1],))
+  coef[bright] = log_bright @ fit.T
+  trend = neighbour_mean(coef, bright)[body] @ basis.T
   trend -= trend[:, :N_BASELINE].mean(axis=1, keepdims=True)
   for _ in range(N_ROUNDS):
     shift = log_g @ proj.T

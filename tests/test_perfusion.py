@@ -505,6 +505,9 @@ def test_retry_blocks_hold_one_groups_rows_in_order():
   np.testing.assert_array_equal(block, [0, 0, 1, 2, 3, 3, 4, 4, 5, 6])
   np.testing.assert_array_equal(slot, [0, 1, 0, 0, 0, 1, 0, 1, 0, 0])
   np.testing.assert_array_equal(block_group, [0, 0, 1, 2, 2, 2, 5])
+  # Padded block counts: powers of two up to 64, then multiples of 64.
+  assert [fermi._retry_blocks(n) for n in (1, 8, 9, 64, 65, 130, 256)] == \
+      [8, 8, 16, 64, 128, 192, 256]
 
 
 def test_slices_extracted_in_threads_give_the_same_result_and_errors_in_place():
