@@ -375,6 +375,13 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
 
 RETRY_BLOCK = 8  # rows of one group per block of the retry pass
 RETRY_BUCKET = 64  # the retry pass's block count: a power of two up to this, then a multiple
+SPILL_RSS_FLOOR = 1e-6  # per fitted frame (normalised units): keeps noise-free fits' ratio finite
+
+# Convergence rule (judged over the last 5 LM iterations of a curve's best start):
+COST_RTOL = 1e-3  # the cost fell by at most 0.1 % (plus a float32 floor per fitted frame), or
+MBF_RTOL = 1e-3   # the MBF moved by at most 0.1 % while the cost fell by at most COST_RTOL_SLOW:
+COST_RTOL_SLOW = 1e-2  # a crawl along a bound (w -> 0, k or tau_d at an edge) that no longer
+# changes the answer.
 
 
 def _retry_blocks(n: int) -> int:
@@ -383,13 +390,6 @@ def _retry_blocks(n: int) -> int:
   if n <= RETRY_BUCKET:
     return max(8, 1 << int(np.ceil(np.log2(max(n, 1)))))
   return -(-n // RETRY_BUCKET) * RETRY_BUCKET
-SPILL_RSS_FLOOR = 1e-6  # per fitted frame (normalised units): keeps noise-free fits' ratio finite
-
-# Convergence rule (judged over the last 5 LM iterations of a curve's best start):
-COST_RTOL = 1e-3  # the cost fell by at most 0.1 % (plus a float32 floor per fitted frame), or
-MBF_RTOL = 1e-3   # the MBF moved by at most 0.1 % while the cost fell by at most COST_RTOL_SLOW:
-COST_RTOL_SLOW = 1e-2  # a crawl along a bound (w -> 0, k or tau_d at an edge) that no longer
-# changes the answer.
 
 
 def _converged(out, win) -> np.ndarray:

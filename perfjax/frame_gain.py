@@ -133,8 +133,7 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
   for _ in range(N_ROUNDS):
     log_g = log_g + median_rough - log_g @ rough.T
   # The same split for the trend of each pixel's neighbours once log_g is divided out, about
-  # the first frames.
-  # (The trend is linear in the curve: the neighbours' mean is taken of its coefficients.)
+  # the first frames (the trend is linear in a curve: the neighbours' mean of its coefficients).
   coef = np.zeros(bright.shape + (basis.shape[1],))
   coef[bright] = log_bright @ fit.T
   trend = neighbour_mean(coef, bright)[body] @ basis.T
@@ -161,11 +160,11 @@ def neighbour_sum(values_hwc) -> np.ndarray:
              for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc)
 
 
-def neighbour_mean(values_hwt, valid_hw) -> np.ndarray:
-  """[H, W, T] the mean of ``values_hwt`` over each pixel's ``valid_hw`` neighbours (itself
+def neighbour_mean(values_hwc, valid_hw) -> np.ndarray:
+  """[H, W, C] the mean of ``values_hwc`` over each pixel's ``valid_hw`` neighbours (itself
   left out); NaN where none is valid."""
   valid = np.asarray(valid_hw, np.float64)[..., None]
-  total = neighbour_sum(np.where(valid > 0, values_hwt, 0.0))
+  total = neighbour_sum(np.where(valid > 0, values_hwc, 0.0))
   count = neighbour_sum(valid)
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(count > 0, total / count, np.nan)
