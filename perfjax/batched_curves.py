@@ -108,8 +108,10 @@ def _gain_measurements(raw, outside, lv_full, proj, hw):
   log_g = jnp.zeros_like(median_rough)
   for _ in range(gain_lib.N_ROUNDS):
     log_g = log_g + median_rough - jnp.matmul(log_g, rough.T, precision=_HIGHEST)
-  # The trend of each pixel's body neighbours (frame_gain.neighbour_mean), about the first frames.
-  trend = (_neighbour_sum(jnp.matmul(log_px, proj.T, precision=_HIGHEST) * bright_f, hw)
+  # The trend of each pixel's body neighbours (frame_gain.neighbour_mean), about the first frames;
+  # of the curves relative to their first frames, small numbers that float32 keeps to the last
+  # digits that choose the flattest pixels.
+  trend = (_neighbour_sum(jnp.matmul(log_rel, proj.T, precision=_HIGHEST) * bright_f, hw)
            / jnp.maximum(_neighbour_sum(bright_f, hw), 1.0))
   trend = trend - trend[:, :_NB].mean(-1, keepdims=True)
   flat = body
