@@ -100,7 +100,8 @@ def _gain_measurements(raw, outside, lv_full, proj, hw):
   region = outside & finite
   bright = region & (base > gain_lib.BODY_LEVEL * masked_quantile(base, region, 0.9))
   bright_f = bright[:, None].astype(raw.dtype)
-  body = bright & (_neighbour_sum(bright_f, hw)[:, 0] >= gain_lib.MIN_BODY_NEIGHBOURS)
+  n_bright = _neighbour_sum(bright_f, hw)  # [P, 1]: each pixel's body neighbours
+  body = bright & (n_bright[:, 0] >= gain_lib.MIN_BODY_NEIGHBOURS)
   log_px = jnp.log(jnp.maximum(jnp.where(bright[:, None], raw, 1.0), 1e-12))
   log_rel = log_px - log_px[:, :_NB].mean(-1, keepdims=True)
   rough = jnp.eye(proj.shape[0], dtype=proj.dtype) - proj
@@ -112,7 +113,7 @@ def _gain_measurements(raw, outside, lv_full, proj, hw):
   # of the curves relative to their first frames, small numbers that float32 keeps to the last
   # digits that choose the flattest pixels.
   trend = (_neighbour_sum(jnp.matmul(log_rel, proj.T, precision=_HIGHEST) * bright_f, hw)
-           / jnp.maximum(_neighbour_sum(bright_f, hw), 1.0))
+           / jnp.maximum(n_bright, 1.0))
   trend = trend - trend[:, :_NB].mean(-1, keepdims=True)
   flat = body
   rel_sorted, rel_order = sort_once(log_rel.T)  # [T, P]: each round takes another subset's median

@@ -37,7 +37,6 @@ NumPy (`read_npz`): keys `image`, `times`, optional `mask`, `pixel_mm`; loaded w
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any
@@ -50,7 +49,7 @@ from perfjax.data.dicom import dicom_slice_count, read_dicom_series
 from perfjax.data.grid import STORED_LAYOUT, apply_layout, check_pixel_mm, display_layout
 from perfjax.data.nifti import (NIFTI_SUFFIXES, from_nifti_axes, is_nifti, load_nifti,
                                 must_exist, nifti_stem)
-from perfjax.data.sidecar import sidecar_path
+from perfjax.data.sidecar import read_sidecar, sidecar_path
 from perfjax.errors import InputError
 
 _SEC_PER_UNIT = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6, "unknown": 1.0}
@@ -99,12 +98,8 @@ def _nifti_times(path: pathlib.Path, header: Any, data_shape: tuple[int, ...],
   side = sidecar_path(path)
   n_t = data_shape[-1]
   if side.exists():
-    try:
-      meta = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-      raise InputError(side, f"unreadable JSON sidecar ({e})") from None
-    key = next((k for k in ("times", "FrameTimesStart") if isinstance(meta, dict) and k in meta),
-               None)
+    meta = read_sidecar(path)
+    key = next((k for k in ("times", "FrameTimesStart") if k in meta), None)
     if key is None:
       raise InputError(side, 'JSON sidecar has no "times" (seconds, one per frame)')
     values = meta[key]

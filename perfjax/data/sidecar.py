@@ -164,8 +164,14 @@ def slice_level(path: str | os.PathLike, slice_index: int | None = None,
   (0/1/2 or "basal"/"mid"/"apical"; for an input of ``n_slices`` > 1, a list of one per
   slice), else a one-slice input's name (`level_from_name`), else -1."""
   path = pathlib.Path(path)
+  return _level(read_sidecar(path), path, slice_index, n_slices)
+
+
+def _level(meta: dict[str, Any], path: pathlib.Path, slice_index: int | None,
+           n_slices: int) -> int:
+  """:func:`slice_level` from the sidecar's contents ``meta``, already read."""
   side = meta_path(path)
-  level = read_sidecar(path).get("slice_level")
+  level = meta.get("slice_level")
   if isinstance(level, list) and n_slices > 1:
     if len(level) != n_slices:
       raise InputError(side, f'"slice_level" lists {len(level)} levels, the input holds '
@@ -200,7 +206,7 @@ def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None,
     study = grid.get("study")
   if study is None:
     study = input_name(path) if n_slices > 1 else (path.resolve().parent.name or "study")
-  level = slice_level(path, slice_index, n_slices)
+  level = _level(meta, path, slice_index, n_slices)
   sequence = meta.get("sequence")
   series = meta.get("aif_series")
   if series is not None and sequence is None:
