@@ -24,8 +24,8 @@ from perfjax import conventions
 from perfjax import frame_gain as gain_lib
 from perfjax.bolus import check_curve
 from perfjax.errors import InputError
-from perfjax.extraction import (AIF_PURITY, POOL_NOT_FINITE, amplification_at_peak,
-                                conversion_table)
+from perfjax.extraction import (AIF_PURITY, MIN_POOL_NEIGHBOURS, OWN_FLOOR, POOL_NOT_FINITE,
+                                amplification_at_peak, conversion_table)
 
 MAX_CHUNK = 128  # slices per call; chunks are padded to a power of two (one compile each)
 CHUNK_ELEMENTS = 2 ** 26  # at most this many pixel-frames a call (fewer slices when larger)
@@ -84,7 +84,7 @@ def _baseline_frames(curve, foot_frac: float = 0.1):
 
 # ----------------------------------------------------------------------------- frame gain
 def _neighbour_sum(values_pc, hw):
-  """`frame_gain.neighbour_sum` of pixels [P, C] (P = H x W, row-major)."""
+  """`neighbours.neighbour_sum` of pixels [P, C] (P = H x W, row-major)."""
   h, w = hw
   padded = jnp.pad(values_pc.reshape(h, w, -1), ((1, 1), (1, 1), (0, 0)))
   return sum(padded[1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
@@ -109,7 +109,7 @@ def _gain_measurements(raw, outside, lv_full, proj, hw):
   log_g = jnp.zeros_like(median_rough)
   for _ in range(gain_lib.N_ROUNDS):
     log_g = log_g + median_rough - jnp.matmul(log_g, rough.T, precision=_HIGHEST)
-  # The trend of each pixel's body neighbours (frame_gain.neighbour_mean), about the first frames;
+  # The trend of each pixel's body neighbours (neighbours.neighbour_mean), about the first frames;
   # of the curves relative to their first frames, small numbers that float32 keeps to the last
   # digits that choose the flattest pixels.
   trend = (_neighbour_sum(jnp.matmul(log_rel, proj.T, precision=_HIGHEST) * bright_f, hw)
@@ -147,21 +147,33 @@ def _to_concentration(signal, base, s_tab, c_tab):
   return jnp.where(good[:, None], jnp.where(up, conc, -conc), jnp.nan)
 
 
-def _purity(c, ok):
-  """`extraction.blood_purity` of a pool's rows [Q, T] where ``ok`` (the pool's pixels)."""
+def _purity(c, ok, pool_idx, hw):
+  """`extraction.blood_purity` of a pool's rows [Q, T] where ``ok`` (the pool's pixels, at
+  ``pool_idx`` of the H x W grid ``hw``), judged by their pool neighbours."""
   finite = ok[:, None] & jnp.isfinite(c)
   curve = _masked_mean(c, finite, 0)
   foot_b, peak = _baseline_frames(curve)
   first = jnp.arange(c.shape[1]) < foot_b
   enh = c[:, peak] - _masked_mean(c, first[None, :], 1)
-  ref = masked_quantile(enh, ok & jnp.isfinite(enh), 0.9)
-  keep = ok & (jnp.where(jnp.isnan(enh), -jnp.inf, enh) >= AIF_PURITY * ref)
-  use = (ok.sum() >= 4) & jnp.all(jnp.isfinite(curve)) & (keep.sum() >= 4) & (ref > 0)
+  valid = ok & jnp.isfinite(enh)
+  ref = masked_quantile(enh, valid, 0.9)
+  own = jnp.where(jnp.isnan(enh), -jnp.inf, enh)
+  on_grid = lambda v: jnp.zeros((hw[0] * hw[1], 1), c.dtype).at[pool_idx, 0].add(v)  # noqa: E731
+  count = _neighbour_sum(on_grid(valid.astype(c.dtype)), hw)[pool_idx, 0]
+  near = _neighbour_sum(on_grid(jnp.where(valid, enh, 0.0)), hw)[pool_idx, 0] / jnp.maximum(
+      count, 1.0)
+  judged = ok & (count >= MIN_POOL_NEIGHBOURS)
+  by_neighbours = judged.sum() >= 4
+  bar = jnp.where(by_neighbours, masked_quantile(near, judged, 0.9), ref)
+  keep = jnp.where(by_neighbours, judged & (near >= AIF_PURITY * bar) & (own >= OWN_FLOOR * ref),
+                   ok & (own >= AIF_PURITY * ref))
+  use = (ok.sum() >= 4) & jnp.all(jnp.isfinite(curve)) & (keep.sum() >= 4) & (ref > 0) & (
+      bar > 0)
   return jnp.where(use, keep, ok)
 
 
 def _slice_curves(raw, gain, pool_idx, pool_ok, tissue, s_blood, c_blood, s_myo, c_myo, *,
-                  convert: bool, n_sec: int):
+                  convert: bool, n_sec: int, hw):
   """`extraction.curves_per_sequence` of one slice [P, T] divided by its gain [T], for each
   variant's tables [V, L] (unused without ``convert``)."""
   x = raw / gain
@@ -193,7 +205,7 @@ def _slice_curves(raw, gain, pool_idx, pool_ok, tissue, s_blood, c_blood, s_myo,
   for v in range(s_blood.shape[0] if convert else 1):
     px = _to_concentration(pool_signal, base_of(pool_signal), s_blood[v], c_blood[v]) \
         if convert else pool
-    pure = _purity(px, ok)
+    pure = _purity(px, ok, pool_idx, hw)
     aif = _masked_mean(px, pure[:, None] & jnp.isfinite(px), 0)
     aif = aif if convert else floor(aif)
     cur = _to_concentration(sector, base_of(sector), s_myo[v], c_myo[v]) if convert else sector
@@ -207,10 +219,10 @@ def _slice_curves(raw, gain, pool_idx, pool_ok, tissue, s_blood, c_blood, s_myo,
               n_pure=n_pure, n_baseline=b, pool_finite=pool_finite)
 
 
-@functools.partial(jax.jit, static_argnames=("convert", "n_sec"))
+@functools.partial(jax.jit, static_argnames=("convert", "n_sec", "hw"))
 def _curves(raw_npt, gain_nt, pool_idx, pool_ok, tissue_np, s_blood, c_blood, s_myo, c_myo, *,
-            convert: bool, n_sec: int):
-  return jax.vmap(functools.partial(_slice_curves, convert=convert, n_sec=n_sec))(
+            convert: bool, n_sec: int, hw):
+  return jax.vmap(functools.partial(_slice_curves, convert=convert, n_sec=n_sec, hw=hw))(
       raw_npt, gain_nt, pool_idx, pool_ok, tissue_np, s_blood, c_blood, s_myo, c_myo)
 
 
@@ -327,7 +339,7 @@ def _curves_into(results, raw_d, gain, slices, slots, geometries, sequences, siz
     s_blood = c_blood = s_myo = c_myo = jnp.zeros((size, 1, 2), jnp.float32)
   res = _curves(raw_d, jnp.asarray(gain), jnp.asarray(pool_idx), jnp.asarray(pool_ok),
                 jnp.asarray(tissue), s_blood, c_blood, s_myo, c_myo, convert=convert,
-                n_sec=n_sec)
+                n_sec=n_sec, hw=tuple(geometries[slices[0]]["lv"].shape))
   res = {k: np.asarray(v, np.float64) for k, v in res.items()}
   for k, i in zip(slots, slices):
     if "error" in results[k]:

@@ -18,6 +18,7 @@ from perfjax import physics
 from perfjax import sectors as sectors_lib
 from perfjax.bolus import baseline_frames, check_curve, first_pass_window, foot_and_peak
 from perfjax.errors import InputError
+from perfjax.neighbours import neighbour_mean, neighbour_sum
 
 SEQUENCE_KEYS = ("protocol", "ts", "tr", "flip_deg", "n_pulses", "t1_blood", "t2_blood",
                  "t1_myo", "t2_myo")
@@ -128,21 +129,35 @@ def amplification_at_peak(aif, signal, base: float, sequence: dict) -> float:
 
 
 AIF_PURITY = 0.9  # the blood-purity rule's fraction (see blood_purity)
+MIN_POOL_NEIGHBOURS = 3  # pool neighbours a pixel needs for its neighbours to judge it
+OWN_FLOOR = 0.5  # a pixel whose own enhancement is below this x the reference is never blood
 POOL_NOT_FINITE = "NaN or Inf in the LV blood pool signal"
 
 
-def blood_purity(curves, purity: float = AIF_PURITY, foot_frac: float = 0.1) -> np.ndarray:
+def blood_purity(curves, purity: float = AIF_PURITY, foot_frac: float = 0.1,
+                 pool=None) -> np.ndarray:
   """Blood-purity rule on a pool's pixel curves [P, T] -> bool [P] (the pure blood pixels).
 
-  Rule: a pixel's enhancement is its value at the pool's peak frame (the argmax of the pool's
-  mean curve) minus its mean over the pre-contrast frames (:func:`baseline_frames` of the
-  mean curve); a pixel is blood when its enhancement is at least ``purity`` (0.9) x the 90th
-  percentile of the pool's enhancements. A pixel with a fraction f of blood and 1 - f of
-  myocardium or papillary muscle enhances about f x as much (linear mixing of signal or of
-  concentration), so the rule keeps pixels with at most ~10 % of other tissue; the 90th
-  percentile, not the maximum, keeps one noisy pixel from setting the bar. All pixels are
-  kept when fewer than 4 pass. Pass concentration when the sequence is known (per-pixel
-  conversion), else signal.
+  A pixel's enhancement is its value at the pool's peak frame (the argmax of the pool's mean
+  curve) minus its mean over the pre-contrast frames (:func:`baseline_frames` of the mean
+  curve). A pixel with a fraction f of blood and 1 - f of myocardium or papillary muscle
+  enhances about f x as much (linear mixing of signal or of concentration), so a bar at
+  ``purity`` (0.9) x the 90th percentile of the pool keeps pixels with at most ~10 % of other
+  tissue; the 90th percentile, not the maximum, keeps one noisy pixel from setting the bar.
+
+  With ``pool`` (bool [H, W], True at the curves' pixels in row-major order) the bar is put to
+  each pixel's neighbours' enhancement (their mean over its 8 neighbours in the pool, itself
+  left out; pixels with at least ``MIN_POOL_NEIGHBOURS``), and its own enhancement need only
+  pass ``OWN_FLOOR`` x the pool's 90th percentile (a papillary pixel amid blood). Chosen by
+  their own values, the kept pixels are those whose noise went the rule's way, at the peak and
+  in the baseline that sets each pixel's M0; near saturation that noise is many times larger
+  in concentration, and the AIF's peak came out +50 % high on the phantom's slices
+  (benchmarks/RESULTS.md). A pixel with some tissue amid pure blood can pass by its neighbours,
+  so the pool should be one whose boundary was eroded away (`curve_geometry`'s). Without
+  ``pool`` (an AIF series: a small, coarse pool, not eroded, far from saturation), or when
+  fewer than 4 pixels have enough neighbours, the bar is put to the pixel's own enhancement.
+  All pixels are kept when fewer than 4 pass. Pass concentration when the sequence is known
+  (per-pixel conversion), else signal.
   """
   c = np.asarray(curves, np.float64)
   curve = np.nanmean(c, axis=0)
@@ -151,9 +166,32 @@ def blood_purity(curves, purity: float = AIF_PURITY, foot_frac: float = 0.1) -> 
   foot, peak, _ = foot_and_peak(curve, foot_frac)
   b = max(foot, 1)
   enh = c[:, peak] - c[:, :b].mean(axis=1)
+  own = np.nan_to_num(enh, nan=-np.inf)
   ref = np.nanpercentile(enh, 90)
-  keep = np.nan_to_num(enh, nan=-np.inf) >= purity * ref
-  return keep if keep.sum() >= 4 and ref > 0 else np.ones(c.shape[0], bool)
+  keep, bar = own >= purity * ref, ref
+  near = _neighbour_enhancement(enh, pool)
+  if near is not None and np.isfinite(near).sum() >= 4:
+    bar = np.percentile(near[np.isfinite(near)], 90)
+    keep = (np.nan_to_num(near, nan=-np.inf) >= purity * bar) & (own >= OWN_FLOOR * ref)
+  return keep if keep.sum() >= 4 and ref > 0 and bar > 0 else np.ones(c.shape[0], bool)
+
+
+def _neighbour_enhancement(enh, pool):
+  """[P] the mean enhancement of each pool pixel's pool neighbours (NaN for fewer than
+  MIN_POOL_NEIGHBOURS with a finite one); None without ``pool``."""
+  if pool is None:
+    return None
+  pool = np.asarray(pool, bool)
+  if pool.ndim != 2 or pool.sum() != enh.size:
+    raise InputError("pool", f"expected [H, W] with {enh.size} pixels set, got shape "
+                     f"{pool.shape} with {int(pool.sum())}")
+  valid = np.zeros(pool.shape, bool)
+  valid[pool] = np.isfinite(enh)
+  grid = np.zeros(pool.shape + (1,))
+  grid[pool, 0] = np.nan_to_num(enh)
+  count = neighbour_sum(valid[..., None].astype(np.float64))[..., 0][pool]
+  mean = neighbour_mean(grid, valid)[..., 0][pool]
+  return np.where(count >= MIN_POOL_NEIGHBOURS, mean, np.nan)
 
 
 def aif_from_series(image, pd, sequence: dict, pool=None, *, purity: float = AIF_PURITY,
@@ -311,7 +349,7 @@ def curves_per_sequence(raw, geometry: dict, sequences: list, *, foot_frac: floa
       px = pool
     else:  # per pixel, before averaging (the inverse is non-linear)
       px = signal_to_concentration(pool_signal, b, sequence, "blood")
-    pure = blood_purity(px, blood_frac, foot_frac)
+    pure = blood_purity(px, blood_frac, foot_frac, pool=geometry["lv"])
     blood = floor(pool[pure].mean(axis=0))  # the pool's signal: what partial volume adds
     aif = np.nanmean(px[pure], axis=0)
     if sequence is None:  # signal: the floor of the pool's mean curve

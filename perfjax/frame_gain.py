@@ -52,6 +52,7 @@ import numpy as np
 from scipy import ndimage, signal
 
 from perfjax import conventions
+from perfjax.neighbours import neighbour_mean, neighbour_sum
 from perfjax.errors import InputError
 
 HEART_MARGIN_PX = 6
@@ -150,24 +151,6 @@ def frame_gain(raw_hwt, mask_hw, times) -> dict:
                        np.median(log_rel[flat & ~even], axis=0))
   return verdict(n_t, int(region.sum()), int(body.sum()), int(flat.sum()), z, log_g, lv, times,
                  noise, heart_rough(raw[mask == conventions.MYOCARDIUM]))
-
-
-def neighbour_sum(values_hwc) -> np.ndarray:
-  """[H, W, C] the sum of each pixel's 8 neighbours (zero beyond the image)."""
-  padded = np.pad(np.asarray(values_hwc, np.float64), ((1, 1), (1, 1), (0, 0)))
-  h, w = padded.shape[0] - 2, padded.shape[1] - 2
-  return sum(padded[1 + dr:1 + dr + h, 1 + dc:1 + dc + w]
-             for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc)
-
-
-def neighbour_mean(values_hwc, valid_hw) -> np.ndarray:
-  """[H, W, C] the mean of ``values_hwc`` over each pixel's ``valid_hw`` neighbours (itself
-  left out); NaN where none is valid."""
-  valid = np.asarray(valid_hw, np.float64)[..., None]
-  total = neighbour_sum(np.where(valid > 0, values_hwc, 0.0))
-  count = neighbour_sum(valid)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(count > 0, total / count, np.nan)
 
 
 def rough_matrix(n_frames: int) -> np.ndarray:

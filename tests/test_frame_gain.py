@@ -64,19 +64,6 @@ def test_a_slow_gain_under_noisy_tissue_is_not_shrunk_towards_the_first_estimate
   assert np.std(err) < 0.003
 
 
-def test_neighbour_mean_by_hand():
-  values = np.arange(9.0).reshape(3, 3, 1)
-  valid = np.ones((3, 3), bool)
-  valid[0, 0] = False
-  mean = fg.neighbour_mean(values, valid)[..., 0]
-  assert mean[1, 1] == pytest.approx((1 + 2 + 3 + 5 + 6 + 7 + 8) / 7)  # itself and (0, 0) out
-  assert mean[0, 0] == pytest.approx((1 + 3 + 4) / 3)
-  assert mean[2, 2] == pytest.approx((4 + 5 + 7) / 3)
-  assert np.isnan(fg.neighbour_mean(values, np.zeros((3, 3), bool))).all()
-  np.testing.assert_array_equal(fg.neighbour_sum(np.ones((3, 3, 1)))[..., 0],
-                                [[3, 5, 3], [5, 8, 5], [3, 5, 3]])
-
-
 def test_a_change_of_the_tissue_outside_the_heart_alone_is_not_taken_for_gain():
   rng = np.random.default_rng(0)
   raw, mask = _slice(rng)

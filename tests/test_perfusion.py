@@ -6,7 +6,7 @@ import pytest
 from scipy import signal
 
 from perfjax import bolus, fermi, fermi_model
-from perfjax import perfusion, physics
+from perfjax import neighbours, perfusion, physics
 from perfjax.errors import InputError
 
 # A non-uniform 26-frame acquisition (about one frame per 0.9 s heartbeat, jittered).
@@ -343,6 +343,19 @@ def test_a_fit_the_curve_does_not_determine_is_uncertain_not_a_value():
   assert "standard error" in perfusion.REASONS[perfusion.UNCERTAIN]
 
 
+def test_neighbour_mean_by_hand():
+  values = np.arange(9.0).reshape(3, 3, 1)
+  valid = np.ones((3, 3), bool)
+  valid[0, 0] = False
+  mean = neighbours.neighbour_mean(values, valid)[..., 0]
+  assert mean[1, 1] == pytest.approx((1 + 2 + 3 + 5 + 6 + 7 + 8) / 7)  # itself and (0, 0) out
+  assert mean[0, 0] == pytest.approx((1 + 3 + 4) / 3)
+  assert mean[2, 2] == pytest.approx((4 + 5 + 7) / 3)
+  assert np.isnan(neighbours.neighbour_mean(values, np.zeros((3, 3), bool))).all()
+  np.testing.assert_array_equal(neighbours.neighbour_sum(np.ones((3, 3, 1)))[..., 0],
+                                [[3, 5, 3], [5, 8, 5], [3, 5, 3]])
+
+
 def test_blood_purity_rule_on_a_hand_made_pool():
   """Pure blood pixels pass; 70 % blood / 30 % myocardium partial-volume pixels and a
   papillary muscle do not."""
@@ -354,6 +367,31 @@ def test_blood_purity_rule_on_a_hand_made_pool():
   papillary = np.repeat(myo[None], 3, 0)
   keep = perfusion.blood_purity(np.concatenate([pure, mixed, papillary]))
   assert keep[:20].all() and not keep[20:].any()
+
+
+def test_blood_purity_judged_by_neighbours_keeps_no_noise_and_no_partial_volume():
+  """With the pool's positions, a pixel is judged by its neighbours' enhancement: the kept
+  pixels' peak is not lifted by their own noise (the own rule's is), and half-blood edge
+  pixels and a papillary muscle amid the blood are still left out."""
+  rng = np.random.default_rng(0)
+  pool = np.ones((20, 20), bool)
+  fraction = np.ones((20, 20))
+  fraction[[0, -1], :] = fraction[:, [0, -1]] = 0.5  # partial volume with the myocardium
+  fraction[9:11, 9:11] = 0.0  # a papillary muscle
+  myo = _tissue(2.0, 3.0, 0.6, 0.5)
+  truth = fraction[..., None] * AIF + (1.0 - fraction[..., None]) * myo
+  curves = (truth + 0.08 * AIF.max() * rng.standard_normal(truth.shape))[pool]
+  peak = int(np.argmax(AIF))
+  by_own = perfusion.blood_purity(curves)
+  by_neighbours = perfusion.blood_purity(curves, pool=pool)
+  mixed = (fraction < 1.0)[pool]
+  assert not by_neighbours[mixed].any()
+  assert by_neighbours.sum() >= 0.5 * (~mixed).sum()
+  lift = lambda keep: curves[keep, peak].mean() / AIF[peak] - 1.0  # noqa: E731
+  assert lift(by_own) > 0.03
+  assert abs(lift(by_neighbours)) < 0.01
+  with pytest.raises(InputError, match="pool"):
+    perfusion.blood_purity(curves, pool=pool[:10])
 
 
 def test_study_aif_skips_a_flagged_slice_and_tiny_pools():
