@@ -82,7 +82,6 @@ def _baseline_frames(curve, foot_frac: float = 0.1):
   return jnp.maximum(jnp.max(jnp.where(below, idx, 0)), 1), peak
 
 
-# ----------------------------------------------------------------------------- frame gain
 def _neighbour_sum(values_pc, hw):
   """`neighbours.neighbour_sum` of pixels [P, C] (P = H x W, row-major)."""
   h, w = hw
@@ -91,6 +90,7 @@ def _neighbour_sum(values_pc, hw):
              for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc).reshape(h * w, -1)
 
 
+# ----------------------------------------------------------------------------- frame gain
 def _gain_measurements(raw, outside, lv_full, proj, hw):
   """`frame_gain.frame_gain`'s measurements of one slice [P, T] (P = H x W): the log gain [T],
   the region, body and flat pixel counts, the LV blood pool's mean curve [T] and the noise of

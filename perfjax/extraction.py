@@ -18,7 +18,7 @@ from perfjax import physics
 from perfjax import sectors as sectors_lib
 from perfjax.bolus import baseline_frames, check_curve, first_pass_window, foot_and_peak
 from perfjax.errors import InputError
-from perfjax.neighbours import neighbour_mean, neighbour_sum
+from perfjax.neighbours import neighbour_sum
 
 SEQUENCE_KEYS = ("protocol", "ts", "tr", "flip_deg", "n_pulses", "t1_blood", "t2_blood",
                  "t1_myo", "t2_myo")
@@ -185,12 +185,13 @@ def _neighbour_enhancement(enh, pool):
   if pool.ndim != 2 or pool.sum() != enh.size:
     raise InputError("pool", f"expected [H, W] with {enh.size} pixels set, got shape "
                      f"{pool.shape} with {int(pool.sum())}")
-  valid = np.zeros(pool.shape, bool)
-  valid[pool] = np.isfinite(enh)
+  valid = np.zeros(pool.shape + (1,))
+  valid[pool, 0] = np.isfinite(enh)
   grid = np.zeros(pool.shape + (1,))
   grid[pool, 0] = np.nan_to_num(enh)
-  count = neighbour_sum(valid[..., None].astype(np.float64))[..., 0][pool]
-  mean = neighbour_mean(grid, valid)[..., 0][pool]
+  count = neighbour_sum(valid)[pool, 0]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    mean = neighbour_sum(grid)[pool, 0] / count
   return np.where(count >= MIN_POOL_NEIGHBOURS, mean, np.nan)
 
 

@@ -52,8 +52,8 @@ import numpy as np
 from scipy import ndimage, signal
 
 from perfjax import conventions
-from perfjax.neighbours import neighbour_mean, neighbour_sum
 from perfjax.errors import InputError
+from perfjax.neighbours import neighbour_mean, neighbour_sum
 
 HEART_MARGIN_PX = 6
 BODY_LEVEL = 0.05
