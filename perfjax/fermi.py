@@ -41,7 +41,8 @@ REASONS = {
     NOT_CONVERGED: "solver did not converge (cost and MBF still moving after the retry pass)",
     POOR_FIT: "fit explains too little of the curve (r2 < min_r2)",
     IMPLAUSIBLE: "MBF above max_mbf: not physiological (e.g. a curve corrupted by motion)",
-    UNCERTAIN: "MBF standard error above max_rel_se of the MBF: the curve does not determine it",
+    UNCERTAIN: "MBF standard error above max_rel_se of the MBF (of its slice's median sector MBF "
+               "in a slice's fit): the curve does not determine it",
 }
 MIN_WINDOW = 6
 
@@ -173,7 +174,7 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
               tau_max: float = 4.0, n_iter: int = 30, n_starts: int = 1,
               min_r2: float = 0.5, snr_min: float = 3.0, foot_frac: float = 0.1,
               max_mbf: float = 10.0, max_rel_se: float = 0.5, retry_iter: int = 3,
-              aif_lead=0.0, spill=None) -> dict:
+              aif_lead=0.0, spill=None, se_groups=None) -> dict:
   """Fermi-constrained deconvolution of many tissue curves in one jitted, vmapped solve.
 
   Args:
@@ -201,6 +202,11 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
       contrast) give MBF errors skewed upwards, by +24-45 % in the median once the standard
       error passes 40 % (benchmarks/RESULTS.md, issue 13), which a slice mean would carry.
       None turns the rule off.
+    se_groups: None or int [N]: curves with the same value (the sectors of one slice) judge
+      their standard error against their group's median MBF over the curves that passed every
+      other check, not against their own. Judged against its own noisy value, a low estimate
+      (a perfusion defect's, or a low draw of noise) was dropped and a high one of the same
+      error kept, and the slice mean went up with it (benchmarks/RESULTS.md).
     retry_iter: curves that have not converged after ``n_iter`` iterations (see the rule at
       ``COST_RTOL``; typically a slow crawl of w towards 0 or along the w-k valley) are
       fitted again from where they stopped, with ``retry_iter * n_iter`` iterations, in
@@ -361,7 +367,8 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   reason = np.where((reason == 0) & ~(r2 >= min_r2), POOR_FIT, reason)
   reason = np.where((reason == 0) & ~(mbf <= max_mbf), IMPLAUSIBLE, reason)
   if max_rel_se is not None:
-    reason = np.where((reason == 0) & ~(mbf_se <= max_rel_se * mbf), UNCERTAIN, reason)
+    reference = mbf if se_groups is None else _group_median(mbf, reason == 0, se_groups)
+    reason = np.where((reason == 0) & ~(mbf_se <= max_rel_se * reference), UNCERTAIN, reason)
   ok = reason == 0
   pick = lambda x: np.where(ok, x, np.nan)  # noqa: E731
   v = out["spill"].astype(np.float64) * c_scale / sp_scale if spill is not None else np.nan
@@ -371,6 +378,25 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
               rmse=pick(out["rmse_norm"] * c_scale), window=win, reasons=dict(REASONS),
               n_retried=n_retried,
               timing=dict(total_s=time.perf_counter() - t_start, solve_s=t_solve))
+
+
+def _group_median(values, valid, groups) -> np.ndarray:
+  """[N] the median of ``values`` over the ``valid`` members of each curve's group (NaN for a
+  group without one)."""
+  groups = np.asarray(groups)
+  if groups.shape != values.shape or not np.issubdtype(groups.dtype, np.integer):
+    raise InputError("se_groups", f"expected integers of shape {values.shape}, got "
+                     f"{groups.dtype} {groups.shape}")
+  labels, inv = np.unique(groups, return_inverse=True)
+  medians = np.full(labels.size, np.nan)
+  order = np.argsort(inv, kind="stable")
+  starts = np.searchsorted(inv[order], np.arange(labels.size + 1))
+  for j in range(labels.size):
+    rows = order[starts[j]:starts[j + 1]]
+    kept = values[rows][valid[rows]]
+    if kept.size:
+      medians[j] = np.median(kept)
+  return medians[inv]
 
 
 RETRY_BLOCK = 8  # rows of one group per block of the retry pass

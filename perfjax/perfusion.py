@@ -129,7 +129,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       the two agree to float32's precision. Default: on an accelerator (JAX's default backend
       is not the CPU), where the numpy loop would leave the device idle, for at least
       VECTORISE_MIN_SLICES slices.
-    **fit_kwargs: passed to :func:`fit_fermi`.
+    **fit_kwargs: passed to :func:`fit_fermi`; its ``se_groups`` defaults to the slices (each
+      sector's standard error judged against its slice's median sector MBF).
 
   AIF choice (``aif_source`` [N], a reason per slice): "series" (the AIF series, read out
   at another moment of each beat than the slice: its samples are placed ``lead_s`` earlier,
@@ -274,7 +275,7 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                   np.repeat(np.tile(times, (n_v, 1)), 48, axis=0),
                   aif_lead=np.repeat(np.tile(lead, n_v), 48),
                   spill=np.repeat(np.tile(blood, (n_v, 1)), 48, axis=0) if spill_over else None,
-                  **fit_kwargs)
+                  **{"se_groups": np.repeat(np.arange(n_v * n), 48), **fit_kwargs})
   mbf_all = fit["mbf"].reshape(n_v, n, 48)
   mbf48 = mbf_all[0]
   nan = np.full(n, np.nan)

@@ -343,6 +343,33 @@ def test_a_fit_the_curve_does_not_determine_is_uncertain_not_a_value():
   assert "standard error" in perfusion.REASONS[perfusion.UNCERTAIN]
 
 
+@pytest.mark.xdist_group("fermi_three_curves")
+def test_a_sectors_standard_error_is_judged_against_its_slices_median_with_se_groups():
+  """se_groups: a low-flow sector (a defect) whose standard error is large beside its own MBF
+  but small beside its slice's median stays a value; a sector whose error is large beside the
+  slice's median is still UNCERTAIN; each group has its own median."""
+  rng = np.random.default_rng(7)
+  normal, defect = _tissue(3.0, 3.0, 0.6, 0.5), _tissue(0.6, 6.0, 0.8, 0.5)
+  curves = np.stack([normal + rng.normal(0, 0.005 * normal.max(), normal.size) for _ in range(4)]
+                    + [defect + rng.normal(0, 0.1 * defect.max(), normal.size),
+                       normal + rng.normal(0, 0.15 * normal.max(), normal.size)])
+  kept = perfusion.fit_fermi(AIF, curves, TIMES, max_rel_se=None)
+  se, median = kept["mbf_se"], np.median(kept["mbf"])
+  assert kept["ok"].all()
+  assert se[4] / kept["mbf"][4] > 0.25 and se[4] / median < 0.1 < 0.3 < se[5] / median
+  assert (se[:4] / kept["mbf"][:4]).max() < 0.1
+  own = perfusion.fit_fermi(AIF, curves, TIMES, max_rel_se=0.2)
+  grouped = perfusion.fit_fermi(AIF, curves, TIMES, max_rel_se=0.2, se_groups=np.zeros(6, int))
+  assert list(own["reason"][4:]) == [perfusion.UNCERTAIN] * 2
+  assert grouped["ok"][:5].all() and grouped["reason"][5] == perfusion.UNCERTAIN
+  assert grouped["mbf"][4] == kept["mbf"][4]
+  alone = perfusion.fit_fermi(AIF, curves, TIMES, max_rel_se=0.2,
+                              se_groups=np.array([0, 0, 0, 0, 1, 0]))
+  assert alone["reason"][4] == perfusion.UNCERTAIN  # a group of its own: its own MBF
+  with pytest.raises(InputError, match="se_groups"):
+    perfusion.fit_fermi(AIF, curves, TIMES, se_groups=np.zeros(5, int))
+
+
 def test_neighbour_mean_by_hand():
   values = np.arange(9.0).reshape(3, 3, 1)
   valid = np.ones((3, 3), bool)
