@@ -247,6 +247,11 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   if curves.ndim != 2 or curves.shape[0] == 0:
     raise InputError("curves", f"expected [N, T] with N >= 1, got shape {curves.shape}")
   n, t = curves.shape
+  if se_groups is not None:
+    se_groups = np.asarray(se_groups)
+    if se_groups.shape != (n,) or not np.issubdtype(se_groups.dtype, np.integer):
+      raise InputError("se_groups", f"expected integers of shape ({n},), got "
+                       f"{se_groups.dtype} {se_groups.shape}")
   aifs = _as_2d(aif, n, t, "aif")
   tms = _as_2d(times, n, t, "times")
   if aif_model not in ("linear", "cubic", "gamma"):
@@ -383,10 +388,6 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
 def _group_median(values, valid, groups) -> np.ndarray:
   """[N] the median of ``values`` over the ``valid`` members of each curve's group (NaN for a
   group without one)."""
-  groups = np.asarray(groups)
-  if groups.shape != values.shape or not np.issubdtype(groups.dtype, np.integer):
-    raise InputError("se_groups", f"expected integers of shape {values.shape}, got "
-                     f"{groups.dtype} {groups.shape}")
   labels, inv = np.unique(groups, return_inverse=True)
   medians = np.full(labels.size, np.nan)
   order = np.argsort(inv, kind="stable")
