@@ -158,10 +158,10 @@ def _purity(c, ok, pool_idx, hw):
   valid = ok & jnp.isfinite(enh)
   ref = masked_quantile(enh, valid, 0.9)
   own = jnp.where(jnp.isnan(enh), -jnp.inf, enh)
-  on_grid = lambda v: jnp.zeros((hw[0] * hw[1], 1), c.dtype).at[pool_idx, 0].add(v)  # noqa: E731
-  count = _neighbour_sum(on_grid(valid.astype(c.dtype)), hw)[pool_idx, 0]
-  near = _neighbour_sum(on_grid(jnp.where(valid, enh, 0.0)), hw)[pool_idx, 0] / jnp.maximum(
-      count, 1.0)
+  pairs = jnp.stack([valid.astype(c.dtype), jnp.where(valid, enh, 0.0)], -1)  # [Q, 2]
+  grid = jnp.zeros((hw[0] * hw[1], 2), c.dtype).at[pool_idx].add(pairs)
+  count, total = _neighbour_sum(grid, hw)[pool_idx].T
+  near = total / jnp.maximum(count, 1.0)
   judged = ok & (count >= MIN_POOL_NEIGHBOURS)
   by_neighbours = judged.sum() >= 4
   bar = jnp.where(by_neighbours, masked_quantile(near, judged, 0.9), ref)

@@ -185,13 +185,11 @@ def _neighbour_enhancement(enh, pool):
   if pool.ndim != 2 or pool.sum() != enh.size:
     raise InputError("pool", f"expected [H, W] with {enh.size} pixels set, got shape "
                      f"{pool.shape} with {int(pool.sum())}")
-  valid = np.zeros(pool.shape + (1,))
-  valid[pool, 0] = np.isfinite(enh)
-  grid = np.zeros(pool.shape + (1,))
-  grid[pool, 0] = np.nan_to_num(enh)
-  count = neighbour_sum(valid)[pool, 0]
+  grid = np.zeros(pool.shape + (2,))  # (valid, enhancement) of each pool pixel
+  grid[pool] = np.stack([np.isfinite(enh), np.nan_to_num(enh)], axis=-1)
+  count, total = neighbour_sum(grid)[pool].T
   with np.errstate(invalid="ignore", divide="ignore"):
-    mean = neighbour_sum(grid)[pool, 0] / count
+    mean = total / count
   return np.where(count >= MIN_POOL_NEIGHBOURS, mean, np.nan)
 
 
