@@ -92,8 +92,9 @@ def dice_table(pred_masks, gt_masks, geometry: str = "gt") -> dict:
   """Whole-slice, 6-sector and 12-sector myocardium Dice of N slices [N, H, W].
 
   Returns dict(whole [N], sector6 [N], sector12 [N], ok [N] bool, problems [N] (str or
-  None), mean=dict(whole, sector6, sector12)) where the means skip NaN slices (a flagged
-  slice is counted in ``ok``, not in the means). A ground-truth slice without usable
+  None), mean=dict(whole, sector6, sector12)) where each mean skips the slices whose value
+  is NaN: a slice flagged in ``ok`` still counts in every mean it has a value for (e.g. its
+  6-sector Dice when only the 12-sector one failed). A ground-truth slice without usable
   geometry is flagged the same way (its whole-slice Dice is still computed).
   """
   pred_masks, gt_masks = _pair(pred_masks, gt_masks, ("pred_masks", "gt_masks"))

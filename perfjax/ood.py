@@ -40,7 +40,9 @@ def label_sets(config, split: dict, mbf: dict) -> dict[str, np.ndarray]:
 
   ``motion``: the phantom's record that motion correction failed. ``mbf_patch2`` (the paper's)
   needs a trained patch2-UNet (eval.patch2_workdir): its slice MBF differing from the
-  ground-truth-mask MBF by more than eval.ood_tolerance (the paper's 5 %) marks a slice OOD.
+  ground-truth-mask MBF by more than eval.ood_tolerance (the paper's 5 %) marks a slice OOD,
+  and so does a slice where either MBF could not be computed (NaN), since its MBF cannot be
+  shown to agree.
   """
   sets = {}
   if "motion" in split and np.asarray(split.get("has_truth", True)).all():

@@ -54,7 +54,8 @@ def bland_altman(a, b, z: float = LOA_Z) -> dict:
 
   Returns dict(mean, sd, loa_low, loa_high, n, n_dropped): the mean difference (bias), its
   sample standard deviation (ddof = 1), the limits of agreement ``mean -+ z * sd``, the
-  number of pairs used and the number dropped for NaN/Inf. NaN statistics with < 2 pairs.
+  number of pairs used and the number dropped for NaN/Inf. With one pair only the mean is a
+  number (sd and limits NaN); with none, all four are NaN.
   """
   a, b, dropped = finite_pairs(a, b, "a", "b")
   d = a - b
