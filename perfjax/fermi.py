@@ -51,6 +51,10 @@ DV = 0.2  # s, fit_fermi's default step of the convolution integral (see `perfja
 # slightly different times (predict fits one slice at a time) share a compiled solve; the
 # response at a time depends only on the AIF before it, so the extra points change no fit.
 COARSE_BUCKET = 8
+# Longest fitted span (s) from a group's first fitted frame: a first pass lasts about a minute;
+# far longer spans are times in ms, and the convolution grid would grow with them (its memory
+# with their square).
+MAX_FIT_SPAN_S = 600.0
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -279,6 +283,9 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   origin = np.where(np.isfinite(origin), origin, 0.0)
   span = np.where(win, tms - origin[inv][:, None], 0.0)
   t_end = max(float(np.max(span)), h)
+  if t_end > MAX_FIT_SPAN_S:
+    raise InputError("times", f"the fitted frames span {t_end:.4g} s (at most "
+                              f"{MAX_FIT_SPAN_S:g} s): frame times must be in seconds")
   n_coarse = -(-(int(np.ceil(t_end / h)) + 5) // COARSE_BUCKET) * COARSE_BUCKET
   v = np.arange((n_coarse - 3) * ratio + 1) * dv
   aif_v, a_scale = _aifs_on_grid(g, v, origin, aif_model, foot_frac)

@@ -69,9 +69,9 @@ from perfjax.data import writers
 from perfjax.errors import InputError
 from perfjax.fast_unet import UNetPredictor
 from perfjax.inputs import model_inputs
-from perfjax.predict_files import (check_output, clear_previous, display_name, error_message,
-                                   file_name, input_entries, prepared, read_input,
-                                   split_slices, unique_ids)
+from perfjax.predict_files import (CROP_FILES, INPUT_GRID_FILES, check_output, clear_previous,
+                                   display_name, error_message, file_name, foreign_entries,
+                                   input_entries, prepared, read_input, split_slices, unique_ids)
 
 SLICES_PER_STEP = 4  # Slices per sliding-window call between progress-bar updates.
 
@@ -141,8 +141,6 @@ EMPTY_SECTOR = "no myocardium pixels in the sector"
 # Study bullseyes, one file (and one colour scale) per unit: (units, file, colour-bar label).
 BULLSEYE_FILES = ((ABSOLUTE_UNITS, "bullseyes.png", "MBF (ml/g/min)"),
                   (RELATIVE_UNITS, "bullseyes_relative.png", "relative flow (uncalibrated)"))
-CROP_FILES = ("segmentation.nii.gz", "probabilities.nii.gz", "um.nii.gz")
-INPUT_GRID_FILES = ("segmentation_input.nii.gz", "probabilities_input.nii.gz", "um_input.nii.gz")
 
 
 PAPER_SCORE = conventions.PAPER_OOD_SCORE
@@ -492,17 +490,15 @@ def _write_slice(folder, s, seg, um, probs, one_minus_u, dice, sector, shown_sco
   pixel_mm = (1.0, 1.0)
   if s.get("pixel_mm") is not None and info is not None:
     pixel_mm = (s["pixel_mm"][0] / info["zoom"][0], s["pixel_mm"][1] / info["zoom"][1])
-  writers.write_nifti(os.path.join(folder, "segmentation.nii.gz"), seg, pixel_mm, affine=affine)
-  writers.write_nifti(os.path.join(folder, "probabilities.nii.gz"), probs, pixel_mm,
-                      affine=affine, channels=True)
-  writers.write_nifti(os.path.join(folder, "um.nii.gz"), um, pixel_mm, affine=affine)
+  outputs = ((seg, False, True), (probs, True, False), (um, False, False))  # channels, labels
+  for name, (array, channels, _) in zip(CROP_FILES, outputs):
+    writers.write_nifti(os.path.join(folder, name), array, pixel_mm, affine=affine,
+                        channels=channels)
   if grid is not None and info is not None:  # the same on the input's own voxels and affine
-    writers.write_on_grid(os.path.join(folder, "segmentation_input.nii.gz"),
-                          preprocess.to_original(seg, info, labels=True), grid)
-    writers.write_on_grid(os.path.join(folder, "probabilities_input.nii.gz"),
-                          preprocess.to_original(probs, info), grid, channels=True)
-    writers.write_on_grid(os.path.join(folder, "um_input.nii.gz"),
-                          preprocess.to_original(um, info), grid)
+    for name, (array, channels, labels) in zip(INPUT_GRID_FILES, outputs):
+      writers.write_on_grid(os.path.join(folder, name),
+                            preprocess.to_original(array, info, labels=labels), grid,
+                            channels=channels)
   try:  # the picture is a convenience: a plotting problem is a warning, not a lost slice
     panels.panel(os.path.join(folder, f"{s['id']}.png"), s["image"], seg, um, s["mask"],
                  f"{s['id']}: 1-U {one_minus_u:.3f}" +
@@ -520,7 +516,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   `input`: a NIfTI file, a folder (NIfTI files and/or DICOM series folders), or
   ``split:NAME`` for a split of the config's dataset (default ``split:test``). Outputs go to
   `output` (default WORKDIR/predictions), checked writable before anything is computed; an
-  earlier run's slice folders there are removed first. Per slice ``ID/``:
+  earlier run's outputs there are removed first (`clear_previous`). Per slice ``ID/``:
   ``segmentation.nii.gz``, ``probabilities.nii.gz`` (``[X, Y, 1, 1, 4]``, classes on the 5th
   dimension) and ``um.nii.gz`` on the 128 x 128 crop (their affine places the crop in the
   input's patient space), the same three as ``*_input.nii.gz`` on the input's own voxels with
@@ -533,7 +529,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   in the JSON the crop's geometry: box, spacing, frame start, crop-to-input transform, input
   affine), ``studies.json`` and ``bullseyes.png`` / ``bullseyes_relative.png`` when a study
   has slices of known level (`study_outputs`), and ``predict.log`` with the tracebacks of
-  failed files. Ids are the input names made safe and unique (`unique_ids`). Returns the rows.
+  failed files. Ids are the input names made safe and unique (`unique_ids`), never the name of
+  something already in `output` that predict did not write. Returns the rows.
   """
   workdir = os.path.abspath(workdir)
   output = os.path.abspath(output or os.path.join(workdir, "predictions"))
@@ -546,16 +543,20 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input: str | None, 
   model, variables = checkpoints.load_params(config, workdir, "best")
   threshold, threshold_source = ood_threshold(workdir, score)
   notes, log = [], []
+  others = foreign_entries(output)
   if input.startswith("split:"):
-    items = [("split", s) for s in split_slices(config, input.partition(":")[2])]
+    split = split_slices(config, input.partition(":")[2])
+    items = [("split", dict(s, id=slice_id))
+             for slice_id, s in zip(unique_ids([s["id"] for s in split], others), split)]
   else:
     entries, notes = input_entries(input, output)
     items = [("file", (slice_id, path, mask, index)) for slice_id, (_, path, mask, index) in
-             zip(unique_ids([n for n, _, _, _ in entries]), entries)]
-  others = clear_previous(output)
+             zip(unique_ids([n for n, _, _, _ in entries], others), entries)]
+  clear_previous(output)
   if others:
-    notes.append(f"{output} also holds {', '.join(others[:10])}" +
-                 (" ..." if len(others) > 10 else "") + " (not from predict; left alone)")
+    notes.append(f"{output} also holds {', '.join(display_name(n) for n in others[:10])}" +
+                 (" ..." if len(others) > 10 else "") +
+                 " (not from predict: left alone, and no slice takes these names)")
   rows, flows = [], {}
   for kind, item in tqdm(items, desc="predict", unit="slice"):
     if kind == "split":

@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import tempfile
 
 import numpy as np
@@ -28,6 +27,9 @@ from perfjax.errors import InputError
 
 RESERVED_NAMES = ("slices.json", "slices.csv", "predict.log", "studies.json", "bullseyes.png",
                   "bullseyes_relative.png")
+# A slice folder's files (and `ID.png`): on the 128 x 128 crop, and on the input's own voxels.
+CROP_FILES = ("segmentation.nii.gz", "probabilities.nii.gz", "um.nii.gz")
+INPUT_GRID_FILES = ("segmentation_input.nii.gz", "probabilities_input.nii.gz", "um_input.nii.gz")
 _ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 100
 
@@ -45,11 +47,13 @@ def safe_id(name: str) -> str:
   return text[:MAX_ID_LENGTH].rstrip(".") or "slice"
 
 
-def unique_ids(names: list[str]) -> list[str]:
+def unique_ids(names: list[str], occupied: list[str] = ()) -> list[str]:
   """`safe_id` of each name, collisions resolved deterministically: in the order given (the
   inputs' name order) the first keeps its id, the next get ``-2``, ``-3``, ...; case-insensitive
-  (so ids are distinct folders on every file system) and never an output's reserved name."""
-  taken = {n.lower() for n in RESERVED_NAMES}
+  (so ids are distinct folders on every file system), never an output's reserved name and
+  never one of ``occupied`` (`foreign_entries`: what the output folder holds that no earlier
+  predict run wrote, so that a run neither writes into nor, rerun, removes it)."""
+  taken = {n.lower() for n in RESERVED_NAMES} | {n.lower() for n in occupied}
   out = []
   for name in names:
     base = safe_id(name)
@@ -108,9 +112,14 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
                   if p.name.startswith(".") and (nifti.is_nifti(p) or p.is_dir()))
   if hidden:
     notes.append(f"skipped hidden entries (names starting with '.'): {', '.join(hidden)}")
+  others = [display_name(n) for n in data_io.not_slices(root, npz=False)]
+  if others:
+    notes.append(f"skipped {len(others)} file(s) that are not inputs: {', '.join(others[:10])}" +
+                 (" ..." if len(others) > 10 else "") + " (a DICOM series is read from its own "
+                 "sub-folder; predict reads NIfTI files and such folders)")
   if not entries:
     raise InputError(display_name(root), "holds no NIfTI file (.nii/.nii.gz) and no DICOM "
-                                         "series folder")
+                                         "series folder" + (f" ({notes[-1]})" if others else ""))
   return entries, notes
 
 
@@ -205,23 +214,46 @@ def split_slices(config, split_name: str) -> list[dict]:
 
 
 def _previous_ids(output: str) -> list[str]:
+  """The ids of the slices an earlier run in `output` wrote (its slices.json; not the failed)."""
   path = os.path.join(output, "slices.json")
   try:
     with open(path) as f:
-      return [str(r["id"]) for r in json.load(f).get("slices", []) if r.get("id")]
+      return [str(r["id"]) for r in json.load(f).get("slices", [])
+              if r.get("id") and r.get("status") != "failed"]
   except (OSError, ValueError, AttributeError, TypeError, KeyError):
     return []
 
 
-def clear_previous(output: str) -> list[str]:
-  """Removes the slice folders and tables of an earlier predict run in `output` (those its
-  slices.json lists), so the folder ends with exactly the new run's files. Returns the other
-  entries found there (left alone)."""
-  for slice_id in _previous_ids(output):
+def _previous_folders(output: str) -> list[str]:
+  """The slice folders of an earlier predict run in `output` (those its slices.json lists)."""
+  return [i for i in _previous_ids(output) if safe_id(i) == i and
+          os.path.isdir(os.path.join(output, i)) and not os.path.islink(os.path.join(output, i))]
+
+
+def slice_files(slice_id: str) -> tuple[str, ...]:
+  """The names predict writes in a slice's folder."""
+  return CROP_FILES + INPUT_GRID_FILES + (f"{slice_id}.png",)
+
+
+def foreign_entries(output: str) -> list[str]:
+  """The names in `output` that no earlier predict run wrote (hidden ones aside), sorted."""
+  if not os.path.isdir(output):
+    return []
+  ours = set(_previous_folders(output)) | set(RESERVED_NAMES)
+  return sorted(n for n in os.listdir(output) if not n.startswith(".") and n not in ours)
+
+
+def clear_previous(output: str) -> None:
+  """Removes the slice folders and tables of an earlier predict run in `output`, so the folder
+  ends with exactly the new run's files and the `foreign_entries` it held. Only predict's own
+  files go: a slice folder that holds anything else keeps it (and stays)."""
+  for slice_id in _previous_folders(output):
     folder = os.path.join(output, slice_id)
-    if safe_id(slice_id) == slice_id and os.path.isdir(folder) and not os.path.islink(folder):
-      shutil.rmtree(folder)
+    for name in slice_files(slice_id):
+      if os.path.isfile(os.path.join(folder, name)):
+        os.unlink(os.path.join(folder, name))
+    if not os.listdir(folder):
+      os.rmdir(folder)
   for name in RESERVED_NAMES:
     if os.path.isfile(os.path.join(output, name)):
       os.unlink(os.path.join(output, name))
-  return sorted(display_name(n) for n in os.listdir(output) if not n.startswith("."))

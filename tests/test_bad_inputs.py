@@ -200,15 +200,19 @@ def test_bad_input_sweep_through_the_cli(workdir, sim, tmp_path, capsys):
       else:
         p.unlink()
   (out / "mine.txt").write_text("the user's own file")
+  (out / "broken").mkdir()  # the user's own folder, named like an input: never the slice's
+  (out / "broken" / "keep.txt").write_text("the user's own file")
   # In process (the CLI's exit status and summary are checked above): predict itself clears.
   capsys.readouterr()
-  again = predict.predict(_tiny_config(), str(workdir), str(folder), str(out))
-  assert predict.n_failed(again) == 1
-  assert sorted(p.name for p in out.iterdir()) == ["good", "mine.txt", "predict.log",
-                                                   "slices.csv", "slices.json"]
-  assert [r["id"] for r in json.loads((out / "slices.json").read_text())["slices"]] == [
-      "broken", "good"]
-  assert "mine.txt" in capsys.readouterr().out  # listed, left alone
+  for _ in range(2):  # and a second rerun never removes the user's folder
+    again = predict.predict(_tiny_config(), str(workdir), str(folder), str(out))
+    assert predict.n_failed(again) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["broken", "good", "mine.txt", "predict.log",
+                                                     "slices.csv", "slices.json"]
+    assert [r["id"] for r in json.loads((out / "slices.json").read_text())["slices"]] == [
+        "broken-2", "good"]
+    assert (out / "broken" / "keep.txt").read_text() == "the user's own file"
+    assert "mine.txt" in capsys.readouterr().out  # listed, left alone
 
 
 def test_unique_safe_ids():
@@ -217,6 +221,40 @@ def test_unique_safe_ids():
   assert ids == ["a.v1", "a.v1-2", "A.V1-3", "slice", "slice-2", "slice-3", "x", "slices.json-2",
                  "a_b", "cafxe9"]
   assert all(i and "/" not in i and not i.startswith(".") for i in ids)
+  assert predict_files.unique_ids(["good", "Good", "x"], occupied=["GOOD", "good-2"]) == [
+      "good-3", "Good-4", "x"]
+
+
+def test_input_folder_reads_nifti_in_any_case_and_names_what_it_skips(tmp_path):
+  for name in ("a.nii.gz", "B.NII.GZ", "a_mask.nii.gz", "a.json", "im0001.dcm", "notes.txt"):
+    (tmp_path / name).write_bytes(b"")
+  entries, notes = predict_files.input_entries(str(tmp_path), str(tmp_path / "out"))
+  assert [(name, path.name, mask and mask.name) for name, path, mask, _ in entries] == [
+      ("B", "B.NII.GZ", None), ("a", "a.nii.gz", "a_mask.nii.gz")]
+  assert notes == ["skipped 2 file(s) that are not inputs: im0001.dcm, notes.txt (a DICOM series "
+                   "is read from its own sub-folder; predict reads NIfTI files and such folders)"]
+  for name in ("a.nii.gz", "B.NII.GZ", "a_mask.nii.gz"):
+    (tmp_path / name).unlink()
+  with pytest.raises(InputError, match=r"holds no NIfTI file .* \(skipped 2 file\(s\) that are "
+                                       r"not inputs: im0001.dcm, notes.txt"):
+    predict_files.input_entries(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_foreign_entries_are_what_no_predict_run_wrote(tmp_path):
+  for name in ("a", "b", "c", "d"):
+    (tmp_path / name).mkdir()
+  for name in ("slices.csv", "notes.txt", ".hidden", "a/a.png", "a/um.nii.gz", "d/d.png",
+               "d/keep.txt"):
+    (tmp_path / name).write_text("")
+  (tmp_path / "slices.json").write_text(json.dumps({"slices": [
+      dict(id="a", status="ok"), dict(id="gone", status="ok"), dict(id="c", status="failed"),
+      dict(id="d", status="warning")]}))
+  # A failed slice has no folder: a folder of its name is the user's.
+  assert predict_files.foreign_entries(str(tmp_path)) == ["b", "c", "notes.txt"]
+  predict_files.clear_previous(str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "b", "c", "d", "notes.txt"]
+  assert [p.name for p in (tmp_path / "d").iterdir()] == ["keep.txt"]  # only predict's files go
+  assert predict_files.foreign_entries(str(tmp_path / "missing")) == []
 
 
 @pytest.mark.parametrize("how", ["file_parent", "readonly", "is_input"])

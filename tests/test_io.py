@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from perfjax.data import dicom, io, nifti, sidecar, writers
+from perfjax.data import dicom, grid, io, nifti, sidecar, writers
 from perfjax.errors import InputError
 
 H, W, T = 20, 24, 30
@@ -148,6 +148,9 @@ def _save_raw(path, data, dt=1.0):
     (np.ones((H, W, 1, 29), np.float32), 1.0, "29 time frames"),
     (np.full((H, W, 1, T), np.nan, np.float32), 1.0, "NaN/Inf"),
     (np.ones((H, W, 1, T), np.float32), 0.0, "no frame times"),
+    (np.ones((H, W, 1, T), np.float32), 800.0, "a median spacing of 800 looks like milliseconds"),
+    (np.ones((H, W, 3, 1), np.float32), 1.0, r"shape \[\d+, \d+, 3, 1\] is 3 slices of one time "
+                                             "frame each"),
 ])
 def test_bad_nifti_images(tmp_path, data, dt, match):
   path = _save_raw(tmp_path / "bad.nii.gz", data, dt)
@@ -171,13 +174,21 @@ def test_nifti_sidecar_problems(tmp_path):
     io.read_nifti(path)
   assert e.value.source == str(side)
   side.write_text(json.dumps({"TriggerTimes": times.tolist()}))
-  with pytest.raises(InputError, match='no "times"'):
+  with pytest.raises(InputError, match='no "times" .*; it has \'TriggerTimes\''):
     io.read_nifti(path)
   side.write_text(json.dumps({"times": (1000 * times).tolist()}))
   with pytest.raises(InputError, match="looks like milliseconds"):
     io.read_nifti(path)
   side.write_text(json.dumps({"FrameTimesStart": (times + 5).tolist()}))
   np.testing.assert_allclose(io.read_nifti(path)["times"], times, atol=1e-9)
+
+
+def test_a_4d_files_sidecar_without_times_leaves_them_to_pixdim(tmp_path):
+  image, _ = _series()
+  path = _save_raw(tmp_path / "s.nii.gz", image[:, :, None, :], dt=0.8)
+  (tmp_path / "s.json").write_text(json.dumps({"slice_level": "mid"}))
+  np.testing.assert_allclose(io.read_nifti(path)["times"], 0.8 * np.arange(T))
+  assert io.slice_count(_save_raw(tmp_path / "z.nii.gz", np.ones((H, W, 3, 1), np.float32))) == 1
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
@@ -433,8 +444,10 @@ def test_dicom_series_of_several_positions_is_read_one_slice_at_a_time(tmp_path)
                    orientation=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0))
   assert dicom.dicom_slice_count(folder) == io.slice_count(folder) == 2
   first, second = (dicom.read_dicom_series(folder, slice_index=k) for k in (0, 1))
-  np.testing.assert_array_equal(first["image"], np.moveaxis(frames[1], 0, -1))
-  np.testing.assert_array_equal(second["image"], np.moveaxis(frames[0], 0, -1))
+  # Columns go to -y (anterior in LPS): rows flipped so that anterior is at the top.
+  assert first["grid"]["layout"] == second["grid"]["layout"] == (False, True, False)
+  np.testing.assert_array_equal(first["image"], np.moveaxis(frames[1], 0, -1)[::-1])
+  np.testing.assert_array_equal(second["image"], np.moveaxis(frames[0], 0, -1)[::-1])
   np.testing.assert_allclose(second["times"], times - times[0], atol=2e-6)
   assert first["n_slices"] == 2 and len(first["files"]) == T
   assert first["grid"]["affine"][2, 3] == pytest.approx(8.0)
@@ -442,6 +455,50 @@ def test_dicom_series_of_several_positions_is_read_one_slice_at_a_time(tmp_path)
     dicom.read_dicom_series(folder)
   with pytest.raises(InputError, match=r"has no slice 2 \(it holds 2\)"):
     io.read_slice(folder, slice_index=2)
+
+
+def test_dicom_frames_drifting_within_the_plane_are_one_slice(tmp_path):
+  """Positions that move within the plane (0.3 mm a frame) and 0.5 mm along the normal: one
+  slice, not one slice per frame."""
+  rng = np.random.default_rng(3)
+  frames = rng.integers(0, 1000, (T, H, W))
+  for k in range(T):
+    _write_dicom(tmp_path / f"IM{k:03d}", frames[k], instance=k + 1, acq_time=_tm(36000.0 + k),
+                 position=(0.3 * k, -0.2 * k, 0.5 * (k % 2)),
+                 orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+  assert dicom.dicom_slice_count(tmp_path) == 1
+  np.testing.assert_array_equal(io.read_slice(tmp_path)["image"], np.moveaxis(frames, 0, -1))
+
+
+@pytest.mark.parametrize("orientation, layout", [
+    ((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (False, False, False)),  # axial, as displayed
+    ((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0), (False, False, True)),  # mirrored: columns to the right
+    ((0.0, 1.0, 0.0, -1.0, 0.0, 0.0), (True, False, True)),  # rows to +P, columns to -L: rotated
+])
+def test_dicom_is_turned_to_the_display_as_the_same_series_in_nifti(tmp_path, orientation, layout):
+  rng = np.random.default_rng(5)
+  stored = rng.integers(0, 1000, (H, W, T))
+  times = np.cumsum(rng.uniform(0.7, 1.0, T))
+  (tmp_path / "dcm").mkdir()
+  for k in range(T):
+    _write_dicom(tmp_path / "dcm" / f"IM{k:03d}", stored[..., k], instance=k + 1,
+                 acq_time=_tm(36000.0 + times[k]), orientation=orientation)
+  from_dicom = io.read_slice(tmp_path / "dcm")
+  affine = from_dicom["grid"]["affine"]
+  img = nib.Nifti1Image(nifti.to_nifti_axes(stored.astype(np.float32)), affine)
+  img.set_sform(affine, 1)
+  nib.save(img, tmp_path / "same.nii.gz")
+  (tmp_path / "same.json").write_text(json.dumps({"times": times.tolist()}))
+  from_nifti = io.read_slice(tmp_path / "same.nii.gz")
+  assert from_dicom["grid"]["layout"] == from_nifti["grid"]["layout"] == layout
+  np.testing.assert_array_equal(from_dicom["image"], from_nifti["image"])
+  assert from_dicom["pixel_mm"] == pytest.approx(from_nifti["pixel_mm"])
+  # A mask beside the series, on the stored voxels, is turned with it.
+  mask = np.zeros((H, W), np.int32)
+  mask[2:5, 3:6], mask[0, 0] = 1, 2
+  nib.save(nib.Nifti1Image(nifti.to_nifti_axes(mask), np.eye(4)), tmp_path / "dcm_mask.nii.gz")
+  read = io.read_slice(tmp_path / "dcm", tmp_path / "dcm_mask.nii.gz")
+  np.testing.assert_array_equal(read["mask"], grid.apply_layout(mask, layout))
 
 
 def _enhanced_dicom(path, frames, times, positions, per_frame_groups=None):

@@ -174,6 +174,10 @@ def test_fit_fermi_bad_inputs_raise():
     perfusion.fit_fermi(AIF[:-1], c, TIMES)
   with pytest.raises(InputError):
     perfusion.fit_fermi(AIF, c, TIMES, aif_model="spline9")
+  # Times in ms: refused before the convolution grid grows with the span (and memory with its square).
+  with pytest.raises(InputError, match=r"the fitted frames span \d+ s \(at most 600 s\): frame "
+                                       "times must be in seconds"):
+    perfusion.fit_fermi(AIF, np.stack([AIF, AIF]) * 0.1, 1000.0 * TIMES)
 
 
 def test_baseline_and_first_pass_window_rules():

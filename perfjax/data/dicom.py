@@ -13,8 +13,12 @@ InstanceNumber (else the frame times). Frame times, first present in every file 
 increasing: AcquisitionDateTime, AcquisitionTime, then TriggerTime (cumulative ms; the per-beat
 delay after the R wave does not increase and is rejected). Missing timing tags are an error.
 Values are `pixel_array * RescaleSlope + RescaleIntercept`. The slice's place comes from
-ImagePositionPatient, ImageOrientationPatient and PixelSpacing (`dicom_affine`); the array is
-kept as stored (rows down the image, as a DICOM viewer shows it).
+ImagePositionPatient, ImageOrientationPatient and PixelSpacing (`dicom_affine`), and the
+array is turned (a transpose and flips, no interpolation) to the CONVENTIONS display by the
+rule of NIfTI files (`perfjax.data.grid.display_layout`), so a series gives the same slice in
+either format; without an orientation it is kept as stored (rows down the image, as a DICOM
+viewer shows it). A mask beside the series is a NIfTI file on the stored layout's voxels
+(column i, row j from the bottom, as dcm2niix writes the series) and is turned with it.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import numpy as np
 
 from perfjax import conventions
 from perfjax.data import preprocess
-from perfjax.data.grid import STORED_LAYOUT, check_pixel_mm, stored_affine
+from perfjax.data.grid import (STORED_LAYOUT, apply_layout, check_pixel_mm, display_layout,
+                               stored_affine)
 from perfjax.errors import InputError
 
 
@@ -162,23 +167,35 @@ def _frames(f: pathlib.Path, ds: Any) -> list[_Frame]:
   return out
 
 
+SLICE_GAP_MM = 2.0  # Frames further apart than this along the slice normal are other slices.
+
+
 def _slice_groups(frames: list[_Frame]) -> list[list[int]]:
-  """The frames' indices grouped by slice position (ImagePositionPatient to 0.1 mm), groups
-  ordered along the slice normal (ImageOrientationPatient), else by position."""
-  keys = [tuple(np.round(_dicom_numbers(fr.header, "ImagePositionPatient", 3, fr), 1))
-          if "ImagePositionPatient" in fr.header else None for fr in frames]
+  """The frames' indices grouped by slice position and ordered along the slice normal.
+
+  With ImageOrientationPatient, by the position along the normal: a gap of more than
+  SLICE_GAP_MM starts a new slice, so frames that drift within the plane (a table or
+  in-plane motion correction) stay one slice. Without it, by ImagePositionPatient to 0.1 mm.
+  """
+  positions = [_dicom_numbers(fr.header, "ImagePositionPatient", 3, fr)
+               if "ImagePositionPatient" in fr.header else None for fr in frames]
+  keys = [None if p is None else tuple(np.round(p, 1)) for p in positions]
   if len({k for k in keys if k is not None}) <= 1:
     return [list(range(len(frames)))]
-  groups: dict[Any, list[int]] = {}
-  for i, k in enumerate(keys):
-    groups.setdefault(k, []).append(i)
-  if None in groups:
-    raise InputError(frames[0].path.parent, f"{len(groups[None])} frames lack "
+  missing = sum(k is None for k in keys)
+  if missing:
+    raise InputError(frames[0].path.parent, f"{missing} frames lack "
                      "ImagePositionPatient in a series of several slice positions")
   iop = _dicom_numbers(frames[0].header, "ImageOrientationPatient", 6, frames[0])
-  normal = np.cross(iop[:3], iop[3:]) if iop is not None else None
-  order = sorted(groups, key=lambda k: (float(np.dot(k, normal)) if normal is not None else 0.0, k))
-  return [groups[k] for k in order]
+  if iop is None:
+    groups: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+      groups.setdefault(k, []).append(i)
+    return [groups[k] for k in sorted(groups)]
+  depth = np.array([float(np.dot(p, np.cross(iop[:3], iop[3:]))) for p in positions])
+  order = np.argsort(depth, kind="stable")
+  breaks = np.nonzero(np.diff(depth[order]) > SLICE_GAP_MM)[0] + 1
+  return [sorted(int(i) for i in part) for part in np.split(order, breaks)]
 
 
 def _series_frames(folder: pathlib.Path) -> tuple[list[_Frame], list[list[int]]]:
@@ -220,9 +237,9 @@ def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM
   """Reads one slice's perfusion series from a folder of DICOM files (single- or multi-frame);
   of a folder with several slice positions, the ``slice_index``-th along the slice normal.
 
-  Returns dict(image float32 [rows, cols, T], times float64 [T] from 0, mask None,
-  pixel_mm (row, col) or None, time_tag: the tag the times came from, files: in order,
-  n_slices: the folder's slice positions).
+  Returns dict(image float32 [H, W, T] in the display layout, times float64 [T] from 0, mask
+  None, pixel_mm (row, col) or None, time_tag: the tag the times came from, files: in order,
+  grid: where the array lies, n_slices: the folder's slice positions).
   """
   folder = pathlib.Path(folder)
   frames_all, groups = _series_frames(folder)
@@ -287,8 +304,14 @@ def read_dicom_series(folder: str | os.PathLike, n_frames: int = conventions.NUM
   oriented = affine is not None
   if affine is None:
     affine = stored_affine(pixel_mm or (1.0, 1.0))
-  grid = dict(kind="dicom", affine=affine, oriented=oriented, layout=STORED_LAYOUT,
-              stored_shape=(image.shape[1], image.shape[0]), slice_axis=True, header=None,
+  stored_shape = (image.shape[1], image.shape[0])
+  # The CONVENTIONS display, by the rule of NIfTI files (`grid.display_layout`).
+  layout = display_layout(affine) if oriented else STORED_LAYOUT
+  image = apply_layout(image, layout)
+  if pixel_mm is not None and layout[0]:
+    pixel_mm = (pixel_mm[1], pixel_mm[0])
+  grid = dict(kind="dicom", affine=affine, oriented=oriented, layout=layout,
+              stored_shape=stored_shape, slice_axis=True, header=None,
               study=str(headers[first].get("StudyInstanceUID", "") or "") or None)
   return dict(image=image, times=times - times[0], mask=None, pixel_mm=pixel_mm,
               time_tag=time_tag, files=[files[i].path for i in order], grid=grid,

@@ -47,8 +47,7 @@ from perfjax import conventions
 from perfjax.data import preprocess
 from perfjax.data.dicom import dicom_slice_count, read_dicom_series
 from perfjax.data.grid import STORED_LAYOUT, apply_layout, check_pixel_mm, display_layout
-from perfjax.data.nifti import (NIFTI_SUFFIXES, from_nifti_axes, is_nifti, load_nifti,
-                                must_exist, nifti_stem)
+from perfjax.data.nifti import from_nifti_axes, is_nifti, load_nifti, must_exist, nifti_stem
 from perfjax.data.sidecar import read_sidecar, sidecar_path
 from perfjax.errors import InputError
 
@@ -95,13 +94,19 @@ def _nifti_grid(path: pathlib.Path, header: Any, data_shape: tuple[int, ...]) ->
 
 def _nifti_times(path: pathlib.Path, header: Any, data_shape: tuple[int, ...],
                  slice_index: int | None = None) -> np.ndarray:
+  """Frame times (s): the JSON sidecar's "times" (or "FrameTimesStart"), else pixdim[4] of a
+  4D file. A sidecar with another key naming times is a mistake, not a fallback."""
   side = sidecar_path(path)
   n_t = data_shape[-1]
-  if side.exists():
-    meta = read_sidecar(path)
-    key = next((k for k in ("times", "FrameTimesStart") if k in meta), None)
-    if key is None:
-      raise InputError(side, 'JSON sidecar has no "times" (seconds, one per frame)')
+  four_d = int(header["dim"][0]) >= 4
+  meta = read_sidecar(path) if side.exists() else {}
+  key = next((k for k in ("times", "FrameTimesStart") if k in meta), None)
+  time_like = [k for k in meta if "time" in str(k).lower()]
+  if key is None and side.exists() and (time_like or not four_d):
+    raise InputError(side, 'JSON sidecar has no "times" (seconds, one per frame' +
+                     (f"; it has {', '.join(repr(k) for k in time_like)})" if time_like else
+                      "; pixdim[4] is only used for 4D [X, Y, 1, T] or [X, Y, Z, T] files)"))
+  if key is not None:
     values = meta[key]
     if isinstance(values, list) and values and all(isinstance(v, list) for v in values):
       n_z = data_shape[2] if len(data_shape) == 4 else 1
@@ -111,20 +116,18 @@ def _nifti_times(path: pathlib.Path, header: Any, data_shape: tuple[int, ...],
       values = values[slice_index or 0]
     else:
       _check_time_axis(path, side, values, data_shape)
-    times = preprocess.validate_times(values, n_t, str(side))
-    if n_t > 1 and np.median(np.diff(times)) > 10.0:
-      raise InputError(side, f"frame times must be in seconds; a median spacing of "
-                             f"{np.median(np.diff(times)):.4g} looks like milliseconds")
-    return times
-  if int(header["dim"][0]) < 4:
+    return preprocess.validate_times(values, n_t, str(side))
+  if not four_d:
     raise InputError(path, f"no frame times: a 3D [X, Y, T] file needs a JSON sidecar "
                            f"{side.name} (pixdim[4] is only used for 4D [X, Y, 1, T] or "
                            "[X, Y, Z, T] files)")
   dt = float(header["pixdim"][4])
   unit = header.get_xyzt_units()[1]
   if not (np.isfinite(dt) and dt > 0):
-    raise InputError(path, f"no frame times: no JSON sidecar {side.name} and pixdim[4] = {dt}")
-  return np.arange(n_t, dtype=np.float64) * dt * _SEC_PER_UNIT.get(unit, 1.0)
+    where = f'no "times" in {side.name}' if side.exists() else f"no JSON sidecar {side.name}"
+    raise InputError(path, f"no frame times: {where} and pixdim[4] = {dt}")
+  return preprocess.validate_times(np.arange(n_t, dtype=np.float64) * dt *
+                                   _SEC_PER_UNIT.get(unit, 1.0), n_t, str(path))
 
 
 def _check_time_axis(path: pathlib.Path, side: pathlib.Path, times: Any,
@@ -171,6 +174,10 @@ def read_nifti(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
   if data.ndim not in (3, 4):
     raise InputError(path, f"expected a 2D+time image [X, Y, T], [X, Y, 1, T] or several "
                            f"slices [X, Y, Z, T], got shape {list(data.shape)}")
+  if data.ndim == 4 and data.shape[3] == 1 and data.shape[2] > 1:
+    raise InputError(path, f"shape {list(data.shape)} is {data.shape[2]} slices of one time "
+                           "frame each; a 2D+time series is [X, Y, T] (frame times in a JSON "
+                           "sidecar) or [X, Y, 1, T]")
   grid = _nifti_grid(path, header, data.shape)
   k = _chosen_slice(path, data.shape[2] if data.ndim == 4 else 1, slice_index)
   if data.ndim == 4:
@@ -257,7 +264,7 @@ def slice_entries(folder: str | os.PathLike, npz: bool = True
   """
   folder = pathlib.Path(folder)
   entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-  names = {p.name for p in entries}
+  masks = {nifti_stem(p): p for p in entries if is_nifti(p) and p.is_file()}  # .nii.gz wins
   out = []
   for p in entries:
     if p.is_dir():
@@ -268,10 +275,16 @@ def slice_entries(folder: str | os.PathLike, npz: bool = True
         continue
     else:
       continue
-    mask = next((folder / f"{stem}_mask{s}" for s in NIFTI_SUFFIXES
-                 if f"{stem}_mask{s}" in names), None)
-    out.append((stem, p, mask))
+    out.append((stem, p, masks.get(f"{stem}_mask")))
   return out
+
+
+def not_slices(folder: str | os.PathLike, npz: bool = True) -> list[str]:
+  """The names of a folder's files that `slice_entries` neither reads nor pairs: not NIfTI
+  (or, with `npz`, .npz), not a mask (MASK_SUFFIXES), not a sidecar (`.json`), not hidden."""
+  return sorted(p.name for p in pathlib.Path(folder).iterdir()
+                if p.is_file() and not p.name.startswith(".") and
+                not (is_nifti(p) or (npz and p.suffix == ".npz") or p.suffix.lower() == ".json"))
 
 
 def slice_count(path: str | os.PathLike) -> int:
@@ -284,8 +297,8 @@ def slice_count(path: str | os.PathLike) -> int:
       return dicom_slice_count(path)
     if is_nifti(path):
       import nibabel as nib  # pylint: disable=g-import-not-at-top
-      shape = nib.load(str(path)).shape
-      return int(shape[2]) if len(shape) == 4 and shape[2] > 1 else 1
+      shape = nib.load(str(path)).shape  # [X, Y, Z, 1]: one input (its reader says why not)
+      return int(shape[2]) if len(shape) == 4 and shape[2] > 1 and shape[3] > 1 else 1
   except Exception:  # pylint: disable=broad-except  (the reader names the problem)
     return 1
   return 1
@@ -308,7 +321,8 @@ def read_slice(path: str | os.PathLike, mask_path: str | os.PathLike | None = No
     must_exist(path)
     raise InputError(path, "unknown format: expected a DICOM folder, .nii/.nii.gz or .npz")
   if mask_path is not None:
-    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2], layout=STORED_LAYOUT,
+    out["mask"] = read_nifti_mask(mask_path, out["image"].shape[:2],
+                                  layout=out.get("grid", {}).get("layout", STORED_LAYOUT),
                                   slice_index=slice_index, n_slices=out.get("n_slices", 1))
   return out
 

@@ -23,13 +23,14 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 def nifti_stem(path: pathlib.Path) -> str:
   name = path.name
   for suffix in NIFTI_SUFFIXES:
-    if name.endswith(suffix):
+    if name.lower().endswith(suffix):
       return name[:-len(suffix)]
   return path.stem
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
-  return str(path).endswith(NIFTI_SUFFIXES)
+  """A NIfTI file's name: `.nii.gz` or `.nii`, in any case (`B.NII.GZ` too)."""
+  return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 

@@ -64,8 +64,13 @@ MAX_INPUT_PIXELS = 2048  # rows or columns of an input slice (`validate_slice`)
 # ----------------------------------------------------------------------------- validation
 
 
+MAX_FRAME_SPACING_S = 10.0  # A median frame spacing above this is milliseconds, not seconds.
+
+
 def validate_times(times: Any, n_t: int, source: str = "times") -> np.ndarray:
-  """Checks frame times `[T]` (seconds): finite and strictly increasing; returns float64."""
+  """Checks frame times `[T]` (seconds): finite, strictly increasing and with a median spacing
+  of at most MAX_FRAME_SPACING_S (a first pass is imaged every heartbeat or two: larger
+  spacings are times in milliseconds); returns float64."""
   try:
     times = np.asarray(times, dtype=np.float64)
   except (TypeError, ValueError) as e:
@@ -80,6 +85,9 @@ def validate_times(times: Any, n_t: int, source: str = "times") -> np.ndarray:
     k = int(np.argmax(steps <= 0))
     raise InputError(source, f"times are not strictly increasing (frame {k}: {times[k]:.4g} s, "
                              f"frame {k + 1}: {times[k + 1]:.4g} s)")
+  if n_t > 1 and np.median(steps) > MAX_FRAME_SPACING_S:
+    raise InputError(source, f"frame times must be in seconds; a median spacing of "
+                             f"{np.median(steps):.4g} looks like milliseconds")
   return times
 
 
