@@ -149,6 +149,8 @@ def _save_raw(path, data, dt=1.0):
     (np.full((H, W, 1, T), np.nan, np.float32), 1.0, "NaN/Inf"),
     (np.ones((H, W, 1, T), np.float32), 0.0, "no frame times"),
     (np.ones((H, W, 1, T), np.float32), 800.0, "a median spacing of 800 looks like milliseconds"),
+    (np.ones((H, W, 1, T), np.float32), 0.0025, "a median frame spacing of 0.0025 s is shorter "
+                                                "than a heartbeat"),
     (np.ones((H, W, 3, 1), np.float32), 1.0, r"shape \[\d+, \d+, 3, 1\] is 3 slices of one time "
                                              "frame each"),
 ])

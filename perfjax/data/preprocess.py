@@ -64,13 +64,16 @@ MAX_INPUT_PIXELS = 2048  # rows or columns of an input slice (`validate_slice`)
 # ----------------------------------------------------------------------------- validation
 
 
-MAX_FRAME_SPACING_S = 10.0  # A median frame spacing above this is milliseconds, not seconds.
+# A first pass is imaged every heartbeat or two: a median frame spacing above the first is
+# milliseconds, and one below the second (240 beats a minute) is not a frame's time at all (e.g.
+# a 4D NIfTI's pixdim[4] holding the read-out's repetition time).
+MAX_FRAME_SPACING_S = 10.0
+MIN_FRAME_SPACING_S = 0.25
 
 
 def validate_times(times: Any, n_t: int, source: str = "times") -> np.ndarray:
   """Checks frame times `[T]` (seconds): finite, strictly increasing and with a median spacing
-  of at most MAX_FRAME_SPACING_S (a first pass is imaged every heartbeat or two: larger
-  spacings are times in milliseconds); returns float64."""
+  within MIN_FRAME_SPACING_S-MAX_FRAME_SPACING_S; returns float64."""
   try:
     times = np.asarray(times, dtype=np.float64)
   except (TypeError, ValueError) as e:
@@ -88,6 +91,11 @@ def validate_times(times: Any, n_t: int, source: str = "times") -> np.ndarray:
   if n_t > 1 and np.median(steps) > MAX_FRAME_SPACING_S:
     raise InputError(source, f"frame times must be in seconds; a median spacing of "
                              f"{np.median(steps):.4g} looks like milliseconds")
+  if n_t > 1 and np.median(steps) < MIN_FRAME_SPACING_S:
+    raise InputError(source, f"a median frame spacing of {np.median(steps):.4g} s is shorter "
+                             "than a heartbeat: these are not the frames' times in seconds (a "
+                             "4D NIfTI's pixdim[4] may hold the read-out's repetition time; "
+                             'give "times" in a JSON sidecar)')
   return times
 
 
