@@ -33,6 +33,8 @@ TRAINED_FIELDS = ("seed", "input", "model", "augment", "train")  # What produced
 # Model fields that change how the trained parameters are computed, not what they are: the
 # caller's value stands (a float32-trained model runs in bfloat16 when asked).
 RUNTIME_MODEL_FIELDS = ("dtype",)
+# Training fields that only say how a run is logged and saved: a resume may change them.
+BOOKKEEPING_FIELDS = ("train.log_every", "train.checkpoint_every", "train.max_to_keep")
 
 def manager(workdir: str, which: str = "latest", max_to_keep: int = 2,
             read_only: bool = False) -> ocp.CheckpointManager:
@@ -138,6 +140,38 @@ def trained_config(config: ml_collections.ConfigDict, workdir: str,
             f"{_differences(name, plain(saved[name]), plain(config[name]))}")
       merged[name] = saved[name]
   return merged
+
+
+def latest_step(workdir: str) -> int | None:
+  """The step of `workdir`'s latest complete checkpoint (None without one); creates nothing."""
+  if not os.path.isdir(os.path.join(os.path.abspath(workdir), LATEST_DIR)):
+    return None
+  return manager(workdir, "latest", read_only=True).latest_step()
+
+
+def resume_conflicts(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """The fields that produced `workdir`'s checkpoints (TRAINED_FIELDS, bookkeeping aside) on
+  which `config` differs from its config.json, as ``name saved (the config says mine)``.
+
+  A field config.json lacks (added to the configs since) is not compared.
+  """
+  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)):
+    return []
+  saved = load_workdir_config(workdir)
+
+  def flat(value, prefix):
+    if isinstance(value, dict):
+      return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+  out = []
+  for name in TRAINED_FIELDS:
+    theirs = flat(plain(saved[name]), name) if name in saved else {}
+    mine = flat(plain(config[name]), name) if name in config else {}
+    for key in sorted(theirs):
+      if key not in BOOKKEEPING_FIELDS and theirs[key] != mine.get(key):
+        out.append(f"{key} {theirs[key]!r} (the config says {mine.get(key)!r})")
+  return out
 
 
 def _differences(name: str, saved, mine) -> str:

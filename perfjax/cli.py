@@ -133,6 +133,9 @@ def rewrite_argv(argv: list[str]) -> tuple[list[str], str | None]:
   found = _config_spec(argv)
   if found is None:
     return argv, None
+  rest = _config_spec([argv[0]] + argv[found[0] + 1:])
+  if rest is not None:
+    raise UsageProblem(f"--config is given twice ({found[1]} and {rest[1]}); give one")
   index, spec = found
   path, sep, variant = spec.partition(":")
   resolved = resolve_config_path(path)
@@ -369,7 +372,13 @@ def main_after_flags(argv) -> None:
   platform.configure_host_devices()
   platform.configure_compilation_cache()
   if _DISTRIBUTED.value:  # Before any JAX computation; see platform.initialize_distributed.
-    platform.initialize_distributed()
+    try:
+      platform.initialize_distributed()
+    except (ValueError, RuntimeError) as e:  # what JAX says of a missing or bad set-up
+      raise UsageProblem(f"--distributed: {e} (set {platform.COORDINATOR_ENV}, "
+                         f"{platform.NUM_PROCESSES_ENV} and {platform.PROCESS_ID_ENV}, or run "
+                         "where JAX detects the cluster; README, Multi-device and "
+                         "multi-host)") from None
   _quiet_tfds()
   from perfjax.errors import PerfjaxError  # pylint: disable=g-import-not-at-top
   step = mode

@@ -244,7 +244,9 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
       run_dir = os.path.join(workdir, fold, network)
       marker = os.path.join(run_dir, "crossval.json")
       done += 1
-      if os.path.isfile(marker):
+      if os.path.isfile(marker):  # kept only when these settings made it
+        from perfjax import train  # pylint: disable=g-import-not-at-top  (as run_fold_network)
+        train.resumable_config(network_config(config, network), run_dir)
         with open(marker) as f:
           runs[(fold, network)] = json.load(f)
         continue

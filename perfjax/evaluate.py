@@ -30,7 +30,7 @@ from perfjax import windows
 from perfjax.data import writers
 from perfjax.conventions import PATCH
 from perfjax.errors import InputError
-from perfjax.predict import RELATIVE_UNITS, predict_arrays
+from perfjax.predict import ABSOLUTE_UNITS, RELATIVE_UNITS, predict_arrays
 
 
 def _true_slice_mbf(split: dict) -> np.ndarray | None:
@@ -80,8 +80,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
     auto, gt_mbf = perfusion.mbf_of_masks(split, [seg, gt], mbf_kind)
   mbf_slices, mbf_summary = mbf_details(dict(auto=auto, gt_mask=gt_mbf))
   mbf = dict(mbf_auto=auto["slice"], mbf_gt=gt_mbf["slice"], error_auto=auto["error"],
-             sector48=dict(auto=auto["sector48"], gt_mask=gt_mbf["sector48"]))
-  if "mbf_sector48" in split:
+             sector48=dict(auto=auto["sector48"], gt_mask=gt_mbf["sector48"]),
+             units=mbf_summary["units"])
+  # Relative flow (no sequence) is never set beside the true MBF in ml/g/min.
+  absolute = mbf_summary["units"] == ABSOLUTE_UNITS
+  if "mbf_sector48" in split and absolute:
     mbf["sector48"]["true"] = np.asarray(split["mbf_sector48"], np.float64)
   mbf_true = _true_slice_mbf(split)
   label_sets = ood.label_sets(config, split, mbf)
@@ -133,7 +136,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split_name: str = 
                comparison=f"auto vs ground-truth mask ({mbf_summary['units']})", input=mbf_kind,
                **mbf_summary),
       slices=slices)
-  if mbf_true is not None:
+  if mbf_true is not None and absolute:
     results["mbf"]["vs_true"] = dict(auto=_agreement(mbf["mbf_auto"], mbf_true),
                                      gt_mask=_agreement(mbf["mbf_gt"], mbf_true))
   results["provenance"] = provenance.provenance(requested_config, data=dict(
@@ -216,7 +219,7 @@ def mbf_details(sets: dict[str, dict]) -> tuple[list[dict], dict]:
                                        for c in ok],
                         max_abs_change=float(max((np.abs(c).max() for c in ok if c.size),
                                                  default=float("nan"))))
-  summary = dict(units="ml/g/min" if absolute else RELATIVE_UNITS, aif_sources=sources)
+  summary = dict(units=ABSOLUTE_UNITS if absolute else RELATIVE_UNITS, aif_sources=sources)
   gains = {name: frame_gain_summary(r) for name, r in sets.items() if "frame_gain_reason" in r}
   if gains:
     summary["frame_gain"] = gains
@@ -297,8 +300,9 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
                       operating_point=(ood_res["fpr"][best], ood_res["tpr"][best]),
                       labels=label_name, n_total=len(labels))
   motion = split.get("motion")
+  units = mbf.get("units", ABSOLUTE_UNITS)
   pairs = [("auto", mbf["mbf_auto"], "GT mask", mbf["mbf_gt"])]
-  if mbf_true is not None:
+  if mbf_true is not None and units == ABSOLUTE_UNITS:
     pairs += [("auto", mbf["mbf_auto"], "true", mbf_true), ("GT mask", mbf["mbf_gt"], "true",
                                                             mbf_true)]
   for name_a, a, name_b, b in pairs:
@@ -306,16 +310,18 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
     if np.sum(np.isfinite(a) & np.isfinite(b)) < 2:
       continue
     reporting.save_figure(figures.scatter_plot(b, a, label_x=f"MBF {name_b}",
-                                               label_y=f"MBF {name_a}", marked=motion),
+                                               label_y=f"MBF {name_a}", units=units,
+                                               marked=motion),
                           os.path.join(fig_dir, f"mbf_scatter_{tag}.png"))
-    reporting.save_figure(figures.bland_altman_plot(a, b, label_a=name_a, label_b=name_b),
+    reporting.save_figure(figures.bland_altman_plot(a, b, label_a=name_a, label_b=name_b,
+                                                    units=units),
                           os.path.join(fig_dir, f"mbf_bland_altman_{tag}.png"))
     shown["mbf"] += [rel(f"mbf_scatter_{tag}.png"), rel(f"mbf_bland_altman_{tag}.png")]
   with_values = [(f"study {st['study_id']}", st["aha16"]) for st in studies
                  if any(np.isfinite(np.asarray(v, np.float64)).any()
                         for v in st["aha16"].values())]
   if with_values:
-    reporting.save_figure(figures.bullseye_grid(with_values),
+    reporting.save_figure(figures.bullseye_grid(with_values, label=f"MBF ({units})"),
                           os.path.join(fig_dir, "bullseyes.png"))
     shown["bullseye"].append(rel("bullseyes.png"))
   ids = [s["id"] for s in slices] if slices else [str(i) for i in range(len(dice["whole"]))]

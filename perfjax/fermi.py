@@ -31,7 +31,11 @@ ML_G_MIN_PER_S = PER_S_TO_ML_G_MIN  # 1/s -> ml/g/min (myocardial density 1.05 g
 
 # Reason codes of fit_fermi (``reason`` output); REASONS maps each code to its meaning.
 (OK, NONFINITE, FLAT_AIF, NO_ENHANCEMENT, SHORT_WINDOW, NOT_CONVERGED, POOR_FIT,
- IMPLAUSIBLE, UNCERTAIN) = range(9)
+ IMPLAUSIBLE, UNCERTAIN, LONG_SPAN) = range(10)
+# Longest fitted span (s) from a group's first fitted frame: a first pass lasts about a minute;
+# far longer spans are times in ms (or a stray frame), and the convolution grid would grow with
+# them (its memory with their square).
+MAX_FIT_SPAN_S = 600.0
 REASONS = {
     OK: "ok",
     NONFINITE: "NaN/Inf in the AIF, curve or times",
@@ -43,6 +47,7 @@ REASONS = {
     IMPLAUSIBLE: "MBF above max_mbf: not physiological (e.g. a curve corrupted by motion)",
     UNCERTAIN: "MBF standard error above max_rel_se of the MBF (of its slice's median sector MBF "
                "in a slice's fit): the curve does not determine it",
+    LONG_SPAN: f"fitted frames span more than {MAX_FIT_SPAN_S:g} s: frame times not in seconds",
 }
 MIN_WINDOW = 6
 
@@ -51,10 +56,6 @@ DV = 0.2  # s, fit_fermi's default step of the convolution integral (see `perfja
 # slightly different times (predict fits one slice at a time) share a compiled solve; the
 # response at a time depends only on the AIF before it, so the extra points change no fit.
 COARSE_BUCKET = 8
-# Longest fitted span (s) from a group's first fitted frame: a first pass lasts about a minute;
-# far longer spans are times in ms, and the convolution grid would grow with them (its memory
-# with their square).
-MAX_FIT_SPAN_S = 600.0
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -125,6 +126,16 @@ def _curve_checks(curves, win, n_base, reason, snr_min):
   reason = np.where((reason == 0) & no_enh, NO_ENHANCEMENT, reason)
   reason = np.where((reason == 0) & (win.sum(1) < MIN_WINDOW), SHORT_WINDOW, reason)
   return reason.astype(np.int32), peak
+
+
+def _group_spans(win, tms, inv, n_groups):
+  """Each group's clock origin (its earliest fitted frame; 0 without one) and each curve's
+  fitted frame times from it [N, T] (0 outside its window)."""
+  t_first = np.where(win, tms, np.inf).min(axis=1)
+  origin = np.full(n_groups, np.inf)
+  np.minimum.at(origin, inv, t_first)
+  origin = np.where(np.isfinite(origin), origin, 0.0)
+  return origin, np.where(win, tms - origin[inv][:, None], 0.0)
 
 
 def _aifs_on_grid(g, v, origin, aif_model, foot_frac):
@@ -274,18 +285,18 @@ def fit_fermi(aif, curves, times, window=None, *, aif_model: str = "gamma", dv: 
   reason, peak_c = _curve_checks(curves, win, g["n_baseline"][inv], g["reason"][inv], snr_min)
 
   # The continuous AIFs on the fine grid. Each group's clock starts at its earliest fitted
-  # frame (the AIF is at baseline, ~0, before it), so the grid spans the fitted frames only.
+  # frame (the AIF is at baseline, ~0, before it), so the grid spans the fitted frames only;
+  # a group whose frames span more than MAX_FIT_SPAN_S fails (LONG_SPAN) and is left out of it.
   ratio = 2
   h = ratio * dv
-  t_first = np.where(win, tms, np.inf).min(axis=1)
-  origin = np.full(len(g["aif"]), np.inf)
-  np.minimum.at(origin, inv, np.where(np.isfinite(t_first), t_first, np.inf))
-  origin = np.where(np.isfinite(origin), origin, 0.0)
-  span = np.where(win, tms - origin[inv][:, None], 0.0)
+  origin, span = _group_spans(win, tms, inv, len(g["aif"]))
+  long_group = np.zeros(len(g["aif"]), bool)
+  np.logical_or.at(long_group, inv, span.max(axis=1) > MAX_FIT_SPAN_S)
+  if long_group.any():
+    reason = np.where((reason == 0) & long_group[inv], LONG_SPAN, reason).astype(np.int32)
+    win = win & ~long_group[inv][:, None]
+    origin, span = _group_spans(win, tms, inv, len(g["aif"]))
   t_end = max(float(np.max(span)), h)
-  if t_end > MAX_FIT_SPAN_S:
-    raise InputError("times", f"the fitted frames span {t_end:.4g} s (at most "
-                              f"{MAX_FIT_SPAN_S:g} s): frame times must be in seconds")
   n_coarse = -(-(int(np.ceil(t_end / h)) + 5) // COARSE_BUCKET) * COARSE_BUCKET
   v = np.arange((n_coarse - 3) * ratio + 1) * dv
   aif_v, a_scale = _aifs_on_grid(g, v, origin, aif_model, foot_frac)

@@ -75,6 +75,17 @@ class FunctionPredictor(WindowPredictor):
     return self.fn(params, patches_bppc)
 
 
+@dataclasses.dataclass(frozen=True)
+class ApplyFnPredictor(WindowPredictor):
+  """CONVENTIONS.md's `apply_fn(patches) -> probabilities`, without parameters, as a
+  `WindowPredictor` (hashed by `apply_fn`)."""
+  apply_fn: Callable
+
+  def __call__(self, params, patches_bppc):
+    del params
+    return self.apply_fn(patches_bppc)
+
+
 def as_predictor(predict_fn) -> WindowPredictor:
   """`predict_fn` itself when it is a `WindowPredictor`, else wrapped in `FunctionPredictor`."""
   if isinstance(predict_fn, WindowPredictor):
@@ -400,11 +411,15 @@ def _compiled(platform_name: str):
 
 
 
-def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int = UM_STRIDE,
+def sliding_window(predict_fn, params, images=None, patch: int = PATCH, stride: int = UM_STRIDE,
                    chunk_size: int | None = None, gaussian_weighting: bool = False,
                    mirror_tta: bool = False, slices_per_call: int = 8, devices=None,
                    accumulate: str | None = None, votes: bool = False) -> dict:
   """Dense sliding-window prediction of every slice, per CONVENTIONS.md.
+
+  Called as ``sliding_window(predict_fn, params, images, ...)``, or in CONVENTIONS.md's form
+  ``sliding_window(apply_fn, images, patch=..., stride=..., ...)`` (images second, the rest by
+  keyword) with a parameter-free ``apply_fn(patches) -> probabilities``.
 
   Args:
     predict_fn: a `WindowPredictor` (e.g. `perfjax.fast_unet.UNetPredictor(model)`) or any
@@ -436,6 +451,11 @@ def sliding_window(predict_fn, params, images, patch: int = PATCH, stride: int =
     across the windows covering a pixel, 0 where one window covers it), count [H,W] int32,
     segmentation [N,H,W] int32 and, with `votes`, votes [N,H,W,K] (sums to 1 over K).
   """
+  if images is None:  # CONVENTIONS.md's sliding_window(apply_fn, images, ...)
+    if isinstance(predict_fn, WindowPredictor) or not callable(predict_fn):
+      raise InputError("images", "missing: sliding_window(predict_fn, params, images) or "
+                       "sliding_window(apply_fn, images)")
+    predict_fn, params, images = ApplyFnPredictor(predict_fn), None, params
   predictor = as_predictor(predict_fn)
   if np.ndim(images) != 4:
     raise InputError("images", f"expected [N, H, W, C], got shape {np.shape(images)}")

@@ -23,7 +23,8 @@ FOREGROUND = (MYOCARDIUM, LV_BLOOD_POOL, RV_BLOOD_POOL)
 def enhancement_frames(image_hwt: np.ndarray, mask: np.ndarray | None) -> dict[str, int]:
   """Frames of RV, LV and myocardial enhancement (peaks of the class mean curves)."""
   if mask is None or not all((mask == c).any() for c in FOREGROUND):
-    centre = image_hwt[32:96, 32:96].reshape(-1, image_hwt.shape[-1]).mean(0)
+    h, w = image_hwt.shape[:2]  # the centre half of each side: where the crop puts the heart
+    centre = image_hwt[h // 4:3 * h // 4, w // 4:3 * w // 4].reshape(-1, image_hwt.shape[-1]).mean(0)
     peak = int(np.argmax(centre))
     return {"RV": max(peak - 3, 0), "LV": peak,
             "myocardium": min(peak + 5, image_hwt.shape[-1] - 1)}

@@ -39,8 +39,8 @@ from perfjax.extraction import (  # noqa: F401  pylint: disable=unused-import
     AIF_MAX_AMPLIFICATION, SEQUENCE_KEYS, aif_amplification, blood_purity, extract_curves,
     signal_to_concentration)
 from perfjax.fermi import (  # noqa: F401  pylint: disable=unused-import
-    FLAT_AIF, IMPLAUSIBLE, ML_G_MIN_PER_S, NO_ENHANCEMENT, NONFINITE, NOT_CONVERGED, OK,
-    POOR_FIT, REASONS, SHORT_WINDOW, UNCERTAIN)
+    FLAT_AIF, IMPLAUSIBLE, LONG_SPAN, ML_G_MIN_PER_S, NO_ENHANCEMENT, NONFINITE, NOT_CONVERGED,
+    OK, POOR_FIT, REASONS, SHORT_WINDOW, UNCERTAIN)
 
 
 # ----------------------------------------------------------------------------- records
@@ -130,7 +130,9 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       is not the CPU), where the numpy loop would leave the device idle, for at least
       VECTORISE_MIN_SLICES slices.
     **fit_kwargs: passed to :func:`fit_fermi`; its ``se_groups`` defaults to the slices (each
-      sector's standard error judged against its slice's median sector MBF).
+      sector's standard error judged against its slice's median sector MBF), and without
+      ``sequences`` its ``max_mbf`` to no limit (a ceiling in ml/g/min means nothing for
+      relative flow, whose scale is the AIF signal's).
 
   AIF choice (``aif_source`` [N], a reason per slice): "series" (the AIF series, read out
   at another moment of each beat than the slice: its samples are placed ``lead_s`` earlier,
@@ -275,7 +277,8 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
                   np.repeat(np.tile(times, (n_v, 1)), 48, axis=0),
                   aif_lead=np.repeat(np.tile(lead, n_v), 48),
                   spill=np.repeat(np.tile(blood, (n_v, 1)), 48, axis=0) if spill_over else None,
-                  **{"se_groups": np.repeat(np.arange(n_v * n), 48), **fit_kwargs})
+                  **{"se_groups": np.repeat(np.arange(n_v * n), 48),
+                     **({} if sequences is not None else {"max_mbf": np.inf}), **fit_kwargs})
   mbf_all = fit["mbf"].reshape(n_v, n, 48)
   mbf48 = mbf_all[0]
   nan = np.full(n, np.nan)

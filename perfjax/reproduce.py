@@ -81,11 +81,13 @@ def run_all(config: ml_collections.ConfigDict, workdir: str) -> dict:
         p2_dir = (os.path.join(workdir, run_name("patch2", "advanced", seed))
                   if input_kind == "patch3" else None)
         results_path = os.path.join(run_dir, "results.json")
+        run_cfg = run_config(config, input_kind, augment, seed, p2_dir)
         if not os.path.isfile(results_path):
           print(f"== {run_name(input_kind, augment, seed)}")
-          run_cfg = run_config(config, input_kind, augment, seed, p2_dir)
           train.train(run_cfg, run_dir)
           evaluate.evaluate(run_cfg, run_dir, n_panels=config.n_panels)
+        else:  # a finished run is kept only when these settings made it
+          train.resumable_config(run_cfg, run_dir)
         with open(results_path) as f:
           runs[(input_kind, augment, int(seed))] = json.load(f)
   summary = summarize(runs)

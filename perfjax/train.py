@@ -70,11 +70,15 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int | None = No
   if config.augment.mode not in augment.MODES:
     raise InputError("config.augment.mode", f"expected one of {augment.MODES}, got "
                      f"{config.augment.mode!r}")
+  fields = [("train", name) for name in ("batch_size", "num_steps", "eval_every", "log_every",
+                                          "checkpoint_every", "max_to_keep", "patience")]
+  fields += [("model", "features"), ("model", "depth"), ("eval", "stride_seg")]
+  if config.eval.get("chunk_size") is not None:  # None: the platform's default
+    fields.append(("eval", "chunk_size"))
+  for group, name in fields:  # validation uses eval's fields: found before any training step
+    if int(config[group][name]) < 1:
+      raise InputError(f"config.{group}.{name}", f"must be >= 1, got {config[group][name]}")
   t = config.train
-  for name in ("batch_size", "num_steps", "eval_every", "log_every", "checkpoint_every",
-               "max_to_keep", "patience"):
-    if int(t[name]) < 1:
-      raise InputError(f"config.train.{name}", f"must be >= 1, got {t[name]}")
   if t.schedule not in SCHEDULES:
     raise InputError("config.train.schedule", f"expected one of {SCHEDULES}, got {t.schedule!r}")
   if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
@@ -290,6 +294,25 @@ def with_source_model(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return checkpoints.trained_config(config, init_source(config), fields=("input", "model"))
 
 
+def resumable_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The config `train` runs in `workdir` with: a fine-tune's input and model are its source's
+  (`with_source_model`), or, once it has a checkpoint, its own config.json's (the source may be
+  gone by then). A run with a checkpoint resumes only with the settings that started it:
+  others raise InputError rather than mix in (`checkpoints.resume_conflicts`)."""
+  from perfjax import checkpoints  # pylint: disable=g-import-not-at-top  (see train())
+  if checkpoints.latest_step(workdir) is None:
+    return with_source_model(config)
+  if config.train.get("init_from"):
+    config = checkpoints.trained_config(config, workdir, fields=("input", "model"))
+  conflicts = checkpoints.resume_conflicts(config, workdir)
+  if conflicts:
+    raise InputError(workdir, "holds a run started with other settings, which a resume would "
+                     f"mix in: {'; '.join(conflicts[:6])}" + (" ..." if len(conflicts) > 6 else "")
+                     + f". Resume with the settings of its {checkpoints.CONFIG_FILE}, or choose "
+                     "another --workdir")
+  return config
+
+
 def init_params(config: ml_collections.ConfigDict, source: str):
   """The best parameters of `source` for fine-tuning; its model must be `config`'s."""
   from perfjax import checkpoints  # pylint: disable=g-import-not-at-top  (see train())
@@ -368,9 +391,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
   # The loop's own dependencies (orbax, ml_collections, matplotlib, tensorboardX); the step and
   # the batches need only jax, flax, optax and numpy (benchmarks/bench_gpu.py relies on it).
   from perfjax import checkpoints, reporting, training_log  # pylint: disable=g-import-not-at-top
-  config = with_source_model(config)
-  check_config(config)
   workdir = os.path.abspath(workdir)
+  config = resumable_config(config, workdir)
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
   t = config.train
@@ -584,7 +607,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
       steps_per_second=(trained - 1) / train_s if trained > 1 and train_s else None,
       patches_per_second=(trained - 1) * t.batch_size / train_s if trained > 1 and train_s
       else None)
-  if lead:
-    reporting.write_text(os.path.join(workdir, "train_summary.json"),
-                         json.dumps(summary, indent=2))
+  summary_path = os.path.join(workdir, "train_summary.json")
+  if lead and (trained or not os.path.isfile(summary_path)):  # a rerun that trained nothing
+    reporting.write_text(summary_path, json.dumps(summary, indent=2))  # keeps the run's timings
   return summary

@@ -30,8 +30,8 @@ class MetricWriter:
         with open(tmp, "w") as f:
           f.writelines(kept)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                             purge_step=resume_step + 1 if resume_step else None)
+    # Also from step 0: a run killed before its first checkpoint starts again from scratch.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, **scalars: float) -> None:
     if not self.enabled:

@@ -223,6 +223,10 @@ def test_tiny_cross_validation_runs_resumes_and_reports(tmp_path, capsys):
   assert "Training already finished" in out
   assert os.stat(run_dir / "results.json").st_mtime_ns == evaluated
   assert (run_dir / "crossval.json").is_file()
+  wider = config.copy_and_resolve_references()
+  wider.base.model.features *= 2  # finished runs made otherwise are refused, not reported
+  with pytest.raises(InputError, match=r"holds a run started with other settings.*model.features"):
+    crossval.run_all(wider, str(workdir))
   config.crossval.seed = 1  # other folds: refused in this workdir
   with pytest.raises(InputError, match="holds other folds"):
     crossval.run_all(config, str(workdir))

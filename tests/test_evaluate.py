@@ -106,6 +106,22 @@ def test_released_checkpoint_gives_the_same_results_with_any_config(trained, eva
   assert [s["U"] for s in again["slices"]] == [s["U"] for s in evaluated["slices"]]
 
 
+def test_relative_flow_is_never_set_against_the_true_mbf(trained, tmp_path):
+  """eval.mbf_input="signal" (the paper's raw-signal fit) gives relative flow: no comparison
+  with the true MBF in ml/g/min, in results.json, the bullseyes or the figures."""
+  config, workdir = trained
+  released = tmp_path / "released"
+  shutil.copytree(os.path.join(workdir, "best"), released / "best")
+  shutil.copy(os.path.join(workdir, "config.json"), released / "config.json")
+  signal = config.copy_and_resolve_references()
+  signal.eval.mbf_input = "signal"
+  results = evaluate.evaluate(signal, str(released), n_panels=0)
+  assert results["mbf"]["units"] == predict.RELATIVE_UNITS and "vs_true" not in results["mbf"]
+  assert all(set(st["aha16"]) == {"auto", "gt_mask"} for st in results["studies"])
+  assert all(s["mbf_true"] is not None for s in results["slices"])  # the truth is still listed
+  assert not [f for f in os.listdir(released / "figures") if f.endswith("_vs_true.png")]
+
+
 def test_predict_on_nifti_folder_reports_bad_file_and_writes_the_rest(trained, tmp_path):
   config, workdir = trained
   sim = phantom.simulate(7, 2, "bssfp")

@@ -91,7 +91,9 @@ def test_fine_tuning_starts_from_the_source_parameters(tmp_path, capsys):
   assert summary["step"] == 2
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                _params(tmp_path / "base", base, "best"), _params(tmp_path / "tuned", tuned, "latest"))
-  # A resumed fine-tuning run continues from its own checkpoint, not the source again.
+  # A resumed fine-tuning run continues from its own checkpoint, not the source again, even
+  # once the source is gone.
+  (tmp_path / "base").rename(tmp_path / "moved")
   capsys.readouterr()
   train.train(tuned, tmp_path / "tuned", data=data)
   assert "Starting from" not in capsys.readouterr().out

@@ -168,6 +168,21 @@ def test_stride_equal_patch_is_plain_tiling():
   assert np.all(out["std"] == 0) and np.all(out["count"] == 1)
 
 
+def test_conventions_form_with_a_parameter_free_apply_fn():
+  """CONVENTIONS.md: sliding_window(apply_fn, images, patch=..., stride=...)."""
+  img = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
+
+  def apply_fn(patches):
+    return jax.nn.softmax(jnp.stack([patches[..., 0], -patches[..., 1]], -1), axis=-1)
+
+  contract = inf.sliding_window(apply_fn, img, patch=8, stride=2)
+  with_params = inf.sliding_window(lambda _, p: apply_fn(p), None, img, patch=8, stride=2)
+  for key in ("mean", "std", "count", "segmentation"):
+    np.testing.assert_allclose(contract[key], with_params[key], atol=1e-6)
+  with pytest.raises(InputError, match="missing"):
+    inf.sliding_window(inf.FunctionPredictor(lambda _, p: p), img)
+
+
 def test_std_accurate_when_tiny_next_to_mean():
   # Probabilities ~0.9999 that vary by ~1e-5 between windows: sum / sum-of-squares in
   # float32 would lose every digit of the variance; Welford keeps them.

@@ -165,13 +165,17 @@ def test_reproduce_mode_and_experiment_config_go_together(tmp_path, config, mode
     (["--config=configs/patch3.py:tiny", "--workdir=FILE"], "is a file"),
     (["--config=configs/patch3.py:tiny", "--workdir=FILE/sub"], "which is a file"),
     (["bogus", "--config=configs/patch3.py:tiny"], "unknown command 'bogus'"),
+    (["--config=configs/patch3.py:tiny", "--config", "configs/patch2.py"],
+     "--config is given twice (configs/patch3.py:tiny and configs/patch2.py); give one"),
+    (["train", "--config=configs/patch3.py:tiny", "--distributed"], "--distributed: "),
 ])
 def test_user_mistakes_are_one_line_errors(tmp_path, args, needle):
   (tmp_path / "file").write_text("")
   args = [a.replace("FILE", str(tmp_path / "file")) for a in args]
   if not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={tmp_path / 'w'}")
-  proc = _run(args, dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
+  proc = _run(args, dict(env, JAX_PLATFORMS="cpu"), timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines

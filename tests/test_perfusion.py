@@ -138,7 +138,7 @@ def test_failed_fits_are_nan_with_reasons(batch):
   assert not out["ok"][bad].any()
   for key in ("mbf", "F", "w", "k", "tau_d", "mbf_se", "r2"):
     assert np.all(np.isnan(out[key][bad])), key
-  assert set(out["reasons"]) == set(range(9))
+  assert set(out["reasons"]) == set(range(10))
 
 
 def test_implausible_mbf_is_a_failed_fit_not_a_value(batch):
@@ -174,10 +174,19 @@ def test_fit_fermi_bad_inputs_raise():
     perfusion.fit_fermi(AIF[:-1], c, TIMES)
   with pytest.raises(InputError):
     perfusion.fit_fermi(AIF, c, TIMES, aif_model="spline9")
-  # Times in ms: refused before the convolution grid grows with the span (and memory with its square).
-  with pytest.raises(InputError, match=r"the fitted frames span \d+ s \(at most 600 s\): frame "
-                                       "times must be in seconds"):
-    perfusion.fit_fermi(AIF, np.stack([AIF, AIF]) * 0.1, 1000.0 * TIMES)
+
+
+def test_a_curve_whose_frames_span_hours_fails_alone():
+  """Times in ms (or a stray frame) fail their own curves (LONG_SPAN) before the convolution
+  grid would grow with the span; the batch's other curves fit as before."""
+  curves = np.stack([AIF, AIF, AIF]) * 0.1
+  times = np.stack([TIMES, 1000.0 * TIMES, TIMES])
+  both = perfusion.fit_fermi(AIF, curves, times)
+  assert both["reason"].tolist()[1] == perfusion.LONG_SPAN and not both["ok"][1]
+  assert np.isnan(both["mbf"][1]) and not both["window"][1].any()
+  alone = perfusion.fit_fermi(AIF, curves[[0, 2]], times[[0, 2]])
+  np.testing.assert_allclose(both["mbf"][[0, 2]], alone["mbf"], rtol=1e-6)
+  assert "not in seconds" in perfusion.REASONS[perfusion.LONG_SPAN]
 
 
 def test_baseline_and_first_pass_window_rules():
@@ -443,6 +452,18 @@ def test_study_aif_skips_a_flagged_slice_and_tiny_pools():
   r = perfusion.mbf_from_slices(rec["raw"], rec["mask"], rec["times"], study_ids=[0, 0, 0],
                                 exclude=exclude, min_aif_pixels=10 ** 6)
   assert all(s.startswith("own: no slice") for s in r["aif_source"])
+
+
+def test_relative_flow_has_no_ceiling_in_ml_per_g_per_min():
+  """Without a sequence the flow is relative (its scale the AIF signal's): max_mbf, a ceiling in
+  ml/g/min, is not applied unless asked for (it dropped 42 of these 144 sectors)."""
+  from perfjax.data import phantom
+  rec = phantom.simulate(0, 3, "flash")
+  relative = perfusion.mbf_from_slices(rec["raw"], rec["mask"], rec["times"])
+  assert not (relative["reason48"] == perfusion.IMPLAUSIBLE).any()
+  assert np.nanmax(relative["mbf48"]) > 10.0 and relative["units"] == "signal"
+  capped = perfusion.mbf_from_slices(rec["raw"], rec["mask"], rec["times"], max_mbf=10.0)
+  assert (capped["reason48"] == perfusion.IMPLAUSIBLE).sum() > 20
 
 
 def test_aif_series_is_far_from_saturation_and_recovers_the_aif():

@@ -7,6 +7,7 @@ import pytest
 
 from perfjax.configs import paper_experiments
 from perfjax import reproduce
+from perfjax.errors import InputError
 
 
 @pytest.mark.parametrize("diffs, sign, expected", [
@@ -83,3 +84,7 @@ def test_tiny_reproduction_runs_resumes_and_reports(tmp_path, monkeypatch, capsy
   reproduce.run_all(config, str(workdir))  # Everything is done: nothing is trained again.
   assert "== " not in capsys.readouterr().out
   assert os.stat(workdir / "patch3_advanced_seed0" / "results.json").st_mtime_ns == stamp
+  config.base.train.num_steps += 1  # finished runs made otherwise are refused, not reported
+  with pytest.raises(InputError, match=r"holds a run started with other settings.*"
+                                       r"train.num_steps"):
+    reproduce.run_all(config, str(workdir))

@@ -122,6 +122,12 @@ def test_check_config_rejects_bad_values():
     train.check_config(_config("fancy"))
   with pytest.raises(InputError, match="learning_rate"):
     train.check_config(_config(learning_rate=float("nan")))
+  for group, name, value in (("model", "features", 0), ("eval", "stride_seg", 0),
+                             ("eval", "chunk_size", -1), ("train", "patience", 0)):
+    config = _config()
+    config[group][name] = value
+    with pytest.raises(InputError, match=rf"config.{group}.{name}.*must be >= 1, got {value}"):
+      train.check_config(config, num_devices=1)
 
 
 def test_learning_rate_schedule_warmup_then_cosine():
@@ -261,6 +267,28 @@ def _interrupt_on_call(monkeypatch, owner, name, n):
       raise KeyboardInterrupt
     return real(*args, **kwargs)
   monkeypatch.setattr(owner, name, wrapper)
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_settings_is_refused_not_mixed_in(straight_run, tmp_path, capsys):
+  """A workdir's run resumes only with the settings that started it (bookkeeping aside)."""
+  config, _, straight = straight_run
+  workdir = tmp_path / "run"
+  train.train(config, workdir, data=_toy_data(), stop_after=2)
+  other = config.copy_and_resolve_references()
+  other.augment.mode, other.train.learning_rate = "advanced", 0.05
+  with pytest.raises(InputError, match=r"holds a run started with other settings, which a resume "
+                                       r"would mix in: augment.mode 'conventional' \(the config "
+                                       r"says 'advanced'\); train.learning_rate"):
+    train.train(other, workdir, data=_toy_data())
+  assert json.loads((workdir / checkpoints.CONFIG_FILE).read_text())["augment"]["mode"] == (
+      "conventional")  # config.json untouched
+  logged = config.copy_and_resolve_references()
+  logged.train.log_every = 3  # how the run is logged: free to change
+  capsys.readouterr()
+  resumed = train.train(logged, workdir, data=_toy_data())
+  assert "Resuming from step 2" in capsys.readouterr().out
+  assert resumed["best_val_dice"] == straight["best_val_dice"]
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def validate_mask(mask: Any, shape: tuple[int, int] | None = None,
   if bad.size:
     raise InputError(source, f"mask has labels outside 0..3: {bad[:8].tolist()}")
   mask = mask.astype(np.int32)
-  if not np.any(mask == 1):
+  if not np.any(mask == conventions.MYOCARDIUM):
     raise InputError(source, "mask has no myocardium (label 1)")
   return mask
 
@@ -436,7 +436,7 @@ def preprocess_slice(image: Any, times: Any, mask: Any = None,
   raw = crop_center(image, center, size)
   if mask is not None:
     mask = crop_center(mask, center, size, fill=0).astype(np.int32)
-    if not np.any(mask == 1):
+    if not np.any(mask == conventions.MYOCARDIUM):
       raise InputError(source, "the LV-centred crop holds no myocardium")
   peak = detect_lv(raw, source=source)["peak_frame"]
   return dict(image=normalize(raw, source), raw=raw.astype(np.float32), times=times, mask=mask,
