@@ -16,7 +16,7 @@
 #
 # perfjax trains on its own physics-based phantom. The `wide` phantom (the default) spans
 # what real first-pass perfusion looks like: heart sizes of 30-80 px in the 128 x 128 crop,
-# the first pass anywhere in the first 10 frames with varied bolus width, dose and heart
+# the first pass anywhere in the first 12 frames with varied bolus width, dose and heart
 # rate, eccentric cavities, thin and thick walls, small and large RVs, a body of soft tissue
 # around the heart with a lung field on one side and random organ blobs, random contrast
 # and texture of every surrounding tissue, a coarser acquisition (blur, Gibbs ringing),
