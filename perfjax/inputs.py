@@ -92,17 +92,31 @@ def partial_masks(masks_nhw: np.ndarray, rv_unlabelled: str = "auto") -> np.ndar
   return masks
 
 
+def labelled_slices(split: dict, name: str = "training data") -> dict:
+  """`split` without its slices that have no mask (`has_mask` False: a manual dataset's
+  unlabelled slices, their mask filled with -1, which no loss or Dice can use)."""
+  n = len(split["mask"])
+  has = np.asarray(split.get("has_mask", np.ones(n, bool)), bool)
+  if has.all():
+    return split
+  if not has.any():
+    raise InputError(name, f"none of its {n} slices has a mask")
+  return {k: np.asarray(v)[has] if np.shape(v)[:1] == (n,) else v for k, v in split.items()}
+
+
 def training_windows(split: dict, kind: str, patch: int = PATCH, stride: int = TRAIN_STRIDE,
                      rv_unlabelled: str = "auto") -> tuple[np.ndarray, np.ndarray]:
   """The training examples of a split: windows [M, P, P, C] float32 and labels [M, P, P] int32.
 
-  `split` is a dict of `load_split` (needs "image", "mask" and, for patch2, "peak_lv_frame").
-  Window geometry comes from `perfjax.windows.extract` (CONVENTIONS.md). Masks without an RV
-  are partial labels (`partial_masks`).
+  `split` is a dict of `load_split` (needs "image", "mask" and, for patch2, "peak_lv_frame");
+  its slices without a mask are left out (`labelled_slices`). Window geometry comes from
+  `perfjax.windows.extract` (CONVENTIONS.md). Masks without an RV are partial labels
+  (`partial_masks`).
   """
   for name in ("image", "mask"):
     if name not in split:
       raise InputError("training data", f"missing {name!r}; keys: {sorted(split)}")
+  split = labelled_slices(split)
   images = model_inputs(split["image"], split.get("peak_lv_frame"), kind)
   masks = np.asarray(split["mask"])
   if masks.shape != images.shape[:3]:

@@ -116,7 +116,8 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
   if others:
     notes.append(f"skipped {len(others)} file(s) that are not inputs: {', '.join(others[:10])}" +
                  (" ..." if len(others) > 10 else "") + " (a DICOM series is read from its own "
-                 "sub-folder; predict reads NIfTI files and such folders)")
+                 "sub-folder, a mask beside its image; predict reads NIfTI files and such "
+                 "folders)")
   if not entries:
     raise InputError(display_name(root), "holds no NIfTI file (.nii/.nii.gz) and no DICOM "
                                          "series folder" + (f" ({notes[-1]})" if others else ""))

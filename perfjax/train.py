@@ -402,7 +402,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data: dict | None 
   x_train, y_train = inputs.training_windows(data["train"], config.input, patch_size(config),
                                              train_stride(config),
                                              config.train.get("rv_unlabelled", "auto"))
-  val = data["validation"]
+  val = inputs.labelled_slices(data["validation"], "validation data")
+  unlabelled = {name: int(np.sum(~np.asarray(data[name].get("has_mask", True), bool)))
+                for name in ("train", "validation")}
+  if lead and any(unlabelled.values()):
+    print("left out slices without a mask: " + ", ".join(
+        f"{n} of {name}" for name, n in unlabelled.items() if n), flush=True)
   x_val = inputs.model_inputs(val["image"], val.get("peak_lv_frame"), config.input)
   y_val = np.asarray(val["mask"])
   if x_train.shape[-1] != inputs.input_channels(config.input):

@@ -226,14 +226,18 @@ def test_unique_safe_ids():
 
 
 def test_input_folder_reads_nifti_in_any_case_and_names_what_it_skips(tmp_path):
-  for name in ("a.nii.gz", "B.NII.GZ", "a_mask.nii.gz", "a.json", "im0001.dcm", "notes.txt"):
+  for name in ("a.nii.gz", "B.NII.GZ", "a_mask.nii.gz", "a.json", "im0001.dcm", "notes.txt",
+               "b_SEG.nii.gz", "c.nii", "c_labels.nii", "c_seg.nii.gz", "d_mask.nii.gz"):
     (tmp_path / name).write_bytes(b"")
   entries, notes = predict_files.input_entries(str(tmp_path), str(tmp_path / "out"))
   assert [(name, path.name, mask and mask.name) for name, path, mask, _ in entries] == [
-      ("B", "B.NII.GZ", None), ("a", "a.nii.gz", "a_mask.nii.gz")]
-  assert notes == ["skipped 2 file(s) that are not inputs: im0001.dcm, notes.txt (a DICOM series "
-                   "is read from its own sub-folder; predict reads NIfTI files and such folders)"]
-  for name in ("a.nii.gz", "B.NII.GZ", "a_mask.nii.gz"):
+      ("B", "B.NII.GZ", "b_SEG.nii.gz"), ("a", "a.nii.gz", "a_mask.nii.gz"),
+      ("c", "c.nii", "c_seg.nii.gz")]  # _seg ranks before _labels
+  assert notes == ["skipped 4 file(s) that are not inputs: c_labels.nii, d_mask.nii.gz, "
+                   "im0001.dcm, notes.txt (a DICOM series is read from its own sub-folder, a "
+                   "mask beside its image; predict reads NIfTI files and such folders)"]
+  for name in ("a.nii.gz", "B.NII.GZ", "a_mask.nii.gz", "b_SEG.nii.gz", "c.nii", "c_labels.nii",
+               "c_seg.nii.gz", "d_mask.nii.gz"):
     (tmp_path / name).unlink()
   with pytest.raises(InputError, match=r"holds no NIfTI file .* \(skipped 2 file\(s\) that are "
                                        r"not inputs: im0001.dcm, notes.txt"):

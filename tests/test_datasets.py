@@ -289,6 +289,17 @@ def test_manual_splits_rules(tmp_path):
     datasets.manual_splits(tmp_path)
 
 
+def test_the_contracts_constants_are_part_of_both_fingerprints(tmp_path, monkeypatch):
+  """A changed conventions.py (a density, a frame count) rebuilds synthetic and manual data."""
+  from perfjax import conventions
+  before = datasets.phantom_fingerprint(), datasets.manual_fingerprint(tmp_path)
+  edited = tmp_path.parent / "conventions_edited.py"
+  edited.write_text(open(conventions.__file__).read().replace("1.05", "1.06"))
+  monkeypatch.setattr(conventions, "__file__", str(edited))
+  after = datasets.phantom_fingerprint(), datasets.manual_fingerprint(tmp_path)
+  assert after[0] != before[0] and after[1] != before[1]
+
+
 def test_stale_phantom_build_is_redone(tmp_path, monkeypatch):
   datasets.prepare(CONFIG, tmp_path)
   stamp = tmp_path / "perfusion_cmr" / CONFIG / "1.0.0" / "source_fingerprint.json"

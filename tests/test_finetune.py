@@ -72,6 +72,22 @@ def test_masks_without_an_rv_become_partial():
     inputs.partial_masks(without, "sometimes")
 
 
+def test_slices_without_a_mask_are_left_out_of_training():
+  """A manual dataset's unlabelled slice (has_mask False, its mask filled with -1) gives no
+  windows: its -1 would otherwise be read as the last class (RV) by the loss."""
+  split = _toy(2, 0)
+  split["mask"][1] = -1
+  split["has_mask"] = np.array([True, False])
+  x, y = inputs.training_windows(split, "patch3")
+  x_one, y_one = inputs.training_windows(_toy(1, 0), "patch3")
+  np.testing.assert_array_equal(y, y_one)
+  np.testing.assert_array_equal(x, x_one)
+  assert y.min() >= 0
+  split["has_mask"] = np.array([False, False])
+  with pytest.raises(InputError, match="none of its 2 slices has a mask"):
+    inputs.training_windows(split, "patch3")
+
+
 def _params(workdir, config, which):
   return checkpoints.load_params(config, str(workdir), which)[1]["params"]
 

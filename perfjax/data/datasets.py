@@ -50,6 +50,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from perfjax import conventions
 from perfjax.data import dicom
 from perfjax.data import grid
 from perfjax.data import io
@@ -78,7 +79,7 @@ MANUAL_LAYOUT = """Manual layout (`manual_dir`):
                                  validation or test by a hash of its name (70/15/15 %)
     <study>/                     one folder per study (exam); the folder name is its id
       <slice>.nii.gz             NIfTI 2D+time image (times: <slice>.json or pixdim[4])
-      <slice>_mask.nii.gz        optional mask of that slice
+      <slice>_mask.nii.gz        optional mask of that slice (io.MASK_SUFFIXES)
       <slice>.npz                or numpy arrays: image, times, [mask], [pixel_mm]
       <slice>/                   or a folder of DICOM files (one per frame, or multi-frame)
 
@@ -350,12 +351,13 @@ def _hash_files(files: Sequence[pathlib.Path], h=None) -> str:
 
 
 def phantom_fingerprint() -> str:
-  """Hash of the sources of the synthetic records (phantom, schema, physics, sectors, this)."""
+  """Hash of the sources of the synthetic records (phantom, schema, physics, sectors, the
+  contract's constants, this)."""
   import perfjax  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(perfjax.__file__).parent
   return _hash_files(sorted(root.glob("data/_*.py")) + [
       root / "data" / "phantom.py", root / "data" / "schema.py", root / "physics.py",
-      root / "sectors.py", pathlib.Path(__file__)])
+      root / "sectors.py", pathlib.Path(conventions.__file__), pathlib.Path(__file__)])
 
 
 def manual_fingerprint(manual_dir: str | os.PathLike) -> str:
@@ -367,7 +369,8 @@ def manual_fingerprint(manual_dir: str | os.PathLike) -> str:
       st = p.stat()
       h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}".encode())
   return _hash_files([pathlib.Path(m.__file__) for m in (io, nifti, dicom, sidecar, grid,
-                                                          preprocess)] + [pathlib.Path(__file__)], h)
+                                                          preprocess, conventions)]
+                     + [pathlib.Path(__file__)], h)
 
 
 def prepare(config_name: str, data_dir: str | os.PathLike | None = None,

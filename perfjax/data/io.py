@@ -252,19 +252,30 @@ def read_npz(path: str | os.PathLike, n_frames: int = conventions.NUM_FRAMES) ->
 MASK_SUFFIXES = ("_mask", "_seg", "_label", "_labels")  # A file stem ending so is not a slice.
 
 
+def _mask_of(path: pathlib.Path) -> tuple[str, int] | None:
+  """(the image stem, lower case; the suffix's rank in MASK_SUFFIXES) of a mask file's name."""
+  stem = nifti_stem(path).lower()
+  return next(((stem[:-len(s)], rank) for rank, s in enumerate(MASK_SUFFIXES)
+               if stem.endswith(s)), None)
+
+
 def slice_entries(folder: str | os.PathLike, npz: bool = True
                   ) -> list[tuple[str, pathlib.Path, pathlib.Path | None]]:
   """The slices of a folder, sorted by name: (name, image path, mask path or None).
 
-  A slice is a NIfTI file (`<name>.nii.gz` / `.nii`), with `npz` a `<name>.npz`, or a
-  sub-folder of DICOM files (single- or multi-frame); its optional mask is `<name>_mask.nii.gz` (or
-  `.nii`) beside it. Files whose stem ends in one of MASK_SUFFIXES, sidecars (`.json`) and
-  hidden entries are not slices. The one reading rule of `--mode=predict` and of the `manual`
-  dataset's study folders.
+  A slice is a NIfTI file (`<name>.nii.gz` / `.nii`, any case), with `npz` a `<name>.npz`, or a
+  sub-folder of DICOM files (single- or multi-frame); its optional mask is the NIfTI file
+  `<name>` + one of MASK_SUFFIXES beside it (any case; `_mask` first, then `.nii.gz` before
+  `.nii`). Mask files, sidecars (`.json`) and hidden entries are not slices. The one reading
+  rule of `--mode=predict` and of the `manual` dataset's study folders.
   """
   folder = pathlib.Path(folder)
   entries = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-  masks = {nifti_stem(p): p for p in entries if is_nifti(p) and p.is_file()}  # .nii.gz wins
+  masks: dict[str, tuple[pathlib.Path, int]] = {}
+  for p in entries:  # name order: of equal rank the later (.nii.gz after .nii) wins
+    found = _mask_of(p) if is_nifti(p) and p.is_file() else None
+    if found and (found[0] not in masks or found[1] <= masks[found[0]][1]):
+      masks[found[0]] = (p, found[1])
   out = []
   for p in entries:
     if p.is_dir():
@@ -275,16 +286,18 @@ def slice_entries(folder: str | os.PathLike, npz: bool = True
         continue
     else:
       continue
-    out.append((stem, p, masks.get(f"{stem}_mask")))
+    out.append((stem, p, masks.get(stem.lower(), (None,))[0]))
   return out
 
 
 def not_slices(folder: str | os.PathLike, npz: bool = True) -> list[str]:
-  """The names of a folder's files that `slice_entries` neither reads nor pairs: not NIfTI
-  (or, with `npz`, .npz), not a mask (MASK_SUFFIXES), not a sidecar (`.json`), not hidden."""
+  """The names of a folder's files that `slice_entries` neither reads nor pairs (a loose
+  DICOM file, a mask without its image), sidecars (`.json`) and hidden files aside."""
+  entries = slice_entries(folder, npz)
+  used = {p for _, p, _ in entries} | {m for _, _, m in entries if m is not None}
   return sorted(p.name for p in pathlib.Path(folder).iterdir()
-                if p.is_file() and not p.name.startswith(".") and
-                not (is_nifti(p) or (npz and p.suffix == ".npz") or p.suffix.lower() == ".json"))
+                if p.is_file() and not p.name.startswith(".") and p not in used
+                and p.suffix.lower() != ".json")
 
 
 def slice_count(path: str | os.PathLike) -> int:
