@@ -252,13 +252,14 @@ def study_bullseyes(split: dict, sector48: dict[str, np.ndarray]) -> list[dict]:
 def summary_text(results: dict) -> str:
   d, o, m = results["dice"], results["ood"], results["mbf"]
   ba = m["bland_altman"]
-  return (f"{results['n_slices']} slices | Dice whole {d['whole']:.3f}, 6-sector "
-          f"{d['sector6']:.3f}, 12-sector {d['sector12']:.3f} | OOD ({o['labels']}, "
+  num, signed = reporting.number_text, lambda v: reporting.number_text(v, "+.3f")
+  return (f"{results['n_slices']} slices | Dice whole {num(d['whole'])}, 6-sector "
+          f"{num(d['sector6'])}, 12-sector {num(d['sector12'])} | OOD ({o['labels']}, "
           f"{reporting.counts_text(o)}) AUC {reporting.auc_ci_text(o)} at "
-          f"{reporting.score_label(o.get('score'))} < {o['threshold']:.3f}: sensitivity "
-          f"{o['sensitivity']:.3f}, "
-          f"specificity {o['specificity']:.3f} | MBF auto vs GT mask R2 {m['r2']:.3f}, "
-          f"Bland-Altman {ba['mean']:+.3f} [{ba['loa_low']:+.3f}, {ba['loa_high']:+.3f}] "
+          f"{reporting.score_label(o.get('score'))} < {num(o['threshold'])}: sensitivity "
+          f"{num(o['sensitivity'])}, "
+          f"specificity {num(o['specificity'])} | MBF auto vs GT mask R2 {num(m['r2'])}, "
+          f"Bland-Altman {signed(ba['mean'])} [{signed(ba['loa_low'])}, {signed(ba['loa_high'])}] "
           f"{m.get('units', 'ml/g/min')}")
 
 
@@ -328,8 +329,9 @@ def _figures(fig_dir, split, pred, dice, unc, ood_res, labels, label_name, mbf, 
   motion_flags = None if motion is None else np.asarray(motion, bool)
   um_all = np.asarray(pred["um"], np.float64)
   um_vmax = float(np.nanpercentile(um_all, 99.5)) if np.isfinite(um_all).any() else None
-  # The most uncertain slices first: lowest 1 - U (a NaN U, no myocardium, last).
-  score = np.where(np.isfinite(unc["one_minus_U"]), unc["one_minus_U"], np.inf)
+  # The most uncertain slices first: lowest 1 - U, those uncertain by definition (1 - U = -inf:
+  # a sector without myocardium) before all.
+  score = np.nan_to_num(np.asarray(unc["one_minus_U"], np.float64), nan=np.inf, posinf=np.inf)
   order = np.argsort(score, kind="stable")
   for rank, i in enumerate(order[:n_panels], 1):
     name = f"slices/{rank:02d}_slice_{ids[i]}.png"

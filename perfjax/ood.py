@@ -229,19 +229,22 @@ def baseline_scores(model, variables, split: dict, config, names=None) -> dict[s
   out = {}
   for name in (config.eval.baselines if names is None else names):
     if name == "tta":
-      def run(chunk, first):
+      def run(chunk):
         return uncertainty.tta_uncertainty(UNetPredictor(model), variables, chunk, key,
-                                           n_samples=samples, patch=patch, first_index=first)
+                                           n_samples=samples, patch=patch)
     elif name == "mc_dropout":
       if not config.model.dropout_rate:
         continue  # A model trained without dropout has no dropout to sample.
-      def run(chunk, _):
+      def run(chunk):
         return uncertainty.mc_dropout_uncertainty(model, variables, chunk, key,
                                                   n_samples=samples, patch=patch)
     else:
       raise InputError("eval.baselines", f"unknown baseline {name!r}; use 'tta', 'mc_dropout'")
     res = _in_chunks(run, inputs, name)
-    unc = uncertainty.configured_uncertainty(res["um"], res["segmentation"], config.eval)
+    seg = res["segmentation"]  # cleaned as the paper's U's segmentation is
+    if config.eval.get("keep_heart", False):
+      seg = postprocess.keep_heart_batch(seg)
+    unc = uncertainty.configured_uncertainty(res["um"], seg, config.eval)
     out[name] = unc["one_minus_U"]
   return out
 
@@ -250,13 +253,13 @@ BASELINE_CHUNK = 32  # Slices per baseline call (x the samples): bounded memory,
 
 
 def _in_chunks(run, inputs, name: str) -> dict[str, np.ndarray]:
-  """``run(chunk, first_index)`` (a baseline of `perfjax.uncertainty`) over chunks of slices,
-  with a progress bar. TTA's noise is keyed by the slice's index, so TTA in chunks equals one
-  call on all slices; MC dropout's masks depend on the windows batched together either way."""
+  """``run(chunk)`` (a baseline of `perfjax.uncertainty`) over chunks of slices, with a progress
+  bar. TTA's maps do not depend on the chunks; MC dropout's masks depend on the windows
+  batched together either way."""
   parts = []
   with tqdm(total=len(inputs), desc=name, unit="slice") as bar:
     for lo in range(0, len(inputs), BASELINE_CHUNK):
-      parts.append(run(inputs[lo:lo + BASELINE_CHUNK], lo))
+      parts.append(run(inputs[lo:lo + BASELINE_CHUNK]))
       bar.update(len(parts[-1]["um"]))
   return {k: np.concatenate([p[k] for p in parts]) for k in ("um", "segmentation")}
 

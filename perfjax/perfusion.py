@@ -250,7 +250,10 @@ def mbf_from_slices(raw, masks, times, *, sector_maps=None, theta_s=None, center
       rows = np.nonzero(study_ids == sid)[0]
       idx = rows[(n_px[rows] >= min_aif_pixels) & ~bad[rows]]
       if idx.size:
-        j = idx[np.argmax(n_px[idx])]
+        tied = idx[n_px[idx] == n_px[idx].max()]
+        # A tie on the pixel count is decided by the AIFs (the higher peak: less partial
+        # volume), never by the slices' order in the call.
+        j = tied[np.argmax(np.nan_to_num(aifs[0, tied], nan=-np.inf).max(axis=1))]
         aifs[:, rows] = aifs[:, j][:, None]
         amp[rows] = amp[j]
         for i in rows:

@@ -101,10 +101,16 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
     return data_io.per_slice([(name, root, mask)]), []
   out = pathlib.Path(output).resolve()
   entries, notes = [], []
-  for name, path, mask in data_io.slice_entries(root, npz=False):
+  listed = data_io.slice_entries(root, npz=False)
+  series = _aif_series_files([path for _, path, _ in listed])
+  for name, path, mask in listed:
     resolved = path.resolve()
     if resolved == out or out in resolved.parents or resolved in out.parents:
       notes.append(f"skipped {display_name(path)}: it holds the output folder")
+      continue
+    if resolved in series:
+      notes.append(f"skipped {display_name(path.name)}: the AIF series of "
+                   f"{display_name(series[resolved].name)}")
       continue
     entries.append((name, path, mask))
   entries = data_io.per_slice(entries)
@@ -122,6 +128,24 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
     raise InputError(display_name(root), "holds no NIfTI file (.nii/.nii.gz) and no DICOM "
                                          "series folder" + (f" ({notes[-1]})" if others else ""))
   return entries, notes
+
+
+def _aif_series_files(paths: list[pathlib.Path]) -> dict[pathlib.Path, pathlib.Path]:
+  """The files that the sidecars of `paths` name as their AIF series ("aif_series": "file",
+  "pd_file"), resolved, each with the slice that names it: series, not slices."""
+  named = {}
+  for path in paths:
+    side = sidecar.meta_path(path)
+    try:
+      meta = json.loads(side.read_text()) if side.is_file() else {}
+    except (OSError, ValueError):
+      continue  # reading the slice reports it
+    value = meta.get("aif_series") if isinstance(meta, dict) else None
+    for key in ("file", "pd_file"):
+      name = value.get(key) if isinstance(value, dict) else None
+      if isinstance(name, str) and name:
+        named[(side.parent / name).resolve()] = path
+  return named
 
 
 def read_inputs(input_path: str, output: str = "") -> tuple[list[dict], list[dict]]:

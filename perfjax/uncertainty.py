@@ -396,9 +396,9 @@ def tta_transforms(key, n_samples: int, max_shift: int = 4, noise_std: float = 0
   return out
 
 
-def _augment(images_nhwc: np.ndarray, t: dict, first_index: int = 0) -> np.ndarray:
-  """Slice i's noise comes from fold_in(noise_key, first_index + i): a slice's augmentation
-  does not depend on the other slices of the call."""
+def _augment(images_nhwc: np.ndarray, t: dict) -> np.ndarray:
+  """Every slice gets the same noise field (from noise_key): a slice's augmentation depends on
+  neither the other slices of the call nor its place among them."""
   x = images_nhwc
   if t["flip_rows"]:
     x = x[:, ::-1]
@@ -406,10 +406,8 @@ def _augment(images_nhwc: np.ndarray, t: dict, first_index: int = 0) -> np.ndarr
     x = x[:, :, ::-1]
   x = np.roll(x, t["shift"], axis=(1, 2))
   if t["noise_key"] is not None and t["noise_std"] > 0:
-    keys = jax.vmap(lambda i: jax.random.fold_in(t["noise_key"], i))(
-        first_index + np.arange(x.shape[0]))
-    noise = jax.vmap(lambda k: jax.random.normal(k, x.shape[1:], np.float32))(keys)
-    x = x + t["noise_std"] * np.asarray(noise)
+    noise = jax.random.normal(t["noise_key"], x.shape[1:], np.float32)
+    x = x + t["noise_std"] * np.asarray(noise)[None]
   return np.ascontiguousarray(x, np.float32)
 
 
@@ -424,7 +422,7 @@ def _unaugment(probs_nhwk: np.ndarray, t: dict) -> np.ndarray:
 
 def tta_uncertainty(predict_fn: Callable, params, images_nhwc, key, n_samples: int = 8,
                     max_shift: int = 4, noise_std: float = 0.02, patch: int = PATCH,
-                    stride: int = SEG_STRIDE, first_index: int = 0, **window_kwargs) -> dict:
+                    stride: int = SEG_STRIDE, **window_kwargs) -> dict:
   """Test-time-augmentation uncertainty map of each slice.
 
   Every slice is predicted (``perfjax.inference.sliding_window(predict_fn, params, ...)`` at
@@ -432,9 +430,9 @@ def tta_uncertainty(predict_fn: Callable, params, images_nhwc, key, n_samples: i
   ``n_samples`` augmentations of the whole slice (random row/column flips, circular shifts
   of up to ``max_shift`` px, Gaussian noise of ``noise_std``; sample 0 unaugmented); the
   probabilities are mapped back and UM is their per-pixel std (ddof=1) of the myocardium
-  channel. All augmented copies go through one ``sliding_window`` call. Slice i's noise is
-  keyed by ``first_index + i``, so slices given in chunks (``first_index`` = the chunk's
-  start) get the same maps as in one call.
+  channel. All augmented copies go through one ``sliding_window`` call. A sample's noise is
+  the same for every slice, so a slice's map is the same alone, in chunks or in any batch
+  (predict scores one slice at a time against the evaluation's threshold).
 
   Returns:
     dict(um [N,H,W], mean [N,H,W,K] (mean probabilities over the samples),
@@ -444,7 +442,7 @@ def tta_uncertainty(predict_fn: Callable, params, images_nhwc, key, n_samples: i
   if images_nhwc.ndim != 4:
     raise InputError("images", f"expected [N, H, W, C], got shape {images_nhwc.shape}")
   transforms = tta_transforms(key, n_samples, max_shift, noise_std)
-  batch = np.concatenate([_augment(images_nhwc, t, first_index) for t in transforms])
+  batch = np.concatenate([_augment(images_nhwc, t) for t in transforms])
   probs = sliding_window(predict_fn, params, batch, patch=patch, stride=stride,
                          **window_kwargs)["mean"]
   n = images_nhwc.shape[0]

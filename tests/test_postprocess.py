@@ -35,6 +35,18 @@ def test_islands_in_the_surroundings_are_removed():
   np.testing.assert_array_equal(out, heart)
 
 
+def test_a_vessel_larger_than_the_lv_at_the_crops_edge_is_not_the_heart():
+  """An apical LV (pool radius 6: 113 px) at the centre of a 128 crop, and a larger pool
+  island (an aorta, radius 10: 317 px) at its edge: the centred heart wins."""
+  heart = _heart(128, 128, 64, 64)
+  seg = heart.copy()
+  seg[_disc(128, 128, 64, 118, 10)] = LV_BLOOD_POOL
+  np.testing.assert_array_equal(postprocess.keep_heart(seg), heart)
+  # Largest alone would have kept the island and dropped the heart.
+  assert (seg == LV_BLOOD_POOL).sum() - (heart == LV_BLOOD_POOL).sum() > (
+      heart == LV_BLOOD_POOL).sum()
+
+
 def test_myocardium_within_two_pixels_of_the_pool_is_kept():
   assert postprocess.MYO_REACH_PX == 2
   seg = np.zeros((40, 40), np.int32)

@@ -77,6 +77,16 @@ def test_report_has_a_header_and_shows_the_given_figures_in_order(tmp_path):
   assert text.index("01_slice_9-0") < text.index("02_slice_1-2")
 
 
+def test_the_console_summary_says_n_a_not_nan():
+  from perfjax import evaluate  # pylint: disable=g-import-not-at-top
+  nan = float("nan")
+  results = _results()
+  results["ood"] = dict(labels="motion", threshold=nan, sensitivity=nan, specificity=nan,
+                        score="U", n_positive=0, n_negative=1, auc=nan, auc_ci=[nan, nan])
+  text = evaluate.summary_text(results)
+  assert "nan" not in text.lower() and "R2 n/a" in text and "Bland-Altman +0.100" in text
+
+
 def test_figures_take_their_options(tmp_path):
   rng = np.random.default_rng(0)
   seg = np.zeros((128, 128), np.int32)

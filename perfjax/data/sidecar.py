@@ -28,12 +28,15 @@ def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
 
 # The sidecar's optional sequence (`"sequence": {...}`): with it, predict fits concentration and
 # reports MBF in ml/g/min; without it the flow is relative (uncalibrated signal). Times in
-# seconds, the flip angle in degrees; native T1/T2 default to 3 T literature values.
+# seconds, the flip angle in degrees; native T1/T2 default to 3 T literature values;
+# sat_residual is the fraction of M0 the saturation pulse leaves (0: ideal saturation; real
+# scanners leave some, and the conversion needs it: see README).
 SEQUENCE_FIELDS = ("protocol", "ts", "tr", "flip_deg", "n_pulses")
-SEQUENCE_DEFAULTS = dict(t1_blood=1.85, t2_blood=0.25, t1_myo=1.20, t2_myo=0.045)
+SEQUENCE_DEFAULTS = dict(t1_blood=1.85, t2_blood=0.25, t1_myo=1.20, t2_myo=0.045,
+                         sat_residual=0.0)
 _SEQUENCE_BOUNDS = dict(ts=(0.0, 2.0), tr=(1e-4, 0.05), flip_deg=(1.0, 180.0),
                         n_pulses=(0.0, 1000.0), t1_blood=(0.1, 5.0), t2_blood=(0.005, 2.0),
-                        t1_myo=(0.1, 5.0), t2_myo=(0.005, 2.0))
+                        t1_myo=(0.1, 5.0), t2_myo=(0.005, 2.0), sat_residual=(0.0, 0.95))
 LEVEL_NAMES = ("basal", "mid", "apical")
 
 
@@ -73,7 +76,7 @@ def parse_sequence(value: Any, source: Any) -> dict[str, Any]:
   if missing:
     raise InputError(source, f'"sequence" lacks {", ".join(missing)} (needs '
                              f'{", ".join(SEQUENCE_FIELDS)}; optional t1_blood, t2_blood, '
-                             "t1_myo, t2_myo in s)")
+                             "t1_myo, t2_myo in s, sat_residual)")
   unknown = sorted(set(value) - set(SEQUENCE_FIELDS) - set(SEQUENCE_DEFAULTS))
   if unknown:
     raise InputError(source, f'"sequence" has unknown fields {unknown}')
@@ -91,7 +94,10 @@ def parse_sequence(value: Any, source: Any) -> dict[str, Any]:
 
 def _bounded_number(raw: Any, source: Any, what: str, bounds: tuple[float, float],
                     units: str = "") -> float:
-  """``raw`` as a finite float within ``bounds``, else the sidecar's one-line InputError."""
+  """``raw`` as a finite float within ``bounds``, else the sidecar's one-line InputError (JSON
+  true/false is not a number)."""
+  if isinstance(raw, bool):
+    raise InputError(source, f"{what} {raw!r} is not a number")
   try:
     number = float(raw)
   except (TypeError, ValueError):
@@ -111,6 +117,8 @@ def _series_array(value: Any, side: pathlib.Path, key: str, ndim: int) -> np.nda
   if not isinstance(value, str) or not value:
     raise InputError(side, f'"aif_series" {key} must be a file name')
   path = (side.parent / value) if not pathlib.Path(value).is_absolute() else pathlib.Path(value)
+  if not path.is_file():
+    raise InputError(side, f'"aif_series" {key} {value}: no such file ({path})')
   data, _ = load_nifti(path)
   data = from_nifti_axes(np.asarray(data, np.float64))
   if data.ndim == ndim + 1 and data.shape[2] == 1:
