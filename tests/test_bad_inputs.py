@@ -558,6 +558,21 @@ def test_the_sidecar_carries_the_saturations_residual():
   assert sidecar.parse_sequence(dict(base, sat_residual=0.2), "s.json")["sat_residual"] == 0.2
 
 
+def test_the_aif_series_takes_the_slices_blood_and_keeps_its_own_saturation(tmp_path):
+  writers.write_nifti(tmp_path / "aif.nii.gz", np.ones((8, 8, 30), np.float32),
+                      times=np.arange(30.0))
+  base = {"protocol": "flash", "ts": 0.03, "tr": 0.0025, "flip_deg": 12, "n_pulses": 10}
+  slice_seq = sidecar.parse_sequence(dict(base, t1_blood=1.5, t2_blood=0.2), "s.json")
+  series = sidecar.parse_aif_series(
+      {"file": "aif.nii.gz", "sequence": dict(base, sat_residual=0.1)}, tmp_path / "s.json",
+      slice_seq)
+  assert (series["sequence"]["t1_blood"], series["sequence"]["t2_blood"]) == (1.5, 0.2)
+  assert series["sequence"]["sat_residual"] == 0.1
+  own = sidecar.parse_aif_series({"file": "aif.nii.gz", "sequence": dict(base, t1_blood=1.7)},
+                                 tmp_path / "s.json", slice_seq)
+  assert own["sequence"]["t1_blood"] == 1.7 and own["sequence"]["sat_residual"] == 0.0
+
+
 def test_aif_series_from_the_sidecar(study_sim, tmp_path):
   """A sidecar's "aif_series" (the dual-sequence series' file, proton-density frame and
   sequence) is read beside the slice and gives its AIF: MBF within 5 % of the truth; its

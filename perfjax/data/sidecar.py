@@ -129,7 +129,11 @@ def _series_array(value: Any, side: pathlib.Path, key: str, ndim: int) -> np.nda
   return data
 
 
-def parse_aif_series(value: Any, side: pathlib.Path) -> dict[str, Any]:
+BLOOD_FIELDS = ("t1_blood", "t2_blood")  # The series' blood is the slice's: its values carry over.
+
+
+def parse_aif_series(value: Any, side: pathlib.Path,
+                     slice_sequence: dict[str, Any] | None = None) -> dict[str, Any]:
   """A sidecar's `"aif_series"` object -> the series dict of `perfjax.perfusion`.
 
   `{"file": "aif.nii.gz", "sequence": {...}}` (`parse_sequence`; the series' own, e.g. the
@@ -138,6 +142,8 @@ def parse_aif_series(value: Any, side: pathlib.Path) -> dict[str, Any]:
   default 1) and `"lead_s"` (how much earlier in each beat the series is read out than this
   slice, e.g. from the trigger times; default one beat). The series has the slice's frames,
   beat for beat ([X, Y, T] or [X, Y, 1, T]); its files are relative to the sidecar's folder.
+  Its sequence's native blood T1/T2, when it does not give them, are those of
+  ``slice_sequence`` (the same blood), and its ``sat_residual`` is its own (default 0).
   """
   if not isinstance(value, dict):
     raise InputError(side, '"aif_series" must be an object with ' + ", ".join(AIF_SERIES_FIELDS))
@@ -148,9 +154,11 @@ def parse_aif_series(value: Any, side: pathlib.Path) -> dict[str, Any]:
                            ([f"has unknown fields {unknown}"] if unknown else []))
     raise InputError(side, f'"aif_series" {problem} (needs file, sequence; optional pd_file, '
                            "dose_ratio, lead_s)")
+  sequence = value["sequence"]
+  if isinstance(sequence, dict) and slice_sequence is not None:
+    sequence = {**{k: slice_sequence[k] for k in BLOOD_FIELDS if k in slice_sequence}, **sequence}
   out: dict[str, Any] = dict(image=_series_array(value["file"], side, "file", 3),
-                             sequence=dict(parse_sequence(value["sequence"], side),
-                                           sat_residual=0.0))
+                             sequence=parse_sequence(sequence, side))
   out["pd"] = (None if value.get("pd_file") is None
                else _series_array(value["pd_file"], side, "pd_file", 2))
   if out["pd"] is not None and out["pd"].shape != out["image"].shape[:2]:
@@ -220,6 +228,6 @@ def slice_metadata(path: str | os.PathLike, grid: dict[str, Any] | None = None,
   if series is not None and sequence is None:
     raise InputError(side, '"aif_series" needs the slice\'s own "sequence" too (the tissue '
                            "curves are converted with it)")
-  return dict(study=str(study), slice_level=int(level),
-              sequence=None if sequence is None else parse_sequence(sequence, side),
-              aif_series=None if series is None else parse_aif_series(series, side))
+  sequence = None if sequence is None else parse_sequence(sequence, side)
+  return dict(study=str(study), slice_level=int(level), sequence=sequence,
+              aif_series=None if series is None else parse_aif_series(series, side, sequence))
