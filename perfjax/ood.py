@@ -254,8 +254,7 @@ BASELINE_CHUNK = 32  # Slices per baseline call (x the samples): bounded memory,
 
 def _in_chunks(run, inputs, name: str) -> dict[str, np.ndarray]:
   """``run(chunk)`` (a baseline of `perfjax.uncertainty`) over chunks of slices, with a progress
-  bar. TTA's maps do not depend on the chunks; MC dropout's masks depend on the windows
-  batched together either way."""
+  bar. Neither TTA's nor MC dropout's maps depend on the chunks."""
   parts = []
   with tqdm(total=len(inputs), desc=name, unit="slice") as bar:
     for lo in range(0, len(inputs), BASELINE_CHUNK):

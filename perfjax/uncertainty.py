@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from perfjax import sectors
+from perfjax import windows
 from perfjax.errors import InputError
 from perfjax.conventions import MYOCARDIUM, PATCH, SEG_STRIDE
 from perfjax.inference import WindowPredictor, sliding_window
@@ -453,13 +454,28 @@ def tta_uncertainty(predict_fn: Callable, params, images_nhwc, key, n_samples: i
 @dataclasses.dataclass(frozen=True)
 class DropoutPredictor(WindowPredictor):
   """A UNet's softmax with dropout on, as a `WindowPredictor` of params = (variables, key):
-  one compilation for all samples (the key is traced)."""
+  one compilation for all samples (the key is traced). In a sliding window each window's
+  dropout key is folded with its place in its slice (row, col), so a slice's masks depend on
+  neither the other slices of the call nor how the windows are batched."""
   model: Any
 
   def __call__(self, params, patches_bhwc):
     variables, key = params
     logits = self.model.apply(variables, patches_bhwc, train=True, rngs={"dropout": key})
     return jax.nn.softmax(logits, axis=-1)
+
+  def windows(self, params, prepared, images_nhwc, origins_b3, patch: int):
+    del prepared
+    variables, key = params
+    patches = windows.gather(images_nhwc, origins_b3, patch)
+    keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c))(
+        origins_b3[:, 1], origins_b3[:, 2])
+
+    def one(patch_hwc, window_key):
+      return self.model.apply(variables, patch_hwc[None], train=True,
+                              rngs={"dropout": window_key})[0]
+
+    return jax.nn.softmax(jax.vmap(one)(patches, keys), axis=-1)
 
 
 def mc_dropout_uncertainty(model, variables, images_nhwc, key, n_samples: int = 8,

@@ -211,6 +211,14 @@ def test_mc_dropout_uncertainty():
   again = uncertainty.mc_dropout_uncertainty(model, variables, images, jax.random.key(1),
                                              n_samples=3, patch=8, stride=8)
   np.testing.assert_array_equal(out["um"], again["um"])  # deterministic from the key
+  # A slice's masks come from its windows' places in it: alone, or beside others, the same.
+  others = np.random.default_rng(2).uniform(size=(2, 16, 16, 2)).astype(np.float32)
+  batch = uncertainty.mc_dropout_uncertainty(model, variables, np.concatenate([others, images]),
+                                             jax.random.key(1), n_samples=3, patch=8, stride=4,
+                                             chunk_size=5)
+  alone = uncertainty.mc_dropout_uncertainty(model, variables, images, jax.random.key(1),
+                                             n_samples=3, patch=8, stride=4)
+  np.testing.assert_allclose(batch["um"][2], alone["um"][0], atol=1e-6)
   with pytest.raises(InputError):
     uncertainty.mc_dropout_uncertainty(UNet(features=2, depth=2), variables, images,
                                        jax.random.key(1), n_samples=3, patch=8, stride=8)
