@@ -201,7 +201,7 @@ def segmented_lv_offset(model, variables, s: dict, config: ml_collections.Config
   rows, cols = np.nonzero(seg_pass["segmentation"][0] == conventions.LV_BLOOD_POOL)
   if rows.size < RECENTRE_MIN_LV_PIXELS:
     return None, seg_pass
-  mid = (conventions.IMAGE_SIZE - 1) / 2.0
+  mid = conventions.IMAGE_SIZE // 2  # where `preprocess.crop_center` puts the centre pixel
   return (float(rows.mean()) - mid, float(cols.mean()) - mid), seg_pass
 
 

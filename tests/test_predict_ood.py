@@ -14,6 +14,7 @@ from perfjax import predict
 from perfjax import predict_files
 from perfjax import uncertainty
 from perfjax.data import phantom
+from perfjax.data import preprocess
 from perfjax.data import writers
 
 
@@ -128,11 +129,16 @@ def test_orientation_warning_only_when_the_rv_is_not_on_the_left():
 
 def test_segmented_lv_offset_from_the_crop_centre(monkeypatch):
   seg = np.zeros((128, 128), np.int32)
-  seg[70:80, 40:50] = 2  # LV centroid (74.5, 44.5): 11 rows down, 19 columns left of 63.5
+  # LV centroid (74.5, 44.5): 10.5 rows down, 19.5 columns left of the crop's centre pixel
+  # (64, 64), where preprocess.crop_center puts the centre it is given.
+  seg[70:80, 40:50] = 2
   monkeypatch.setattr(predict, "predict_arrays", lambda *a, **k: dict(segmentation=seg[None]))
   s = dict(image=np.zeros((128, 128, 30), np.float32), peak_lv_frame=10)
   offset, seg_pass = predict.segmented_lv_offset(None, None, s, None)
-  assert offset == pytest.approx((11.0, -19.0))
+  assert offset == pytest.approx((10.5, -19.5))
+  marked = np.zeros((200, 200))
+  marked[120, 77] = 1  # a crop centred there puts that pixel at the centre the offset is from
+  assert np.argwhere(preprocess.crop_center(marked, (120, 77)) == 1).tolist() == [[64, 64]]
   np.testing.assert_array_equal(seg_pass["segmentation"][0], seg)
   seg[:] = 0
   seg[10:14, 10:14] = 2  # 16 pixels: too little to be an LV
