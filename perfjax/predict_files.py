@@ -118,7 +118,7 @@ def input_entries(input_path: str, output: str) -> tuple[list[tuple], list[str]]
                   if p.name.startswith(".") and (nifti.is_nifti(p) or p.is_dir()))
   if hidden:
     notes.append(f"skipped hidden entries (names starting with '.'): {', '.join(hidden)}")
-  others = [display_name(n) for n in data_io.not_slices(root, npz=False)]
+  others = [display_name(n) for n in data_io.not_slices(root, listed)]
   if others:
     notes.append(f"skipped {len(others)} file(s) that are not inputs: {', '.join(others[:10])}" +
                  (" ..." if len(others) > 10 else "") + " (a DICOM series is read from its own "
@@ -135,16 +135,14 @@ def _aif_series_files(paths: list[pathlib.Path]) -> dict[pathlib.Path, pathlib.P
   "pd_file"), resolved, each with the slice that names it: series, not slices."""
   named = {}
   for path in paths:
-    side = sidecar.meta_path(path)
     try:
-      meta = json.loads(side.read_text()) if side.is_file() else {}
-    except (OSError, ValueError):
+      value = sidecar.read_sidecar(path).get("aif_series")
+    except InputError:
       continue  # reading the slice reports it
-    value = meta.get("aif_series") if isinstance(meta, dict) else None
     for key in ("file", "pd_file"):
       name = value.get(key) if isinstance(value, dict) else None
       if isinstance(name, str) and name:
-        named[(side.parent / name).resolve()] = path
+        named[(sidecar.meta_path(path).parent / name).resolve()] = path
   return named
 
 

@@ -290,10 +290,9 @@ def slice_entries(folder: str | os.PathLike, npz: bool = True
   return out
 
 
-def not_slices(folder: str | os.PathLike, npz: bool = True) -> list[str]:
-  """The names of a folder's files that `slice_entries` neither reads nor pairs (a loose
-  DICOM file, a mask without its image), sidecars (`.json`) and hidden files aside."""
-  entries = slice_entries(folder, npz)
+def not_slices(folder: str | os.PathLike, entries: list[tuple]) -> list[str]:
+  """The names of a folder's files that its `slice_entries` ``entries`` neither read nor pair
+  (a loose DICOM file, a mask without its image), sidecars (`.json`) and hidden files aside."""
   used = {p for _, p, _ in entries} | {m for _, _, m in entries if m is not None}
   return sorted(p.name for p in pathlib.Path(folder).iterdir()
                 if p.is_file() and not p.name.startswith(".") and p not in used
